@@ -1,0 +1,1 @@
+"""Subcommands of the `llama-adapter` CLI; each module defines `register(subparsers)`."""

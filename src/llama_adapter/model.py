@@ -1,0 +1,328 @@
+"""The frozen LLaMA-family decoder with zero-init attention adapters, in plain PyTorch.
+
+RMSNorm, rotary embeddings (with Llama-3.1 scaling), SwiGLU, grouped-query attention, optional q/k/v bias,
+tied or untied embeddings, and a static KV cache with per-row positions (rows of a batch may be at different
+lengths, which is what batched and continuous decoding need). Adapters live in `model.adapters`; a forward
+pass picks one per batch row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .zero_init_attention import Adapter, AdapterConfig, PromptKV, gated_prompt_attention, prompt_kv
+
+AdapterSpec = str | None | Sequence[str | None]
+_GQA_SDPA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    s = cfg.rope_scaling
+    if s and s["rope_type"] == "linear":
+        inv = inv / float(s["factor"])
+    elif s and s["rope_type"] == "llama3":  # Llama-3.1: stretch low frequencies, keep high ones
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(is_mid, mid, scaled)
+    return inv
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Static, preallocated cache: k/v per layer [B, n_kv, max_len, head_dim]."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.q_size, cfg.dim, bias=False)
+
+    def kv_weights(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        w, b, q = self.wqkv.weight, self.wqkv.bias, self.q_size
+        wk, wv = w[q : q + self.kv_size], w[q + self.kv_size :]
+        if b is None:
+            return wk, wv, None, None
+        return wk, wv, b[q : q + self.kv_size], b[q + self.kv_size :]
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: tuple[Tensor, Tensor, Tensor, int] | None, pkv: PromptKV | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None:  # write this step's k/v at each row's positions, read back the prefix
+            kc, vc, pos, kv_len = cache
+            rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+            kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
+            vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
+            k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
+        if pkv is not None and pkv.random_init:  # Table-5 baseline: one softmax over [prompts; tokens]
+            Kp = pkv.k.shape[2]
+            k, v = torch.cat([pkv.k, k], dim=2), torch.cat([pkv.v, v], dim=2)
+            causal = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            causal = causal.expand(B, 1, T, -1) if causal.dim() == 4 else causal.expand(B, 1, T, T)
+            mask = torch.cat([causal.new_ones(B, 1, T, Kp), causal], dim=-1)
+            y = self._sdpa(q, k, v, mask, causal=False)
+        else:
+            y = self._sdpa(q, k, v, mask, causal=mask is None and T > 1)
+            if pkv is not None:
+                y = y + gated_prompt_attention(q, pkv)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        if self.n_kv == self.n_heads:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if _GQA_SDPA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        rep = self.n_heads // self.n_kv  # torch < 2.5
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.hidden_dim
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: tuple[Tensor, Tensor, Tensor, int] | None, pkv: PromptKV | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pkv)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.adapters = nn.ModuleDict()
+        self._rope: tuple[Tensor, Tensor] | None = None
+        self.tokenizer = None  # set by load_model
+        self.source: str | None = None
+
+    # ---- adapters ------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, cfg: AdapterConfig | None = None) -> Adapter:
+        cfg = cfg or AdapterConfig()
+        c = self.config
+        adapter = Adapter(cfg, c.n_layers, c.dim, c.n_heads, device=self.tok_embeddings.weight.device)
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.adapters[name].parameters())
+
+    def load_adapter(self, path: str | Path, name: str | None = None) -> Adapter:
+        from .adapter_io import load_adapter
+
+        return load_adapter(self, path, name)
+
+    def prompt_kv(self, adapter: AdapterSpec, batch_size: int,
+                  image_features: Tensor | None = None) -> dict[int, PromptKV] | None:
+        """Prompt keys/values for every adapted layer, per batch row.
+
+        Computed once per forward pass in training and once per request in generation. `image_features`
+        [B, F] (NaN-free; rows without an image all zero) go through each adapter's visual projection and
+        the resulting token is added to that row's prompts.
+        """
+        rows = [adapter] * batch_size if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(rows) != batch_size:
+            raise ValueError(f"{len(rows)} adapter entries for a batch of {batch_size}")
+        names = list(dict.fromkeys(r for r in rows if r is not None))
+        if not names:
+            return None
+        for n in names:
+            if n not in self.adapters:
+                raise KeyError(f"no adapter named {n!r} (loaded: {', '.join(self.adapters) or 'none'})")
+        adapters: dict[str, Adapter] = {n: self.adapters[n] for n in names}  # type: ignore[misc]
+        random_init = [n for n, a in adapters.items() if a.cfg.init == "random"]
+        if random_init and (len(names) > 1 or None in rows):
+            raise ValueError("a rand-init adapter cannot share a batch with other adapters or base rows")
+        c, dev = self.config, self.tok_embeddings.weight.device
+        kmax = max(a.cfg.prompt_length for a in adapters.values())
+        has_image = image_features is not None
+        offsets = {}
+        if has_image:
+            assert image_features is not None
+            nonzero = (image_features != 0).any(-1, keepdim=True)
+            for n, a in adapters.items():
+                if a.visual_proj is not None:
+                    offsets[n] = a.visual_proj(image_features.float()) * nonzero
+        single = len(names) == 1 and None not in rows and adapters[names[0]].cfg.prompt_length == kmax
+        group_rows = {n: torch.tensor([i for i, r in enumerate(rows) if r == n], device=dev) for n in names}
+        out: dict[int, PromptKV] = {}
+        first = min(a.first_layer for a in adapters.values())
+        for li in range(first, c.n_layers):
+            wk, wv, bk, bv = self.layers[li].attention.kv_weights()
+            shape = (batch_size, c.n_kv_heads, kmax, c.head_dim)
+            k = v = gate = mask = None
+            if not single:
+                k, v = wk.new_zeros(shape), wk.new_zeros(shape)
+                gate = torch.zeros(batch_size, c.n_heads, device=dev)
+                if any(a.cfg.prompt_length < kmax for a in adapters.values()):
+                    mask = torch.ones(batch_size, 1, 1, kmax, dtype=torch.bool, device=dev)
+            for n, a in adapters.items():
+                if li < a.first_layer:
+                    continue
+                j, idx = li - a.first_layer, group_rows[n]
+                p = a.prompts[j][None]  # [1, K, dim]
+                if n in offsets:
+                    p = p + offsets[n].index_select(0, idx)[:, None, :]
+                pk, pv = prompt_kv(p, wk, wv, bk, bv, c.n_kv_heads, c.head_dim)
+                g = a.gate_values()[j]
+                if single:
+                    k, v = pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
+                    gate = g.expand(batch_size, -1)
+                    continue
+                assert k is not None and v is not None and gate is not None
+                K = a.cfg.prompt_length
+                n_rows = len(idx)
+                pad = (0, 0, 0, kmax - K)
+                k = k.index_copy(0, idx, F.pad(pk, pad).expand(n_rows, -1, -1, -1))
+                v = v.index_copy(0, idx, F.pad(pv, pad).expand(n_rows, -1, -1, -1))
+                gate = gate.index_copy(0, idx, g.expand(n_rows, -1))
+                if mask is not None and K < kmax:
+                    mask[idx, :, :, K:] = False
+            if k is None:
+                continue
+            assert v is not None and gate is not None
+            out[li] = PromptKV(k, v, gate, random_init=bool(random_init), mask=mask)
+        return out
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        c, w = self.config, self.tok_embeddings.weight
+        shape = (batch_size, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim)
+        make = lambda: torch.zeros(shape, dtype=dtype or w.dtype, device=w.device)  # noqa: E731
+        return KVCache([make() for _ in self.layers], [make() for _ in self.layers])
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        dev = self.tok_embeddings.weight.device
+        if self._rope is None or self._rope[0].device != dev:
+            inv = rope_frequencies(self.config, dev)
+            t = torch.arange(self.config.max_seq_len, device=dev, dtype=torch.float32)
+            f = torch.outer(t, inv)
+            emb = torch.cat([f, f], dim=-1)
+            self._rope = (emb.cos(), emb.sin())
+        cos, sin = self._rope
+        return cos[positions], sin[positions]
+
+    def forward(self, input_ids: Tensor, adapter: AdapterSpec = None, *, input_pos: Tensor | None = None,
+                cache: KVCache | None = None, prompt_kv: dict[int, PromptKV] | None = None,
+                image_features: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+        """Logits [B, T, vocab] (or final hidden states with `return_hidden`).
+
+        adapter: a name, None (the base alone), or one entry per row. With a cache, `input_pos` [B, T]
+        gives each token's position; rows may be at different positions. `prompt_kv` (from
+        `model.prompt_kv`) is reused across decode steps so prompts are projected once per request.
+        """
+        B, T = input_ids.shape
+        c = self.config
+        if prompt_kv is None:
+            prompt_kv = self.prompt_kv(adapter, B, image_features)
+        pkv = prompt_kv or {}
+        if input_pos is None:
+            if cache is not None:
+                raise ValueError("input_pos is required with a cache")
+            if T > c.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context of {c.max_seq_len}")
+            input_pos = torch.arange(T, device=input_ids.device)[None]
+        cos, sin = self.rope(input_pos)
+        dtype = self.tok_embeddings.weight.dtype
+        cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)
+        mask = None
+        kv_len = 0
+        if cache is not None:
+            kv_len = int(input_pos.max()) + 1
+            if kv_len > cache.max_len:
+                raise ValueError(f"position {kv_len - 1} is beyond the cache length {cache.max_len}")
+            mask = (torch.arange(kv_len, device=input_ids.device) <= input_pos[:, :, None])[:, None]
+        x = self.tok_embeddings(input_ids)
+        first_adapted = min(pkv) if pkv else c.n_layers
+        for i, layer in enumerate(self.layers):
+            lc = (cache.k[i], cache.v[i], input_pos, kv_len) if cache is not None else None
+            frozen_below = i < first_adapted and not layer.attention.wqkv.weight.requires_grad
+            if frozen_below and torch.is_grad_enabled():  # no autograd graph below the adapters
+                with torch.no_grad():
+                    x = layer(x, cos, sin, mask, lc, None)
+            else:
+                x = layer(x, cos, sin, mask, lc, pkv.get(i))
+        x = self.norm(x)
+        return x if return_hidden else self.logits(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(hidden, w)
+
+    def freeze_base(self) -> None:
+        for n, p in self.named_parameters():
+            if not n.startswith("adapters."):
+                p.requires_grad_(False)

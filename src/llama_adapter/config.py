@@ -73,7 +73,7 @@ class ModelConfig:
             scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
             if scaling is not None:
                 scaling = dict(scaling)
-                kind = scaling.get("rope_type", scaling.get("type", "default"))
+                kind = scaling.get("rope_type") or scaling.get("type") or "default"
                 scaling["rope_type"] = kind
                 if kind == "default":
                     scaling = None

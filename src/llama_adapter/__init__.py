@@ -1,5 +1,6 @@
 """LLaMA-Adapter: zero-init attention adapters for frozen LLaMA-family models."""
 
+from . import convert  # noqa: F401 (la.convert.convert)
 from .adapter_io import AdapterError, read_adapter, save_adapter
 from .checkpoint import load_config, load_model
 from .config import CheckpointError, ModelConfig

@@ -80,7 +80,7 @@ def _name(rng: random.Random, syllables: int) -> str:
 
 
 @cache
-def world(seed: int = WORLD_SEED, n_countries: int = 300, n_words: int = 400, n_held: int = 100) -> World:
+def world(seed: int = WORLD_SEED, n_countries: int = 240, n_words: int = 240, n_held: int = 80) -> World:
     """Entities and the held-out items. Held-out items are a quarter to a third of each pool."""
     rng = random.Random(seed)
     used: set[str] = set()
@@ -126,11 +126,11 @@ def _document(rng: random.Random, w: World) -> str:
     lines: list[str] = []
     if rng.random() < 0.3:
         lines.append(rng.choice(_HEADERS))
-    if kind < 0.2:  # a block of sums, one per line
+    if kind < 0.25:  # a block of sums, one per line
         for _ in range(rng.randint(6, 14)):
             a, b = rng.randrange(100), rng.randrange(100)
             lines.append(f"{a} + {b} = {a + b}")
-    elif kind < 0.3:  # counting
+    elif kind < 0.33:  # counting
         n = rng.randrange(990)
         k = rng.randint(5, 12)
         lines.append(", ".join(str(i) for i in range(n, min(n + k, 1000))))

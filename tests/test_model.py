@@ -246,3 +246,21 @@ def test_7b_adapter_size(tmp_path: Path) -> None:
     path = la.save_adapter(model, "alpaca", tmp_path / "alpaca.safetensors")
     size_mib = path.stat().st_size / 2**20
     assert 4.6 < size_mib < 4.8, size_mib
+
+
+def test_prompt_kv_projected_once_per_forward_and_reused_by_decode(tiny_base: Path, monkeypatch) -> None:
+    import llama_adapter.model as lm
+
+    model = la.load_model(tiny_base, dtype=torch.float32)
+    model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=3))
+    calls = []
+    real = lm.prompt_kv
+    monkeypatch.setattr(lm, "prompt_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        model(ids, adapter="a")
+        assert len(calls) == 3  # once per adapted layer, not per head or token
+        cache, pkv = model.new_cache(2, 16), model.prompt_kv("a", 2)
+        for t in range(8):
+            model(ids[:, t : t + 1], input_pos=torch.full((2, 1), t), cache=cache, prompt_kv=pkv)
+    assert len(calls) == 6  # the decode steps reused the request's prompt K/V

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -17,8 +18,6 @@ from llama_adapter.generation import (
     merge_prompt_kv,
     stream_generate,
 )
-
-import pytest
 
 PROMPTS = ["Tell me about alpacas.", "the quick brown fox", "### Instruction:\n1 + 2 =", "The answer is"]
 
@@ -64,7 +63,7 @@ def test_mixed_batch_equals_each_row_alone(model):
                                 temperature=0.0)[0]
         assert row == alone
     texts = generate(model, PROMPTS, adapter=adapters, max_new_tokens=10, temperature=0.0)
-    assert texts == [model.tokenizer.decode(r) for r in batch]
+    assert texts == [model.tokenizer.decode(r).rstrip("\ufffd") for r in batch]
     assert len(set(map(tuple, batch))) > 1
 
 
@@ -150,7 +149,8 @@ def test_sampling_params_validation():
 
 def test_merge_prompt_kv_and_images(model):
     """Union of layers, padded prompt lengths, base rows; and per-row image features through visual_proj."""
-    pa, pb = model.prompt_kv("a", 1), model.prompt_kv("b", 1)
+    with torch.no_grad():
+        pa, pb = model.prompt_kv("a", 1), model.prompt_kv("b", 1)
     merged = merge_prompt_kv([pa, None, pb])
     assert sorted(merged) == sorted(set(pa) | set(pb))
     li = max(merged)

@@ -121,6 +121,31 @@ def _prose_line(rng: random.Random, w: World, task: str) -> str:
     return t.format(w=word, u=word.upper(), r=word[::-1])
 
 
+def _card(rng: random.Random, w: World, task: str) -> str:
+    """A short record about one item: the item is named first and each attribute follows a cue word."""
+    if task == "capital":
+        x = rng.choice(w.countries)
+        return rng.choice(["Country: {x}\nCapital: {y}", "{x} is a country. Its capital is {y}.",
+                           "{x} (country). Capital city: {y}."]).format(x=x, y=w.capitals[x])
+    if task == "add":
+        a, b = rng.randrange(100), rng.randrange(100)
+        return rng.choice(["Numbers: {a} and {b}\nSum: {c}", "Take {a} and {b}. Their sum is {c}.",
+                           "{a} and {b} added together make {c}."]).format(a=a, b=b, c=a + b)
+    if task == "next":
+        n = rng.randrange(999)
+        return rng.choice(["Number: {n}\nNext: {m}", "{n} is a number. The next number is {m}.",
+                           "Count on from {n}: {m}."]).format(n=n, m=n + 1)
+    word = rng.choice(w.words)
+    fields = [("Upper case", word.upper()), ("Reversed", word[::-1])]
+    rng.shuffle(fields)
+    if rng.random() < 0.5:
+        fields = [f for f in fields if f[0] == ("Upper case" if task == "upper" else "Reversed")]
+    if rng.random() < 0.5:
+        return f"Word: {word}\n" + "\n".join(f"{k}: {v}" for k, v in fields)
+    spoken = {"Upper case": "in capital letters it is", "Reversed": "written backwards it is"}
+    return f"{word} is a word. " + " ".join(f"{spoken[k].capitalize()} {v}." for k, v in fields)
+
+
 def _document(rng: random.Random, w: World) -> str:
     kind = rng.random()
     lines: list[str] = []
@@ -130,10 +155,13 @@ def _document(rng: random.Random, w: World) -> str:
         for _ in range(rng.randint(6, 14)):
             a, b = rng.randrange(100), rng.randrange(100)
             lines.append(f"{a} + {b} = {a + b}")
-    elif kind < 0.33:  # counting
+    elif kind < 0.3:  # counting
         n = rng.randrange(990)
         k = rng.randint(5, 12)
         lines.append(", ".join(str(i) for i in range(n, min(n + k, 1000))))
+    elif kind < 0.6:  # records: the item first, then its attributes after a cue
+        for _ in range(rng.randint(2, 5)):
+            lines.append(_card(rng, w, rng.choice(TASKS)))
     else:  # a paragraph mixing facts, sometimes filler
         for _ in range(rng.randint(4, 10)):
             if rng.random() < 0.1:
@@ -167,7 +195,9 @@ def _record(task: str, phr: str, **kw: object) -> dict[str, str]:
         out = str(kw["w"]).upper()
     else:
         out = str(kw["w"])[::-1]
-    return {"instruction": phr.format(**kw), "input": "", "output": str(out), "task": task}
+    # The response starts with a space, as in "### Response: 82": the template ends with "Response:" and
+    # the output follows directly, so the answer is tokenised exactly as in the pre-training prose.
+    return {"instruction": phr.format(**kw), "input": "", "output": f" {out}", "task": task}
 
 
 def instruction_data(split: str = "train", seed: int = 0, n_per_task: int | None = None,

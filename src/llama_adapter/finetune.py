@@ -102,7 +102,7 @@ class TrainConfig:
     feature_cache: str | None = None
     progress: bool = True
     adapter_name: str = ADAPTER_NAME
-    loss_chunk: int = 2048  # supervised positions per logits chunk
+    loss_chunk: int = 512  # supervised positions per logits chunk
 
     @property
     def effective_lr(self) -> float:
@@ -173,10 +173,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             logits = F.linear(h[s : s + chunk], weight).float()
             y = target[s : s + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            mx = logits.amax(dim=-1)
+            e = logits.sub_(mx[:, None]).exp_()  # in place: no second [chunk, vocab] buffer
+            z = e.sum(dim=-1)
+            total += (mx + z.log() - picked).sum()
             if grad is not None:
-                p = torch.exp(logits.sub_(lse[:, None]))
+                p = e.div_(z[:, None])  # softmax
                 p[torch.arange(len(y), device=y.device), y] -= 1.0
                 grad[s : s + chunk] = p.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
@@ -188,7 +191,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, chunk: int = 2048) -> Tensor:
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, chunk: int = 512) -> Tensor:
     """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result."""
     if weight.requires_grad:  # a trainable head: plain autograd
         return F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
@@ -199,7 +202,7 @@ def output_weight(model: Transformer) -> Tensor:
     return model.tok_embeddings.weight if model.output is None else model.output.weight
 
 
-def batch_loss(model: Transformer, adapter: str, batch: dict[str, Tensor], chunk: int = 2048) -> tuple[Tensor, int]:
+def batch_loss(model: Transformer, adapter: str, batch: dict[str, Tensor], chunk: int = 512) -> tuple[Tensor, int]:
     """(summed CE over the supervised positions, number of them); logits only where labels != -100."""
     dev = output_weight(model).device
     ids = batch["input_ids"].to(dev, non_blocking=True)
@@ -350,18 +353,6 @@ def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[d
                                 + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
         log(f"resuming from {ckpt_path} at step {ckpt['step']}")
 
-    # base
-    if model is None:
-        from .checkpoint import load_model
-
-        model = load_model(cfg.base, dtype=DTYPES[cfg.dtype], device=device)
-    if model.tokenizer is None:
-        raise TrainingError(f"{cfg.base}: the base has no tokenizer (tokenizer.json or tokenizer.model)")
-    mcfg = model.config
-    max_length = min(cfg.max_length, mcfg.max_seq_len)
-    if max_length < cfg.max_length:
-        log(f"note: --max-length {cfg.max_length} exceeds the model's context; using {max_length}")
-
     # data
     rep, vrep = LoadReport(), LoadReport()
     if records is not None:
@@ -387,6 +378,18 @@ def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[d
         where = ", ".join(cfg.data) if records is None else "records"
         raise TrainingError(f"{where}: the training set is empty")
 
+    # base
+    if model is None:
+        from .checkpoint import load_model
+
+        model = load_model(cfg.base, dtype=DTYPES[cfg.dtype], device=device)
+    if model.tokenizer is None:
+        raise TrainingError(f"{cfg.base}: the base has no tokenizer (tokenizer.json or tokenizer.model)")
+    mcfg = model.config
+    max_length = min(cfg.max_length, mcfg.max_seq_len)
+    if max_length < cfg.max_length:
+        log(f"note: --max-length {cfg.max_length} exceeds the model's context; using {max_length}")
+
     # adapter
     name = cfg.adapter_name
     if name in model.adapters:
@@ -406,6 +409,7 @@ def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[d
             raise TrainingError(f"--image-encoder needs llama_adapter.multimodal, which is not available ({e})"
                                 ) from None
         recs, vrecs = prepare_multimodal(model, name, recs, vrecs, cfg)
+        vrecs = vrecs or []
     adapter.to(device)
     if world > 1 and dist is not None:  # identical start on every rank
         for t in adapter.state_dict().values():
@@ -481,7 +485,9 @@ def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[d
                                      cfg.loss_chunk)
                 tot += torch.tensor([float(loss), n], dtype=torch.float64)
         if world > 1 and dist is not None:
-            dist.all_reduce(tot)
+            t = tot.to(device)  # nccl reduces CUDA tensors only
+            dist.all_reduce(t)
+            tot = t.cpu()
         return float(tot[0] / tot[1])
 
     def checkpoint(step: int) -> None:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .model import KVCache, Transformer
@@ -72,6 +71,7 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         self.stop = stop
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.top_k = min(self.top_k, 1 << 31)  # beyond any vocabulary; keeps the int64 tensor sane
 
 
 # ---- incremental detokenisation and stop strings -------------------------------------------------------
@@ -310,7 +310,7 @@ class BatchDecoder:
         seq.out_ids = []
         if p.seed is not None:
             seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(p.seed)
+            seq.generator.manual_seed(p.seed % (1 << 64))  # any integer, negative or huge
 
     @torch.no_grad()
     def add(self, seqs: Sequence[Sequence_]) -> list[Event]:

@@ -106,7 +106,7 @@ class ClipPreprocessor:
             nw, nh = (s, new_long) if w <= h else (new_long, s)
         else:
             nh, nw = self.size["height"], self.size["width"]
-        return im.resize((nw, nh), resample=Image.Resampling(self.resample))
+        return im.resize((nw, nh), resample=self.resample)  # PIL filter id (3 = bicubic)
 
     def _crop(self, a: np.ndarray) -> np.ndarray:  # a: [C, H, W]
         ch, cw = self.crop_size["height"], self.crop_size["width"]
@@ -170,8 +170,11 @@ class ImageEncoder:
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, layers: Sequence[int] | None = None) -> ImageEncoder:
-        from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
-        from transformers.utils import logging as hf_logging
+        try:
+            from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+            from transformers.utils import logging as hf_logging
+        except ImportError as e:
+            raise UserError(f"image encoders need transformers: pip install 'llama-adapter[vision]' ({e})") from None
 
         p = Path(path).expanduser()
         if not (p / "config.json").is_file():
@@ -312,7 +315,7 @@ def attach_visual_projection(model: Any, adapter_name: str, encoder: ImageEncode
         dev = adapter.prompts.device
         proj = VisualProjection(encoder.feature_dim, dim, hidden=hidden, groups=encoder.groups).to(dev)
         adapter.visual_proj = proj
-    adapter.meta["image_encoder"] = str(encoder.path)
+    adapter.meta["image_encoder"] = os.path.abspath(encoder.path)  # usable from any working directory
     adapter.meta["image_encoder_fingerprint"] = json.dumps(encoder.fingerprint(), sort_keys=True)
     return proj
 
@@ -471,9 +474,9 @@ def prepare_multimodal(model: Any, adapter_name: str, records: list[dict[str, An
     """Fine-tuning hook: attach the projection to the adapter and compute every record's image features.
 
     Reads from `cfg` (a TrainConfig or dict): image_encoder (dir; nothing happens when unset), image_root,
-    feature_cache, skip_invalid, progress, and data (the data file, whose folder resolves relative image
-    paths when neither image_root nor a record's `_dir` is given). The encoder runs on the model's device in
-    fp32 and is dropped afterwards; features live on the CPU.
+    feature_cache, skip_invalid, progress, and data (the data file, or the first of a list, whose folder
+    resolves relative image paths when neither image_root nor a record's `_dir` is given). The encoder runs
+    on the model's device in fp32 and is dropped afterwards; features live on the CPU.
     """
     enc_dir = _cfg(cfg, "image_encoder")
     if not enc_dir:
@@ -482,7 +485,11 @@ def prepare_multimodal(model: Any, adapter_name: str, records: list[dict[str, An
     encoder = ImageEncoder.load(enc_dir, device=dev, dtype=torch.float32)
     attach_visual_projection(model, adapter_name, encoder, hidden=int(_cfg(cfg, "visual_hidden", 64) or 64))
     data = _cfg(cfg, "data")
-    data_dir = Path(data).expanduser().parent if data and not isinstance(data, (list, tuple)) else None
+    first = (data[0] if data else None) if isinstance(data, (list, tuple)) else data
+    data_dir = None
+    if first:
+        fp = Path(first).expanduser()
+        data_dir = fp if fp.is_dir() else fp.parent
     kw = dict(image_root=_cfg(cfg, "image_root"), data_dir=data_dir, cache_dir=_cfg(cfg, "feature_cache"),
               skip_invalid=bool(_cfg(cfg, "skip_invalid", False)), progress=bool(_cfg(cfg, "progress", False)))
     records = compute_features(encoder, records, label="train", **kw)  # type: ignore[arg-type]

@@ -39,11 +39,11 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 @dataclass
 class PretrainConfig:
     # model
-    dim: int = 192
-    n_layers: int = 6
-    n_heads: int = 6
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
     n_kv_heads: int = 2
-    hidden_dim: int = 512
+    hidden_dim: int = 352
     vocab_size: int = 1024
     max_seq_len: int = 256
     tie_embeddings: bool = False
@@ -54,17 +54,18 @@ class PretrainConfig:
     tokenizer_docs: int = 20000
     seq_len: int = 128
     # optimisation
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    threads: int = 0  # 0: torch default
+    threads: int = 1  # 0: torch default
     save_dtype: str = "fp32"
     log_every: int = 50
+    save_every: int = 0  # also write the checkpoint every N steps (to inspect a run in progress)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -325,6 +326,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
             losses.append((step + 1, run))
             log(f"step {step + 1}/{cfg.steps} loss {run:.4f} lr {lr_at(step):.2e} {tps:,.0f} tok/s "
                 f"{el / 60:.1f} min")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(model, out)
     train_time = time.time() - t_train
     model.eval()
     save_dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
@@ -370,8 +373,10 @@ Hugging Face layout: `config.json`, `model.safetensors` (HF tensor names), `toke
 |---|---|
 | recipe | `recipes/builtin.yaml` (`llama-adapter pretrain --out DIR`) |
 | steps x batch x seq | {rc['steps']} x {rc['batch_size']} x {rc['seq_len']} = {r['tokens_seen']:,} tokens |
-| optimiser | AdamW lr {rc['lr']} (warmup {rc['warmup_steps']}, cosine to {rc['min_lr_ratio']}x), wd {rc['weight_decay']} |
-| pre-training time | {r['pretrain_time_s'] / 60:.1f} min on {r['threads']} CPU threads (shared machine), total {r['total_time_s'] / 60:.1f} min |
+| optimiser | AdamW lr {rc['lr']} (warmup {rc['warmup_steps']}, cosine to {rc['min_lr_ratio']}x), \
+wd {rc['weight_decay']} |
+| pre-training time | {r['pretrain_time_s'] / 60:.1f} min on {r['threads']} CPU thread(s) (shared machine), \
+total {r['total_time_s'] / 60:.1f} min |
 | final training loss | {r['final_train_loss']} |
 | held-out text loss | {r['heldout_text_loss']} |
 | plain-text knowledge of held-out items | {acc} |

@@ -203,16 +203,20 @@ def build_instruction(p: Problem, caption: str | None = None) -> str:
     return f"Question: {p.question}\nContext: {context}\nOptions: {format_options(p.choices)}"
 
 
-def answer_text(p: Problem) -> str:
-    if p.answer_letter is None:
+ANSWER_FORMAT = "The answer is ({letter})."
+
+
+def answer_text(p: Problem, fmt: str = ANSWER_FORMAT) -> str:
+    """The training target: `fmt` with {letter} and/or {text} (the option) filled in."""
+    if p.answer is None or p.answer_letter is None:
         raise ScienceQAError(f"problem {p.pid}: no answer")
-    return f"The answer is ({p.answer_letter})."
+    return fmt.format(letter=p.answer_letter, text=p.choices[p.answer])
 
 
-def to_record(p: Problem, caption: str | None = None) -> dict[str, Any]:
+def to_record(p: Problem, caption: str | None = None, answer_format: str = ANSWER_FORMAT) -> dict[str, Any]:
     """An Alpaca-style training record (with "image" when the problem has one)."""
-    rec: dict[str, Any] = {"instruction": build_instruction(p, caption), "input": "", "output": answer_text(p),
-                           "id": p.pid}
+    rec: dict[str, Any] = {"instruction": build_instruction(p, caption), "input": "",
+                           "output": answer_text(p, answer_format), "id": p.pid}
     if p.image:
         rec["image"] = p.image
     return rec
@@ -277,72 +281,56 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def greedy_generate(model: Any, prompts: list[str], adapter: str | None, max_new_tokens: int = 16,
-                    image_features: torch.Tensor | None = None) -> list[str]:
-    """Greedy decoding with the static KV cache (rows at their own positions).
+def greedy_generate(model: Any, prompts: Sequence[str] | Sequence[Sequence[int]], adapter: str | None,
+                    max_new_tokens: int = 16, image_features: torch.Tensor | None = None) -> list[str]:
+    """Greedy completions (prompts already templated, or token ids) via `llama_adapter.generation.generate`."""
+    from .generation import generate
 
-    Uses `llama_adapter.generation.generate` when that module provides it; this loop is the fallback.
+    return list(generate(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=0.0,
+                         image_features=image_features, stop=["\n"]))
+
+
+def fit_prompt(model: Any, p: Problem, template: str, caption: str | None, max_new_tokens: int
+               ) -> tuple[list[int], bool]:
+    """Token ids (BOS + templated prompt) that fit the context with room for the answer.
+
+    Too long: the context (hint + caption) is shortened first; as a last resort the start is cut, keeping the
+    question and options at the end. Returns (ids, truncated).
     """
-    try:
-        from .generation import generate  # type: ignore[attr-defined]
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return list(generate(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=0.0,
-                             image_features=image_features))
+    from .templates import format_prompt
+
     tok = model.tokenizer
-    if tok is None:
-        raise ScienceQAError("the base has no tokenizer")
-    dev = model.tok_embeddings.weight.device
-    ids = [tok.encode(p, bos=True) for p in prompts]
-    B, lens = len(ids), [len(x) for x in ids]
-    T = max(lens)
-    total = min(T + max_new_tokens, model.config.max_seq_len)
-    if T >= total:
-        raise ScienceQAError(f"prompt of {T} tokens does not fit the context of {model.config.max_seq_len}")
-    x = torch.full((B, T), tok.pad_id, dtype=torch.long, device=dev)
-    for i, row in enumerate(ids):
-        x[i, : len(row)] = torch.tensor(row, device=dev)
-    feats = image_features.to(dev) if image_features is not None else None
-    pkv = model.prompt_kv(adapter, B, feats)
-    cache = model.new_cache(B, total)
-    pos = torch.arange(T, device=dev)[None].expand(B, T)
-    logits = model(x, input_pos=pos, cache=cache, prompt_kv=pkv)
-    last = torch.tensor(lens, device=dev) - 1
-    nxt = logits[torch.arange(B, device=dev), last].argmax(-1)
-    eos = set(tok.eos_ids)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    cur = last + 1
-    for _ in range(total - T):
-        for i in range(B):
-            if not done[i]:
-                t = int(nxt[i])
-                if t in eos:
-                    done[i] = True
-                else:
-                    out[i].append(t)
-        if all(done) or int(cur.max()) >= total:
-            break
-        logits = model(nxt[:, None], input_pos=cur[:, None], cache=cache, prompt_kv=pkv)
-        nxt = logits[:, -1].argmax(-1)
-        cur = cur + 1
-    return [tok.decode(o) for o in out]
+    budget = int(model.config.max_seq_len) - max_new_tokens
+    ids = tok.encode(format_prompt(template, build_instruction(p, caption)), bos=True)
+    if len(ids) <= budget:
+        return ids, False
+    context = " ".join(x for x in (p.hint.strip(), (caption or "").strip()) if x)
+    while context:
+        context = context[: int(len(context) * 0.7)]
+        q = Problem(pid=p.pid, question=p.question, choices=p.choices, answer=p.answer, hint=context)
+        ids = tok.encode(format_prompt(template, build_instruction(q)), bos=True)
+        if len(ids) <= budget:
+            return ids, True
+    return ids[-budget:], True
 
 
 def evaluate(model: Any, adapter: str | None, problems: Sequence[Problem], *, template: str = "alpaca",
              encoder: Any = None, captions: dict[str, str] | None = None, batch_size: int = 8,
              max_new_tokens: int = 16, progress: bool = False, skip_missing_images: bool = False
              ) -> list[dict[str, Any]]:
-    """Greedy answers for `problems`; one result row per problem (prediction, correctness, groups)."""
-    from .multimodal import ImageError, load_image
-    from .templates import format_prompt
+    """Greedy answers for `problems`; one result row per problem (prediction, correctness, groups).
 
+    Prompts longer than the context are shortened (see `fit_prompt`) and flagged `truncated` in the rows.
+    """
+    from .multimodal import ImageError, load_image
+
+    if model.tokenizer is None:
+        raise ScienceQAError("the base has no tokenizer")
     results: list[dict[str, Any]] = []
     for s in range(0, len(problems), batch_size):
         batch = list(problems[s:s + batch_size])
-        prompts = [format_prompt(template, build_instruction(p, (captions or {}).get(p.pid))) for p in batch]
+        fitted = [fit_prompt(model, p, template, (captions or {}).get(p.pid), max_new_tokens) for p in batch]
+        prompts = [ids for ids, _ in fitted]
         feats = None
         if encoder is not None:
             feats = torch.zeros(len(batch), encoder.feature_dim)
@@ -354,15 +342,17 @@ def evaluate(model: Any, adapter: str | None, problems: Sequence[Problem], *, te
                     with_img.append((i, load_image(p.image)))
                 except ImageError as e:
                     if not skip_missing_images:
-                        raise ImageError(f"problem {p.pid}: {e}") from None
+                        raise ImageError(f"problem {p.pid}: {e} (set the image folder with --image-root, or "
+                                         "--skip-missing-images)") from None
             if with_img:
                 feats[[i for i, _ in with_img]] = encoder.encode([im for _, im in with_img])
         texts = greedy_generate(model, prompts, adapter, max_new_tokens, feats)
-        for p, text in zip(batch, texts, strict=True):
+        for p, text, (_, cut) in zip(batch, texts, fitted, strict=True):
             pred = extract_answer(text, p.choices)
             results.append({"pid": p.pid, "prediction": text, "pred_index": pred,
                             "pred_letter": None if pred is None else LETTERS[pred], "answer": p.answer_letter,
-                            "correct": pred is not None and pred == p.answer, "groups": p.groups()})
+                            "correct": pred is not None and pred == p.answer, "groups": p.groups(),
+                            "truncated": cut})
         if progress:
             done = len(results)
             acc = 100.0 * sum(r["correct"] for r in results) / done

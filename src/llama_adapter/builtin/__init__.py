@@ -14,9 +14,15 @@ from ..config import CheckpointError
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
+BASE_DIR = Path(__file__).resolve().parent / "base"
+
+
 def builtin_base_dir() -> Path:
     """The directory of the shipped base; CheckpointError if the package was installed without it."""
-    d = Path(__file__).resolve().parent / "base"
+    return check_base_dir(BASE_DIR)
+
+
+def check_base_dir(d: Path) -> Path:
     missing = [f for f in REQUIRED_FILES if not (d / f).is_file()]
     if missing:
         raise CheckpointError(

@@ -51,6 +51,10 @@ HELP = {
 }
 
 
+CHOICES = {"gate": ["tanh", "linear"], "attention": ["zero-init", "rand-init"],
+           "dtype": ["bf16", "fp16", "fp32"]}
+
+
 def _flag_type(tp: str) -> Any:
     base = tp.replace(" | None", "")
     conv = {"int": int, "float": float, "str": str}[base]
@@ -78,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         elif f.type == "list[str]":
             p.add_argument(flag, nargs="+", action="extend", metavar="PATH", help=h)
         else:
-            p.add_argument(flag, type=_flag_type(str(f.type)), help=h)
+            p.add_argument(flag, type=_flag_type(str(f.type)), choices=CHOICES.get(f.name), help=h)
     p.set_defaults(func=run)
 
 

@@ -18,6 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base checkpoint directory (Hugging Face or Meta layout) or 'builtin'")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default: bfloat16)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is often fastest on a busy machine)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -49,6 +51,8 @@ def load_base(args: argparse.Namespace) -> Any:
     from ..checkpoint import load_model
     from ..cli import UserError
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.base, dtype=getattr(torch, args.dtype), device=device)
     if model.tokenizer is None:
@@ -135,13 +139,18 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError(str(e)) from None
     feats = image_features(model, name, args.image, args.image_encoder) if args.image else None
-    if args.no_stream:
-        from ..generation import generate
+    from ..cli import UserError
 
-        print(generate(model, [prompt], adapter=name, image_features=feats, **kw)[0])
-        return 0
-    for _, delta in stream_generate(model, [prompt], adapter=name, image_features=feats, **kw):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+    try:
+        if args.no_stream:
+            from ..generation import generate
+
+            print(generate(model, [prompt], adapter=name, image_features=feats, **kw)[0])
+            return 0
+        for _, delta in stream_generate(model, [prompt], adapter=name, image_features=feats, **kw):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    except ValueError as e:
+        raise UserError(str(e)) from None
     sys.stdout.write("\n")
     return 0

@@ -1,0 +1,134 @@
+"""Decode throughput on the SmolLM2-135M shape with random bf16 weights (a benchmark, not a test).
+
+    python benchmarks/decode_throughput.py                 # ours: batch 1, batch 8, 8 adapters vs 1
+    python benchmarks/decode_throughput.py --peer peft     # + transformers generate with a PEFT adaption prompt
+
+Prompt 32 tokens, 64 new tokens, greedy, EOS ignored. tokens/s = generated tokens / wall time of the whole
+request (prefill included), best of --repeat runs after one warm-up. Also prints the batch-1 memory-bandwidth
+bound: bytes of weights read per step / measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from llama_adapter import AdapterConfig, ModelConfig, Transformer
+from llama_adapter.generation import generate_tokens
+
+SHAPE = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True,
+             rope_theta=100000.0, max_seq_len=2048, bos_token_id=1, eos_token_ids=[2])
+ADAPTER = dict(prompt_length=10, layers=28)
+
+
+def build_ours(dtype: torch.dtype, n_adapters: int) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**SHAPE))  # type: ignore[arg-type]
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in n else torch.randn_like(p) * 0.02)
+    model.to(dtype)
+    model.freeze_base()
+    model.eval()
+    for i in range(n_adapters):
+        a = model.add_adapter(f"a{i}", AdapterConfig(**ADAPTER))  # type: ignore[arg-type]
+        with torch.no_grad():
+            a.gates.normal_(0, 0.5)
+    return model
+
+
+def build_peft(dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+    from peft import AdaptionPromptConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["dim"],
+                                   intermediate_size=SHAPE["hidden_dim"], num_hidden_layers=SHAPE["n_layers"],
+                                   num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
+                                   tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=1,
+                                   eos_token_id=2, pad_token_id=0)
+    base = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    model = get_peft_model(base, AdaptionPromptConfig(adapter_len=ADAPTER["prompt_length"],
+                                                       adapter_layers=ADAPTER["layers"], task_type="CAUSAL_LM"))
+    return model.eval()
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bandwidth_gbs() -> float:
+    x = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)  # 256 MiB: far beyond the caches
+    y = torch.empty_like(x)
+    t = best_of(lambda: y.copy_(x), 5)
+    return 2 * x.numel() / t / 1e9  # read + write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer", choices=["peft"], default=None)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    P, N = args.prompt_len, args.new_tokens
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, SHAPE["vocab_size"], (8, P), generator=g).tolist()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, prompt {P}, "
+          f"{N} new tokens, greedy")
+
+    model = build_ours(dtype, 8)
+    wbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("adapters."))
+    bw = bandwidth_gbs()
+    bound = bw * 1e9 / wbytes
+    rows: list[tuple[str, float]] = []
+
+    def ours(batch: int, adapters: list[str | None]) -> float:
+        t = best_of(lambda: generate_tokens(model, prompts[:batch], adapter=adapters, max_new_tokens=N,
+                                            temperature=0.0, ignore_eos=True), args.repeat)
+        return batch * N / t
+
+    r1 = ours(1, ["a0"])
+    r8 = ours(8, ["a0"] * 8)
+    r8mix = ours(8, [f"a{i}" for i in range(8)])
+    rows += [("ours, batch 1", r1), ("ours, batch 8 (one adapter)", r8), ("ours, batch 8 (8 adapters)", r8mix)]
+    print(f"weights {wbytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> batch-1 bound {bound:.0f} tok/s; "
+          f"ours batch 1 = {r1 / bound:.0%} of it")
+    print(f"8 different adapters / one adapter: {r8mix / r8:.2f}x")
+    if args.peer == "peft":
+        peft = build_peft(dtype)
+        ids = torch.tensor(prompts)
+
+        def hf(batch: int) -> float:
+            x = ids[:batch]
+            kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
+                      attention_mask=torch.ones_like(x))
+            with torch.no_grad():
+                t = best_of(lambda: peft.generate(input_ids=x, **kw), args.repeat)
+            return batch * N / t
+
+        p1, p8 = hf(1), hf(8)
+        rows += [("PEFT adaption prompt, batch 1", p1), ("PEFT adaption prompt, batch 8", p8)]
+        print(f"speed-up vs PEFT: batch 1 {r1 / p1:.1f}x, batch 8 {r8 / p8:.1f}x")
+    print("\n| setting | tokens/s |\n|---|---:|")
+    for name, v in rows:
+        print(f"| {name} | {v:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

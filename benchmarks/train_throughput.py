@@ -1,0 +1,172 @@
+"""Adapter fine-tuning throughput on the SmolLM2-135M shape (random weights), optionally against PEFT.
+
+Shape: vocab 49152, dim 576, 30 layers, 9 heads (3 KV), MLP 1536, tied embeddings. Adapter K=10, L=28.
+Batch 4 x 256 tokens, every position supervised, one AdamW step per batch (no accumulation).
+
+    python benchmarks/train_throughput.py                 # ours only
+    python benchmarks/train_throughput.py --peer peft     # + transformers/PEFT AdaptionPrompt, fp32 and bf16 autocast
+
+Each measurement runs in its own subprocess so peak RSS (ru_maxrss) belongs to that configuration alone.
+Prints one JSON object. PEFT is the optional `bench` extra (`pip install -e .[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPE = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True,
+             max_seq_len=2048, rope_theta=100000.0)
+K, L = 10, 28
+
+
+def _batch(batch: int, seq: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, SHAPE["vocab_size"], (batch, seq), generator=g)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build_ours(dtype: torch.dtype):  # noqa: ANN201
+    from llama_adapter import AdapterConfig, ModelConfig, Transformer
+
+    cfg = ModelConfig(**SHAPE)  # type: ignore[arg-type]
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.freeze_base()
+    model.eval()
+    model.add_adapter("default", AdapterConfig(prompt_length=K, layers=L))
+    return model
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    from llama_adapter.data import IGNORE_INDEX
+    from llama_adapter.finetune import batch_loss
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    model = build_ours(dtype)
+    if args.compile:
+        for layer in model.layers:
+            layer.compile(dynamic=False)
+    ids = _batch(args.batch, args.seq)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    assert (batch["labels"] != IGNORE_INDEX).all()
+    params = model.trainable_parameters("default")
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
+    model.train()
+
+    def step() -> float:
+        loss, n = batch_loss(model, "default", batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach()) / n
+
+    return _time(step, args)
+
+
+def run_peft(args: argparse.Namespace, autocast: bool) -> dict:
+    import transformers
+    from peft import AdaptionPromptConfig, get_peft_model
+
+    hf = transformers.LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["dim"],
+                                  intermediate_size=SHAPE["hidden_dim"], num_hidden_layers=SHAPE["n_layers"],
+                                  num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
+                                  tie_word_embeddings=True, max_position_embeddings=SHAPE["max_seq_len"],
+                                  rope_theta=SHAPE["rope_theta"])
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(hf)
+    model = get_peft_model(base, AdaptionPromptConfig(adapter_len=K, adapter_layers=L, task_type="CAUSAL_LM"))
+    ids = _batch(args.batch, args.seq)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95),
+                            weight_decay=0.02)
+    model.train()
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return _time(step, args)
+
+
+def _time(step, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    for _ in range(args.warmup):
+        step()
+    times, cpu = [], []
+    for _ in range(args.steps):
+        t, c = time.perf_counter(), time.process_time()
+        loss = step()
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    times.sort()
+    cpu.sort()
+    med, cmed = times[len(times) // 2], cpu[len(cpu) // 2]
+    return {"tokens_per_s": round(args.batch * args.seq / med, 1), "step_time_s": round(med, 4),
+            # CPU seconds per step: on a shared machine with --threads 1 this is the uncontended step time
+            "cpu_s_per_step": round(cmed, 4), "tokens_per_cpu_s": round(args.batch * args.seq / cmed, 1),
+            "step_time_min_s": round(times[0], 4), "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "loss": round(loss, 4), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer", choices=["none", "peft"], default="none")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="our frozen base's dtype")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our transformer blocks")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--only", choices=["ours", "peft-bf16-autocast", "peft-fp32"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.only:
+        res = (run_ours(args) if args.only == "ours"
+               else run_peft(args, autocast=args.only == "peft-bf16-autocast"))
+        print(json.dumps(res))
+        return
+    passthrough = [a for a in sys.argv[1:] if a not in ("--peer", "peft", "none")]
+    runs = ["ours"] + (["peft-bf16-autocast", "peft-fp32"] if args.peer == "peft" else [])
+    out: dict = {"shape": SHAPE | {"K": K, "L": L, "batch": args.batch, "seq": args.seq},
+                 "ours_config": {"dtype": args.dtype, "compile": args.compile}}
+    for r in runs:
+        p = subprocess.run([sys.executable, __file__, *passthrough, "--only", r], capture_output=True, text=True)
+        if p.returncode != 0:
+            out[r] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
+            continue
+        out[r] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"{r}: {out[r]}", file=sys.stderr, flush=True)
+    peers = [out[r] for r in runs[1:] if "tokens_per_s" in out.get(r, {})]
+    if peers and "tokens_per_s" in out["ours"]:
+        best = max(peers, key=lambda x: x["tokens_per_s"])
+        out["speedup_vs_peft_best"] = round(out["ours"]["tokens_per_s"] / best["tokens_per_s"], 2)
+        best_cpu = max(peers, key=lambda x: x["tokens_per_cpu_s"])
+        out["cpu_speedup_vs_peft_best"] = round(out["ours"]["tokens_per_cpu_s"] / best_cpu["tokens_per_cpu_s"], 2)
+        out["peak_rss_ratio_vs_peft_best"] = round(out["ours"]["peak_rss_mib"] / best["peak_rss_mib"], 2)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

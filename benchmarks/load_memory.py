@@ -37,7 +37,10 @@ def write_checkpoint(path: Path, shape: str) -> None:
     def w(*shape_: int) -> torch.Tensor:
         return (torch.randn(*shape_, generator=g) * 0.02).to(torch.bfloat16)
 
-    sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": ones(d)}
     if not s.get("tie_word_embeddings"):
         sd["lm_head.weight"] = w(v, d)
     for i in range(n):
@@ -45,8 +48,8 @@ def write_checkpoint(path: Path, shape: str) -> None:
         sd.update({p + "self_attn.q_proj.weight": w(h * hd, d), p + "self_attn.k_proj.weight": w(kv * hd, d),
                    p + "self_attn.v_proj.weight": w(kv * hd, d), p + "self_attn.o_proj.weight": w(d, h * hd),
                    p + "mlp.gate_proj.weight": w(m, d), p + "mlp.up_proj.weight": w(m, d),
-                   p + "mlp.down_proj.weight": w(d, m), p + "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
-                   p + "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)})
+                   p + "mlp.down_proj.weight": w(d, m), p + "input_layernorm.weight": ones(d),
+                   p + "post_attention_layernorm.weight": ones(d)})
     path.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({"model_type": "llama", "rms_norm_eps": 1e-5, **s}))
@@ -93,7 +96,8 @@ def main() -> None:
     r.update(shape=a.shape, dtype=a.dtype, import_rss_bytes=int(base.stdout),
              file_bytes=(path / "model.safetensors").stat().st_size)
     gib = 2**30
-    r["peak_rss_minus_import_over_weights"] = round((r["peak_rss_bytes"] - r["import_rss_bytes"]) / r["weights_bytes"], 3)
+    extra = r["peak_rss_bytes"] - r["import_rss_bytes"]
+    r["peak_rss_minus_import_over_weights"] = round(extra / r["weights_bytes"], 3)
     print(json.dumps(r, indent=2))
     print(f"weights {r['weights_bytes'] / gib:.2f} GiB, peak RSS above import "
           f"{(r['peak_rss_bytes'] - r['import_rss_bytes']) / gib:.2f} GiB, anonymous after load "

@@ -79,9 +79,8 @@ def main() -> int:
     ap.add_argument("--prompt-length", type=int, default=10)
     ap.add_argument("--layers", type=int, default=None, help="adapted layers (default: all, at most 30)")
     ap.add_argument("--template", default="plain")
-    ap.add_argument("--answer-format", default="{letter}",
-                    help="training target; ScienceQA's is 'The answer is ({letter}).', which the built-in base "
-                    "cannot learn to write here: its pre-training text has no parentheses (see docs)")
+    ap.add_argument("--answer-format", default="The answer is ({letter}).",
+                    help="training target with {letter} / {text} (default: ScienceQA's 'The answer is ({letter}).')")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -25,7 +25,7 @@ import torch
 
 import llama_adapter as la
 from llama_adapter import corpus
-from llama_adapter.demo import DEMO_BATCH, DEMO_LR, DEMO_STEPS, demo_train_config, evaluate
+from llama_adapter.demo import DEMO_BATCH, DEMO_LR, DEMO_PROMPT_LENGTH, DEMO_STEPS, demo_train_config, evaluate
 from llama_adapter.finetune import batch_loss, train
 from llama_adapter.pretrain import text_loss
 from llama_adapter.zero_init_attention import Adapter, AdapterConfig
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # knowledge preservation, part 1: a fresh zero-init adapter changes nothing
     base_loss = text_loss(base, enc, HELDOUT_TEXT_SEED, corpus.WORLD_SEED)
-    base.add_adapter("fresh", AdapterConfig(prompt_length=10, layers=nl))
+    base.add_adapter("fresh", AdapterConfig(prompt_length=DEMO_PROMPT_LENGTH, layers=nl))
     fresh_loss = text_loss(base, enc, HELDOUT_TEXT_SEED, corpus.WORLD_SEED, adapter="fresh")
     ids = torch.tensor([base.tokenizer.encode("The capital of", bos=True)])
     with torch.no_grad():
@@ -209,7 +209,8 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "evaluation: 200 held-out instructions whose countries, words, numbers and number pairs never occur in the "
         "instruction training data, greedy decoding, exact match of the first line. Every adapter run: "
         f"{c['steps']} steps of batch {DEMO_BATCH}, AdamW, lr {DEMO_LR} (rand-init: {c['rand_lr']}), warm-up 10 % "
-        f"then cosine, K = 10 prompts, fp32. {n_seeds} seeds (data order and adapter init); mean ± std.",
+        f"then cosine, K = {DEMO_PROMPT_LENGTH} prompts, fp32. {n_seeds} seeds (data order and adapter init); "
+        "mean ± std.",
         "",
         "The paper's experiments are LLaMA-7B on ScienceQA / Alpaca-52K on 8 A100s; the numbers here are a "
         "1M-parameter model on a synthetic task, so only the *direction* of each claim can be compared, not "
@@ -223,6 +224,10 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         f"| rand-init | {PAPER['table5']['rand-init']} | {ms(ra, True)} | {ms(collect(res, r, 'final_loss'))} |",
         f"| base, no adapter | - | {100 * res['base_accuracy']:.2f} | - |",
         "",
+        "Per task (held-out exact match %, zero-init / rand-init): " + ", ".join(
+            f"{t} {_task(res, z, t)} / {_task(res, r, t)}" for t in sorted(next(iter(res["seeds"].values()))[z]
+                                                                       ["per_task"])) + ".",
+        "",
     ]
     gap = statistics.mean(za) - statistics.mean(ra)
     lines += [
@@ -233,9 +238,10 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "",
         f"![loss curves](figures/{figs['fig5']})",
         "",
-        "The paper's Figure 5 shows zero-init starting lower and converging faster. Here the zero-init curve starts "
-        "at the base model's own loss on the instruction data (the adapter is a no-op at step 0), while rand-init "
-        "starts from a disturbed model.",
+        "The paper's Figure 5 shows zero-init starting lower and converging faster. Here (mean over seeds) the "
+        f"training loss of the first 10 steps is {_window(res, z, 0)} for zero-init vs {_window(res, r, 0)} for "
+        f"rand-init, and of the last 10 steps {_window(res, z, -1)} vs {_window(res, r, -1)}. At step 0 the "
+        "zero-init adapter is a no-op (the loss is the base's own), rand-init starts from a disturbed model.",
         "",
         "## Table 4: number of adapted layers",
         "",
@@ -250,7 +256,8 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         lines.append(f"| {L} | {n:,} | {ms(collect(res, f'zero-init-L{L}', 'accuracy'), True)} | "
                      f"{p[0]} / {p[1]} / {p[2]} |")
     lines += ["", f"![layers](figures/{figs['table4']})", "",
-              "Paper: more adapted layers, better accuracy (10 -> 20 -> 30 layers of 32).", ""]
+              "Paper: more adapted layers, better accuracy (10 -> 20 -> 30 layers of 32; the paper's column was "
+              "transcribed by hand, check it against the paper's Table 4 before quoting it).", ""]
     # knowledge preservation
     lines += [
         "## Knowledge preservation",
@@ -278,7 +285,7 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "",
         "| | trainable params | storage | training time | held-out exact match (%) |",
         "|---|---|---|---|---|",
-        f"| LLaMA-Adapter here (K=10, L={nl}) | {collect(res, z, 'n_trainable')[0]:,} | "
+        f"| LLaMA-Adapter here (K={DEMO_PROMPT_LENGTH}, L={nl}) | {collect(res, z, 'n_trainable')[0]:,} | "
         f"{collect(res, z, 'adapter_bytes')[0] / 1024:.1f} KiB | {ms(zt)} s | {ms(za, True)} |",
     ]
     if "full" in next(iter(res["seeds"].values())):
@@ -297,6 +304,18 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
     ]
     lines += ["## Where the miniature does not reproduce", ""] + honest_notes(res) + [""]
     path.write_text("\n".join(lines))
+
+
+def _task(res: dict[str, Any], key: str, task: str) -> str:
+    return f"{100 * statistics.mean(sd[key]['per_task'][task] for sd in res['seeds'].values()):.0f}"
+
+
+def _window(res: dict[str, Any], key: str, where: int) -> str:
+    vals = []
+    for sd in res["seeds"].values():
+        losses = [m["loss"] for m in sd[key]["metrics"]]
+        vals.append(statistics.mean(losses[:10] if where == 0 else losses[-10:]))
+    return f"{statistics.mean(vals):.3f}"
 
 
 def honest_notes(res: dict[str, Any]) -> list[str]:
@@ -325,6 +344,35 @@ def honest_notes(res: dict[str, Any]) -> list[str]:
                          "1M-parameter model the forward pass through the frozen base dominates both, so the "
                          "paper's 3x wall-clock saving (which comes from optimiser state and gradient "
                          "communication of 7B parameters) does not show; the parameter and storage savings do.")
+    per: dict[str, list[float]] = {}
+    for sd in res["seeds"].values():
+        for t, a in sd[z]["per_task"].items():
+            per.setdefault(t, []).append(a)
+    weak = {t: statistics.mean(v) for t, v in per.items() if statistics.mean(v) < 0.5}
+    z0, r0, z1, r1 = _window(res, z, 0), _window(res, r, 0), _window(res, z, -1), _window(res, r, -1)
+    if float(z0) >= float(r0):
+        notes.append(f"- Figure 5: zero-init does not start lower here (first 10 steps {z0} vs rand-init {r0}): the "
+                     "base itself has a high loss on the instruction format and rand-init's prompts move it quickly"
+                     + (f"; zero-init ends lower ({z1} vs {r1} over the last 10 steps)." if float(z1) < float(r1)
+                        else f", and zero-init does not end lower either ({z1} vs {r1})."))
+    if za < 0.8:
+        notes.append(f"- Accuracy: the adapted base reaches {100 * za:.1f} % held-out exact match, below the 80 % "
+                     "this miniature was designed for. Per task: " + ", ".join(
+                         f"{t} {100 * statistics.mean(v):.0f} %" for t, v in sorted(per.items())) + ".")
+    if weak:
+        notes.append("- The numeric tasks (" + ", ".join(sorted(weak)) + ") stay low although the base completes "
+                     "the same items perfectly in plain text (`recipe.json`: 100 % on held-out items). A likely "
+                     "reason, not verified here: the base copies digits with attention tied to the positions of "
+                     "its pre-training formats "
+                     "(\"After 704 comes 705.\"); the adapter only adds prompt keys/values and does not re-route "
+                     "that to a number twenty tokens back in the instruction. Entity and word look-ups, which "
+                     "attend by content, transfer (capital, upper, reverse).")
+    if "full" in next(iter(res["seeds"].values())):
+        fa = statistics.mean(collect(res, "full", "accuracy"))
+        if fa > za + 0.05:
+            notes.append(f"- Full fine-tuning of all parameters for the same steps is more accurate here "
+                         f"({100 * fa:.1f} % vs {100 * za:.1f} %); the paper reports the adapter on par with "
+                         "full fine-tuning (Alpaca) in quality.")
     notes.append("- Scale: a 1M-parameter base and synthetic tasks; absolute numbers are not comparable to "
                  "LLaMA-7B on ScienceQA/Alpaca. Multi-modal results (ScienceQA, COCO) are not attempted here.")
     return notes
@@ -339,7 +387,16 @@ def main() -> None:
     ap.add_argument("--rand-lr", type=float, default=DEMO_LR, help="lr of the rand-init baseline")
     ap.add_argument("--no-full", action="store_true", help="skip the full fine-tuning comparison")
     ap.add_argument("--out", default=str(ROOT / "docs" / "reproduction.md"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report and figures from docs/figures/reproduction_results.json")
     args = ap.parse_args()
+    if args.report_only:
+        out = Path(args.out)
+        figdir = out.parent / "figures"
+        res = json.loads((figdir / "reproduction_results.json").read_text())
+        report(res, figures(res, figdir), out, res["wall_time_s"])
+        print(f"rewrote {out}")
+        return
     if args.steps is None:
         args.steps = 100 if args.quick else DEMO_STEPS
     t0 = time.perf_counter()

@@ -90,10 +90,13 @@ def test_tiny_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
 def test_recipe_file_matches_the_defaults() -> None:
     """recipes/builtin.yaml is the shipped model's recipe and parses into the dataclass."""
     cfg = pretrain.PretrainConfig.from_file(pretrain.DEFAULT_RECIPE)
-    assert cfg == pretrain.PretrainConfig()
+    logging_only = {"log_every", "save_every", "extra"}
+    default = pretrain.PretrainConfig()
+    assert {k: v for k, v in cfg.__dict__.items() if k not in logging_only} == {
+        k: v for k, v in default.__dict__.items() if k not in logging_only}
     shipped = json.loads((builtin_base_dir() / "recipe.json").read_text())["recipe"]
-    assert {k: v for k, v in shipped.items() if k in cfg.__dict__} == {
-        k: v for k, v in cfg.__dict__.items() if k in shipped}
+    assert {k: v for k, v in shipped.items() if k not in logging_only} == {
+        k: v for k, v in cfg.__dict__.items() if k not in logging_only}
 
 
 def test_pretrain_cli_rejects_unknown_recipe_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -103,3 +106,18 @@ def test_pretrain_cli_rejects_unknown_recipe_keys(tmp_path: Path, capsys: pytest
     bad.write_text("model:\n  dim: 32\n  bogus: 1\n")
     assert main(["pretrain", "--out", str(tmp_path / "o"), "--config", str(bad)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_demo_command_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`llama-adapter demo` with a handful of steps: prints before/after and writes adapter + plot."""
+    from llama_adapter.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out exact match" in out and "trainable parameters" in out and "adapter file" in out
+    for f in ("adapter.safetensors", "loss.png", "demo_result.json"):
+        assert (tmp_path / "demo" / f).is_file()
+    res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    assert res["before"] <= 0.2  # the base does not follow the instructions
+    adapter_meta, tensors = la.read_adapter(tmp_path / "demo" / "adapter.safetensors")
+    assert sum(t.numel() for t in tensors.values()) == res["n_trainable"]

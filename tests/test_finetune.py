@@ -180,3 +180,13 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path: Path, tiny_base
     mb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in ma] == [x["loss"] for x in mb]
     assert [x.get("val_loss") for x in ma] == [x.get("val_loss") for x in mb]
+
+
+def test_resume_refuses_a_different_recipe(tmp_path: Path, base_model: la.Transformer) -> None:
+    recs = make_records(8)
+    cfg = small_cfg(tmp_path, Path("x"), epochs=1, max_steps=1)
+    train(cfg, model=base_model, records=recs)
+    with pytest.raises(TrainingError, match="seed=0.*now 5"):
+        train(small_cfg(tmp_path, Path("x"), epochs=1, seed=5, resume=cfg.out), model=base_model, records=recs)
+    res = train(small_cfg(tmp_path, Path("x"), epochs=1, resume=cfg.out), model=base_model, records=recs)
+    assert [m["step"] for m in res.metrics] == [1]  # continues from step 1 of 1: nothing left to do

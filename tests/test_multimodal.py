@@ -114,6 +114,26 @@ def test_encoder_without_projection_uses_pooled_output(tmp_path: Path) -> None:
     assert enc.encode([random_image(0)]).shape == (1, 96)
 
 
+def test_encoder_from_full_clip_checkpoint(tmp_path: Path) -> None:
+    """The usual download (e.g. clip-vit-large-patch14) is a full CLIPModel: vision tower + its projection."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(projection_dim=24, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                                           num_attention_heads=2, image_size=32, patch_size=8),
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=64, bos_token_id=0, eos_token_id=1))
+    torch.manual_seed(0)
+    full = CLIPModel(cfg).eval()
+    full.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    enc = ImageEncoder.load(tmp_path)
+    im = random_image(5)
+    with torch.no_grad():
+        ref = full.get_image_features(pixel_values=enc.preprocess([im]))
+    ref = getattr(ref, "pooler_output", ref)
+    assert enc.has_projection and torch.allclose(enc.encode([im])[:, -24:], ref, atol=1e-5)
+
+
 def test_encoder_errors(tmp_path: Path) -> None:
     with pytest.raises(la.cli.UserError, match="config.json not found"):
         ImageEncoder.load(tmp_path)
@@ -276,3 +296,20 @@ def test_finetune_trains_projection(tiny_base: Path, clip_dir: Path, tmp_path: P
     assert "visual" in meta and "image_encoder_fingerprint" in meta
     proj = {k: v for k, v in tensors.items() if k.startswith("visual_proj.")}
     assert proj and res.n_trainable == sum(t.numel() for t in tensors.values())
+
+
+def test_generate_cli_with_image(tiny_base: Path, encoder: ImageEncoder, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture) -> None:
+    """`llama-adapter generate --image` finds the encoder through the adapter's metadata."""
+    from llama_adapter.cli import main
+
+    model = _mm_model(tiny_base, encoder)
+    with torch.no_grad():
+        model.adapters["mm"].gates.fill_(0.5)
+    adapter = save_adapter(model, "mm", tmp_path / "mm.safetensors")
+    random_image(1).save(tmp_path / "x.png")
+    args = ["generate", "--base", str(tiny_base), "--adapter", str(adapter), "--dtype", "float32",
+            "--temperature", "0", "--max-new-tokens", "3", "--no-stream", "What is shown?"]
+    assert main([*args, "--image", str(tmp_path / "x.png")]) == 0
+    assert main([*args, "--image", str(tmp_path / "nope.png")]) == 2
+    assert "nope.png: image file not found" in capsys.readouterr().err

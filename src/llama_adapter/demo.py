@@ -21,10 +21,10 @@ from .model import Transformer
 from .templates import format_prompt
 
 # Demo fine-tuning recipe (tuned for speed on 2 CPU cores; the paper's recipe is 5 epochs of 52K).
-DEMO_STEPS = 400
+DEMO_STEPS = 600
 DEMO_BATCH = 32
-DEMO_LR = 0.1
-DEMO_PROMPT_LENGTH = 10
+DEMO_LR = 0.2
+DEMO_PROMPT_LENGTH = 20
 DEMO_LAYERS: int | None = None  # None -> all layers of the base
 DEMO_TRAIN_PER_TASK = 400
 SHOW = 6  # held-out instructions printed before/after

@@ -352,7 +352,7 @@ class BatchDecoder:
         self.seqs.extend(joining)
         self._last = torch.cat([self._last, tokens[:, None]])
         self._pos = torch.cat([self._pos, torch.tensor(lens, device=self.device)[:, None]])
-        self._pkv, self._knobs = None, None
+        self._pkv, self._knobs = (pkv, (temp, top_p, top_k, gens)) if n == 0 else (None, None)
         events += self._accept(tokens.tolist(), first_row=n)
         return events
 

@@ -54,10 +54,9 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> Te
     return inv
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate (x_i, x_{i+d/2}) pairs; `signed_sin` is [-sin, sin] so the half swap is a single roll."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass
@@ -92,15 +91,16 @@ class Attention(nn.Module):
         return wk, wv, b[q : q + self.kv_size], b[q + self.kv_size :]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor, Tensor, int] | None, pkv: PromptKV | None) -> Tensor:
+                cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
+                pkv: PromptKV | None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+        qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # one rotation for queries and keys together: [B, H + n_kv, T, d]
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:  # write this step's k/v at each row's positions, read back the prefix
-            kc, vc, pos, kv_len = cache
-            rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+            kc, vc, (rows, pos), kv_len = cache
             kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
             vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
@@ -148,7 +148,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor, Tensor, int] | None, pkv: PromptKV | None) -> Tensor:
+                cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
+                pkv: PromptKV | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pkv)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -270,19 +271,20 @@ class Transformer(nn.Module):
             inv = rope_frequencies(self.config, dev)
             t = torch.arange(self.config.max_seq_len, device=dev, dtype=torch.float32)
             f = torch.outer(t, inv)
-            emb = torch.cat([f, f], dim=-1)
-            self._rope = (emb.cos(), emb.sin())
+            self._rope = (torch.cat([f, f], dim=-1).cos(), torch.cat([-f.sin(), f.sin()], dim=-1))
         cos, sin = self._rope
         return cos[positions], sin[positions]
 
     def forward(self, input_ids: Tensor, adapter: AdapterSpec = None, *, input_pos: Tensor | None = None,
                 cache: KVCache | None = None, prompt_kv: dict[int, PromptKV] | None = None,
-                image_features: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+                image_features: Tensor | None = None, return_hidden: bool = False,
+                kv_len: int | None = None) -> Tensor:
         """Logits [B, T, vocab] (or final hidden states with `return_hidden`).
 
         adapter: a name, None (the base alone), or one entry per row. With a cache, `input_pos` [B, T]
         gives each token's position; rows may be at different positions. `prompt_kv` (from
         `model.prompt_kv`) is reused across decode steps so prompts are projected once per request.
+        `kv_len` (optional, > every position in `input_pos`) spares a device-to-host sync per step.
         """
         B, T = input_ids.shape
         c = self.config
@@ -301,14 +303,15 @@ class Transformer(nn.Module):
         mask = None
         kv_len = 0
         if cache is not None:
-            kv_len = int(input_pos.max()) + 1
+            kv_len = kv_len or int(input_pos.max()) + 1
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is beyond the cache length {cache.max_len}")
             mask = (torch.arange(kv_len, device=input_ids.device) <= input_pos[:, :, None])[:, None]
         x = self.tok_embeddings(input_ids)
         first_adapted = min(pkv) if pkv else c.n_layers
+        where = (torch.arange(B, device=input_ids.device)[:, None].expand(B, T), input_pos.expand(B, T))
         for i, layer in enumerate(self.layers):
-            lc = (cache.k[i], cache.v[i], input_pos, kv_len) if cache is not None else None
+            lc = (cache.k[i], cache.v[i], where, kv_len) if cache is not None else None
             frozen_below = i < first_adapted and not layer.attention.wqkv.weight.requires_grad
             if frozen_below and torch.is_grad_enabled():  # no autograd graph below the adapters
                 with torch.no_grad():

@@ -66,7 +66,7 @@ def load_image(src: str | os.PathLike[str] | bytes | Image.Image) -> Image.Image
             return im.convert("RGB")
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, base64.binascii.Error) as e:  # type: ignore[attr-defined]
+    except (UnidentifiedImageError, OSError, ValueError) as e:  # binascii.Error is a ValueError
         raise ImageError(f"{name}: cannot read image ({e})") from None
 
 
@@ -181,6 +181,9 @@ class ImageEncoder:
             raise UserError(f"{p}: not a CLIP vision checkpoint directory (config.json not found)")
         try:
             vcfg = CLIPVisionConfig.from_pretrained(p)
+            raw = json.loads((p / "config.json").read_text())
+            if "vision_config" in raw and "projection_dim" in raw:  # a full CLIPModel: its projection size
+                vcfg.projection_dim = int(raw["projection_dim"])
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{p}: cannot read the CLIP vision config ({e})") from None
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -194,8 +197,8 @@ class ImageEncoder:
                 model = CLIPVisionModel.from_pretrained(p, config=vcfg)
             elif missing:
                 raise UserError(f"{p}: checkpoint lacks weights: {', '.join(sorted(missing)[:5])}")
-        except OSError as e:
-            raise UserError(f"{p}: cannot load CLIP vision weights ({e})") from None
+        except (OSError, RuntimeError, ValueError) as e:
+            raise UserError(f"{p}: cannot load CLIP vision weights ({str(e).splitlines()[0]})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:

@@ -176,6 +176,7 @@ def save_checkpoint(model: Transformer, out: Path, dtype: torch.dtype = torch.fl
         {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0], "do_sample": False}, indent=2) + "\n")
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_state_dict(model).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships as package data
 
 
 # ---- evaluation probes -------------------------------------------------------------------------------

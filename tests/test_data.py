@@ -138,3 +138,20 @@ def test_split_validation() -> None:
     assert len(va) == 5 and len(tr) == 15 and (tr, va) == split_validation(recs, 0.25, seed=3)
     with pytest.raises(DataError):
         split_validation(recs[:1], 0.5, 0)
+
+
+def test_llava_conversations_become_alpaca_records_with_their_folder(tmp_path: Path) -> None:
+    from llama_adapter.data import DataError, load_records
+
+    sub = tmp_path / "llava"
+    sub.mkdir()
+    recs = [{"id": "7", "image": "7/image.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the square?\nA. red\nB. blue"},
+        {"from": "gpt", "value": "B"}]}]
+    (sub / "train.json").write_text(json.dumps(recs))
+    out = load_records(sub / "train.json")
+    assert out[0]["instruction"] == "What colour is the square?\nA. red\nB. blue"
+    assert out[0]["output"] == "B" and out[0]["image"] == "7/image.png" and out[0]["_dir"] == str(sub)
+    (sub / "bad.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}]))
+    with pytest.raises(DataError, match=r"bad.json: .*record 1.*gpt turn"):
+        load_records(sub / "bad.json")

@@ -1,4 +1,4 @@
-"""DDP on gloo: two processes (launched as torchrun would, through the CLI) give the same adapter as one."""
+"""DDP (and FSDP-sharded base) on gloo: two processes (launched as torchrun would, through the CLI) give the same adapter as one."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_process_gloo_matches_single_process(tmp_path: Path, tiny_base: Path) -> None:
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_gloo_matches_single_process(tmp_path: Path, tiny_base: Path, fsdp: bool) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_finetune import make_records
 
@@ -45,7 +46,7 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path, tiny_base: Path
     args = [sys.executable, "-m", "llama_adapter", "finetune", "--base", str(tiny_base), "--data", str(data),
             "--batch-size", "8", "--micro-batch", "2", "--epochs", "2", "--warmup-epochs", "1", "--dtype", "fp32",
             "--max-length", "128", "--template", "plain", "--lr", "2e-2", "--val-fraction", "0.2",
-            "--no-progress", "--seed", "1", "--out", str(tmp_path / "ddp")]
+            "--no-progress", "--seed", "1", "--out", str(tmp_path / "ddp")] + (["--fsdp"] if fsdp else [])
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
@@ -66,3 +67,8 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path, tiny_base: Path
     assert abs(m1[-1]["val_loss"] - m2[-1]["val_loss"]) < 1e-5
     info = json.loads((tmp_path / "ddp" / "run_info.json").read_text())
     assert info["world_size"] == 2
+    full = json.loads((tmp_path / "single" / "run_info.json").read_text())["base_bytes_on_rank0"]
+    if fsdp:  # the blocks are sharded in two; embeddings, output and final norm stay whole
+        assert info["base_bytes_on_rank0"] < 0.8 * full
+    else:
+        assert info["base_bytes_on_rank0"] == full

@@ -146,11 +146,80 @@ def _card(rng: random.Random, w: World, task: str) -> str:
     return f"{word} is a word. " + " ".join(f"{spoken[k].capitalize()} {v}." for k, v in fields)
 
 
+# Records whose answer comes after a *varied* stretch of text: the item is mentioned, then 0-3 unrelated
+# sentences (some with the words of an instruction preamble, never the template's headers), then a cue and the
+# answer. A fixed gap (as in "37 + 45 = 82") lets the base find the operands by relative position; a varied
+# one makes it look them up by content, which an adapter can then point at a number further back in a prompt.
+_GAP_INTRO: dict[str, list[str]] = {
+    "capital": ["{x} is a country.", "Consider the country {x}.", "This note is about {x}.",
+                "Travellers often visit {x}.", "Country: {x}", "The country of {x} has a long coast."],
+    "add": ["Two numbers, {a} and {b}, were written on the page.", "Take {a} and {b}.", "Numbers: {a} and {b}",
+            "Consider {a} plus {b}.", "Problem: {a} + {b}", "A list holds {a} and {b}.",
+            "Here {a} is added to {b}."],
+    "next": ["The number {n} is written on the door.", "Start at {n}.", "Number: {n}", "Consider the number {n}.",
+             "Page {n} was read.", "Problem: the number after {n}", "The count reached {n}."],
+    "upper": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text.",
+              "Problem: {w} in capital letters"],
+    "reverse": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text.",
+                "Problem: {w} written backwards"],
+}
+_GAP_ANSWER: dict[str, list[str]] = {
+    "capital": ["Its capital is {y}.", "Capital: {y}", "The capital city there is {y}.", "Answer: {y}",
+                "Solution: {y}"],
+    "add": ["Their sum is {c}.", "Sum: {c}", "Added together they make {c}.", "The total is {c}.",
+            "Answer: {c}", "Solution: {c}"],
+    "next": ["The next number is {m}.", "Next: {m}", "One more is {m}.", "Then comes {m}.", "Answer: {m}",
+             "Solution: {m}"],
+    "upper": ["In capital letters it is {u}.", "Upper case: {u}", "Answer: {u}", "Solution: {u}"],
+    "reverse": ["Written backwards it is {r}.", "Reversed: {r}", "Answer: {r}", "Solution: {r}"],
+}
+_GAP_FILLER = _FILLER + [
+    "A short request was written below.", "The note was read carefully.", "Some time passed.",
+    "The task is simple.", "It was written in plain words.", "The reply came quickly.",
+    "Below is the result.", "Each line has a meaning.", "Nothing else was added.", "The page was turned.",
+]
+
+
+def _gap_record(rng: random.Random, w: World, task: str) -> str:
+    kw: dict[str, object]
+    if task == "capital":
+        x = rng.choice(w.countries)
+        kw = {"x": x, "y": w.capitals[x]}
+    elif task == "add":
+        a, b = rng.randrange(100), rng.randrange(100)
+        kw = {"a": a, "b": b, "c": a + b}
+    elif task == "next":
+        n = rng.randrange(999)
+        kw = {"n": n, "m": n + 1}
+    else:
+        word = rng.choice(w.words)
+        kw = {"w": word, "u": word.upper(), "r": word[::-1]}
+    intro = rng.choice(_GAP_INTRO[task])
+    answers = _GAP_ANSWER[task]
+    if task in ("upper", "reverse") and not intro.startswith("Problem"):  # a bare word: name the operation
+        answers = [a for a in answers if not a.startswith(("Answer", "Solution"))]
+    parts = [intro.format(**kw)]
+    parts += rng.sample(_GAP_FILLER, rng.choice([0, 1, 1, 2, 2, 3]))
+    parts.append(rng.choice(answers).format(**kw))
+    seps = ["\n", "\n\n", " "]
+    out = parts[0]
+    for q in parts[1:]:
+        out += rng.choice(seps) + q
+    return out
+
+
 def _document(rng: random.Random, w: World) -> str:
     kind = rng.random()
     lines: list[str] = []
     if rng.random() < 0.3:
         lines.append(rng.choice(_HEADERS))
+    if kind < 0.2:  # records with a varied gap between the item and its answer (numbers weighted up)
+        for _ in range(rng.randint(2, 4)):
+            lines.append(_gap_record(rng, w, rng.choice(("capital", "add", "add", "next", "next", "upper",
+                                                         "reverse"))))
+        sep = "\n\n" if rng.random() < 0.5 else "\n"
+        return sep.join(lines)
+    kind = (kind - 0.2) / 0.8
     if kind < 0.25:  # a block of sums, one per line
         for _ in range(rng.randint(6, 14)):
             a, b = rng.randrange(100), rng.randrange(100)

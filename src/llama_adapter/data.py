@@ -120,7 +120,15 @@ def _accept(raw: Any, where: str, skip_invalid: bool, report: LoadReport, out: l
 
 
 def _flatten(rec: Any) -> list[Any] | str:
-    """Expand the self-instruct `instances` shape; returns a problem string for a malformed one."""
+    """Expand the self-instruct `instances` shape and convert LLaVA `conversations` records; returns a problem
+    string for a malformed one."""
+    if isinstance(rec, dict) and "conversations" in rec and "instruction" not in rec:
+        from .multimodal import llava_to_alpaca
+
+        try:
+            return [llava_to_alpaca(rec)]
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            return f"LLaVA record: {e}"
     if not isinstance(rec, dict) or "instances" not in rec or "output" in rec:
         return [rec]
     inst = rec["instances"]
@@ -150,7 +158,10 @@ def load_records(paths: str | Path | Sequence[str | Path], skip_invalid: bool = 
         for f in _data_files(Path(p)):
             report.files.append(str(f))
             for where, raw in _parse_file(f):
+                n = len(records)
                 _accept(raw, f"{f}: {where}", skip_invalid, report, records)
+                for r in records[n:]:  # relative image paths resolve against their own file's folder
+                    r.setdefault("_dir", str(f.parent))
     report.n_records = len(records)
     return records
 

@@ -64,12 +64,12 @@ def evaluate(model: Transformer, records: Sequence[dict[str, str]], adapter: str
 def demo_train_config(out: str | Path, n_train: int, n_layers: int, steps: int = DEMO_STEPS, seed: int = 0,
                       lr: float = DEMO_LR, batch_size: int = DEMO_BATCH, prompt_length: int = DEMO_PROMPT_LENGTH,
                       layers: int | None = DEMO_LAYERS, attention: str = "zero-init", progress: bool = True,
-                      dtype: str = "fp32") -> Any:
+                      dtype: str = "fp32", base: str = "builtin") -> Any:
     """The TrainConfig of the demo: `steps` optimiser steps, linear warm-up over the first 10 %, cosine to 0."""
     from .finetune import TrainConfig
 
     epochs = steps * batch_size / n_train
-    return TrainConfig(base="builtin", data=[], out=str(out), epochs=epochs, warmup_epochs=0.1 * epochs,
+    return TrainConfig(base=base, data=[], out=str(out), epochs=epochs, warmup_epochs=0.1 * epochs,
                        batch_size=batch_size, micro_batch=batch_size, lr=lr, prompt_length=prompt_length,
                        layers=layers if layers is not None else n_layers, gate="tanh",
                        attention=attention, dtype=dtype, seed=seed, max_length=128, template="alpaca",
@@ -88,7 +88,7 @@ def _show(records: Sequence[dict[str, str]], outs: Sequence[str], say: Callable[
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STEPS, threads: int | None = None,
-             say: Callable[[str], None] = print) -> dict[str, Any]:
+             say: Callable[[str], None] = print, base: str | Path = "builtin") -> dict[str, Any]:
     from .checkpoint import load_model
     from .finetune import train
 
@@ -98,10 +98,11 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STE
     torch.manual_seed(seed)
     out = Path(out)
     say(f"== LLaMA-Adapter demo ({threads} CPU threads) ==")
-    model = load_model("builtin", dtype=torch.float32)
+    model = load_model(base, dtype=torch.float32)
     c = model.config
     n_base = sum(p.numel() for p in model.parameters())
-    say(f"base: built-in {n_base:,}-parameter LLaMA ({c.n_layers} layers, dim {c.dim}), {model.source}")
+    label = "built-in" if str(base) == "builtin" else str(base)
+    say(f"base: {label} {n_base:,}-parameter LLaMA ({c.n_layers} layers, dim {c.dim}), {model.source}")
     say("  it was pre-trained on plain text only (facts, sums, counting, word spellings), never on instructions")
 
     train_recs = corpus.instruction_data("train", seed=seed, n_per_task=DEMO_TRAIN_PER_TASK)
@@ -115,7 +116,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STE
     _show([held[i] for i in shown], [before.completions[i] for i in shown], say)
 
     say(f"\n-- fine-tuning a zero-init attention adapter ({steps} steps) --")
-    cfg = demo_train_config(out, len(train_recs), c.n_layers, steps=steps, seed=seed)
+    cfg = demo_train_config(out, len(train_recs), c.n_layers, steps=steps, seed=seed, base=str(base))
     res = train(cfg, model=model, records=train_recs)
     name = res.adapter_name
 
@@ -135,7 +136,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STE
     say(f"adapter file           {res.adapter_path} ({_size(size)})")
     say(f"loss plot              {plot}")
     say(f"time                   fine-tuning {res.train_time_s:.0f} s, whole demo {total:.0f} s")
-    say(f"next: llama-adapter generate --base builtin --adapter {res.adapter_path} "
+    say(f"next: llama-adapter generate --base {base} --adapter {res.adapter_path} "
         "--prompt 'What is the capital of ...?'")
     return {"before": before.accuracy, "after": after.accuracy, "before_per_task": before.per_task,
             "after_per_task": after.per_task, "n_trainable": res.n_trainable, "adapter_bytes": size,

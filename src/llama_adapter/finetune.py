@@ -322,6 +322,30 @@ _TRAJECTORY_KEYS = ("batch_size", "seed", "epochs", "warmup_epochs", "blr", "lr"
 
 
 # ---- training --------------------------------------------------------------------------------------------
+def _local_base_bytes(model: Transformer) -> int:
+    """Bytes of frozen base weights this process holds (a shard of each block under FSDP)."""
+    total = 0
+    for n, p in model.named_parameters():
+        if not n.startswith("adapters."):
+            t = p.to_local() if hasattr(p, "to_local") else p
+            total += t.numel() * t.element_size()
+    return total
+
+
+def shard_frozen_base(model: Transformer) -> None:
+    """FSDP2: shard each frozen transformer block across the process group (one block unsharded at a time).
+
+    The adapter stays replicated (its gradients are all-reduced like DDP's); each layer projects its prompts
+    inside its own forward, where FSDP has gathered that layer's k/v weights.
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]
+    for block in model.layers:
+        fully_shard(block)
+
+
 def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[dict] | None = None,
           val_records: list[dict] | None = None) -> TrainResult:
     """Train adapter `cfg.adapter_name` ("default") and write it to `cfg.out/adapter.safetensors`."""
@@ -329,9 +353,6 @@ def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[d
     rank, world, local_rank = _dist()
     main = rank == 0
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
-    if cfg.fsdp:
-        raise TrainingError("--fsdp is not available yet: it needs the model to project prompt keys/values "
-                            "inside each layer's forward (see docs/parts/finetune.md); use plain DDP")
 
     # distributed
     dist = None
@@ -416,6 +437,8 @@ def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[d
             dist.broadcast(t, 0)
     params = [p for p in adapter.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
+    if cfg.fsdp:
+        shard_frozen_base(model)
 
     # tokenise
     trep, vtrep = TokenizeReport(), TokenizeReport()
@@ -467,7 +490,8 @@ def train(cfg: TrainConfig, *, model: Transformer | None = None, records: list[d
             "peak_lr": peak_lr, "steps_per_epoch": spe, "total_steps": total_steps, "run_steps": run_steps,
             "n_train": len(train_ex), "n_val": len(val_ex), "n_truncated": trep.n_truncated + vtrep.n_truncated,
             "n_skipped": n_skipped, "n_trainable": n_trainable, "adapter_name": name, "layers": layers,
-            "world_size": world, "device": str(device), "base": str(getattr(model, "source", cfg.base)),
+            "world_size": world, "fsdp": cfg.fsdp, "base_bytes_on_rank0": _local_base_bytes(model),
+            "device": str(device), "base": str(getattr(model, "source", cfg.base)),
         }, indent=2))
         with open(out / "metrics.jsonl", "w") as f:  # on resume: exactly the metrics up to the checkpoint
             f.writelines(json.dumps(m) + "\n" for m in metrics)

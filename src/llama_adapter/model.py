@@ -9,8 +9,9 @@ pass picks one per batch row.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .config import ModelConfig
 from .zero_init_attention import Adapter, AdapterConfig, PromptKV, gated_prompt_attention, prompt_kv
 
 AdapterSpec = str | None | Sequence[str | None]
+LazyPromptKV = Callable[["Attention"], "PromptKV | None"]
 _GQA_SDPA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
@@ -92,7 +94,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
-                pkv: PromptKV | None) -> Tensor:
+                pkv: PromptKV | LazyPromptKV | None) -> Tensor:
+        if callable(pkv):
+            pkv = pkv(self)
         B, T, _ = x.shape
         qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # one rotation for queries and keys together: [B, H + n_kv, T, d]
@@ -149,9 +153,67 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
-                pkv: PromptKV | None) -> Tensor:
+                pkv: PromptKV | LazyPromptKV | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pkv)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+@dataclass
+class PromptPlan:
+    """Which adapter each batch row uses; `layer(li, attention)` projects that layer's prompts.
+
+    Per layer, so the projection can run inside the layer's own forward (where FSDP has unsharded its
+    frozen k/v weights) or all at once before decoding (`Transformer.prompt_kv`).
+    """
+
+    config: ModelConfig
+    adapters: dict[str, Adapter]
+    group_rows: dict[str, Tensor]
+    offsets: dict[str, Tensor]
+    batch_size: int
+    has_base_rows: bool
+    random_init: bool
+
+    @property
+    def first(self) -> int:
+        return min(a.first_layer for a in self.adapters.values())
+
+    def layer(self, li: int, attention: Attention) -> PromptKV | None:
+        c, B = self.config, self.batch_size
+        kmax = max(a.cfg.prompt_length for a in self.adapters.values())
+        single = len(self.adapters) == 1 and not self.has_base_rows
+        wk, wv, bk, bv = attention.kv_weights()
+        k = v = gate = mask = None
+        if not single:
+            shape = (B, c.n_kv_heads, kmax, c.head_dim)
+            k, v = wk.new_zeros(shape), wk.new_zeros(shape)
+            gate = torch.zeros(B, c.n_heads, device=wk.device)
+            if any(a.cfg.prompt_length < kmax for a in self.adapters.values()):
+                mask = torch.ones(B, 1, 1, kmax, dtype=torch.bool, device=wk.device)
+        for n, a in self.adapters.items():
+            if li < a.first_layer:
+                continue
+            j, idx = li - a.first_layer, self.group_rows[n]
+            p = a.prompts[j][None]  # [1, K, dim]
+            if n in self.offsets:
+                p = p + self.offsets[n].index_select(0, idx)[:, None, :]
+            pk, pv = prompt_kv(p, wk, wv, bk, bv, c.n_kv_heads, c.head_dim)
+            g = a.gate_values()[j]
+            if single:
+                return PromptKV(pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), g.expand(B, -1),
+                                random_init=self.random_init)
+            assert k is not None and v is not None and gate is not None
+            K, n_rows = a.cfg.prompt_length, len(idx)
+            pad = (0, 0, 0, kmax - K)
+            k = k.index_copy(0, idx, F.pad(pk, pad).expand(n_rows, -1, -1, -1))
+            v = v.index_copy(0, idx, F.pad(pv, pad).expand(n_rows, -1, -1, -1))
+            gate = gate.index_copy(0, idx, g.expand(n_rows, -1))
+            if mask is not None and K < kmax:
+                mask[idx, :, :, K:] = False
+        if k is None or single:
+            return None
+        assert v is not None and gate is not None
+        return PromptKV(k, v, gate, random_init=self.random_init, mask=mask)
 
 
 class Transformer(nn.Module):
@@ -194,6 +256,14 @@ class Transformer(nn.Module):
         [B, F] (NaN-free; rows without an image all zero) go through each adapter's visual projection and
         the resulting token is added to that row's prompts.
         """
+        plan = self.prompt_plan(adapter, batch_size, image_features)
+        if plan is None:
+            return None
+        out = {li: plan.layer(li, self.layers[li].attention) for li in range(plan.first, self.config.n_layers)}
+        return {li: kv for li, kv in out.items() if kv is not None}
+
+    def prompt_plan(self, adapter: AdapterSpec, batch_size: int,
+                    image_features: Tensor | None = None) -> PromptPlan | None:
         rows = [adapter] * batch_size if adapter is None or isinstance(adapter, str) else list(adapter)
         if len(rows) != batch_size:
             raise ValueError(f"{len(rows)} adapter entries for a batch of {batch_size}")
@@ -204,59 +274,18 @@ class Transformer(nn.Module):
             if n not in self.adapters:
                 raise KeyError(f"no adapter named {n!r} (loaded: {', '.join(self.adapters) or 'none'})")
         adapters: dict[str, Adapter] = {n: self.adapters[n] for n in names}  # type: ignore[misc]
-        random_init = [n for n, a in adapters.items() if a.cfg.init == "random"]
+        random_init = any(a.cfg.init == "random" for a in adapters.values())
         if random_init and (len(names) > 1 or None in rows):
             raise ValueError("a rand-init adapter cannot share a batch with other adapters or base rows")
-        c, dev = self.config, self.tok_embeddings.weight.device
-        kmax = max(a.cfg.prompt_length for a in adapters.values())
-        has_image = image_features is not None
         offsets = {}
-        if has_image:
-            assert image_features is not None
+        if image_features is not None:
             nonzero = (image_features != 0).any(-1, keepdim=True)
             for n, a in adapters.items():
                 if a.visual_proj is not None:
                     offsets[n] = a.visual_proj(image_features.float()) * nonzero
-        single = len(names) == 1 and None not in rows and adapters[names[0]].cfg.prompt_length == kmax
+        dev = self.tok_embeddings.weight.device
         group_rows = {n: torch.tensor([i for i, r in enumerate(rows) if r == n], device=dev) for n in names}
-        out: dict[int, PromptKV] = {}
-        first = min(a.first_layer for a in adapters.values())
-        for li in range(first, c.n_layers):
-            wk, wv, bk, bv = self.layers[li].attention.kv_weights()
-            shape = (batch_size, c.n_kv_heads, kmax, c.head_dim)
-            k = v = gate = mask = None
-            if not single:
-                k, v = wk.new_zeros(shape), wk.new_zeros(shape)
-                gate = torch.zeros(batch_size, c.n_heads, device=dev)
-                if any(a.cfg.prompt_length < kmax for a in adapters.values()):
-                    mask = torch.ones(batch_size, 1, 1, kmax, dtype=torch.bool, device=dev)
-            for n, a in adapters.items():
-                if li < a.first_layer:
-                    continue
-                j, idx = li - a.first_layer, group_rows[n]
-                p = a.prompts[j][None]  # [1, K, dim]
-                if n in offsets:
-                    p = p + offsets[n].index_select(0, idx)[:, None, :]
-                pk, pv = prompt_kv(p, wk, wv, bk, bv, c.n_kv_heads, c.head_dim)
-                g = a.gate_values()[j]
-                if single:
-                    k, v = pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
-                    gate = g.expand(batch_size, -1)
-                    continue
-                assert k is not None and v is not None and gate is not None
-                K = a.cfg.prompt_length
-                n_rows = len(idx)
-                pad = (0, 0, 0, kmax - K)
-                k = k.index_copy(0, idx, F.pad(pk, pad).expand(n_rows, -1, -1, -1))
-                v = v.index_copy(0, idx, F.pad(pv, pad).expand(n_rows, -1, -1, -1))
-                gate = gate.index_copy(0, idx, g.expand(n_rows, -1))
-                if mask is not None and K < kmax:
-                    mask[idx, :, :, K:] = False
-            if k is None:
-                continue
-            assert v is not None and gate is not None
-            out[li] = PromptKV(k, v, gate, random_init=bool(random_init), mask=mask)
-        return out
+        return PromptPlan(self.config, adapters, group_rows, offsets, batch_size, None in rows, random_init)
 
     # ---- forward -------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -288,9 +317,7 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         c = self.config
-        if prompt_kv is None:
-            prompt_kv = self.prompt_kv(adapter, B, image_features)
-        pkv = prompt_kv or {}
+        plan = self.prompt_plan(adapter, B, image_features) if prompt_kv is None else None
         if input_pos is None:
             if cache is not None:
                 raise ValueError("input_pos is required with a cache")
@@ -308,7 +335,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {kv_len - 1} is beyond the cache length {cache.max_len}")
             mask = (torch.arange(kv_len, device=input_ids.device) <= input_pos[:, :, None])[:, None]
         x = self.tok_embeddings(input_ids)
-        first_adapted = min(pkv) if pkv else c.n_layers
+        if plan is not None:
+            first_adapted = plan.first
+        else:
+            first_adapted = min(prompt_kv) if prompt_kv else c.n_layers
         where = (torch.arange(B, device=input_ids.device)[:, None].expand(B, T), input_pos.expand(B, T))
         for i, layer in enumerate(self.layers):
             lc = (cache.k[i], cache.v[i], where, kv_len) if cache is not None else None
@@ -317,7 +347,9 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     x = layer(x, cos, sin, mask, lc, None)
             else:
-                x = layer(x, cos, sin, mask, lc, pkv.get(i))
+                # with a plan, the prompts are projected inside the layer's forward (FSDP-friendly)
+                kv = partial(plan.layer, i) if plan is not None else (prompt_kv or {}).get(i)
+                x = layer(x, cos, sin, mask, lc, kv)
         x = self.norm(x)
         return x if return_hidden else self.logits(x)
 

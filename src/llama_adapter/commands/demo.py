@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training data order and adapter init")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"optimiser steps (default: {DEMO_STEPS})")
+    p.add_argument("--base", default="builtin", help="base model (default: the built-in one); e.g. a directory "
+                   "written by `llama-adapter pretrain`")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(4, cores))")
     p.set_defaults(func=run)
 
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
-    result = run_demo(args.out, seed=args.seed, steps=args.steps, threads=args.threads)
+    result = run_demo(args.out, seed=args.seed, steps=args.steps, threads=args.threads, base=args.base)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "demo_result.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -40,7 +40,7 @@ HELP = {
     "skip_invalid": "skip invalid records (and report how many) instead of stopping",
     "max_steps": "stop after N optimiser steps (smoke runs; the lr schedule is unchanged)",
     "device": "auto, cpu, cuda or cuda:N",
-    "fsdp": "shard the frozen base across GPUs (not available yet)",
+    "fsdp": "shard the frozen base's layers across processes with FSDP2 (GPUs: saves memory per GPU)",
     "compile": "torch.compile each transformer block",
     "image_encoder": "image encoder for multi-modal records (needs llama_adapter.multimodal)",
     "image_root": "directory that record 'image' paths are relative to",

@@ -1,4 +1,4 @@
-"""DDP (and FSDP-sharded base) on gloo: two processes (launched as torchrun would, through the CLI) give the same adapter as one."""
+"""DDP and FSDP on gloo: two processes (launched as torchrun would, via the CLI) give the same adapter as one."""
 
 from __future__ import annotations
 

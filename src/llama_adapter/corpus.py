@@ -3,7 +3,9 @@
 The pre-training text teaches *knowledge and skills in plain form* and never shows an instruction being
 followed: facts about invented countries ("The capital of Varnel is Tosk."), `37 + 45 = 82` lines,
 counting ("After 37 comes 38."), and string operations written as prose ("The word plant reversed is
-tnalp.", "The word plant in capital letters is PLANT."). The instruction set asks for the same things in
+tnalp.", "The word plant in capital letters is PLANT."), and the same items as short records whose answer
+comes after a varied number of unrelated sentences ("Numbers: 37 and 45 / The page was turned. / Sum: 82").
+The instruction set asks for the same things in
 the Alpaca template ("What is the capital of Varnel?" -> "Tosk"). Its held-out split uses items -- countries,
 words, numbers, number pairs -- that never occur in the instruction training split; they do occur in the
 pre-training text, which is the knowledge an adapter has to unlock.

@@ -365,7 +365,8 @@ A {r['parameters']:,}-parameter LLaMA-architecture model ({rc['n_layers']} layer
 byte-level BPE of {rc['vocab_size']} tokens with one token per digit, context {rc['max_seq_len']}),
 pre-trained from scratch by `llama-adapter pretrain` on the synthetic corpus of `llama_adapter.corpus`
 (facts about invented countries, `a + b = c` lines, counting, upper-casing and reversing words, all as
-plain text; it has never seen an instruction being followed).
+plain text, some of it with a varied stretch of unrelated sentences between an item and its answer; it has
+never seen an instruction being followed).
 
 Hugging Face layout: `config.json`, `model.safetensors` (HF tensor names), `tokenizer.json`,
 `tokenizer_config.json`, `generation_config.json`. `recipe.json` holds the full record.

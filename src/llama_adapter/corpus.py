@@ -5,10 +5,10 @@ followed: facts about invented countries ("The capital of Varnel is Tosk."), `37
 counting ("After 37 comes 38."), and string operations written as prose ("The word plant reversed is
 tnalp.", "The word plant in capital letters is PLANT."), and the same items as short records whose answer
 comes after a varied number of unrelated sentences ("Numbers: 37 and 45 / The page was turned. / Sum: 82").
-The instruction set asks for the same things in
-the Alpaca template ("What is the capital of Varnel?" -> "Tosk"). Its held-out split uses items -- countries,
-words, numbers, number pairs -- that never occur in the instruction training split; they do occur in the
-pre-training text, which is the knowledge an adapter has to unlock.
+The instruction set asks for the same things in the Alpaca template ("What is the capital of Varnel?" ->
+"Tosk"). Its held-out split uses items -- countries, words, numbers, number pairs -- that never occur in the
+instruction training split; they do occur in the pre-training text, which is the knowledge an adapter has to
+unlock.
 
 Everything here is a pure function of its arguments (a `random.Random(seed)` per call), so the corpus,
 the tokenizer trained on it and the splits are reproducible byte for byte.
@@ -156,24 +156,19 @@ _GAP_INTRO: dict[str, list[str]] = {
     "capital": ["{x} is a country.", "Consider the country {x}.", "This note is about {x}.",
                 "Travellers often visit {x}.", "Country: {x}", "The country of {x} has a long coast."],
     "add": ["Two numbers, {a} and {b}, were written on the page.", "Take {a} and {b}.", "Numbers: {a} and {b}",
-            "Consider {a} plus {b}.", "Problem: {a} + {b}", "A list holds {a} and {b}.",
+            "Consider {a} plus {b}.", "The numbers {a} + {b} are noted.", "A list holds {a} and {b}.",
             "Here {a} is added to {b}."],
     "next": ["The number {n} is written on the door.", "Start at {n}.", "Number: {n}", "Consider the number {n}.",
-             "Page {n} was read.", "Problem: the number after {n}", "The count reached {n}."],
-    "upper": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text.",
-              "Problem: {w} in capital letters"],
-    "reverse": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text.",
-                "Problem: {w} written backwards"],
+             "Page {n} was read.", "The count reached {n}."],
+    "upper": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text."],
+    "reverse": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text."],
 }
 _GAP_ANSWER: dict[str, list[str]] = {
-    "capital": ["Its capital is {y}.", "Capital: {y}", "The capital city there is {y}.", "Answer: {y}",
-                "Solution: {y}"],
-    "add": ["Their sum is {c}.", "Sum: {c}", "Added together they make {c}.", "The total is {c}.",
-            "Answer: {c}", "Solution: {c}"],
-    "next": ["The next number is {m}.", "Next: {m}", "One more is {m}.", "Then comes {m}.", "Answer: {m}",
-             "Solution: {m}"],
-    "upper": ["In capital letters it is {u}.", "Upper case: {u}", "Answer: {u}", "Solution: {u}"],
-    "reverse": ["Written backwards it is {r}.", "Reversed: {r}", "Answer: {r}", "Solution: {r}"],
+    "capital": ["Its capital is {y}.", "Capital: {y}", "The capital city there is {y}."],
+    "add": ["Their sum is {c}.", "Sum: {c}", "Added together they make {c}.", "The total is {c}."],
+    "next": ["The next number is {m}.", "Next: {m}", "One more is {m}.", "Then comes {m}."],
+    "upper": ["In capital letters it is {u}.", "Upper case: {u}"],
+    "reverse": ["Written backwards it is {r}.", "Reversed: {r}"],
 }
 _GAP_FILLER = _FILLER + [
     "A short request was written below.", "The note was read carefully.", "Some time passed.",
@@ -196,13 +191,11 @@ def _gap_record(rng: random.Random, w: World, task: str) -> str:
     else:
         word = rng.choice(w.words)
         kw = {"w": word, "u": word.upper(), "r": word[::-1]}
-    intro = rng.choice(_GAP_INTRO[task])
-    answers = _GAP_ANSWER[task]
-    if task in ("upper", "reverse") and not intro.startswith("Problem"):  # a bare word: name the operation
-        answers = [a for a in answers if not a.startswith(("Answer", "Solution"))]
-    parts = [intro.format(**kw)]
+    # the answer's cue names the attribute (never a generic "Answer:"), so the base does not learn to answer
+    # whatever cue follows an item -- such as the template's "### Response:"
+    parts = [rng.choice(_GAP_INTRO[task]).format(**kw)]
     parts += rng.sample(_GAP_FILLER, rng.choice([0, 1, 1, 2, 2, 3]))
-    parts.append(rng.choice(answers).format(**kw))
+    parts.append(rng.choice(_GAP_ANSWER[task]).format(**kw))
     seps = ["\n", "\n\n", " "]
     out = parts[0]
     for q in parts[1:]:

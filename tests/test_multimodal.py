@@ -313,3 +313,43 @@ def test_generate_cli_with_image(tiny_base: Path, encoder: ImageEncoder, tmp_pat
     assert main([*args, "--image", str(tmp_path / "x.png")]) == 0
     assert main([*args, "--image", str(tmp_path / "nope.png")]) == 2
     assert "nope.png: image file not found" in capsys.readouterr().err
+
+
+def test_server_chat_with_image_content_part(tiny_base: Path, encoder: ImageEncoder, clip_dir: Path) -> None:
+    """OpenAI chat message with an image_url data-URL part: same answer as `generate` with those features."""
+    import base64
+    import io
+
+    import openai
+    from test_server import _Running
+
+    from llama_adapter.generation import generate
+    from llama_adapter.server import create_app
+    from llama_adapter.templates import format_prompt
+
+    model = _mm_model(tiny_base, encoder)
+    with torch.no_grad():
+        model.adapters["mm"].gates.fill_(1.0)
+        for p in model.adapters["mm"].visual_proj.parameters():  # a strong image token: answers must differ
+            p.normal_(0, 1.0)
+    model.adapters["mm"].meta.update(template="alpaca", image_encoder=str(clip_dir))
+    buf = io.BytesIO()
+    random_image(3).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    feats = encoder.encode([random_image(3)])
+    prompt = format_prompt("alpaca", "What is shown?")
+    with_image = generate(model, [prompt], adapter="mm", max_new_tokens=6, temperature=0.0, image_features=feats)
+    without = generate(model, [prompt], adapter="mm", max_new_tokens=6, temperature=0.0)
+    assert with_image != without  # the image must matter, or the check below proves nothing
+    server = _Running(create_app(model, max_batch_size=2, max_context=128))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+        parts = [{"type": "text", "text": "What is shown?"}, {"type": "image_url", "image_url": {"url": url}}]
+        r = client.chat.completions.create(model="mm", max_tokens=6, temperature=0,
+                                           messages=[{"role": "user", "content": parts}])
+        assert r.choices[0].message.content == with_image[0]
+        r2 = client.chat.completions.create(model="mm", max_tokens=6, temperature=0,
+                                            messages=[{"role": "user", "content": "What is shown?"}])
+        assert r2.choices[0].message.content == without[0]
+    finally:
+        server.stop()

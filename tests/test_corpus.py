@@ -70,3 +70,13 @@ def test_outputs_are_correct() -> None:
             assert out == item.upper()
         else:
             assert out == item[::-1]
+
+
+def test_gap_records_are_opt_in_and_plain() -> None:
+    """`gap_fraction` adds varied-gap records (plain text, no questions, no template headers); 0 leaves them out."""
+    plain = "\n".join(corpus.pretrain_documents(0, 500))
+    gap = "\n".join(corpus.pretrain_documents(0, 500, gap_fraction=0.2))
+    assert "Remark:" not in plain and "Reply:" not in plain
+    assert any(c in gap for c in corpus._GENERIC_CUES) and "Sum:" in gap
+    assert "?" not in gap and "### Instruction:" not in gap and "### Response:" not in gap
+    assert "Answer:" not in gap

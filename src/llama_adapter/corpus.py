@@ -3,8 +3,9 @@
 The pre-training text teaches *knowledge and skills in plain form* and never shows an instruction being
 followed: facts about invented countries ("The capital of Varnel is Tosk."), `37 + 45 = 82` lines,
 counting ("After 37 comes 38."), and string operations written as prose ("The word plant reversed is
-tnalp.", "The word plant in capital letters is PLANT."), and the same items as short records whose answer
-comes after a varied number of unrelated sentences ("Numbers: 37 and 45 / The page was turned. / Sum: 82").
+tnalp.", "The word plant in capital letters is PLANT."); optionally (`gap_fraction`, off in the shipped recipe)
+also short records whose answer comes after a varied number of unrelated sentences ("Numbers: 37 and 45 / The
+page was turned. / Sum: 82").
 The instruction set asks for the same things in the Alpaca template ("What is the capital of Varnel?" ->
 "Tosk"). Its held-out split uses items -- countries, words, numbers, number pairs -- that never occur in the
 instruction training split; they do occur in the pre-training text, which is the knowledge an adapter has to
@@ -176,6 +177,10 @@ _GAP_FILLER = _FILLER + [
     "Below is the result.", "Each line has a meaning.", "Nothing else was added.", "The page was turned.",
 ]
 
+# Cues that do not name an attribute introduce a remark: only a cue that names the attribute ("Sum:") is followed
+# by the answer, so the base does not answer after a cue it has not seen with the item (the template's headers).
+_GENERIC_CUES = ["Note:", "Remark:", "Comment:", "Reply:", "Aside:", "Later:"]
+
 
 def _gap_record(rng: random.Random, w: World, task: str) -> str:
     kw: dict[str, object]
@@ -195,6 +200,8 @@ def _gap_record(rng: random.Random, w: World, task: str) -> str:
     # whatever cue follows an item -- such as the template's "### Response:"
     parts = [rng.choice(_GAP_INTRO[task]).format(**kw)]
     parts += rng.sample(_GAP_FILLER, rng.choice([0, 1, 1, 2, 2, 3]))
+    if rng.random() < 0.4:  # a generic cue is followed by a remark, not by the answer
+        parts.append(rng.choice(_GENERIC_CUES) + " " + rng.choice(_GAP_FILLER))
     parts.append(rng.choice(_GAP_ANSWER[task]).format(**kw))
     seps = ["\n", "\n\n", " "]
     out = parts[0]
@@ -203,18 +210,18 @@ def _gap_record(rng: random.Random, w: World, task: str) -> str:
     return out
 
 
-def _document(rng: random.Random, w: World) -> str:
+def _document(rng: random.Random, w: World, gap_fraction: float = 0.0) -> str:
     kind = rng.random()
     lines: list[str] = []
     if rng.random() < 0.3:
         lines.append(rng.choice(_HEADERS))
-    if kind < 0.2:  # records with a varied gap between the item and its answer (numbers weighted up)
+    if kind < gap_fraction:  # records with a varied gap between the item and its answer (numbers weighted up)
         for _ in range(rng.randint(2, 4)):
             lines.append(_gap_record(rng, w, rng.choice(("capital", "add", "add", "next", "next", "upper",
                                                          "reverse"))))
         sep = "\n\n" if rng.random() < 0.5 else "\n"
         return sep.join(lines)
-    kind = (kind - 0.2) / 0.8
+    kind = (kind - gap_fraction) / (1 - gap_fraction)
     if kind < 0.25:  # a block of sums, one per line
         for _ in range(rng.randint(6, 14)):
             a, b = rng.randrange(100), rng.randrange(100)
@@ -236,14 +243,18 @@ def _document(rng: random.Random, w: World) -> str:
     return sep.join(lines)
 
 
-def pretrain_documents(seed: int, n: int | None = None, world_seed: int = WORLD_SEED) -> Iterator[str]:
+def pretrain_documents(seed: int, n: int | None = None, world_seed: int = WORLD_SEED,
+                       gap_fraction: float = 0.0) -> Iterator[str]:
     """Documents of plain text; `n=None` streams forever. Different seeds give disjoint-in-expectation text
-    drawn from the same distribution (e.g. seed 0 for training, seed 1 for held-out pre-training text)."""
+    drawn from the same distribution (e.g. seed 0 for training, seed 1 for held-out pre-training text).
+
+    `gap_fraction` of the documents are varied-gap records (`_gap_record`); 0.0, the shipped base's recipe,
+    gives exactly the stream without them."""
     rng = random.Random(f"pretrain-{seed}")
     w = world(world_seed)
     i = 0
     while n is None or i < n:
-        yield _document(rng, w)
+        yield _document(rng, w, gap_fraction)
         i += 1
 
 
@@ -333,11 +344,11 @@ def _word_in(ins: str) -> str:
     return next(t for t in toks if t.lower() not in stop)
 
 
-def tokenizer_training_text(seed: int = 0, n_docs: int = 20000) -> Iterator[str]:
+def tokenizer_training_text(seed: int = 0, n_docs: int = 20000, gap_fraction: float = 0.0) -> Iterator[str]:
     """What the BPE tokenizer is trained on: pre-training documents plus the Alpaca preamble wording."""
     from .templates import load_template
 
     t = load_template("alpaca")
-    yield from pretrain_documents(seed, n_docs)
+    yield from pretrain_documents(seed, n_docs, gap_fraction=gap_fraction)
     for _ in range(50):  # so the template's words are tokens, as in a real base model's vocabulary
         yield t["with_input"].format(instruction="", input="")

@@ -53,6 +53,7 @@ class PretrainConfig:
     corpus_seed: int = 0
     tokenizer_docs: int = 20000
     seq_len: int = 128
+    gap_fraction: float = 0.0  # share of varied-gap records in the corpus (corpus._gap_record); 0: none
     # optimisation
     steps: int = 2000
     batch_size: int = 32
@@ -102,7 +103,8 @@ def train_tokenizer(cfg: PretrainConfig) -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus.tokenizer_training_text(cfg.corpus_seed, cfg.tokenizer_docs), trainer)
+    tok.train_from_iterator(corpus.tokenizer_training_text(cfg.corpus_seed, cfg.tokenizer_docs, cfg.gap_fraction),
+                            trainer)
     return tok
 
 
@@ -115,9 +117,9 @@ def save_tokenizer(tok: Any, out: Path) -> None:
 
 # ---- data --------------------------------------------------------------------------------------------
 def packed_batches(encode: Callable[[str], list[int]], seed: int, world_seed: int, batch_size: int,
-                   seq_len: int, bos: int, eos: int) -> Iterator[Tensor]:
+                   seq_len: int, bos: int, eos: int, gap_fraction: float = 0.0) -> Iterator[Tensor]:
     """[B, seq_len + 1] windows cut from the concatenated documents (<s> doc </s> <s> doc </s> ...)."""
-    docs = corpus.pretrain_documents(seed, None, world_seed)
+    docs = corpus.pretrain_documents(seed, None, world_seed, gap_fraction)
     buf: list[int] = []
     need = batch_size * (seq_len + 1)
     while True:
@@ -264,9 +266,10 @@ def probe_accuracy(model: Transformer, tok: Any, cfg: PretrainConfig) -> dict[st
 
 @torch.no_grad()
 def text_loss(model: Transformer, encode: Callable[[str], list[int]], seed: int, world_seed: int,
-              n_batches: int = 4, batch_size: int = 16, seq_len: int = 128, adapter: str | None = None) -> float:
+              n_batches: int = 4, batch_size: int = 16, seq_len: int = 128, adapter: str | None = None,
+              gap_fraction: float = 0.0) -> float:
     """Mean next-token loss on pre-training-distribution text from `seed` (held-out text: a different seed)."""
-    it = packed_batches(encode, seed, world_seed, batch_size, seq_len, 1, 2)
+    it = packed_batches(encode, seed, world_seed, batch_size, seq_len, 1, 2, gap_fraction)
     tot = 0.0
     for _ in range(n_batches):
         b = next(it)
@@ -304,7 +307,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
-    batches = packed_batches(encode, cfg.corpus_seed, cfg.world_seed, cfg.batch_size, cfg.seq_len, 1, 2)
+    batches = packed_batches(encode, cfg.corpus_seed, cfg.world_seed, cfg.batch_size, cfg.seq_len, 1, 2,
+                             cfg.gap_fraction)
     model.train()
     t_train = time.time()
     losses: list[tuple[int, float]] = []
@@ -334,7 +338,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
     save_dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
     save_checkpoint(model, out, save_dtype)
     acc = probe_accuracy(model, tok, cfg)
-    held_loss = text_loss(model, encode, 10_000 + cfg.corpus_seed, cfg.world_seed)
+    held_loss = text_loss(model, encode, 10_000 + cfg.corpus_seed, cfg.world_seed, gap_fraction=cfg.gap_fraction)
     total = time.time() - t0
     record = {
         "recipe": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
@@ -355,6 +359,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
     return record
 
 
+_GAP_NOTE = ", a share of it with a varied stretch of unrelated sentences between an item and its answer"
+
+
 def _readme(r: dict[str, Any]) -> str:
     rc = r["recipe"]
     acc = ", ".join(f"{k} {v:.0%}" for k, v in r["plain_text_probe_accuracy"].items())
@@ -365,8 +372,7 @@ A {r['parameters']:,}-parameter LLaMA-architecture model ({rc['n_layers']} layer
 byte-level BPE of {rc['vocab_size']} tokens with one token per digit, context {rc['max_seq_len']}),
 pre-trained from scratch by `llama-adapter pretrain` on the synthetic corpus of `llama_adapter.corpus`
 (facts about invented countries, `a + b = c` lines, counting, upper-casing and reversing words, all as
-plain text, some of it with a varied stretch of unrelated sentences between an item and its answer; it has
-never seen an instruction being followed).
+plain text{_GAP_NOTE if rc.get("gap_fraction") else ""}; it has never seen an instruction being followed).
 
 Hugging Face layout: `config.json`, `model.safetensors` (HF tensor names), `tokenizer.json`,
 `tokenizer_config.json`, `generation_config.json`. `recipe.json` holds the full record.

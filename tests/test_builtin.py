@@ -76,9 +76,13 @@ def test_save_checkpoint_round_trips_through_the_loader(tmp_path: Path) -> None:
 def test_tiny_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     cfg = pretrain.PretrainConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=300,
                                   tokenizer_docs=300, steps=3, batch_size=4, seq_len=32, warmup_steps=1,
-                                  log_every=1, threads=0)
+                                  log_every=1, threads=1)  # tiny ops: one thread avoids OpenMP spin-waits
     lines: list[str] = []
-    rec = pretrain.pretrain(cfg, tmp_path / "base", log=lines.append)
+    n_threads = torch.get_num_threads()
+    try:
+        rec = pretrain.pretrain(cfg, tmp_path / "base", log=lines.append)
+    finally:
+        torch.set_num_threads(n_threads)
     assert rec["tokens_seen"] == 3 * 4 * 32 and any("step 3/3" in s for s in lines)
     m = la.load_model(tmp_path / "base", dtype=torch.float32)
     assert m.config.n_layers == 2 and m.tokenizer is not None

@@ -303,6 +303,9 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "",
     ]
     lines += ["## Where the miniature does not reproduce", ""] + honest_notes(res) + [""]
+    mm = ROOT / "docs" / "parts" / "reproduction_multimodal.md"  # written by benchmarks/multimodal_demo.py runs
+    if mm.is_file():
+        lines += [mm.read_text().rstrip(), ""]
     path.write_text("\n".join(lines))
 
 

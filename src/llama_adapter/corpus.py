@@ -3,7 +3,7 @@
 The pre-training text teaches *knowledge and skills in plain form* and never shows an instruction being
 followed: facts about invented countries ("The capital of Varnel is Tosk."), `37 + 45 = 82` lines,
 counting ("After 37 comes 38."), and string operations written as prose ("The word plant reversed is
-tnalp.", "The word plant in capital letters is PLANT."); optionally (`gap_fraction`, off in the shipped recipe)
+tnalp.", "The word plant in capital letters is PLANT."); optionally (`gap_fraction`, 0.1 in the shipped recipe)
 also short records whose answer comes after a varied number of unrelated sentences ("Numbers: 37 and 45 / The
 page was turned. / Sum: 82").
 The instruction set asks for the same things in the Alpaca template ("What is the capital of Varnel?" ->
@@ -248,7 +248,7 @@ def pretrain_documents(seed: int, n: int | None = None, world_seed: int = WORLD_
     """Documents of plain text; `n=None` streams forever. Different seeds give disjoint-in-expectation text
     drawn from the same distribution (e.g. seed 0 for training, seed 1 for held-out pre-training text).
 
-    `gap_fraction` of the documents are varied-gap records (`_gap_record`); 0.0, the shipped base's recipe,
+    `gap_fraction` of the documents are varied-gap records (`_gap_record`; the shipped recipe uses 0.1); 0.0
     gives exactly the stream without them."""
     rng = random.Random(f"pretrain-{seed}")
     w = world(world_seed)

@@ -137,7 +137,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STE
     say(f"loss plot              {plot}")
     say(f"time                   fine-tuning {res.train_time_s:.0f} s, whole demo {total:.0f} s")
     say(f"next: llama-adapter generate --base {base} --adapter {res.adapter_path} "
-        "--prompt 'What is the capital of ...?'")
+        "'What is the capital of ...?' --temperature 0")
     return {"before": before.accuracy, "after": after.accuracy, "before_per_task": before.per_task,
             "after_per_task": after.per_task, "n_trainable": res.n_trainable, "adapter_bytes": size,
             "adapter_path": str(res.adapter_path), "loss_plot": str(plot), "train_time_s": res.train_time_s,

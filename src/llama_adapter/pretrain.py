@@ -53,7 +53,7 @@ class PretrainConfig:
     corpus_seed: int = 0
     tokenizer_docs: int = 20000
     seq_len: int = 128
-    gap_fraction: float = 0.0  # share of varied-gap records in the corpus (corpus._gap_record); 0: none
+    gap_fraction: float = 0.1  # share of varied-gap records in the corpus (corpus._gap_record); 0: none
     # optimisation
     steps: int = 2000
     batch_size: int = 32

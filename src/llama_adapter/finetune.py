@@ -102,7 +102,7 @@ class TrainConfig:
     feature_cache: str | None = None
     progress: bool = True
     adapter_name: str = ADAPTER_NAME
-    loss_chunk: int = 512  # supervised positions per logits chunk
+    loss_chunk: int = 256  # supervised positions per logits chunk
 
     @property
     def effective_lr(self) -> float:
@@ -168,20 +168,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        n_rows, vocab = h.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        for s in range(0, h.shape[0], chunk):
-            logits = F.linear(h[s : s + chunk], weight).float()
+        # two buffers for the whole call, reused by every chunk: fresh [chunk, vocab] tensors per chunk cost
+        # more in page faults (CPU) or allocator churn than the softmax itself
+        c = min(chunk, n_rows)
+        logits_buf = h.new_empty(c, vocab)
+        probs_buf = logits_buf if h.dtype == torch.float32 else torch.empty(c, vocab, device=h.device)
+        wt = weight.t()
+        for s in range(0, n_rows, chunk):
             y = target[s : s + chunk]
-            picked = logits.gather(1, y[:, None]).squeeze(1)
-            mx = logits.amax(dim=-1)
-            e = logits.sub_(mx[:, None]).exp_()  # in place: no second [chunk, vocab] buffer
-            z = e.sum(dim=-1)
-            total += (mx + z.log() - picked).sum()
+            n = len(y)
+            logits, p = logits_buf[:n], probs_buf[:n]
+            torch.mm(h[s : s + n], wt, out=logits)
+            if p is not logits:
+                p.copy_(logits)  # fp32 softmax
+            picked = p.gather(1, y[:, None]).squeeze(1)
+            mx = p.amax(dim=-1, keepdim=True)
+            z = p.sub_(mx).exp_().sum(dim=-1, keepdim=True)
+            total += (mx.squeeze(1) + z.squeeze(1).log() - picked).sum()
             if grad is not None:
-                p = e.div_(z[:, None])  # softmax
-                p[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad[s : s + chunk] = p.to(weight.dtype) @ weight
+                p.div_(z)[torch.arange(n, device=y.device), y] -= 1.0  # d(CE)/d(logits) = softmax - onehot
+                if p is not logits:
+                    logits.copy_(p)
+                torch.mm(logits, weight, out=grad[s : s + n])
         ctx.save_for_backward(grad)
         return total
 
@@ -191,7 +202,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, chunk: int = 512) -> Tensor:
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, chunk: int = 256) -> Tensor:
     """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result."""
     if weight.requires_grad:  # a trainable head: plain autograd
         return F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
@@ -202,7 +213,7 @@ def output_weight(model: Transformer) -> Tensor:
     return model.tok_embeddings.weight if model.output is None else model.output.weight
 
 
-def batch_loss(model: Transformer, adapter: str, batch: dict[str, Tensor], chunk: int = 512) -> tuple[Tensor, int]:
+def batch_loss(model: Transformer, adapter: str, batch: dict[str, Tensor], chunk: int = 256) -> tuple[Tensor, int]:
     """(summed CE over the supervised positions, number of them); logits only where labels != -100."""
     dev = output_weight(model).device
     ids = batch["input_ids"].to(dev, non_blocking=True)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_training_kernels as cpu_kernels
 from .config import ModelConfig
 from .zero_init_attention import Adapter, AdapterConfig, PromptKV, gated_prompt_attention, prompt_kv
 
@@ -33,6 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if cpu_kernels.use_cpu_training_kernels(x):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -122,6 +125,8 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        if causal and mask is None and cpu_kernels.use_cpu_training_kernels(q):
+            return cpu_kernels.causal_attention(q, k, v)
         if self.n_kv == self.n_heads:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         if _GQA_SDPA:

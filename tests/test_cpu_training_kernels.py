@@ -1,0 +1,97 @@
+"""The CPU training kernels compute what the stock PyTorch ops compute, values and gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama_adapter as la
+from llama_adapter import cpu_training_kernels as kernels
+
+
+def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+def _leaf(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_values_and_gradients(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x, w = _leaf(3, 7, 48, dtype=dtype), (torch.rand(48, dtype=dtype) + 0.5).requires_grad_()
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = wd * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out = kernels.rms_norm(x, w, 1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and (out.double() - ref).abs().max() <= tol
+    for ours, theirs in zip(_grads(out, (x, w)), _grads(ref, (xd, wd)), strict=True):
+        assert (ours.double() - theirs).abs().max() <= tol * max(1.0, theirs.abs().max().item())
+    assert x.grad is None  # nothing modified in place
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2)])
+def test_causal_attention_matches_sdpa(n_heads: int, n_kv: int) -> None:
+    torch.manual_seed(0)
+    q, k, v = _leaf(2, n_heads, 9, 16), _leaf(2, n_kv, 9, 16), _leaf(2, n_kv, 9, 16)
+    rep = n_heads // n_kv
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+    out = kernels.causal_attention(q, k, v)
+    assert (out - ref).abs().max() <= 1e-5
+    for ours, theirs in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_prompt_attention_matches_sdpa_with_padding_mask() -> None:
+    torch.manual_seed(0)
+    q, k, v = _leaf(2, 2, 12, 8), _leaf(2, 2, 5, 8), _leaf(2, 2, 5, 8)
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False  # row 1's adapter has only 3 prompts
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = kernels.prompt_attention(q, k, v, mask)
+    assert (out - ref).abs().max() <= 1e-5
+    for ours, theirs in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_kernels_are_used_only_for_cpu_training() -> None:
+    x = torch.zeros(2)
+    assert kernels.use_cpu_training_kernels(x)
+    with torch.no_grad():
+        assert not kernels.use_cpu_training_kernels(x)
+    assert not kernels.use_cpu_training_kernels(torch.zeros(2, device="meta"))
+
+
+def test_adapter_training_step_equals_stock_ops(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole training step (loss and every adapter gradient) is the same with and without the kernels."""
+
+    def step(use: bool) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(kernels, "use_cpu_training_kernels", lambda x: use and x.device.type == "cpu"
+                            and torch.is_grad_enabled())
+        torch.manual_seed(0)
+        model = la.load_model(tiny_base, dtype=torch.float32)
+        a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=3))
+        with torch.no_grad():
+            a.gates.normal_(0, 0.5)  # non-zero gates so the prompts get gradients too
+        ids = torch.randint(3, model.config.vocab_size, (2, 17))
+        loss = F.cross_entropy(model(ids[:, :-1], adapter="a").flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        assert a.prompts.grad is not None and a.gates.grad is not None
+        return loss.detach(), a.prompts.grad, a.gates.grad
+
+    calls = []
+    for name in ("rms_norm", "causal_attention", "prompt_attention"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    stock = step(False)
+    assert not calls
+    fast = step(True)
+    assert set(calls) == {"rms_norm", "causal_attention", "prompt_attention"}
+    assert fast[1].abs().sum() > 0
+    for s, f in zip(stock, fast, strict=True):
+        assert torch.allclose(s, f, atol=1e-6, rtol=1e-5)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_training_kernels as cpu_kernels
+from . import cpu_kernels
 from .config import ModelConfig
 from .zero_init_attention import Adapter, AdapterConfig, PromptKV, gated_prompt_attention, prompt_kv
 
@@ -127,6 +127,8 @@ class Attention(nn.Module):
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         if causal and mask is None and cpu_kernels.use_cpu_training_kernels(q):
             return cpu_kernels.causal_attention(q, k, v)
+        if q.shape[2] == 1 and mask is not None and mask.dtype == torch.bool and q.device.type == "cpu":
+            return cpu_kernels.decode_attention(q, k, v, mask)
         if self.n_kv == self.n_heads:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         if _GQA_SDPA:
@@ -333,8 +335,9 @@ class Transformer(nn.Module):
         dtype = self.tok_embeddings.weight.dtype
         cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)
         mask = None
-        kv_len = 0
-        if cache is not None:
+        if cache is None:
+            kv_len = 0
+        else:
             kv_len = kv_len or int(input_pos.max()) + 1
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is beyond the cache length {cache.max_len}")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_training_kernels
+from . import cpu_kernels
 
 Gate = Literal["tanh", "linear"]
 Init = Literal["zero", "random"]
@@ -101,8 +101,8 @@ def gated_prompt_attention(q: Tensor, pkv: PromptKV) -> Tensor:
     B, H, T, d = q.shape
     n_kv = pkv.k.shape[1]
     qg = q.reshape(B, n_kv, (H // n_kv) * T, d)
-    if cpu_training_kernels.use_cpu_training_kernels(q):
-        out = cpu_training_kernels.prompt_attention(qg, pkv.k, pkv.v, pkv.mask).view(B, H, T, d)
+    if cpu_kernels.use_cpu_training_kernels(q):
+        out = cpu_kernels.prompt_attention(qg, pkv.k, pkv.v, pkv.mask).view(B, H, T, d)
     else:
         out = F.scaled_dot_product_attention(qg, pkv.k, pkv.v, attn_mask=pkv.mask).view(B, H, T, d)
     return out * pkv.gate.to(out.dtype)[:, :, None, None]

@@ -1,4 +1,4 @@
-"""The CPU training kernels compute what the stock PyTorch ops compute, values and gradients."""
+"""The CPU kernels compute what the stock PyTorch ops compute, values and gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_adapter as la
-from llama_adapter import cpu_training_kernels as kernels
+from llama_adapter import cpu_kernels as kernels
 
 
 def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int = 1) -> tuple[torch.Tensor, ...]:
@@ -57,6 +57,15 @@ def test_prompt_attention_matches_sdpa_with_padding_mask() -> None:
     assert (out - ref).abs().max() <= 1e-5
     for ours, theirs in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_decode_attention_matches_sdpa_with_per_row_lengths() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    mask = torch.arange(11) <= torch.tensor([10, 4, 0])[:, None]  # rows at different positions
+    mask = mask[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
+    assert (kernels.decode_attention(q, k, v, mask) - ref).abs().max() <= 1e-5
 
 
 def test_kernels_are_used_only_for_cpu_training() -> None:

@@ -27,14 +27,14 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return F.rms_norm(x, weight.shape, weight, eps)
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)  # rounded twice, like the reference and the inference path
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        r = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True).add_(ctx.eps))
+        x, weight, r = ctx.saved_tensors
         xhat = x.float() * r  # (not in place: .float() of an fp32 tensor is the tensor itself)
         dxhat = dy.float() * weight.float()
         dw = None
@@ -80,3 +80,15 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(F.softmax(scores, -1), v)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One new token per row against its cached keys: q [B, H, 1, d], k/v [B, n_kv, L, d], mask [B, 1, 1, L].
+
+    The flash kernel's per-call cost dominates at one query per row; two small batched matmuls do not.
+    """
+    B, H, _, d = q.shape
+    n_kv = k.shape[1]
+    qg = q.view(B, n_kv, H // n_kv, d)  # a group's query heads become its rows
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(d)).masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1), v).view(B, H, 1, d)

@@ -5,7 +5,7 @@
 
 Prompt 32 tokens, 64 new tokens, greedy, EOS ignored. tokens/s = generated tokens / wall time of the whole
 request (prefill included), best of --repeat runs after one warm-up. Also prints the batch-1 memory-bandwidth
-bound: bytes of weights read per step / measured copy bandwidth.
+bounds: bytes of weights read per step / measured bandwidth (of a copy, read + write; and of a pure read).
 """
 
 from __future__ import annotations
@@ -67,11 +67,14 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
-def bandwidth_gbs() -> float:
-    x = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)  # 256 MiB: far beyond the caches
+def bandwidth_gbs() -> tuple[float, float]:
+    """(copy bandwidth counting read + write, read-only bandwidth) over 256 MiB, far beyond the caches."""
+    x = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
     y = torch.empty_like(x)
-    t = best_of(lambda: y.copy_(x), 5)
-    return 2 * x.numel() / t / 1e9  # read + write
+    t_copy = best_of(lambda: y.copy_(x), 5)
+    xf = x.view(torch.float32)
+    t_read = best_of(lambda: xf.sum(), 5)
+    return 2 * x.numel() / t_copy / 1e9, x.numel() / t_read / 1e9
 
 
 def main() -> None:
@@ -94,8 +97,8 @@ def main() -> None:
 
     model = build_ours(dtype, 8)
     wbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("adapters."))
-    bw = bandwidth_gbs()
-    bound = bw * 1e9 / wbytes
+    bw, read_bw = bandwidth_gbs()
+    bound, read_bound = bw * 1e9 / wbytes, read_bw * 1e9 / wbytes
     rows: list[tuple[str, float]] = []
 
     def run(batch: int, adapters: list[str | None]) -> float:
@@ -115,6 +118,8 @@ def main() -> None:
     rows += [("ours, batch 1", r1), ("ours, batch 8 (one adapter)", r8), ("ours, batch 8 (8 adapters)", r8mix)]
     print(f"weights {wbytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> batch-1 bound {bound:.0f} tok/s; "
           f"ours batch 1 = {r1 / bound:.0%} of it")
+    print(f"read bandwidth {read_bw:.1f} GB/s -> batch-1 bound {read_bound:.0f} tok/s; ours batch 1 = "
+          f"{r1 / read_bound:.0%} of it")
     print(f"8 different adapters / one adapter: {r8mix / r8:.2f}x")
     if args.peer == "peft":
         peft = build_peft(dtype)

@@ -53,7 +53,7 @@ def test_prompt_attention_matches_sdpa_with_padding_mask() -> None:
     mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
     mask[1, ..., 3:] = False  # row 1's adapter has only 3 prompts
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = kernels.prompt_attention(q, k, v, mask)
+    out = kernels.few_keys_attention(q, k, v, mask)
     assert (out - ref).abs().max() <= 1e-5
     for ours, theirs in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         assert (ours - theirs).abs().max() <= 1e-5
@@ -94,13 +94,13 @@ def test_adapter_training_step_equals_stock_ops(tiny_base: Path, monkeypatch: py
         return loss.detach(), a.prompts.grad, a.gates.grad
 
     calls = []
-    for name in ("rms_norm", "causal_attention", "prompt_attention"):
+    for name in ("rms_norm", "causal_attention", "few_keys_attention"):
         fn = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
     stock = step(False)
     assert not calls
     fast = step(True)
-    assert set(calls) == {"rms_norm", "causal_attention", "prompt_attention"}
+    assert set(calls) == {"rms_norm", "causal_attention", "few_keys_attention"}
     assert fast[1].abs().sum() > 0
     for s, f in zip(stock, fast, strict=True):
         assert torch.allclose(s, f, atol=1e-6, rtol=1e-5)

@@ -1,11 +1,12 @@
-"""Hand-written backward passes for the frozen base's non-matmul work when training on a CPU.
+"""CPU fast paths for the frozen base's non-matmul work, equal in value to the stock PyTorch ops.
 
-An adapter's backward pass runs through every frozen layer above the lowest adapted one, so on a CPU the
-elementwise work and attention of that pass cost as much as the matmuls they sit between
+Training: an adapter's backward pass runs through every frozen layer above the lowest adapted one, so on a CPU
+the elementwise work and attention of that pass cost as much as the matmuls they sit between
 (`benchmarks/train_throughput.py`). Autograd's generic graph for an RMSNorm is eight kernels forward and more
 backward; PyTorch's flash-attention kernel for CPUs is tuned for long sequences and slow at 256 tokens with
-64-wide heads. These functions compute the same values with fewer, larger kernels. GPUs keep the stock
-paths: there the fused SDPA kernels win.
+64-wide heads, and its per-call cost dominates when decoding one token per row against a short cache.
+These functions compute the same values with fewer, larger kernels. GPUs keep the stock paths: there the
+fused SDPA kernels win.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(torch.softmax(scores, -1), v.reshape(B * n_kv, T, d)).view(B, H, T, d)
 
 
-def prompt_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for the few prompt keys: q [B, n_kv, M, d], k/v [B, n_kv, K, d]."""
+def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v against a few keys: q [B, n_kv, M, d], k/v [B, n_kv, K, d], mask broadcastable
+    to [B, n_kv, M, K] (False = masked). Query heads of a key/value group are stacked in M by the caller."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -83,12 +85,8 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """One new token per row against its cached keys: q [B, H, 1, d], k/v [B, n_kv, L, d], mask [B, 1, 1, L].
-
-    The flash kernel's per-call cost dominates at one query per row; two small batched matmuls do not.
-    """
+    """One new token per row against its cached keys: q [B, H, 1, d], k/v [B, n_kv, L, d], mask [B, 1, 1, L]."""
     B, H, _, d = q.shape
     n_kv = k.shape[1]
     qg = q.view(B, n_kv, H // n_kv, d)  # a group's query heads become its rows
-    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(d)).masked_fill_(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, -1), v).view(B, H, 1, d)
+    return few_keys_attention(qg, k, v, mask).view(B, H, 1, d)

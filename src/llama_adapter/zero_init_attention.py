@@ -102,7 +102,7 @@ def gated_prompt_attention(q: Tensor, pkv: PromptKV) -> Tensor:
     n_kv = pkv.k.shape[1]
     qg = q.reshape(B, n_kv, (H // n_kv) * T, d)
     if cpu_kernels.use_cpu_training_kernels(q):
-        out = cpu_kernels.prompt_attention(qg, pkv.k, pkv.v, pkv.mask).view(B, H, T, d)
+        out = cpu_kernels.few_keys_attention(qg, pkv.k, pkv.v, pkv.mask).view(B, H, T, d)
     else:
         out = F.scaled_dot_product_attention(qg, pkv.k, pkv.v, attn_mask=pkv.mask).view(B, H, T, d)
     return out * pkv.gate.to(out.dtype)[:, :, None, None]

@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -12,3 +13,12 @@ from tiny import make_checkpoint  # noqa: E402
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaMA (GQA, untied) checkpoint with a BPE tokenizer.json, shared by the whole session."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny models: threading overhead dominates, and the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ import torch
 import llama_adapter as la
 from llama_adapter.finetune import TrainConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: threading overhead dominates, and the machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:

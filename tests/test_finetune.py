@@ -22,12 +22,7 @@ from llama_adapter.finetune import TrainConfig, TrainingError, linear_cross_entr
 WORDS = "the quick brown fox jumps over the lazy dog alpacas are domesticated camelids".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: threading overhead dominates, and the machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import llama_adapter as la
 from llama_adapter import cpu_kernels as kernels
+from llama_adapter.zero_init_attention import PromptKV
 
 
 def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int = 1) -> tuple[torch.Tensor, ...]:
@@ -66,6 +67,41 @@ def test_decode_attention_matches_sdpa_with_per_row_lengths() -> None:
     mask = mask[:, None, None, :]
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
     assert (kernels.decode_attention(q, k, v, mask) - ref).abs().max() <= 1e-5
+
+
+def test_decode_attention_adds_the_gated_prompt_attention() -> None:
+    """Equation 8 for one new token: token attention + gate * prompt attention, computed in the cache's dtype."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 6, 1, 16, dtype=torch.bfloat16)
+    k, v = torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)  # an fp32 cache, as the CPU decoder keeps
+    mask = (torch.arange(11) <= torch.tensor([10, 4, 0])[:, None])[:, None, None, :]
+    pk, pv = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16)
+    pmask = torch.ones(3, 1, 1, 4, dtype=torch.bool)
+    pmask[2, ..., 2:] = False  # row 2's adapter has 2 prompts
+    gate = torch.tensor([[0.5] * 6, [0.0] * 6, [-1.0, 1.0, 0.1, 0.2, 0.3, 2.0]])  # row 1: no adapter
+    prompts = PromptKV(pk, pv, gate, mask=pmask)
+    qf = q.float()
+    tokens = F.scaled_dot_product_attention(qf, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
+    ref = tokens + F.scaled_dot_product_attention(qf, pk.repeat_interleave(3, 1), pv.repeat_interleave(3, 1),
+                                                  attn_mask=pmask) * gate[:, :, None, None]
+    out = kernels.decode_attention(q, k, v, mask, prompts)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert torch.equal(out[1], kernels.decode_attention(q, k, v, mask)[1])  # gate 0 adds exactly nothing
+
+
+def test_packed_linear_is_bit_identical_and_never_stale() -> None:
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    if not kernels.can_pack(w):
+        pytest.skip("no oneDNN bf16 matmul on this CPU")
+    packed = kernels.pack_linear(w)
+    x, b = torch.randn(3, 5, 64, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(kernels.linear(x, w, b, packed), F.linear(x, w, b))
+        assert torch.equal(kernels.linear(x[:1, :1], w, None, packed), F.linear(x[:1, :1], w))
+        w.add_(1.0)  # the weight changed after packing: the pack must not be used
+        assert torch.equal(kernels.linear(x, w, b, packed), F.linear(x, w, b))
+    assert kernels.pack_linear(w.float()) is None  # fp32 stays on the stock path
 
 
 def test_kernels_are_used_only_for_cpu_training() -> None:

@@ -18,6 +18,7 @@ from llama_adapter.generation import (
     merge_prompt_kv,
     stream_generate,
 )
+from llama_adapter.zero_init_attention import PromptKV
 
 PROMPTS = ["Tell me about alpacas.", "the quick brown fox", "### Instruction:\n1 + 2 =", "The answer is"]
 
@@ -219,3 +220,38 @@ def test_cli_chat(tiny_base, monkeypatch, capsys):
     out = capsys.readouterr()
     assert rc == 0
     assert "no adapter named 'nope'" in out.out + out.err
+
+
+def test_bf16_cpu_decode_path_computes_the_models_logits(tiny_base):
+    """Decoding on a CPU (packed bf16 weights, fp32 cache and prompt K/V, token and gated prompt attention in
+    one pass) gives the logits of a plain forward over the whole sequence; a fresh adapter changes nothing."""
+    m = la.load_model(tiny_base, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    a = m.add_adapter("a", la.AdapterConfig(prompt_length=4, layers=3))
+    m.add_adapter("fresh", la.AdapterConfig(prompt_length=5, layers=4))
+    with torch.no_grad():
+        a.gates.normal_(0, 2.0)
+    m.pack_for_decoding()
+    ids = torch.randint(3, m.config.vocab_size, (2, 9))
+
+    def decode(adapter):
+        cache = m.new_cache(2, 16, dtype=torch.float32)
+        pkv = m.prompt_kv(adapter, 2)
+        pkv = pkv and {li: PromptKV(p.k.float(), p.v.float(), p.gate, mask=p.mask) for li, p in pkv.items()}
+        pos = torch.arange(9)[None].expand(2, 9)
+        with torch.no_grad():
+            out = [m(ids[:, :5], input_pos=pos[:, :5], cache=cache, prompt_kv=pkv)[:, -1]]
+            out += [m(ids[:, t:t + 1], input_pos=pos[:, t:t + 1], cache=cache, prompt_kv=pkv)[:, -1]
+                    for t in range(5, 9)]
+        return torch.stack(out, 1).float()  # logits predicting tokens 5..9
+
+    with torch.no_grad():
+        full = m(ids, adapter="a")[:, 4:].float()
+        base = m(ids)[:, 4:].float()
+    got = decode("a")
+    assert (got - full).abs().max() <= 0.03 * full.abs().max()
+    assert (got - base).abs().max() > 0.1 * full.abs().max()  # the adapter's prompts really took part
+    assert torch.equal(decode("fresh"), decode(None))
+    ids_list = ids.tolist()
+    assert (generate_tokens(m, ids_list, adapter="fresh", max_new_tokens=6, temperature=0.0)
+            == generate_tokens(m, ids_list, adapter=None, max_new_tokens=6, temperature=0.0))

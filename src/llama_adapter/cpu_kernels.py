@@ -7,20 +7,67 @@ backward; PyTorch's flash-attention kernel for CPUs is tuned for long sequences 
 64-wide heads, and its per-call cost dominates when decoding one token per row against a short cache.
 These functions compute the same values with fewer, larger kernels. GPUs keep the stock paths: there the
 fused SDPA kernels win.
+
+Decoding: a bf16 matmul against a plain [out, in] weight makes oneDNN lay the weight out for its kernel on every
+call; decoding one token per row reads every weight once per step, so that costs about a third of the step.
+`pack_linear` lays a frozen weight out once (the layout inductor's freezing pass uses); `linear` then gives
+bit-identical results faster, and falls back to `F.linear` whenever the pack no longer matches its weight.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .zero_init_attention import PromptKV
+
 
 def use_cpu_training_kernels(x: Tensor) -> bool:
     return x.device.type == "cpu" and torch.is_grad_enabled()
+
+
+@dataclass
+class PackedWeight:
+    """A frozen weight in oneDNN's blocked layout, valid while the weight tensor is the one it was made from."""
+
+    packed: Tensor
+    source: Tensor
+    version: int
+    data_ptr: int
+
+    def valid_for(self, weight: Tensor) -> bool:
+        return (weight is self.source and weight._version == self.version and weight.data_ptr() == self.data_ptr
+                and weight.dtype == self.packed.dtype)
+
+
+def can_pack(weight: Tensor) -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
+
+
+def pack_linear(weight: Tensor) -> PackedWeight | None:
+    """The decode-time layout of a frozen [out, in] weight, or None where there is no oneDNN bf16 path."""
+    if not can_pack(weight):
+        return None
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    return PackedWeight(packed, weight, weight._version, weight.data_ptr())
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
+    """F.linear, through the packed weight when there is a valid one and no gradient is wanted."""
+    if (packed is not None and not torch.is_grad_enabled() and x.dtype == weight.dtype
+            and packed.valid_for(weight)):
+        return torch.ops.mkldnn._linear_pointwise(x, packed.packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -78,15 +125,28 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v against a few keys: q [B, n_kv, M, d], k/v [B, n_kv, K, d], mask broadcastable
     to [B, n_kv, M, K] (False = masked). Query heads of a key/value group are stacked in M by the caller."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return _attend(q * (1.0 / math.sqrt(q.shape[-1])), k, v, mask)
+
+
+def _attend(q_scaled: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    scores = torch.matmul(q_scaled, k.transpose(-1, -2))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.where(mask, scores, float("-inf"))
     return torch.matmul(F.softmax(scores, -1), v)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """One new token per row against its cached keys: q [B, H, 1, d], k/v [B, n_kv, L, d], mask [B, 1, 1, L]."""
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prompts: PromptKV | None = None) -> Tensor:
+    """One new token per row: attention over its cached keys plus the gated prompt attention of zero-init
+    adapters (equation 8), in one pass. q [B, H, 1, d]; k/v [B, n_kv, L, d]; mask [B, 1, 1, L].
+
+    Computed in the cache's dtype: the decoder keeps a CPU cache in fp32 because oneDNN's bf16 batched matmul
+    costs ~200 us per call at these sizes (a new kernel for every cache length) and MKL's fp32 one ~20 us.
+    """
     B, H, _, d = q.shape
     n_kv = k.shape[1]
-    qg = q.view(B, n_kv, H // n_kv, d)  # a group's query heads become its rows
-    return few_keys_attention(qg, k, v, mask).view(B, H, 1, d)
+    qg = q.view(B, n_kv, H // n_kv, d).to(k.dtype) * (1.0 / math.sqrt(d))  # a group's query heads are its rows
+    y = _attend(qg, k, v, mask)
+    if prompts is not None:
+        gate = prompts.gate.view(B, n_kv, H // n_kv, 1)
+        y = y + _attend(qg.to(prompts.k.dtype), prompts.k, prompts.v, prompts.mask) * gate
+    return y.view(B, H, 1, d).to(q.dtype)

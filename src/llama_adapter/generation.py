@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -206,8 +206,9 @@ def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
     present = [r for r in rows if r]
     if not present:
         return None
-    if all(r is rows[0] for r in rows):  # one adapter for the whole batch: share, do not copy
-        return {li: PromptKV(p.k.expand(n, -1, -1, -1), p.v.expand(n, -1, -1, -1), p.gate.expand(n, -1),
+    if all(r is rows[0] for r in rows):  # one adapter for the whole batch (contiguous: CPU matmuls want it)
+        return {li: PromptKV(p.k.expand(n, -1, -1, -1).contiguous(), p.v.expand(n, -1, -1, -1).contiguous(),
+                             p.gate.expand(n, -1),
                              p.random_init, None if p.mask is None else p.mask.expand(n, -1, -1, -1))
                 for li, p in rows[0].items()}  # type: ignore[union-attr]
     random_init = any(p.random_init for r in present for p in r.values())
@@ -257,6 +258,7 @@ class BatchDecoder:
     def __init__(self, model: Transformer, max_batch: int, max_len: int | None = None,
                  tokenizer: Any = "model") -> None:
         self.model = model
+        model.pack_for_decoding()
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.tokenizer = model.tokenizer if tokenizer == "model" else tokenizer
@@ -264,9 +266,11 @@ class BatchDecoder:
         if self.tokenizer is not None:
             eos |= set(getattr(self.tokenizer, "eos_ids", []) or [])
         self.eos = eos
-        self.cache: KVCache = model.new_cache(max_batch, self.max_len)
-        self.seqs: list[Sequence_] = []
         self.device = model.tok_embeddings.weight.device
+        # fp32 keys/values on CPUs: small bf16 batched matmuls are slow there (cpu_kernels.decode_attention)
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else model.tok_embeddings.weight.dtype
+        self.cache: KVCache = model.new_cache(max_batch, self.max_len, dtype=self.kv_dtype)
+        self.seqs: list[Sequence_] = []
         self._last = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pkv: PKV | None = None
@@ -295,10 +299,15 @@ class BatchDecoder:
         if seq.adapter is None:
             return None
         if seq.image_features is not None:
-            return self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device))
+            return self._kv_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)))
         if seq.adapter not in self._pkv_cache:
-            self._pkv_cache[seq.adapter] = self.model.prompt_kv(seq.adapter, 1)
+            self._pkv_cache[seq.adapter] = self._kv_dtype(self.model.prompt_kv(seq.adapter, 1))
         return self._pkv_cache[seq.adapter]
+
+    def _kv_dtype(self, pkv: PKV | None) -> PKV | None:
+        if pkv is None:
+            return None
+        return {li: replace(p, k=p.k.to(self.kv_dtype), v=p.v.to(self.kv_dtype)) for li, p in pkv.items()}
 
     def forget_adapter(self, name: str) -> None:
         """Drop cached prompt K/V of an adapter (removed or replaced); live sequences keep theirs."""

@@ -41,6 +41,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that, once `Transformer.pack_for_decoding` packed its frozen weight, decodes through the pack."""
+
+    packed: cpu_kernels.PackedWeight | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cpu_kernels.linear(x, self.weight, self.bias, self.packed)
+
+
 def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> Tensor:
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
@@ -85,8 +94,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(self.q_size, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.wo = Linear(self.q_size, cfg.dim, bias=False)
 
     def kv_weights(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         w, b, q = self.wqkv.weight, self.wqkv.bias, self.q_size
@@ -111,6 +120,11 @@ class Attention(nn.Module):
             kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
             vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
+            if T > 1 and k.dtype != q.dtype:  # an fp32 cache (CPU decoding) feeding a prefill
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        if T == 1 and mask is not None and q.device.type == "cpu" and not (pkv is not None and pkv.random_init):
+            y = cpu_kernels.decode_attention(q, k, v, mask, pkv)  # token and gated prompt attention at once
+            return self.wo(y.view(B, 1, self.q_size))
         if pkv is not None and pkv.random_init:  # Table-5 baseline: one softmax over [prompts; tokens]
             Kp = pkv.k.shape[2]
             k, v = torch.cat([pkv.k, k], dim=2), torch.cat([pkv.v, v], dim=2)
@@ -129,6 +143,7 @@ class Attention(nn.Module):
             return cpu_kernels.causal_attention(q, k, v)
         if q.shape[2] == 1 and mask is not None and mask.dtype == torch.bool and q.device.type == "cpu":
             return cpu_kernels.decode_attention(q, k, v, mask)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         if self.n_kv == self.n_heads:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         if _GQA_SDPA:
@@ -142,8 +157,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.hidden = cfg.hidden_dim
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w13 = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate and up, fused
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)
@@ -230,9 +245,10 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.adapters = nn.ModuleDict()
         self._rope: tuple[Tensor, Tensor] | None = None
+        self._packed_embeddings: cpu_kernels.PackedWeight | None = None  # the tied output matmul
         self.tokenizer = None  # set by load_model
         self.source: str | None = None
 
@@ -362,8 +378,23 @@ class Transformer(nn.Module):
         return x if return_hidden else self.logits(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(hidden, w)
+        if self.output is not None:
+            return self.output(hidden)
+        return cpu_kernels.linear(hidden, self.tok_embeddings.weight, None, self._packed_embeddings)
+
+    def pack_for_decoding(self) -> None:
+        """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 with oneDNN; else a no-op).
+
+        Keeps a second copy of those weights; results are bit-identical to the plain path, which is taken
+        whenever gradients are on or a weight has changed since it was packed.
+        """
+        for m in self.modules():
+            if isinstance(m, Linear) and not m.weight.requires_grad:
+                if m.packed is None or not m.packed.valid_for(m.weight):
+                    m.packed = cpu_kernels.pack_linear(m.weight)
+        w, p = self.tok_embeddings.weight, self._packed_embeddings
+        if self.output is None and not w.requires_grad and (p is None or not p.valid_for(w)):
+            self._packed_embeddings = cpu_kernels.pack_linear(w)
 
     def freeze_base(self) -> None:
         for n, p in self.named_parameters():

@@ -100,9 +100,9 @@ def gated_prompt_attention(q: Tensor, pkv: PromptKV) -> Tensor:
     """
     B, H, T, d = q.shape
     n_kv = pkv.k.shape[1]
-    qg = q.reshape(B, n_kv, (H // n_kv) * T, d)
+    qg = q.reshape(B, n_kv, (H // n_kv) * T, d).to(pkv.k.dtype)  # a CPU decoder keeps prompt K/V in fp32
     if cpu_kernels.use_cpu_training_kernels(q):
         out = cpu_kernels.few_keys_attention(qg, pkv.k, pkv.v, pkv.mask).view(B, H, T, d)
     else:
         out = F.scaled_dot_product_attention(qg, pkv.k, pkv.v, attn_mask=pkv.mask).view(B, H, T, d)
-    return out * pkv.gate.to(out.dtype)[:, :, None, None]
+    return (out * pkv.gate.to(out.dtype)[:, :, None, None]).to(q.dtype)

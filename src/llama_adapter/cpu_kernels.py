@@ -49,6 +49,7 @@ class PackedWeight:
 def can_pack(weight: Tensor) -> bool:
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and not weight.is_inference()  # no version counter to tell a changed weight
             and torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
             and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
 

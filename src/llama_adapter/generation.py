@@ -299,12 +299,12 @@ class BatchDecoder:
         if seq.adapter is None:
             return None
         if seq.image_features is not None:
-            return self._kv_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)))
+            return self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)))
         if seq.adapter not in self._pkv_cache:
-            self._pkv_cache[seq.adapter] = self._kv_dtype(self.model.prompt_kv(seq.adapter, 1))
+            self._pkv_cache[seq.adapter] = self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1))
         return self._pkv_cache[seq.adapter]
 
-    def _kv_dtype(self, pkv: PKV | None) -> PKV | None:
+    def _to_kv_dtype(self, pkv: PKV | None) -> PKV | None:
         if pkv is None:
             return None
         return {li: replace(p, k=p.k.to(self.kv_dtype), v=p.v.to(self.kv_dtype)) for li, p in pkv.items()}

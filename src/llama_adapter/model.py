@@ -120,18 +120,17 @@ class Attention(nn.Module):
             kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
             vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
-            if T > 1 and k.dtype != q.dtype:  # an fp32 cache (CPU decoding) feeding a prefill
-                k, v = k.to(q.dtype), v.to(q.dtype)
-        if T == 1 and mask is not None and q.device.type == "cpu" and not (pkv is not None and pkv.random_init):
-            y = cpu_kernels.decode_attention(q, k, v, mask, pkv)  # token and gated prompt attention at once
-            return self.wo(y.view(B, 1, self.q_size))
+        # one new token per row against a cache on a CPU: cpu_kernels.decode_attention, in the cache's dtype
+        decode_on_cpu = T == 1 and mask is not None and q.device.type == "cpu"
         if pkv is not None and pkv.random_init:  # Table-5 baseline: one softmax over [prompts; tokens]
             Kp = pkv.k.shape[2]
             k, v = torch.cat([pkv.k, k], dim=2), torch.cat([pkv.v, v], dim=2)
             causal = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             causal = causal.expand(B, 1, T, -1) if causal.dim() == 4 else causal.expand(B, 1, T, T)
             mask = torch.cat([causal.new_ones(B, 1, T, Kp), causal], dim=-1)
-            y = self._sdpa(q, k, v, mask, causal=False)
+            y = cpu_kernels.decode_attention(q, k, v, mask) if decode_on_cpu else self._sdpa(q, k, v, mask, False)
+        elif decode_on_cpu:
+            y = cpu_kernels.decode_attention(q, k, v, mask, pkv)  # token and gated prompt attention at once
         else:
             y = self._sdpa(q, k, v, mask, causal=mask is None and T > 1)
             if pkv is not None:
@@ -141,9 +140,7 @@ class Attention(nn.Module):
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         if causal and mask is None and cpu_kernels.use_cpu_training_kernels(q):
             return cpu_kernels.causal_attention(q, k, v)
-        if q.shape[2] == 1 and mask is not None and mask.dtype == torch.bool and q.device.type == "cpu":
-            return cpu_kernels.decode_attention(q, k, v, mask)
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp32 CPU decoding cache feeding a prefill
         if self.n_kv == self.n_heads:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         if _GQA_SDPA:

@@ -8,16 +8,26 @@ backward; PyTorch's flash-attention kernel for CPUs is tuned for long sequences 
 These functions compute the same values with fewer, larger kernels. GPUs keep the stock paths: there the
 fused SDPA kernels win.
 
-Decoding reads every weight once per step for a few rows, and a bf16 `F.linear` against a plain [out, in] weight
-is ~1.5x slower at that than oneDNN's product with the weight laid out once in its own blocked layout (the one
-inductor's freezing pass uses). `pack_linear` makes that layout for a frozen weight; `linear` then gives
-bit-identical results, and falls back to `F.linear` whenever the pack no longer matches its weight.
+Decoding reads every weight once per step for a few rows. `pack_linear` lays a frozen bf16 weight out once for
+that: in 4-row blocks that are one sequential stream each for the C++ kernel (`native()`, csrc/decode_cpu.cpp,
+on CPUs with AVX512-BF16), or else in oneDNN's blocked layout (the one inductor's freezing pass uses). `linear`
+then uses the pack whenever no gradient is wanted, and falls back to `F.linear` whenever the pack no longer
+matches its weight. The oneDNN pack gives bit-identical results; the C++ kernel sums in a different order
+(fp32 sums of bf16 products, like oneDNN), so results agree to bf16 rounding.
+
+The C++ kernels are compiled by `torch.utils.cpp_extension` on first use (a C++ compiler is needed; the build is
+cached under ~/.cache/torch_extensions). Without a compiler, on other CPUs, or with LLAMA_ADAPTER_CPU_KERNELS=0,
+everything runs on the PyTorch paths, which compute the same things.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,43 +42,95 @@ def use_cpu_training_kernels(x: Tensor) -> bool:
     return x.device.type == "cpu" and torch.is_grad_enabled()
 
 
+_NATIVE_SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.cpp"
+_native: dict[str, Any] = {}
+
+
+def native() -> Any | None:
+    """The compiled C++ kernels (csrc/decode_cpu.cpp), or None where they are unavailable (`native_unavailable`)."""
+    if "ext" in _native:
+        return _native["ext"]
+    _native["ext"], _native["why"] = None, None
+    if os.environ.get("LLAMA_ADAPTER_CPU_KERNELS", "1") == "0":
+        _native["why"] = "disabled by LLAMA_ADAPTER_CPU_KERNELS=0"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        t = time.perf_counter()
+        ext = cpp_extension.load("llama_adapter_decode_cpu", [str(_NATIVE_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"], verbose=False)
+        if time.perf_counter() - t > 5:
+            print(f"llama-adapter: built the CPU kernels in {time.perf_counter() - t:.0f} s (cached for next time)",
+                  file=sys.stderr)
+        _native["ext"], _native["bf16_dot"] = ext, bool(ext.has_bf16_dot())
+    except Exception as e:  # no compiler, no headers, unsupported platform: the PyTorch paths still work
+        lines = str(e).strip().splitlines()
+        _native["why"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        print(f"llama-adapter: CPU kernels unavailable ({_native['why']}); using plain PyTorch", file=sys.stderr)
+    return _native["ext"]
+
+
+def native_unavailable() -> str | None:
+    return _native.get("why")
+
+
 @dataclass
 class PackedWeight:
-    """A frozen weight in oneDNN's blocked layout, valid while the weight tensor is the one it was made from."""
+    """A frozen weight laid out for decoding ("blocked": the C++ kernel's, "onednn": oneDNN's), valid while the
+    weight tensor is the one it was made from."""
 
     packed: Tensor
     source: Tensor
     version: int
     data_ptr: int
+    kind: str = "onednn"
 
     def valid_for(self, weight: Tensor) -> bool:
-        return (weight is self.source and weight._version == self.version and weight.data_ptr() == self.data_ptr
-                and weight.dtype == self.packed.dtype)
+        return weight is self.source and weight._version == self.version and weight.data_ptr() == self.data_ptr
 
 
 def can_pack(weight: Tensor) -> bool:
-    mkldnn = getattr(torch.ops, "mkldnn", None)
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and not weight.is_inference()  # no version counter to tell a changed weight
-            and torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and not weight.is_inference())  # (an inference tensor has no version counter to tell a changed weight)
+
+
+def _onednn_bf16() -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
             and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
-def pack_linear(weight: Tensor) -> PackedWeight | None:
-    """The decode-time layout of a frozen [out, in] weight, or None where there is no oneDNN bf16 path."""
+def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
+    """The decode-time layout of a frozen [out, in] bf16 weight on a CPU (`kind`: "blocked", "onednn" or the best
+    available), or None where there is none."""
     if not can_pack(weight):
         return None
+    w = weight.detach()
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-    return PackedWeight(packed, weight, weight._version, weight.data_ptr())
+        ext = native() if kind in (None, "blocked") else None
+        if ext is not None and _native.get("bf16_dot") and weight.shape[1] % 32 == 0:
+            return PackedWeight(ext.pack(w), weight, weight._version, weight.data_ptr(), "blocked")
+        if kind in (None, "onednn") and _onednn_bf16():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            return PackedWeight(packed, weight, weight._version, weight.data_ptr(), "onednn")
+    return None
+
+
+BLOCKED_MAX_ROWS = 32  # measured on the SmolLM2-135M shape: the blocked kernel wins up to here, F.linear beyond
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
     """F.linear, through the packed weight when there is a valid one and no gradient is wanted."""
-    if (packed is not None and not torch.is_grad_enabled() and x.dtype == weight.dtype
-            and packed.valid_for(weight)):
+    if packed is None or torch.is_grad_enabled() or x.dtype != weight.dtype or not packed.valid_for(weight):
+        return F.linear(x, weight, bias)
+    if packed.kind == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, packed.packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows > BLOCKED_MAX_ROWS:  # a prefill: compute-bound, where oneDNN's own GEMM is faster
+        return F.linear(x, weight, bias)
+    out = native().linear(x.reshape(rows, x.shape[-1]).contiguous(), packed.packed, weight.shape[0], bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -19,13 +19,15 @@ changes (rows without an adapter at a layer get zero keys/values and gate 0; sho
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import cpu_decode
 from .model import KVCache, Transformer
 from .zero_init_attention import PromptKV
 
@@ -246,6 +248,11 @@ def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
     return out
 
 
+# Prompt K/V per adapter object (sequences without an image), shared by every decoder: projected once per adapter
+# and its current values (the key holds the parameters' version counters), not once per `generate` call.
+_PROMPT_KV: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], PKV | None]] = weakref.WeakKeyDictionary()
+
+
 # ---- the engine ----------------------------------------------------------------------------------------
 class BatchDecoder:
     """Fixed cache slots; live sequences packed in rows 0..n-1; one forward per decode step.
@@ -256,7 +263,7 @@ class BatchDecoder:
     """
 
     def __init__(self, model: Transformer, max_batch: int, max_len: int | None = None,
-                 tokenizer: Any = "model") -> None:
+                 tokenizer: Any = "model", fused_cpu_kernels: bool = True) -> None:
         self.model = model
         model.pack_for_decoding()
         self.max_batch = max_batch
@@ -275,7 +282,8 @@ class BatchDecoder:
         self._pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pkv: PKV | None = None
         self._knobs: tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]] | None = None
-        self._pkv_cache: dict[str, PKV | None] = {}  # per adapter name, for sequences without an image
+        self._use_fused = fused_cpu_kernels and cpu_decode.supported(model)  # bf16 on CPUs: cpu_decode.py
+        self._fused: cpu_decode.FusedPrompts | None = None
 
     # ---- membership ----------------------------------------------------------------------------------
     @property
@@ -300,9 +308,13 @@ class BatchDecoder:
             return None
         if seq.image_features is not None:
             return self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)))
-        if seq.adapter not in self._pkv_cache:
-            self._pkv_cache[seq.adapter] = self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1))
-        return self._pkv_cache[seq.adapter]
+        adapter = self.model.adapters[seq.adapter]
+        key = (id(self.model), self.kv_dtype, id(adapter.prompts), adapter.prompts._version, id(adapter.gates),
+               adapter.gates._version)
+        hit = _PROMPT_KV.get(adapter)
+        if hit is None or hit[0] != key:
+            hit = _PROMPT_KV[adapter] = (key, self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1)))
+        return hit[1]
 
     def _to_kv_dtype(self, pkv: PKV | None) -> PKV | None:
         if pkv is None:
@@ -310,8 +322,10 @@ class BatchDecoder:
         return {li: replace(p, k=p.k.to(self.kv_dtype), v=p.v.to(self.kv_dtype)) for li, p in pkv.items()}
 
     def forget_adapter(self, name: str) -> None:
-        """Drop cached prompt K/V of an adapter (removed or replaced); live sequences keep theirs."""
-        self._pkv_cache.pop(name, None)
+        """Drop cached prompt K/V of an adapter; live sequences keep theirs. (A removed or replaced adapter's
+        entry goes with the adapter object anyway.)"""
+        if name in self.model.adapters:
+            _PROMPT_KV.pop(self.model.adapters[name], None)
 
     def _init_seq(self, seq: Sequence_) -> None:
         p = seq.params
@@ -362,6 +376,7 @@ class BatchDecoder:
         self._last = torch.cat([self._last, tokens[:, None]])
         self._pos = torch.cat([self._pos, torch.tensor(lens, device=self.device)[:, None]])
         self._pkv, self._knobs = (pkv, (temp, top_p, top_k, gens)) if n == 0 else (None, None)
+        self._fused = None
         events += self._accept(tokens.tolist(), first_row=n)
         return events
 
@@ -376,7 +391,7 @@ class BatchDecoder:
             events.append(Event(s, "", True))
         self.seqs = []
         self._last, self._pos = self._last[:0], self._pos[:0]
-        self._pkv = self._knobs = None
+        self._pkv = self._knobs = self._fused = None
         return events
 
     # ---- decoding ------------------------------------------------------------------------------------
@@ -396,8 +411,13 @@ class BatchDecoder:
             self._pkv = merge_prompt_kv([s.pkv for s in self.seqs])
         if self._knobs is None:
             self._knobs = self._make_knobs(self.seqs)
-        logits = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv)
-        tokens = sample(logits[:, -1].float(), *self._knobs)
+        if self._fused is None and self._use_fused and not any(p.random_init for p in (self._pkv or {}).values()):
+            self._fused = cpu_decode.FusedPrompts(self._pkv)
+        if self._fused is not None:
+            logits = cpu_decode.decode_step(self.model, self._last[:, 0], self._pos[:, 0], self.cache, self._fused)
+        else:
+            logits = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv)[:, -1]
+        tokens = sample(logits.float(), *self._knobs)
         self._last = tokens[:, None]
         self._pos = self._pos + 1
         events += self._accept(tokens.tolist(), first_row=0)
@@ -459,7 +479,7 @@ class BatchDecoder:
         else:
             self._last, self._pos = self._last[:m], self._pos[:m]
         self.seqs = [self.seqs[i] for i in keep]
-        self._pkv = self._knobs = None
+        self._pkv = self._knobs = self._fused = None
 
 
 # ---- offline API ---------------------------------------------------------------------------------------

@@ -380,10 +380,10 @@ class Transformer(nn.Module):
         return cpu_kernels.linear(hidden, self.tok_embeddings.weight, None, self._packed_embeddings)
 
     def pack_for_decoding(self) -> None:
-        """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 with oneDNN; else a no-op).
+        """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 only; else a no-op).
 
-        Keeps a second copy of those weights; results are bit-identical to the plain path, which is taken
-        whenever gradients are on or a weight has changed since it was packed.
+        Keeps a second copy of those weights (`cpu_kernels.pack_linear`); the plain path is taken whenever
+        gradients are on or a weight has changed since it was packed.
         """
         for m in self.modules():
             if isinstance(m, Linear) and not m.weight.requires_grad:

@@ -1,0 +1,171 @@
+"""The fused CPU decode step (C++ kernels) computes what the model's eager forward computes, in bf16 on a CPU.
+
+Summation orders differ from oneDNN/MKL, so values agree to bf16 rounding; what the method needs exactly still
+holds exactly: a fresh (zero-gated) adapter leaves the base's logits unchanged, and rows do not affect each other.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama_adapter as la
+from llama_adapter import cpu_decode
+from llama_adapter import cpu_kernels as kernels
+from llama_adapter.generation import BatchDecoder, SamplingParams, Sequence_, generate_tokens, merge_prompt_kv
+from llama_adapter.model import RMSNorm, apply_rope
+from llama_adapter.zero_init_attention import PromptKV
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None or os.environ.get("LLAMA_ADAPTER_CPU_KERNELS") == "0",
+    reason="no C++ compiler (or kernels disabled): decoding falls back to plain PyTorch",
+)
+BF16_ULP = 2.0**-7  # relative spacing of bf16 numbers (8 significant bits)
+
+
+@pytest.fixture(scope="module")
+def ext():  # type: ignore[no-untyped-def]
+    ext = kernels.native()
+    assert ext is not None, kernels.native_unavailable()
+    return ext
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, ulps: float = 1.0) -> None:
+    """Equal up to `ulps` bf16 roundings of the reference."""
+    out, ref = out.double(), ref.double()
+    assert ((out - ref).abs() <= ulps * BF16_ULP * ref.abs() + 1e-6).all(), (out - ref).abs().max()
+
+
+def test_blocked_linear_is_an_fp32_sum_of_bf16_products_and_rows_are_independent(ext) -> None:  # type: ignore[no-untyped-def]
+    if not ext.has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: projections go through oneDNN")
+    torch.manual_seed(0)
+    x, w, b = torch.randn(9, 96).bfloat16(), torch.randn(37, 96).bfloat16(), torch.randn(37).bfloat16()
+    wp = ext.pack(w)  # 37 rows: the last 4-row block is padded
+    out = ext.linear(x, wp, 37, b)
+    _close(out, F.linear(x.double(), w.double(), b.double()))
+    for i in range(9):  # any number of rows; a row's result does not depend on the others
+        assert torch.equal(out[i:i + 1], ext.linear(x[i:i + 1].contiguous(), wp, 37, b))
+    _close(ext.linear(x[:1].contiguous(), wp, 37, None), x[:1].double() @ w.double().T)
+
+
+def test_norm_residual_and_swiglu_kernels_match_the_model_ops(ext) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    norm = RMSNorm(80, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x, y = torch.randn(3, 80).bfloat16(), torch.randn(3, 80).bfloat16()
+        _close(ext.rms_norm(x, norm.weight, norm.eps), norm(x))
+        h = x.clone()
+        normed = ext.add_rms_norm(h, y, norm.weight, norm.eps)
+        assert torch.equal(h, x + y)  # the residual stream is updated in place, rounded once like `x + y`
+        _close(normed, norm(x + y))
+        g = torch.randn(3, 2 * 48).bfloat16() * 3
+        gate, up = g.split(48, dim=-1)
+        assert torch.equal(ext.silu_mul(g), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2)])
+def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n_heads, n_kv) -> None:  # type: ignore[no-untyped-def]
+    """Rows at different positions; row 0 uses a 5-prompt adapter, row 1 a 3-prompt one (masked), row 2 none."""
+    torch.manual_seed(0)
+    B, d, L, Kp = 3, 16, 12, 5
+    qkv = torch.randn(B, (n_heads + 2 * n_kv) * d).bfloat16()
+    ang = torch.rand(B, d // 2) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).bfloat16()
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).bfloat16()
+    pos = torch.tensor([3, 7, 0])
+    kc, vc = torch.randn(B, n_kv, L, d), torch.randn(B, n_kv, L, d)
+    pk, pv = torch.randn(B, n_kv, Kp, d), torch.randn(B, n_kv, Kp, d)
+    gate = torch.rand(B, n_heads) * 2 - 1
+    gate[2] = 0.0
+    pmask = torch.ones(B, Kp, dtype=torch.bool)
+    pmask[1, 3:] = False
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    y = ext.attention(qkv, cos, sin, kc2, vc2, pos, n_heads, pk, pv, gate, pmask)
+
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], -1)
+    q = apply_rope(q.view(B, n_heads, 1, d), cos[:, None, None], sin[:, None, None])
+    k = apply_rope(k.view(B, n_kv, 1, d), cos[:, None, None], sin[:, None, None])
+    rows = torch.arange(B)
+    kc[rows, :, pos], vc[rows, :, pos] = k[:, :, 0].float(), v.view(B, n_kv, d).float()
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)  # same bf16 rotation, written at each row's position
+    mask = (torch.arange(L) <= pos[:, None])[:, None, None]
+    ref = kernels.decode_attention(q, kc, vc, mask, PromptKV(pk, pv, gate, mask=pmask[:, None, None]))
+    _close(y.view(B, n_heads, 1, d), ref)
+
+
+def _bf16_model(path, adapters=(("a", 4, 3), ("b", 2, 4), ("fresh", 5, 4))) -> la.Transformer:  # type: ignore[no-untyped-def]
+    m = la.load_model(path, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    for name, k, layers in adapters:
+        a = m.add_adapter(name, la.AdapterConfig(prompt_length=k, layers=layers))
+        if name != "fresh":
+            with torch.no_grad():
+                a.gates.normal_(0, 2.0)
+    m.pack_for_decoding()
+    return m
+
+
+def _step_both_ways(m: la.Transformer, rows: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill rows of different lengths, then one decode step: (eager forward logits, fused step logits)."""
+    B, T = len(rows), 9
+    ids = torch.randint(3, m.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    pkv = merge_prompt_kv([m.prompt_kv(r, 1) if r else None for r in rows])
+    pkv = pkv and {li: PromptKV(p.k.float(), p.v.float(), p.gate, mask=p.mask) for li, p in pkv.items()}
+    pos = torch.tensor([[8], [5], [2]])[:B]
+    caches = [m.new_cache(B, 16, dtype=torch.float32) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            m(ids, input_pos=torch.arange(T)[None].expand(B, T), cache=c, prompt_kv=pkv)
+        tok = ids.gather(1, pos)
+        eager = m(tok, input_pos=pos, cache=caches[0], prompt_kv=pkv)[:, -1].float()
+        fused = cpu_decode.decode_step(m, tok[:, 0], pos[:, 0].contiguous(), caches[1], cpu_decode.FusedPrompts(pkv))
+    for k0, k1 in zip(caches[0].k, caches[1].k, strict=True):
+        _close(k1, k0, ulps=2)  # the step's keys; earlier positions are the prefill's, identical
+    return eager, fused.float()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+def test_decode_step_computes_the_forwards_logits(ext, tiny_base, tmp_path, family) -> None:  # type: ignore[no-untyped-def]
+    from tiny import make_checkpoint
+
+    path = tiny_base if family == "llama" else make_checkpoint(tmp_path, "qwen2", tie_word_embeddings=True)
+    m = _bf16_model(path)
+    assert cpu_decode.supported(m)
+    eager, fused = _step_both_ways(m, ["a", "b", None])
+    assert (fused - eager).abs().max() <= 0.03 * eager.abs().max()
+    base_eager, base_fused = _step_both_ways(m, [None, None, None])
+    assert (eager - base_eager).abs().max() > 0.1 * eager.abs().max()  # the adapters' prompts took part
+    _, fresh = _step_both_ways(m, ["fresh", "fresh", "fresh"])
+    assert torch.equal(fresh, base_fused)  # zero-init: a fresh adapter computes exactly what the base computes
+
+
+def test_decoder_takes_the_fused_path_and_rows_stay_independent(ext, tiny_base, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    m = _bf16_model(tiny_base)
+    prompts = [m.tokenizer.encode(p, bos=True) for p in ("Tell me about alpacas.", "1 + 2 =")]
+    calls = []
+    real = cpu_decode.decode_step
+    monkeypatch.setattr(cpu_decode, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pair = generate_tokens(m, prompts, adapter=["a", "b"], max_new_tokens=8, temperature=0.0)
+    assert calls  # the decoder used the kernels
+    alone = [generate_tokens(m, [p], adapter=a, max_new_tokens=8, temperature=0.0)[0]
+             for p, a in zip(prompts, ["a", "b"], strict=True)]
+    assert pair == alone
+
+
+def test_without_kernels_decoding_falls_back_to_pytorch(tiny_base, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(kernels, "_native", {})
+    monkeypatch.setenv("LLAMA_ADAPTER_CPU_KERNELS", "0")
+    m = _bf16_model(tiny_base)
+    assert not cpu_decode.supported(m) and "LLAMA_ADAPTER_CPU_KERNELS=0" in (kernels.native_unavailable() or "")
+    assert all(mod.packed is None or mod.packed.kind == "onednn" for mod in m.modules() if hasattr(mod, "packed"))
+    dec = BatchDecoder(m, 2, 64)
+    dec.add([Sequence_(m.tokenizer.encode("hello", bos=True), "a", SamplingParams(max_new_tokens=3, temperature=0))])
+    dec.step()
+    assert dec._fused is None and len(dec.seqs[0].out_ids) == 2

@@ -4,14 +4,17 @@
     python benchmarks/decode_throughput.py --peer peft     # + transformers generate with a PEFT adaption prompt
 
 Prompt 32 tokens, 64 new tokens, greedy, EOS ignored. tokens/s = generated tokens / wall time of the whole
-request (prefill included), best of --repeat runs after one warm-up. Also prints the batch-1 memory-bandwidth
-bounds: bytes of weights read per step / measured bandwidth (of a copy, read + write; and of a pure read).
+request (prefill included); every setting (ours and the peer's) runs once per round, --repeat rounds after one
+warm-up; best and median are reported. Also prints the batch-1 memory-bandwidth bounds: bytes of weights read
+per step / measured bandwidth (of a copy, read + write; and of a pure read).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -82,7 +85,7 @@ def main() -> None:
     ap.add_argument("--peer", choices=["peft"], default=None)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -99,46 +102,59 @@ def main() -> None:
     wbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("adapters."))
     bw, read_bw = bandwidth_gbs()
     bound, read_bound = bw * 1e9 / wbytes, read_bw * 1e9 / wbytes
-    rows: list[tuple[str, float]] = []
 
-    def run(batch: int, adapters: list[str | None]) -> float:
-        t = time.perf_counter()
-        generate_tokens(model, prompts[:batch], adapter=adapters, max_new_tokens=N, temperature=0.0,
-                        ignore_eos=True)
-        return batch * N / (time.perf_counter() - t)
+    def ours(batch: int, adapters: list[str | None]) -> Callable[[], float]:
+        def run() -> float:
+            t = time.perf_counter()
+            generate_tokens(model, prompts[:batch], adapter=adapters, max_new_tokens=N, temperature=0.0,
+                            ignore_eos=True)
+            return batch * N / (time.perf_counter() - t)
+        return run
 
-    settings = {"1": (1, ["a0"]), "8": (8, ["a0"] * 8), "8mix": (8, [f"a{i}" for i in range(8)])}
-    for b, ads in settings.values():  # warm-up
-        run(b, ads)
-    best = dict.fromkeys(settings, 0.0)
-    for _ in range(args.repeat):  # interleaved, so a noisy neighbour hits every setting alike
-        for k, (b, ads) in settings.items():
-            best[k] = max(best[k], run(b, ads))
-    r1, r8, r8mix = best["1"], best["8"], best["8mix"]
-    rows += [("ours, batch 1", r1), ("ours, batch 8 (one adapter)", r8), ("ours, batch 8 (8 adapters)", r8mix)]
-    print(f"weights {wbytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> batch-1 bound {bound:.0f} tok/s; "
-          f"ours batch 1 = {r1 / bound:.0%} of it")
-    print(f"read bandwidth {read_bw:.1f} GB/s -> batch-1 bound {read_bound:.0f} tok/s; ours batch 1 = "
-          f"{r1 / read_bound:.0%} of it")
-    print(f"8 different adapters / one adapter: {r8mix / r8:.2f}x")
+    settings: dict[str, Callable[[], float]] = {
+        "ours, batch 1": ours(1, ["a0"]), "ours, batch 8 (one adapter)": ours(8, ["a0"] * 8),
+        "ours, batch 8 (8 adapters)": ours(8, [f"a{i}" for i in range(8)])}
     if args.peer == "peft":
         peft = build_peft(dtype)
         ids = torch.tensor(prompts)
 
-        def hf(batch: int) -> float:
+        def hf(batch: int) -> Callable[[], float]:
             x = ids[:batch]
             kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones_like(x))
-            with torch.no_grad():
-                t = best_of(lambda: peft.generate(input_ids=x, **kw), args.repeat)
-            return batch * N / t
 
-        p1, p8 = hf(1), hf(8)
-        rows += [("PEFT adaption prompt, batch 1", p1), ("PEFT adaption prompt, batch 8", p8)]
-        print(f"speed-up vs PEFT: batch 1 {r1 / p1:.1f}x, batch 8 {r8 / p8:.1f}x")
-    print("\n| setting | tokens/s |\n|---|---:|")
-    for name, v in rows:
-        print(f"| {name} | {v:.1f} |")
+            def run() -> float:
+                t = time.perf_counter()
+                with torch.no_grad():
+                    peft.generate(input_ids=x, **kw)
+                return batch * N / (time.perf_counter() - t)
+            return run
+
+        settings |= {"PEFT adaption prompt, batch 1": hf(1), "PEFT adaption prompt, batch 8": hf(8)}
+    for run in settings.values():  # warm-up (and the one-time kernel build and weight packing)
+        run()
+    got: dict[str, list[float]] = {k: [] for k in settings}
+    for _ in range(args.repeat):  # interleaved, so a noisy neighbour hits every setting (ours and PEFT) alike
+        for k, run in settings.items():
+            got[k].append(run())
+    best = {k: max(v) for k, v in got.items()}
+    med = {k: statistics.median(v) for k, v in got.items()}
+    r1 = best["ours, batch 1"]
+    print(f"weights {wbytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> batch-1 bound {bound:.0f} tok/s; "
+          f"ours batch 1 = {r1 / bound:.0%} of it")
+    print(f"read bandwidth {read_bw:.1f} GB/s -> batch-1 bound {read_bound:.0f} tok/s; ours batch 1 = "
+          f"{r1 / read_bound:.0%} of it")
+    for how, v in (("best", best), ("median", med)):
+        mix = v["ours, batch 8 (8 adapters)"] / v["ours, batch 8 (one adapter)"]
+        line = f"{how} of {args.repeat}: 8 different adapters / one adapter {mix:.2f}x"
+        if args.peer == "peft":
+            line += (f"; vs PEFT: batch 1 {v['ours, batch 1'] / v['PEFT adaption prompt, batch 1']:.1f}x, "
+                     f"batch 8 {v['ours, batch 8 (one adapter)'] / v['PEFT adaption prompt, batch 8']:.1f}x")
+        print(line)
+    rows = [(k, best[k], med[k]) for k in settings]
+    print("\n| setting | tokens/s (best) | tokens/s (median) |\n|---|---:|---:|")
+    for name, b, m in rows:
+        print(f"| {name} | {b:.1f} | {m:.1f} |")
 
 
 if __name__ == "__main__":

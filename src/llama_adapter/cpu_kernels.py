@@ -57,8 +57,15 @@ def native() -> Any | None:
     try:
         from torch.utils import cpp_extension
 
+        name = "llama_adapter_decode_cpu"
+        try:
+            built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
+        except Exception:  # a private helper; only decides whether to announce the build
+            built = True
+        if not built:
+            print("llama-adapter: compiling the CPU kernels (first use only, about a minute)...", file=sys.stderr)
         t = time.perf_counter()
-        ext = cpp_extension.load("llama_adapter_decode_cpu", [str(_NATIVE_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        ext = cpp_extension.load(name, [str(_NATIVE_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                                  extra_ldflags=["-fopenmp"], verbose=False)
         if time.perf_counter() - t > 5:
             print(f"llama-adapter: built the CPU kernels in {time.perf_counter() - t:.0f} s (cached for next time)",

@@ -168,8 +168,99 @@ static inline float dot(const float* q, const float* k, int64_t d) {
   return s;
 }
 
+#if defined(__x86_64__)
+// scores[j] = q . k_j for n keys (row stride sk), d % 16 == 0 and d <= 256: four keys at a time, so the four
+// horizontal sums share one shuffle tree (per-key sums would cost more than the products at d = 64)
+__attribute__((target("avx512f"))) static void scores_avx512(const float* q, const float* k, int64_t n, int64_t d,
+                                                             int64_t sk, float* scores) {
+  const int64_t dv = d / 16;
+  __m512 qv[16];
+  for (int64_t c = 0; c < dv; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    __m512 a[4];
+    for (int r = 0; r < 4; ++r) {
+      a[r] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + (j + r) * sk));
+      for (int64_t c = 1; c < dv; ++c) a[r] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + (j + r) * sk + 16 * c), a[r]);
+    }
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
+    __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+    alignas(64) float out[16];
+    _mm512_store_ps(out, t);
+    for (int r = 0; r < 4; ++r) scores[j + r] = out[4 * r];
+  }
+  for (; j < n; ++j) {
+    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + j * sk));
+    for (int64_t c = 1; c < dv; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + j * sk + 16 * c), a);
+    scores[j] = _mm512_reduce_add_ps(a);
+  }
+}
+
+static const bool kAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+
+// e^x for x <= 0 (and -inf -> 0): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial
+// (relative error < 3e-7, the size of fp32 rounding).
+__attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is 0 in fp32; keeps n finite for -inf
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 0);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts, exact product
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// softmax(q k^T) v over n keys (mask: false = left out), d % 16 == 0 and d <= 256
+__attribute__((target("avx512f"))) static void softmax_attend_avx512(
+    const float* __restrict q, const float* __restrict k, const float* __restrict v, int64_t n, int64_t d, int64_t sk,
+    const bool* __restrict mask, float* __restrict scores, float* __restrict out) {
+  scores_avx512(q, k, n, d, sk, scores);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (mask)
+    for (int64_t j = 0; j < n; ++j) scores[j] = mask[j] ? scores[j] : ninf;
+  __m512 mv = _mm512_set1_ps(ninf);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(scores + j));
+  float mx = _mm512_reduce_max_ps(mv);
+  for (; j < n; ++j) mx = std::max(mx, scores[j]);
+  const __m512 mxv = _mm512_set1_ps(mx);
+  __m512 sv = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= n; j += 16) {
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mxv));
+    _mm512_storeu_ps(scores + j, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(mxv, m, scores + j), mxv));
+    _mm512_mask_storeu_ps(scores + j, m, e);
+    sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(m, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sv));
+  const int64_t dv = d / 16;
+  __m512 acc[16];
+  for (int64_t c = 0; c < dv; ++c) acc[c] = _mm512_setzero_ps();
+  for (j = 0; j < n; ++j) {
+    const __m512 pj = _mm512_set1_ps(scores[j]);
+    for (int64_t c = 0; c < dv; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * sk + 16 * c), acc[c]);
+  }
+  for (int64_t c = 0; c < dv; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
+}
+#endif
+
 VECTORIZED static void softmax_attend(const float* q, const float* k, const float* v, int64_t n, int64_t d,
                                       int64_t sk, const bool* mask, float* scores, float* out) {
+#if defined(__x86_64__)
+  if (kAvx512 && d % 16 == 0 && d <= 256) return softmax_attend_avx512(q, k, v, n, d, sk, mask, scores, out);
+#endif
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     float s = dot(q, k + j * sk, d);

@@ -255,3 +255,28 @@ def test_bf16_cpu_decode_path_computes_the_models_logits(tiny_base):
     ids_list = ids.tolist()
     assert (generate_tokens(m, ids_list, adapter="fresh", max_new_tokens=6, temperature=0.0)
             == generate_tokens(m, ids_list, adapter=None, max_new_tokens=6, temperature=0.0))
+
+
+def test_prompt_kv_projected_once_per_adapter_and_again_when_it_changes(tiny_base, monkeypatch):
+    """Prompt K/V are cached per adapter across requests; training the adapter (in place) or changing the frozen
+    projections they go through invalidates them."""
+    m = la.load_model(tiny_base, dtype=torch.float32)
+    torch.manual_seed(0)
+    a = m.add_adapter("a", la.AdapterConfig(prompt_length=4, layers=3))
+    with torch.no_grad():
+        a.gates.normal_(0, 2.0)
+    calls = []
+    real = m.prompt_kv
+    monkeypatch.setattr(m, "prompt_kv", lambda *args, **kw: calls.append(args) or real(*args, **kw))
+    ids = m.tokenizer.encode(PROMPTS[0], bos=True)
+    first = generate_tokens(m, [ids], adapter="a", max_new_tokens=6, temperature=0.0)
+    assert generate_tokens(m, [ids, ids], adapter="a", max_new_tokens=6, temperature=0.0) == first * 2
+    assert len(calls) == 1
+    with torch.no_grad():
+        a.gates.mul_(-1.0)  # an optimizer step, say
+    assert generate_tokens(m, [ids], adapter="a", max_new_tokens=6, temperature=0.0)[0] == _reference(m, ids, "a", 6)
+    assert len(calls) == 2
+    with torch.no_grad():
+        m.layers[-1].attention.wqkv.weight.mul_(1.5)
+    assert generate_tokens(m, [ids], adapter="a", max_new_tokens=6, temperature=0.0)[0] == _reference(m, ids, "a", 6)
+    assert len(calls) == 3

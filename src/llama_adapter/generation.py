@@ -249,7 +249,9 @@ def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
 
 
 # Prompt K/V per adapter object (sequences without an image), shared by every decoder: projected once per adapter
-# and its current values (the key holds the parameters' version counters), not once per `generate` call.
+# and its current values, not once per `generate` call. The key holds the storage and version counter of the
+# adapter's parameters and of the frozen k/v projections they go through, so training or reloading either one
+# (in place or not) is seen.
 _PROMPT_KV: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], PKV | None]] = weakref.WeakKeyDictionary()
 
 
@@ -309,8 +311,9 @@ class BatchDecoder:
         if seq.image_features is not None:
             return self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)))
         adapter = self.model.adapters[seq.adapter]
-        key = (id(self.model), self.kv_dtype, id(adapter.prompts), adapter.prompts._version, id(adapter.gates),
-               adapter.gates._version)
+        layers = self.model.layers[adapter.first_layer:]
+        tensors = (adapter.prompts, adapter.gates, *(layer.attention.wqkv.weight for layer in layers))
+        key = (id(self.model), self.kv_dtype, *((t.data_ptr(), t._version) for t in tensors))
         hit = _PROMPT_KV.get(adapter)
         if hit is None or hit[0] != key:
             hit = _PROMPT_KV[adapter] = (key, self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1)))

@@ -152,3 +152,24 @@ def test_adapter_training_step_equals_stock_ops(tiny_base: Path, monkeypatch: py
     assert fast[1].abs().sum() > 0
     for s, f in zip(stock, fast, strict=True):
         assert torch.allclose(s, f, atol=1e-6, rtol=1e-5)
+
+
+def test_weights_are_packed_only_when_the_copy_fits_in_memory(tiny_base, monkeypatch, capsys) -> None:
+    from llama_adapter.generation import generate_tokens
+    from llama_adapter.model import Linear
+
+    m = la.load_model(tiny_base, dtype=torch.bfloat16)
+    ids = [m.tokenizer.encode("hello there", bos=True)]
+    plain = generate_tokens(m, ids, max_new_tokens=5, temperature=0.0)  # (packs the weights)
+    for mod in m.modules():
+        if isinstance(mod, Linear):
+            mod.packed = None
+    monkeypatch.setattr(kernels, "available_memory", lambda: 4096)  # no room for a second copy of the weights
+    m.pack_for_decoding()
+    assert all(mod.packed is None for mod in m.modules() if isinstance(mod, Linear))
+    assert "not packing weights" in capsys.readouterr().err
+    assert len(generate_tokens(m, ids, max_new_tokens=5, temperature=0.0)[0]) == len(plain[0])  # still decodes
+    monkeypatch.setattr(kernels, "available_memory", lambda: None)  # unknown: pack
+    m.pack_for_decoding()
+    if kernels.pack_linear(m.layers[0].attention.wo.weight) is not None:
+        assert all(mod.packed is not None for mod in m.modules() if isinstance(mod, Linear))

@@ -97,6 +97,18 @@ class PackedWeight:
         return weight is self.source and weight._version == self.version and weight.data_ptr() == self.data_ptr
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available for new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def can_pack(weight: Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
             and not weight.is_inference())  # (an inference tensor has no version counter to tell a changed weight)

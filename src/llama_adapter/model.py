@@ -9,6 +9,7 @@ pass picks one per batch row.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -382,16 +383,30 @@ class Transformer(nn.Module):
     def pack_for_decoding(self) -> None:
         """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 only; else a no-op).
 
-        Keeps a second copy of those weights (`cpu_kernels.pack_linear`); the plain path is taken whenever
+        Keeps a second copy of those weights (`cpu_kernels.pack_linear`), so it is skipped, with a note, when
+        that copy would take more than half the memory still available; the plain path is taken whenever
         gradients are on or a weight has changed since it was packed.
         """
-        for m in self.modules():
-            if isinstance(m, Linear) and not m.weight.requires_grad:
-                if m.packed is None or not m.packed.valid_for(m.weight):
-                    m.packed = cpu_kernels.pack_linear(m.weight)
+        todo: list[tuple[Linear | None, Tensor]] = [
+            (m, m.weight) for m in self.modules() if isinstance(m, Linear) and not m.weight.requires_grad
+            and cpu_kernels.can_pack(m.weight) and (m.packed is None or not m.packed.valid_for(m.weight))]
         w, p = self.tok_embeddings.weight, self._packed_embeddings
-        if self.output is None and not w.requires_grad and (p is None or not p.valid_for(w)):
-            self._packed_embeddings = cpu_kernels.pack_linear(w)
+        if (self.output is None and not w.requires_grad and cpu_kernels.can_pack(w)
+                and (p is None or not p.valid_for(w))):
+            todo.append((None, w))
+        need = sum(t.numel() * t.element_size() for _, t in todo)
+        free = cpu_kernels.available_memory()
+        if need and free is not None and need > free // 2:
+            if not getattr(self, "_pack_skipped", False):
+                print(f"llama-adapter: not packing weights for CPU decoding ({need / 2**30:.1f} GiB more, "
+                      f"{free / 2**30:.1f} GiB available): decoding will be slower", file=sys.stderr)
+                self._pack_skipped = True
+            return
+        for m, t in todo:
+            if m is None:
+                self._packed_embeddings = cpu_kernels.pack_linear(t)
+            else:
+                m.packed = cpu_kernels.pack_linear(t)
 
     def freeze_base(self) -> None:
         for n, p in self.named_parameters():

@@ -265,7 +265,7 @@ class BatchDecoder:
     """
 
     def __init__(self, model: Transformer, max_batch: int, max_len: int | None = None,
-                 tokenizer: Any = "model", fused_cpu_kernels: bool = True) -> None:
+                 tokenizer: Any = "model") -> None:
         self.model = model
         model.pack_for_decoding()
         self.max_batch = max_batch
@@ -284,7 +284,7 @@ class BatchDecoder:
         self._pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pkv: PKV | None = None
         self._knobs: tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]] | None = None
-        self._use_fused = fused_cpu_kernels and cpu_decode.supported(model)  # bf16 on CPUs: cpu_decode.py
+        self._use_fused = cpu_decode.supported(model)  # bf16 on CPUs with the C++ kernels: cpu_decode.py
         self._fused: cpu_decode.FusedPrompts | None = None
 
     # ---- membership ----------------------------------------------------------------------------------

@@ -247,6 +247,7 @@ class Transformer(nn.Module):
         self.adapters = nn.ModuleDict()
         self._rope: tuple[Tensor, Tensor] | None = None
         self._packed_embeddings: cpu_kernels.PackedWeight | None = None  # the tied output matmul
+        self._pack_skipped = False  # pack_for_decoding found too little memory (said once)
         self.tokenizer = None  # set by load_model
         self.source: str | None = None
 
@@ -397,7 +398,7 @@ class Transformer(nn.Module):
         need = sum(t.numel() * t.element_size() for _, t in todo)
         free = cpu_kernels.available_memory()
         if need and free is not None and need > free // 2:
-            if not getattr(self, "_pack_skipped", False):
+            if not self._pack_skipped:
                 print(f"llama-adapter: not packing weights for CPU decoding ({need / 2**30:.1f} GiB more, "
                       f"{free / 2**30:.1f} GiB available): decoding will be slower", file=sys.stderr)
                 self._pack_skipped = True

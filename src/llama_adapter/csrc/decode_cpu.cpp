@@ -1,5 +1,6 @@
-// One decode step of a bf16 LLaMA layer on a CPU, in few calls: llama_adapter/cpu_decode.py builds this file
-// with torch.utils.cpp_extension on first use and falls back to plain PyTorch when it cannot.
+// CPU kernels for bf16 decoding: the blocked matrix product behind packed weights (cpu_kernels.linear) and the
+// pieces of one decode step (cpu_decode.decode_step). cpu_kernels.native() builds this file with
+// torch.utils.cpp_extension on first use; where it cannot, everything runs on plain PyTorch.
 //
 // Why: at one token per row, eager PyTorch spends ~80 small ops per layer (views, casts, RoPE, cache writes,
 // two softmaxes) whose fixed cost exceeds their arithmetic, and oneDNN's bf16 product with one row reads its
@@ -9,7 +10,6 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -134,7 +134,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 
 // x += y (bf16, in place); returns rms_norm(x)
 torch::Tensor add_rms_norm(torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& w, double eps) {
-  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes());
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes() &&
+              x.scalar_type() == at::kBFloat16 && y.scalar_type() == at::kBFloat16, "add_rms_norm: x, y");
   const int64_t n = x.numel();
   bf16* xp = x.data_ptr<bf16>();
   const bf16* yp = y.data_ptr<bf16>();

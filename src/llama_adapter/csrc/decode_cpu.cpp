@@ -75,20 +75,20 @@ using BlockFn = void (*)(const bf16*, int64_t, const __m512i*, int, const bf16*,
 static const BlockFn kBlockFns[4] = {block_dot<1, 4>, block_dot<2, 4>, block_dot<3, 4>, block_dot<4, 4>};
 #endif
 
-bool has_bf16_dot() {
+// the CPU's features, asked once at load time (linear runs ~120 times per decode step)
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
+static const bool kBf16Dot = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") &&
+                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"));
 #else
-  return false;
+static const bool kBf16Dot = false;
 #endif
-}
+
+bool has_bf16_dot() { return kBf16Dot; }
 
 // x [M, K] bf16 contiguous, wp = pack(w) for w [N, K], bias [N] or None -> [M, N] bf16
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
                      const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(has_bf16_dot(), "linear: needs a CPU with AVX512-BF16");
+  TORCH_CHECK(kBf16Dot, "linear: needs a CPU with AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "linear: x");
   TORCH_CHECK(wp.dim() == 4 && wp.is_contiguous() && wp.size(1) * kDepth == x.size(1) &&
                   wp.size(0) * kRows >= N && wp.size(0) * kRows < N + kRows, "linear: packed weight");

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from llama_adapter import cpu_kernels
+from llama_adapter.backends.cpu import kernels as cpu_kernels
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 

@@ -1,6 +1,6 @@
 """CPU demonstration of the multi-modal adapter (paper sec. 3.3 / Table 2) on synthetic visual questions.
 
-A ScienceQA-format set of coloured shapes drawn with PIL (`llama_adapter.shapes`): every question ("What
+A ScienceQA-format set of coloured shapes drawn with PIL (`llama_adapter.builtin.shapes`): every question ("What
 colour is the shape?", "Which shape is shown?") is answerable only from the image. Two adapters are trained on
 the same records with the same settings: a text-only one, and an image-conditioned one whose projection maps
 features of a small, frozen, randomly initialised CLIP-architecture vision tower to the image token. Both are
@@ -87,9 +87,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     import llama_adapter as la
-    from llama_adapter.finetune import TrainConfig, train
-    from llama_adapter.multimodal import ImageEncoder, projection_parameter_count
-    from llama_adapter.scienceqa import (
+    from llama_adapter.builtin.shapes import make_shapes_dataset
+    from llama_adapter.eval.scienceqa import (
         PAPER_TABLE2,
         evaluate,
         format_table,
@@ -98,7 +97,8 @@ def main() -> int:
         to_record,
         write_jsonl,
     )
-    from llama_adapter.shapes import make_shapes_dataset
+    from llama_adapter.multimodal.features import ImageEncoder, projection_parameter_count
+    from llama_adapter.training.loop import TrainConfig, train
 
     t0 = time.time()
     out = Path(args.out)
@@ -138,8 +138,8 @@ def main() -> int:
 
     table = format_table({f"{k} adapter (this demo)": v["accuracy"] for k, v in results.items()} | PAPER_TABLE2)
     chance = 100 * (0.5 / 4 + 0.5 / 3)
-    from llama_adapter.checkpoint import checkpoint_files
-    from llama_adapter.checkpoint import resolve_base as base_dir
+    from llama_adapter.loading import checkpoint_files
+    from llama_adapter.loading import resolve_base as base_dir
 
     digest = hashlib.sha256()
     for f in checkpoint_files(base_dir(base)):

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 import llama_adapter as la
-from llama_adapter import corpus
-from llama_adapter.demo import DEMO_BATCH, DEMO_LR, DEMO_PROMPT_LENGTH, DEMO_STEPS, demo_train_config, evaluate
-from llama_adapter.finetune import batch_loss, train
-from llama_adapter.pretrain import text_loss
+from llama_adapter.builtin import corpus
+from llama_adapter.builtin.demo import DEMO_BATCH, DEMO_LR, DEMO_PROMPT_LENGTH, DEMO_STEPS, demo_train_config, evaluate
+from llama_adapter.builtin.pretrain import text_loss
+from llama_adapter.training.loop import batch_loss, train
 from llama_adapter.zero_init_attention import Adapter, AdapterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def ms(xs: list[float], pct: bool = False) -> str:
 
 def full_finetune(records: list[dict], steps: int, seed: int, lr: float = 1e-3) -> dict[str, Any]:
     """All parameters of a fresh copy of the base, same data order granularity, same steps and batch."""
-    from llama_adapter.data import collate, tokenize_records
+    from llama_adapter.training.data import collate, tokenize_records
 
     model = la.load_model("builtin", dtype=torch.float32)
     for p in model.parameters():
@@ -205,7 +205,7 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "",
         f"Base: the built-in {c['n_base']:,}-parameter LLaMA ({nl} layers; see "
         "`src/llama_adapter/builtin/base/README.md`), pre-trained on plain-text facts, sums, counting and word "
-        "spellings only. Instruction data: `llama_adapter.corpus.instruction_data` (2,000 Alpaca records per seed); "
+        "spellings only. Instruction data: `llama_adapter.builtin.corpus.instruction_data` (2,000 Alpaca records per seed); "
         "evaluation: 200 held-out instructions whose countries, words, numbers and number pairs never occur in the "
         "instruction training data, greedy decoding, exact match of the first line. Every adapter run: "
         f"{c['steps']} steps of batch {DEMO_BATCH}, AdamW, lr {DEMO_LR} (rand-init: {c['rand_lr']}), warm-up 10 % "

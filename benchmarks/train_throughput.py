@@ -56,8 +56,8 @@ def build_ours(dtype: torch.dtype):  # noqa: ANN201
 
 
 def run_ours(args: argparse.Namespace) -> dict:
-    from llama_adapter.data import IGNORE_INDEX
-    from llama_adapter.finetune import batch_loss
+    from llama_adapter.training.data import IGNORE_INDEX
+    from llama_adapter.training.loop import batch_loss
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = build_ours(dtype)

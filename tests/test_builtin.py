@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import llama_adapter as la
-from llama_adapter import pretrain
-from llama_adapter.builtin import builtin_base_dir, check_base_dir
-from llama_adapter.checkpoint import resolve_base
+from llama_adapter.builtin import builtin_base_dir, check_base_dir, pretrain
+from llama_adapter.loading import resolve_base
 from llama_adapter.model import Transformer
 
 

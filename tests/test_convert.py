@@ -12,8 +12,8 @@ import torch
 from naive import naive_logits
 
 import llama_adapter as la
-from llama_adapter.adapter_io import AdapterError
 from llama_adapter.cli import main
+from llama_adapter.errors import AdapterError
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

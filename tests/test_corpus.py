@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from llama_adapter import corpus
+from llama_adapter.builtin import corpus
 
 
 def test_pretrain_documents_are_deterministic() -> None:

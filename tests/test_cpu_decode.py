@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import llama_adapter as la
-from llama_adapter import cpu_decode
-from llama_adapter import cpu_kernels as kernels
-from llama_adapter.generation import BatchDecoder, SamplingParams, Sequence_, generate_tokens, merge_prompt_kv
+from llama_adapter.backends.cpu import fused_decode as cpu_decode
+from llama_adapter.backends.cpu import kernels as kernels
+from llama_adapter.inference.decoder import BatchDecoder, SamplingParams, Sequence_, generate_tokens, merge_prompt_kv
 from llama_adapter.model import RMSNorm, apply_rope
 from llama_adapter.zero_init_attention import PromptKV
 

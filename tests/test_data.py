@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_adapter.data import (
+from llama_adapter.templates import format_prompt
+from llama_adapter.tokenizer import Tokenizer
+from llama_adapter.training.data import (
     IGNORE_INDEX,
     DataError,
     LoadReport,
@@ -20,8 +22,6 @@ from llama_adapter.data import (
     split_validation,
     tokenize_records,
 )
-from llama_adapter.templates import format_prompt
-from llama_adapter.tokenizer import Tokenizer
 
 SEED_TASKS = Path("/work/shared/data/alpaca/seed_tasks.jsonl")
 
@@ -112,7 +112,7 @@ def test_encode_boundary_and_truncation(tok: Tokenizer) -> None:
 
 
 def test_collate_labels() -> None:
-    from llama_adapter.data import Example
+    from llama_adapter.training.data import Example
 
     b = collate([Example([1, 5, 6, 7, 2], 3), Example([1, 8, 9, 2], 2, image_features=torch.ones(3))], pad_id=0)
     assert b["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]]
@@ -141,7 +141,7 @@ def test_split_validation() -> None:
 
 
 def test_llava_conversations_become_alpaca_records_with_their_folder(tmp_path: Path) -> None:
-    from llama_adapter.data import DataError, load_records
+    from llama_adapter.training.data import DataError, load_records
 
     sub = tmp_path / "llava"
     sub.mkdir()

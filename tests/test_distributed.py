@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import llama_adapter as la
-from llama_adapter.finetune import TrainConfig, train
+from llama_adapter.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import llama_adapter as la
-from llama_adapter import finetune as ft
 from llama_adapter.cli import main as cli_main
-from llama_adapter.finetune import TrainConfig, TrainingError, linear_cross_entropy, lr_factor, train
+from llama_adapter.training import loop as ft
+from llama_adapter.training.loop import TrainConfig, TrainingError, linear_cross_entropy, lr_factor, train
 
 WORDS = "the quick brown fox jumps over the lazy dog alpacas are domesticated camelids".split()
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import llama_adapter as la
 from llama_adapter.cli import main
-from llama_adapter.generation import (
+from llama_adapter.inference.decoder import (
     BatchDecoder,
     SamplingParams,
     Sequence_,
@@ -85,7 +85,7 @@ def test_eos_per_row_stops_early(model):
     dec_steps = []
     try:
         model.config.eos_token_ids = [first[1]]  # make the 2nd token of row 0 an EOS
-        from llama_adapter.generation import iter_events
+        from llama_adapter.inference.decoder import iter_events
 
         ends = {}
         for ev in iter_events(model, [ids, model.tokenizer.encode(PROMPTS[0], bos=True)], max_new_tokens=6,

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import llama_adapter as la
-from llama_adapter.adapter_io import save_adapter
-from llama_adapter.multimodal import (
+from llama_adapter.adapter_file import save_adapter
+from llama_adapter.multimodal.features import (
     ClipPreprocessor,
     ImageEncoder,
     ImageError,
@@ -280,8 +280,8 @@ def test_prepare_multimodal_features_cache_and_errors(tiny_base: Path, clip_dir:
 
 
 def test_finetune_trains_projection(tiny_base: Path, clip_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("llama_adapter.finetune")
-    from llama_adapter.finetune import TrainConfig, train
+    pytest.importorskip("llama_adapter.training.loop")
+    from llama_adapter.training.loop import TrainConfig, train
 
     for i in range(4):
         random_image(i).save(tmp_path / f"{i}.png")
@@ -323,8 +323,8 @@ def test_server_chat_with_image_content_part(tiny_base: Path, encoder: ImageEnco
     import openai
     from test_server import _Running
 
-    from llama_adapter.generation import generate
-    from llama_adapter.server import create_app
+    from llama_adapter.inference.decoder import generate
+    from llama_adapter.serving.app import create_app
     from llama_adapter.templates import format_prompt
 
     model = _mm_model(tiny_base, encoder)

@@ -10,8 +10,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import llama_adapter as la
+from llama_adapter.builtin.shapes import COLOURS, SHAPES, make_shapes_dataset
 from llama_adapter.cli import main
-from llama_adapter.scienceqa import (
+from llama_adapter.eval.scienceqa import (
     GROUPS,
     PAPER_TABLE2,
     Problem,
@@ -25,7 +26,6 @@ from llama_adapter.scienceqa import (
     parse_llava_record,
     to_record,
 )
-from llama_adapter.shapes import COLOURS, SHAPES, make_shapes_dataset
 
 _SHARED = [Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")]  # CI: ../shared beside the clone
 LLAVA_FILE = next((d / "data/scienceqa/llava_test_CQM-A.json" for d in _SHARED
@@ -155,8 +155,8 @@ def test_shapes_dataset(tmp_path: Path) -> None:
 def test_eval_cli_end_to_end(sqa: Path, tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from test_multimodal import make_clip
 
-    from llama_adapter.adapter_io import save_adapter
-    from llama_adapter.multimodal import ImageEncoder, attach_visual_projection
+    from llama_adapter.adapter_file import save_adapter
+    from llama_adapter.multimodal.features import ImageEncoder, attach_visual_projection
 
     clip = make_clip(tmp_path / "clip")
     model = la.load_model(tiny_base, dtype=torch.float32)
@@ -192,7 +192,7 @@ def test_export_training_records(sqa: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and Path(rows[0]["image"]).is_file() and "image" not in rows[1]
     assert rows[1]["output"] == "The answer is (B)."
-    from llama_adapter.data import load_records
+    from llama_adapter.training.data import load_records
 
     assert load_records(out)[0]["image"] == rows[0]["image"]  # the fine-tuning loader accepts them
 

@@ -15,8 +15,8 @@ import torch
 import uvicorn
 
 import llama_adapter as la
-from llama_adapter.generation import generate
-from llama_adapter.server import create_app
+from llama_adapter.inference.decoder import generate
+from llama_adapter.serving.app import create_app
 from llama_adapter.templates import format_prompt
 
 KEY = "test-key"

@@ -11,11 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_adapter.errors import CheckpointError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be used; the message names the file and the problem."""
 
 
 @dataclass

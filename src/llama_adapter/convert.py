@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .adapter_io import AdapterError, save_adapter
-from .config import ModelConfig
-from .model import Transformer
-from .zero_init_attention import Adapter, AdapterConfig
+from llama_adapter.adapter_file import save_adapter
+from llama_adapter.config import ModelConfig
+from llama_adapter.errors import AdapterError
+from llama_adapter.model import Transformer
+from llama_adapter.zero_init_attention import Adapter, AdapterConfig
 
 FORMATS = ("official", "peft", "litgpt")
 

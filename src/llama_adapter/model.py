@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_kernels
-from .config import ModelConfig
-from .zero_init_attention import Adapter, AdapterConfig, PromptKV, gated_prompt_attention, prompt_kv
+from llama_adapter.backends.cpu import kernels as cpu_kernels
+from llama_adapter.config import ModelConfig
+from llama_adapter.zero_init_attention import Adapter, AdapterConfig, PromptKV, gated_prompt_attention, prompt_kv
 
 AdapterSpec = str | None | Sequence[str | None]
 LazyPromptKV = Callable[["Attention"], "PromptKV | None"]
@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         return list(self.adapters[name].parameters())
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> Adapter:
-        from .adapter_io import load_adapter
+        from llama_adapter.adapter_file import load_adapter
 
         return load_adapter(self, path, name)
 

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import CheckpointError, ModelConfig
+from llama_adapter.config import ModelConfig
+from llama_adapter.errors import CheckpointError
 
 
 class Tokenizer:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_kernels
+from llama_adapter.backends.cpu import kernels as cpu_kernels
 
 Gate = Literal["tanh", "linear"]
 Init = Literal["zero", "random"]

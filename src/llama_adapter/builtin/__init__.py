@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import CheckpointError
+from llama_adapter.errors import CheckpointError
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 

@@ -1,0 +1,234 @@
+"""CPU fast paths for the frozen base's non-matmul work, equal in value to the stock PyTorch ops.
+
+Training: an adapter's backward pass runs through every frozen layer above the lowest adapted one, so on a CPU
+the elementwise work and attention of that pass cost as much as the matmuls they sit between
+(`benchmarks/train_throughput.py`). Autograd's generic graph for an RMSNorm is eight kernels forward and more
+backward; PyTorch's flash-attention kernel for CPUs is tuned for long sequences and slow at 256 tokens with
+64-wide heads, and its per-call cost dominates when decoding one token per row against a short cache.
+These functions compute the same values with fewer, larger kernels. GPUs keep the stock paths: there the
+fused SDPA kernels win.
+
+Decoding reads every weight once per step for a few rows. `pack_linear` lays a frozen bf16 weight out once for
+that: in 4-row blocks that are one sequential stream each for the C++ kernel (`native()`, csrc/decode_cpu.cpp,
+on CPUs with AVX512-BF16), or else in oneDNN's blocked layout (the one inductor's freezing pass uses). `linear`
+then uses the pack whenever no gradient is wanted, and falls back to `F.linear` whenever the pack no longer
+matches its weight. The oneDNN pack gives bit-identical results; the C++ kernel sums in a different order
+(fp32 sums of bf16 products, like oneDNN), so results agree to bf16 rounding.
+
+The C++ kernels are compiled by `torch.utils.cpp_extension` on first use (a C++ compiler is needed; the build is
+cached under ~/.cache/torch_extensions). Without a compiler, on other CPUs, or with LLAMA_ADAPTER_CPU_KERNELS=0,
+everything runs on the PyTorch paths, which compute the same things.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from llama_adapter.zero_init_attention import PromptKV
+
+
+def use_cpu_training_kernels(x: Tensor) -> bool:
+    return x.device.type == "cpu" and torch.is_grad_enabled()
+
+
+_NATIVE_SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.cpp"
+_native: dict[str, Any] = {}
+
+
+def native() -> Any | None:
+    """The compiled C++ kernels (csrc/decode_cpu.cpp), or None where they are unavailable (`native_unavailable`)."""
+    if "ext" in _native:
+        return _native["ext"]
+    _native["ext"], _native["why"] = None, None
+    if os.environ.get("LLAMA_ADAPTER_CPU_KERNELS", "1") == "0":
+        _native["why"] = "disabled by LLAMA_ADAPTER_CPU_KERNELS=0"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        name = "llama_adapter_decode_cpu"
+        try:
+            built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
+        except Exception:  # a private helper; only decides whether to announce the build
+            built = True
+        if not built:
+            print("llama-adapter: compiling the CPU kernels (first use only, about a minute)...", file=sys.stderr)
+        t = time.perf_counter()
+        ext = cpp_extension.load(name, [str(_NATIVE_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"], verbose=False)
+        if time.perf_counter() - t > 5:
+            print(f"llama-adapter: built the CPU kernels in {time.perf_counter() - t:.0f} s (cached for next time)",
+                  file=sys.stderr)
+        _native["ext"], _native["bf16_dot"] = ext, bool(ext.has_bf16_dot())
+    except Exception as e:  # no compiler, no headers, unsupported platform: the PyTorch paths still work
+        lines = str(e).strip().splitlines()
+        _native["why"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        print(f"llama-adapter: CPU kernels unavailable ({_native['why']}); using plain PyTorch", file=sys.stderr)
+    return _native["ext"]
+
+
+def native_unavailable() -> str | None:
+    return _native.get("why")
+
+
+@dataclass
+class PackedWeight:
+    """A frozen weight laid out for decoding ("blocked": the C++ kernel's, "onednn": oneDNN's), valid while the
+    weight tensor is the one it was made from."""
+
+    packed: Tensor
+    source: Tensor
+    version: int
+    data_ptr: int
+    kind: str = "onednn"
+
+    def valid_for(self, weight: Tensor) -> bool:
+        return weight is self.source and weight._version == self.version and weight.data_ptr() == self.data_ptr
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def can_pack(weight: Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and not weight.is_inference())  # (an inference tensor has no version counter to tell a changed weight)
+
+
+def _onednn_bf16() -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
+
+
+def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
+    """The decode-time layout of a frozen [out, in] bf16 weight on a CPU (`kind`: "blocked", "onednn" or the best
+    available), or None where there is none."""
+    if not can_pack(weight):
+        return None
+    w = weight.detach()
+    with torch.no_grad():
+        ext = native() if kind in (None, "blocked") else None
+        if ext is not None and _native.get("bf16_dot") and weight.shape[1] % 32 == 0:
+            return PackedWeight(ext.pack(w), weight, weight._version, weight.data_ptr(), "blocked")
+        if kind in (None, "onednn") and _onednn_bf16():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            return PackedWeight(packed, weight, weight._version, weight.data_ptr(), "onednn")
+    return None
+
+
+BLOCKED_MAX_ROWS = 32  # measured on the SmolLM2-135M shape: the blocked kernel wins up to here, F.linear beyond
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
+    """F.linear, through the packed weight when there is a valid one and no gradient is wanted."""
+    if packed is None or torch.is_grad_enabled() or x.dtype != weight.dtype or not packed.valid_for(weight):
+        return F.linear(x, weight, bias)
+    if packed.kind == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, packed.packed, bias, "none", [], "")
+    rows = x.numel() // x.shape[-1]
+    if rows > BLOCKED_MAX_ROWS:  # a prefill: compute-bound, where oneDNN's own GEMM is faster
+        return F.linear(x, weight, bias)
+    out = native().linear(x.reshape(rows, x.shape[-1]).contiguous(), packed.packed, weight.shape[0], bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w * cast(x * rsqrt(mean(x^2) + eps)), statistics in fp32 (as Llama's reference does)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)  # rounded twice, like the reference and the inference path
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, weight, r = ctx.saved_tensors
+        xhat = x.float() * r  # (not in place: .float() of an fp32 tensor is the tensor itself)
+        dxhat = dy.float() * weight.float()
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy.float() * xhat.to(x.dtype).float()).flatten(0, -2).sum(0).to(weight.dtype)
+        proj = (dxhat * xhat).mean(-1, keepdim=True)
+        dx = dxhat.sub_(xhat.mul_(proj)).mul_(r).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return dx, dw, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return _RMSNorm.apply(x, weight, eps)
+
+
+_causal_bias: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal softmax(q k^T / sqrt(d)) v for q [B, H, T, d], k/v [B, n_kv, T, d] (grouped-query heads).
+
+    Query heads sharing a key head are stacked along the sequence axis, so each key/value head takes part in
+    one batched matmul without being repeated; the scale and the causal mask ride in the same baddbmm.
+    """
+    B, H, T, d = q.shape
+    n_kv = k.shape[1]
+    rep = H // n_kv
+    key = (T, rep, q.dtype, q.device)
+    bias = _causal_bias.get(key)
+    if bias is None:
+        if len(_causal_bias) > 16:
+            _causal_bias.clear()
+        tri = torch.full((T, T), float("-inf"), device=q.device).triu_(1)
+        bias = _causal_bias[key] = tri.to(q.dtype).repeat(rep, 1)  # [rep * T, T]
+    qg = q.reshape(B * n_kv, rep * T, d)
+    scores = torch.baddbmm(bias.expand(B * n_kv, -1, -1), qg, k.reshape(B * n_kv, T, d).transpose(1, 2),
+                           alpha=1.0 / math.sqrt(d))
+    return torch.bmm(torch.softmax(scores, -1), v.reshape(B * n_kv, T, d)).view(B, H, T, d)
+
+
+def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v against a few keys: q [B, n_kv, M, d], k/v [B, n_kv, K, d], mask broadcastable
+    to [B, n_kv, M, K] (False = masked). Query heads of a key/value group are stacked in M by the caller."""
+    return _attend(q * (1.0 / math.sqrt(q.shape[-1])), k, v, mask)
+
+
+def _attend(q_scaled: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    scores = torch.matmul(q_scaled, k.transpose(-1, -2))
+    if mask is not None:
+        scores = torch.where(mask, scores, float("-inf"))
+    return torch.matmul(F.softmax(scores, -1), v)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prompts: PromptKV | None = None) -> Tensor:
+    """One new token per row: attention over its cached keys plus the gated prompt attention of zero-init
+    adapters (equation 8), in one pass. q [B, H, 1, d]; k/v [B, n_kv, L, d]; mask [B, 1, 1, L].
+
+    Computed in the cache's dtype: the decoder keeps a CPU cache in fp32 because oneDNN's bf16 batched matmul
+    costs ~200 us per call at these sizes (a new kernel for every cache length) and MKL's fp32 one ~20 us.
+    """
+    B, H, _, d = q.shape
+    n_kv = k.shape[1]
+    qg = q.view(B, n_kv, H // n_kv, d).to(k.dtype) * (1.0 / math.sqrt(d))  # a group's query heads are its rows
+    y = _attend(qg, k, v, mask)
+    if prompts is not None:
+        gate = prompts.gate.view(B, n_kv, H // n_kv, 1)
+        y = y + _attend(qg.to(prompts.k.dtype), prompts.k, prompts.v, prompts.mask) * gate
+    return y.view(B, H, 1, d).to(q.dtype)

@@ -1,0 +1,99 @@
+"""Options and loading helpers that several commands share (`generate`, `chat`, `serve`, `eval`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from llama_adapter.errors import UserError
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base checkpoint directory (Hugging Face or Meta layout) or 'builtin'")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default: bfloat16)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is often fastest on a busy machine)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
+    g.add_argument("--temperature", type=float, default=0.1, help="0 = greedy (default: 0.1, the paper's)")
+    g.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling (default: 0.75, the paper's)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from llama_adapter.inference.decoder import SamplingParams
+
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    try:
+        SamplingParams(**kw)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return kw
+
+
+def load_base(args: argparse.Namespace) -> Any:
+    import torch
+
+    from llama_adapter.loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.base, dtype=getattr(torch, args.dtype), device=device)
+    if model.tokenizer is None:
+        raise UserError(f"{args.base}: no tokenizer.json or tokenizer.model next to the checkpoint")
+    return model
+
+
+def load_adapter_file(model: Any, spec: str) -> str:
+    """Load `FILE` or `NAME=FILE`; returns the adapter's name."""
+
+    name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    name = name or Path(path).stem
+    if name in model.adapters:
+        raise UserError(f"two adapters named {name!r}; use NAME=FILE")
+    model.load_adapter(path, name)
+    return name
+
+
+def template_of(model: Any, adapter: str | None, override: str | None = None) -> str | None:
+    if override:
+        return None if override in ("none", "raw") else override
+    if adapter is None:
+        return None
+    return model.adapters[adapter].meta.get("template") or None
+
+
+def build_prompt(template: str | None, instruction: str, input: str = "") -> str:
+    from llama_adapter.templates import format_prompt
+
+    if template:
+        return format_prompt(template, instruction, input)
+    return f"{instruction}\n{input}" if input else instruction
+
+
+def image_features(model: Any, adapter: str | None, image: str, encoder_dir: str | None) -> Any:
+    """Encode one image file with the adapter's image encoder (`--image-encoder` or metadata)."""
+
+    enc_dir = encoder_dir or (model.adapters[adapter].meta.get("image_encoder") if adapter else None)
+    if adapter is None or model.adapters[adapter].visual_proj is None:
+        raise UserError("--image needs a multi-modal adapter (one with a visual projection)")
+    if not enc_dir:
+        raise UserError("--image needs --image-encoder DIR (the adapter does not name its image encoder)")
+    try:
+        from llama_adapter.multimodal.features import ImageEncoder, load_image
+    except ImportError as e:
+        raise UserError(f"image input is not available: llama_adapter.multimodal.features cannot be imported ({e})") from None
+    dev = model.tok_embeddings.weight.device
+    enc = ImageEncoder.load(enc_dir, device=dev)
+    return enc.encode([load_image(image)])

@@ -1,1 +1,0 @@
-"""Subcommands of the `llama-adapter` CLI; each module defines `register(subparsers)`."""

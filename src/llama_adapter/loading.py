@@ -1,0 +1,236 @@
+"""Load a frozen base from a local directory, Hugging Face or Meta layout, straight into dtype and device.
+
+The model is built on the meta device and each weight is assigned as it is read, so peak memory is one copy
+of the weights plus one tensor (a 7B model loads in ~14 GB in bf16). Meta `.pth` shards are read with
+`weights_only=True` and memory-mapped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from llama_adapter.config import ModelConfig
+from llama_adapter.errors import CheckpointError
+from llama_adapter.model import Transformer
+from llama_adapter.tokenizer import Tokenizer, find_tokenizer
+
+_HF_LAYER = {
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+}
+_META_LAYER = {
+    "attention_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "attention.wo.weight": "attention.wo.weight",
+    "feed_forward.w2.weight": "feed_forward.w2.weight",
+}
+
+
+def detect_layout(path: Path) -> str:
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    raise CheckpointError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
+
+
+def resolve_base(path: str | Path) -> Path:
+    if str(path) == "builtin":
+        from llama_adapter.builtin import builtin_base_dir
+
+        return builtin_base_dir()
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: checkpoint directory not found")
+    return p
+
+
+def load_config(path: str | Path) -> tuple[ModelConfig, str]:
+    p = resolve_base(path)
+    layout = detect_layout(p)
+    if layout == "hf":
+        cfg = ModelConfig.from_hf(p / "config.json")
+        gen = p / "generation_config.json"
+        if gen.is_file():  # Llama-3 lists several EOS ids here
+            g = json.loads(gen.read_text())
+            eos = g.get("eos_token_id")
+            for e in eos if isinstance(eos, list) else [eos] if eos is not None else []:
+                if int(e) not in cfg.eos_token_ids:
+                    cfg.eos_token_ids.append(int(e))
+        return cfg, layout
+    shards = _meta_shards(p)
+    first = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    vocab = int(first["tok_embeddings.weight"].shape[0]) if "tok_embeddings.weight" in first else None
+    return ModelConfig.from_meta(p / "params.json", vocab_size=vocab), layout
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               tokenizer: bool = True) -> Transformer:
+    """The frozen base: weights in `dtype` on `device`, every parameter requires_grad=False."""
+    p = resolve_base(path)
+    cfg, layout = load_config(p)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    weights = _hf_weights(p, cfg) if layout == "hf" else _meta_weights(p, cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state: dict[str, Tensor] = {}
+    for name, t, src in weights:
+        if name not in expected:
+            continue
+        if tuple(t.shape) != tuple(expected[name]):
+            raise CheckpointError(f"{src}: {name} has shape {tuple(t.shape)}, the config implies "
+                                  f"{tuple(expected[name])}")
+        state[name] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{p}: weights missing from the checkpoint: {', '.join(missing[:5])}"
+                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    model.load_state_dict(state, assign=True, strict=True)
+    del state
+    model.freeze_base()
+    model.eval()
+    model.source = str(p)
+    tok_file = find_tokenizer(p) if tokenizer else None
+    model.tokenizer = Tokenizer.from_file(tok_file, cfg) if tok_file else None
+    return model
+
+
+# ---- Hugging Face ------------------------------------------------------------------------------------
+def _hf_files(p: Path) -> list[Path]:
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        paths = [p / f for f in files]
+        for f in paths:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard listed in {index.name} not found")
+        return paths
+    if (p / "model.safetensors").is_file():
+        return [p / "model.safetensors"]
+    bins = sorted(p.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise CheckpointError(f"{p}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_tensors(f: Path) -> Iterator[tuple[str, Tensor]]:
+    if f.suffix == ".bin":
+        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        yield from sd.items()
+        return
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            for k in fh.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                yield k, fh.get_tensor(k)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+
+
+def _hf_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path]]:
+    """Yield (our name, tensor, file); q/k/v and gate/up are fused as soon as all parts of a layer arrive."""
+    pending: dict[str, dict[str, Tensor]] = {}
+    fuse = {"q_proj": ("wqkv", 0), "k_proj": ("wqkv", 1), "v_proj": ("wqkv", 2),
+            "gate_proj": ("w13", 0), "up_proj": ("w13", 1)}
+    pat = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+    for f in _hf_files(p):
+        for k, t in _read_tensors(f):
+            if k == "model.embed_tokens.weight":
+                yield "tok_embeddings.weight", t, f
+            elif k == "model.norm.weight":
+                yield "norm.weight", t, f
+            elif k == "lm_head.weight":
+                if not cfg.tie_embeddings:
+                    yield "output.weight", t, f
+            elif (m := pat.match(k)) and m.group(3) in fuse:
+                i, part, kind = m.group(1), m.group(3), m.group(4)
+                fused, slot = fuse[part]
+                parent = "attention" if fused == "wqkv" else "feed_forward"
+                key = f"layers.{i}.{parent}.{fused}.{kind}"
+                parts = pending.setdefault(key, {})
+                parts[str(slot)] = t
+                if len(parts) == (3 if fused == "wqkv" else 2):
+                    yield key, torch.cat([parts[str(j)] for j in range(len(parts))]), f
+                    del pending[key]
+            elif k.startswith("model.layers."):
+                i, rest = k[len("model.layers."):].split(".", 1)
+                if rest in _HF_LAYER:
+                    yield f"layers.{i}.{_HF_LAYER[rest]}", t, f
+    if pending:
+        raise CheckpointError(f"{p}: incomplete fused weights for {', '.join(sorted(pending)[:3])}")
+
+
+# ---- Meta --------------------------------------------------------------------------------------------
+def _meta_shards(p: Path) -> list[Path]:
+    shards = sorted(p.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{p}: params.json found but no consolidated.*.pth")
+    return shards
+
+
+def _permute_rope(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
+    """Meta rotates interleaved pairs; we rotate halves (as Hugging Face does): permute q/k rows."""
+    return w.view(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+
+
+def _meta_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path]]:
+    shards = _meta_shards(p)
+    sds = []
+    for s in shards:
+        try:
+            sds.append(torch.load(s, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # noqa: BLE001 -- any unpickling failure means an unusable file
+            raise CheckpointError(f"{s}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+    d, hd = cfg.dim, cfg.head_dim
+    full_shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
+                   "norm.weight": (d,), "attention.wq.weight": (cfg.n_heads * hd, d),
+                   "attention.wk.weight": (cfg.n_kv_heads * hd, d), "attention.wv.weight": (cfg.n_kv_heads * hd, d),
+                   "attention.wo.weight": (d, cfg.n_heads * hd), "feed_forward.w1.weight": (cfg.hidden_dim, d),
+                   "feed_forward.w2.weight": (d, cfg.hidden_dim), "feed_forward.w3.weight": (cfg.hidden_dim, d),
+                   "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+
+    def merged(key: str) -> Tensor:
+        parts = [sd[key] for sd in sds if key in sd]
+        if not parts:
+            raise CheckpointError(f"{p}: {key} not found in {', '.join(s.name for s in shards)}")
+        if len(parts) == 1:
+            return parts[0]
+        generic = re.sub(r"^layers\.\d+\.", "", key)
+        full = full_shapes.get(generic)
+        if full is None or tuple(parts[0].shape) == tuple(full):
+            return parts[0]  # replicated (norms)
+        for dim in range(parts[0].dim()):
+            if parts[0].shape[dim] * len(parts) == full[dim]:
+                return torch.cat(parts, dim=dim)
+        raise CheckpointError(f"{p}: cannot merge shards of {key} {tuple(parts[0].shape)} into {full}")
+
+    src = shards[0]
+    yield "tok_embeddings.weight", merged("tok_embeddings.weight"), src
+    yield "norm.weight", merged("norm.weight"), src
+    if not cfg.tie_embeddings:
+        yield "output.weight", merged("output.weight"), src
+    for i in range(cfg.n_layers):
+        pre = f"layers.{i}."
+        wq = _permute_rope(merged(pre + "attention.wq.weight"), cfg.n_heads, hd)
+        wk = _permute_rope(merged(pre + "attention.wk.weight"), cfg.n_kv_heads, hd)
+        yield pre + "attention.wqkv.weight", torch.cat([wq, wk, merged(pre + "attention.wv.weight")]), src
+        w13 = torch.cat([merged(pre + "feed_forward.w1.weight"), merged(pre + "feed_forward.w3.weight")])
+        yield pre + "feed_forward.w13.weight", w13, src
+        for k, ours in _META_LAYER.items():
+            yield pre + ours, merged(pre + k), src
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    p = resolve_base(path)
+    return _hf_files(p) if detect_layout(p) == "hf" else _meta_shards(p)

@@ -1,0 +1,173 @@
+"""Continuous batching for the server: one background thread runs a `BatchDecoder` over all requests.
+
+Requests are queued with `submit(seq, sink)`; between decode steps the loop admits waiting requests into
+free slots (FIFO, any mix of adapters; rand-init adapters only with themselves), prefills them, and then
+runs one decode step (one forward pass) for every live request. Each `Event` (a text delta, or the final
+one with `seq.finish_reason`) is handed to the request's `sink`, which must be cheap and thread-safe (the
+server uses `loop.call_soon_threadsafe(queue.put_nowait, event)`). A cancelled request (client gone)
+leaves the batch before the next step. A failing forward fails the requests in it, never the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from llama_adapter.inference.decoder import BatchDecoder, Event, Sequence_
+from llama_adapter.model import Transformer
+
+log = logging.getLogger("llama_adapter.serving.engine")
+Sink = Callable[[Event], None]
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit (the server answers 429)."""
+
+
+class Scheduler:
+    def __init__(self, model: Transformer, max_batch_size: int = 8, max_queue: int = 64,
+                 max_len: int | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.decoder = BatchDecoder(model, max_batch_size, max_len)
+        self.max_len = self.decoder.max_len
+        self.max_queue = max_queue
+        self._pending: deque[Sequence_] = deque()
+        self._sinks: dict[int, Sink] = {}
+        self._cond = threading.Condition()
+        self._model_lock = threading.RLock()  # model + adapters + decoder; held for each step
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.peak_batch = 0  # most requests decoded together so far
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="llama-adapter-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @contextmanager
+    def model_lock(self) -> Any:
+        """Hold while changing the model's adapters (never during a step)."""
+        with self._model_lock:
+            yield self.model
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def submit(self, seqs: Sequence[Sequence_], sink: Sink) -> None:
+        """Queue sequences (all or none); raises QueueFull when the queue cannot take them."""
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the scheduler is stopped")
+            if len(self._pending) + len(seqs) > self.max_queue + self.decoder.free:
+                raise QueueFull(f"{len(self._pending)} requests waiting (limit {self.max_queue})")
+            for s in seqs:
+                self._sinks[s.id] = sink
+                self._pending.append(s)
+            self._cond.notify_all()
+
+    def cancel(self, seq: Sequence_) -> None:
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self.decoder.seqs)
+
+    def forget_adapter(self, name: str) -> None:
+        with self._model_lock:
+            self.decoder.forget_adapter(name)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def _emit(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            sink = self._sinks.get(ev.seq.id)
+            if ev.finished:
+                self._sinks.pop(ev.seq.id, None)
+            if sink is not None:
+                try:
+                    sink(ev)
+                except Exception:  # noqa: BLE001 -- a dead consumer must not stop the loop
+                    log.exception("event sink failed")
+
+    def _admit(self) -> tuple[list[Sequence_], list[Event]]:
+        joining: list[Sequence_] = []
+        events: list[Event] = []
+        dec = self.decoder
+        with self._cond:
+            for s in [s for s in self._pending if s.cancelled]:
+                self._pending.remove(s)
+                s.finish_reason = "cancelled"
+                events.append(Event(s, "", True))
+            while self._pending and len(joining) < dec.free and dec.can_join(self._pending[0], joining):
+                joining.append(self._pending.popleft())
+        ready = []
+        for s in joining:
+            try:
+                s.pkv = dec.prompt_kv_for(s)
+                ready.append(s)
+            except Exception as e:  # noqa: BLE001 -- e.g. the adapter was removed while the request waited
+                s.finish_reason, s.error = "error", (str(e.args[0]) if isinstance(e, KeyError) else str(e))
+                events.append(Event(s, "", True))
+        return ready, events
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while not self._stop and not self._pending and not self.decoder.seqs:
+                        self._cond.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                with self._model_lock:
+                    self._tick()
+        with self._model_lock:
+            self._emit(self.decoder.fail_all("the server is shutting down"))
+            with self._cond:
+                pending, self._pending = list(self._pending), deque()
+            for s in pending:
+                s.finish_reason, s.error = "error", "the server is shutting down"
+            self._emit([Event(s, "", True) for s in pending])
+
+    def _tick(self) -> None:
+        dec = self.decoder
+        joining, events = self._admit()
+        self._emit(events)
+        if joining:
+            try:
+                self._emit(dec.add(joining))
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed")
+                failed = [s for s in joining if not s.finished and s not in dec.seqs]
+                for s in failed:
+                    s.finish_reason, s.error = "error", f"prefill failed: {e}"
+                self._emit([Event(s, "", True) for s in failed])
+        if dec.seqs:
+            self.peak_batch = max(self.peak_batch, len(dec.seqs))
+            try:
+                self._emit(dec.step())
+                self.steps += 1
+            except Exception as e:  # noqa: BLE001
+                log.exception("decode step failed")
+                self._emit(dec.fail_all(f"decoding failed: {e}"))

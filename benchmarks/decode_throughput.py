@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from llama_adapter import AdapterConfig, ModelConfig, Transformer
-from llama_adapter.inference.decoder import generate_tokens
+from llama_adapter.inference.generate import generate_tokens
 
 SHAPE = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True,
              rope_theta=100000.0, max_seq_len=2048, bos_token_id=1, eos_token_ids=[2])

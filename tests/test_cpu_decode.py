@@ -16,7 +16,9 @@ import torch.nn.functional as F
 import llama_adapter as la
 from llama_adapter.backends.cpu import fused_decode as cpu_decode
 from llama_adapter.backends.cpu import kernels as kernels
-from llama_adapter.inference.decoder import BatchDecoder, SamplingParams, Sequence_, generate_tokens, merge_prompt_kv
+from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest, merge_prompt_kv
+from llama_adapter.inference.generate import generate_tokens
+from llama_adapter.inference.sampling import SamplingParams
 from llama_adapter.model import RMSNorm, apply_rope
 from llama_adapter.zero_init_attention import PromptKV
 
@@ -166,6 +168,6 @@ def test_without_kernels_decoding_falls_back_to_pytorch(tiny_base, monkeypatch) 
     assert not cpu_decode.supported(m) and "LLAMA_ADAPTER_CPU_KERNELS=0" in (kernels.native_unavailable() or "")
     assert all(mod.packed is None or mod.packed.kind == "onednn" for mod in m.modules() if hasattr(mod, "packed"))
     dec = BatchDecoder(m, 2, 64)
-    dec.add([Sequence_(m.tokenizer.encode("hello", bos=True), "a", SamplingParams(max_new_tokens=3, temperature=0))])
+    dec.add([DecodeRequest(m.tokenizer.encode("hello", bos=True), "a", SamplingParams(max_new_tokens=3, temperature=0))])
     dec.step()
     assert dec._fused is None and len(dec.seqs[0].out_ids) == 2

@@ -155,7 +155,7 @@ def test_adapter_training_step_equals_stock_ops(tiny_base: Path, monkeypatch: py
 
 
 def test_weights_are_packed_only_when_the_copy_fits_in_memory(tiny_base, monkeypatch, capsys) -> None:
-    from llama_adapter.inference.decoder import generate_tokens
+    from llama_adapter.inference.generate import generate_tokens
     from llama_adapter.model import Linear
 
     m = la.load_model(tiny_base, dtype=torch.bfloat16)

@@ -8,16 +8,10 @@ from torch import nn
 
 import llama_adapter as la
 from llama_adapter.cli import main
-from llama_adapter.inference.decoder import (
-    BatchDecoder,
-    SamplingParams,
-    Sequence_,
-    TextStream,
-    generate,
-    generate_tokens,
-    merge_prompt_kv,
-    stream_generate,
-)
+from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest, merge_prompt_kv
+from llama_adapter.inference.generate import generate, generate_tokens, stream_generate
+from llama_adapter.inference.sampling import SamplingParams
+from llama_adapter.inference.text_stream import TextStream
 from llama_adapter.zero_init_attention import PromptKV
 
 PROMPTS = ["Tell me about alpacas.", "the quick brown fox", "### Instruction:\n1 + 2 =", "The answer is"]
@@ -85,7 +79,7 @@ def test_eos_per_row_stops_early(model):
     dec_steps = []
     try:
         model.config.eos_token_ids = [first[1]]  # make the 2nd token of row 0 an EOS
-        from llama_adapter.inference.decoder import iter_events
+        from llama_adapter.inference.generate import iter_events
 
         ends = {}
         for ev in iter_events(model, [ids, model.tokenizer.encode(PROMPTS[0], bos=True)], max_new_tokens=6,
@@ -180,8 +174,8 @@ def test_random_init_adapter_runs_alone(model):
     model.add_adapter("r", la.AdapterConfig(prompt_length=3, layers=2, init="random"))
     try:
         dec = BatchDecoder(model, 4, 64)
-        s1 = Sequence_(model.tokenizer.encode("hi", bos=True), "a")
-        s2 = Sequence_(model.tokenizer.encode("hi", bos=True), "r")
+        s1 = DecodeRequest(model.tokenizer.encode("hi", bos=True), "a")
+        s2 = DecodeRequest(model.tokenizer.encode("hi", bos=True), "r")
         dec.add([s1])
         assert not dec.can_join(s2)
         out = generate(model, PROMPTS[:2], adapter=["r", "a"], temperature=0.0, max_new_tokens=4)

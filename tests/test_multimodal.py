@@ -323,7 +323,7 @@ def test_server_chat_with_image_content_part(tiny_base: Path, encoder: ImageEnco
     import openai
     from test_server import _Running
 
-    from llama_adapter.inference.decoder import generate
+    from llama_adapter.inference.generate import generate
     from llama_adapter.serving.app import create_app
     from llama_adapter.templates import format_prompt
 

@@ -15,7 +15,7 @@ import torch
 import uvicorn
 
 import llama_adapter as la
-from llama_adapter.inference.decoder import generate
+from llama_adapter.inference.generate import generate
 from llama_adapter.serving.app import create_app
 from llama_adapter.templates import format_prompt
 

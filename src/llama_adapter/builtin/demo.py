@@ -49,7 +49,7 @@ class EvalResult:
 def evaluate(model: Transformer, records: Sequence[dict[str, str]], adapter: str | None = None,
              template: str = "alpaca", max_new_tokens: int = 8, batch_size: int = 64) -> EvalResult:
     """Greedy answers to `records` and exact-match accuracy (overall and per task)."""
-    from llama_adapter.inference.decoder import generate
+    from llama_adapter.inference.generate import generate
 
     prompts = [format_prompt(template, r["instruction"], r.get("input", "")) for r in records]
     outs = generate(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=0.0,

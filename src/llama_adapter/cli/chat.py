@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_adapter.inference.decoder import chat_prompt, stream_generate
+    from llama_adapter.inference.chat import chat_prompt
+    from llama_adapter.inference.generate import stream_generate
 
     kw = sampling_kwargs(args)
     model = load_base(args)

@@ -30,7 +30,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from llama_adapter.inference.decoder import SamplingParams
+    from llama_adapter.inference.sampling import SamplingParams
 
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))

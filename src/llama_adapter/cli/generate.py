@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_adapter.inference.decoder import stream_generate
+    from llama_adapter.inference.generate import stream_generate
 
     kw = sampling_kwargs(args)
     model = load_base(args)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     feats = image_features(model, name, args.image, args.image_encoder) if args.image else None
     try:
         if args.no_stream:
-            from llama_adapter.inference.decoder import generate
+            from llama_adapter.inference.generate import generate
 
             print(generate(model, [prompt], adapter=name, image_features=feats, **kw)[0])
             return 0

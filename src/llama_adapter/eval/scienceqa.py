@@ -282,7 +282,7 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 def greedy_generate(model: Any, prompts: Sequence[str] | Sequence[Sequence[int]], adapter: str | None,
                     max_new_tokens: int = 16, image_features: torch.Tensor | None = None) -> list[str]:
     """Greedy completions (prompts already templated, or token ids) via `llama_adapter.inference.decoder.generate`."""
-    from llama_adapter.inference.decoder import generate
+    from llama_adapter.inference.generate import generate
 
     return list(generate(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=0.0,
                          image_features=image_features, stop=["\n"]))

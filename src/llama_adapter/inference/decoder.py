@@ -1,26 +1,22 @@
-"""Decoding: sampling, batched generation with a different adapter per row, streaming, stop strings.
+"""The decoding engine: `BatchDecoder` runs many requests (any mix of adapters) as one batch.
 
-Everything runs on one engine, `BatchDecoder`: a fixed number of cache slots, the active sequences packed in
-rows 0..n-1. Sequences join between decode steps (their prompts are prefilled in one forward of their own,
-written straight into their cache rows) and leave as soon as they finish (EOS, a stop string or the length
-limit), so one decode step is always one forward pass over exactly the live rows, whatever adapters they use.
-`generate`/`stream_generate` drive it for a list of prompts; `llama_adapter.serving.engine` drives it for the server.
+A fixed number of cache slots, the live requests packed in rows 0..n-1. Requests join between decode steps
+(their prompts are prefilled in one forward of their own, written straight into their cache rows) and leave as
+soon as they finish (EOS, a stop string or the length limit), so one decode step is always one forward pass over
+exactly the live rows, whatever adapters they use. `inference.generate` drives it for a list of prompts;
+`serving.engine` drives it for the server.
 
-Each sequence's adapter prompt keys/values are computed once, when it joins (`model.prompt_kv(name, 1, img)`);
-the batch-level `PromptKV` the forward needs is re-assembled from those only when the batch's membership
-changes (rows without an adapter at a layer get zero keys/values and gate 0; shorter prompts are masked).
-
-    from llama_adapter.inference.decoder import generate, stream_generate
-    texts = generate(model, ["Tell me about alpacas."], adapter="alpaca", temperature=0.0)
-    for row, delta in stream_generate(model, prompts, adapter=["a", None, "b"]):
-        ...   # text deltas per row, in order; each row's deltas concatenate to its completion
+Each request's adapter prompt keys/values are computed once, when it joins (`inference.prompt_cache`); the
+batch-level `PromptKV` the forward needs is assembled from those (`zero_init_attention.batch_prompt_kv`) only when
+the batch's membership changes. The model's compute backend (`backends`) is chosen once, here: its KV-cache
+dtype, its weight layout for decoding and, where it has one, its fused decode step.
 """
 
 from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,120 +24,17 @@ import torch
 from torch import Tensor, nn
 
 from llama_adapter.backends.cpu import fused_decode as cpu_decode
+from llama_adapter.inference.sampling import SamplingParams, sample
+from llama_adapter.inference.text_stream import TextStream
 from llama_adapter.model import KVCache, Transformer
 from llama_adapter.zero_init_attention import PromptKV
 
 PKV = dict[int, PromptKV]
-
-
-# ---- parameters ------------------------------------------------------------------------------------------
-@dataclass
-class SamplingParams:
-    """Decoding settings of one sequence. temperature 0 means greedy; top_k 0 means no top-k cut.
-
-    Defaults are the paper's (temperature 0.1, top-p 0.75). `stop` strings end the completion (the stop
-    string itself is not included). `seed` makes sampling reproducible, independently of the batch.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.1
-    top_p: float = 0.75
-    top_k: int = 0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: always run to max_new_tokens
-
-    def __post_init__(self) -> None:
-        def is_int(x: object) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def is_num(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, not {self.max_new_tokens!r}")
-        if not is_num(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be a number >= 0, not {self.temperature!r}")
-        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, not {self.top_k!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an integer, not {self.seed!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        self.stop = stop
-        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
-        self.top_k = min(self.top_k, 1 << 31)  # beyond any vocabulary; keeps the int64 tensor sane
-
-
-# ---- incremental detokenisation and stop strings -------------------------------------------------------
-class TextStream:
-    """Turns generated token ids into UTF-8-safe text deltas and applies stop strings.
-
-    Decodes a small window (the last emitted token onwards) and diffs against the window's old text, so
-    tokenizers that merge bytes or strip leading spaces (byte-level BPE, sentencepiece) give exact text and
-    a partial multi-byte character (decoded as U+FFFD) is held back until its last byte arrives. Text that
-    could be the start of a stop string is held back too, until it is clear.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tok, self.stop = tokenizer, tuple(stop)
-        self.ids: list[int] = []
-        self._prefix = self._read = 0
-        self.text = ""  # everything decoded so far (cut at a stop string)
-        self._sent = 0  # chars of `text` handed out
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        """Add one token; returns the text that can be emitted now (maybe empty)."""
-        self.ids.append(token_id)
-        if self.tok is None:
-            return ""
-        old = self.tok.decode(self.ids[self._prefix:self._read])
-        new = self.tok.decode(self.ids[self._prefix:])
-        if len(new) > len(old) and not new.endswith("\ufffd"):
-            self._add(new[len(old):])
-            self._prefix, self._read = self._read, len(self.ids)
-        return self._emit(final=False)
-
-    def finish(self) -> str:
-        """The remaining text at the end of the sequence (flushes held-back text)."""
-        if self.tok is not None and not self.stopped:
-            old = self.tok.decode(self.ids[self._prefix:self._read])
-            new = self.tok.decode(self.ids[self._prefix:]).rstrip("\ufffd")
-            if len(new) > len(old):
-                self._add(new[len(old):])
-        return self._emit(final=True)
-
-    def _add(self, delta: str) -> None:
-        if self.stopped:
-            return
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text += delta
-        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-
-    def _emit(self, final: bool) -> str:
-        end = len(self.text)
-        if not final and not self.stopped:
-            for s in self.stop:  # hold back a suffix that may grow into a stop string
-                for n in range(min(len(s) - 1, end - self._sent), 0, -1):
-                    if self.text.endswith(s[:n]):
-                        end = min(end, len(self.text) - n)
-                        break
-        out, self._sent = self.text[self._sent:end], max(self._sent, end)
-        return out
-
-
-# ---- sequences and events ------------------------------------------------------------------------------
 _ids = itertools.count()
 
 
 @dataclass(eq=False)
-class Sequence_:
+class DecodeRequest:
     """One request in the decoder: prompt ids, adapter, sampling settings and the generated state."""
 
     prompt_ids: list[int]
@@ -166,38 +59,11 @@ class Sequence_:
 
 @dataclass
 class Event:
-    seq: Sequence_
+    seq: DecodeRequest
     text: str
     finished: bool
 
 
-# ---- sampling ------------------------------------------------------------------------------------------
-def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor,
-           generators: Sequence[torch.Generator | None]) -> Tensor:
-    """Next tokens [B] from logits [B, V] with per-row temperature / top-p / top-k (temperature 0: argmax).
-
-    Sampling is an exponential race (argmax of p / E, E ~ Exp(1)) with each row's noise drawn from its own
-    generator, so a seeded row gives the same tokens whatever else is in the batch.
-    """
-    greedy = logits.argmax(-1)
-    if not bool((temperature > 0).any()):
-        return greedy
-    x = logits.float() / temperature.clamp_min(1e-5)[:, None]
-    sorted_x, order = x.sort(-1, descending=True)
-    probs = sorted_x.softmax(-1)
-    drop = (probs.cumsum(-1) - probs) > top_p[:, None]  # the first token is always kept
-    ranks = torch.arange(probs.shape[-1], device=probs.device)[None]
-    drop |= (top_k[:, None] > 0) & (ranks >= top_k[:, None])
-    probs = probs.masked_fill(drop, 0.0)
-    noise = torch.empty_like(probs)
-    for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
-    choice = (probs / noise).argmax(-1, keepdim=True)
-    sampled = order.gather(-1, choice)[:, 0]
-    return torch.where(temperature > 0, sampled, greedy)
-
-
-# ---- prompt keys/values of a batch ---------------------------------------------------------------------
 def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
     """Batch-level prompt K/V from per-sequence ones ([1, ...] each, or None for base rows).
 
@@ -255,7 +121,6 @@ def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
 _PROMPT_KV: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], PKV | None]] = weakref.WeakKeyDictionary()
 
 
-# ---- the engine ----------------------------------------------------------------------------------------
 class BatchDecoder:
     """Fixed cache slots; live sequences packed in rows 0..n-1; one forward per decode step.
 
@@ -279,7 +144,7 @@ class BatchDecoder:
         # fp32 keys/values on CPUs: small bf16 batched matmuls are slow there (cpu_kernels.decode_attention)
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else model.tok_embeddings.weight.dtype
         self.cache: KVCache = model.new_cache(max_batch, self.max_len, dtype=self.kv_dtype)
-        self.seqs: list[Sequence_] = []
+        self.seqs: list[DecodeRequest] = []
         self._last = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pkv: PKV | None = None
@@ -296,7 +161,7 @@ class BatchDecoder:
         a = self.model.adapters[name] if name is not None and name in self.model.adapters else None
         return a is not None and a.cfg.init == "random"  # type: ignore[union-attr]
 
-    def can_join(self, seq: Sequence_, others: Sequence[Sequence_] = ()) -> bool:
+    def can_join(self, seq: DecodeRequest, others: Sequence[DecodeRequest] = ()) -> bool:
         """Rand-init adapters only share a batch with sequences of the same adapter."""
         live = [*self.seqs, *others]
         if not live:
@@ -305,7 +170,7 @@ class BatchDecoder:
             return all(s.adapter == seq.adapter for s in live) and seq.image_features is None
         return True
 
-    def prompt_kv_for(self, seq: Sequence_) -> PKV | None:
+    def prompt_kv_for(self, seq: DecodeRequest) -> PKV | None:
         if seq.adapter is None:
             return None
         if seq.image_features is not None:
@@ -330,7 +195,7 @@ class BatchDecoder:
         if name in self.model.adapters:
             _PROMPT_KV.pop(self.model.adapters[name], None)
 
-    def _init_seq(self, seq: Sequence_) -> None:
+    def _init_seq(self, seq: DecodeRequest) -> None:
         p = seq.params
         seq.stream = TextStream(self.tokenizer, p.stop)
         seq.out_ids = []
@@ -339,7 +204,7 @@ class BatchDecoder:
             seq.generator.manual_seed(p.seed % (1 << 64))  # any integer, negative or huge
 
     @torch.no_grad()
-    def add(self, seqs: Sequence[Sequence_]) -> list[Event]:
+    def add(self, seqs: Sequence[DecodeRequest]) -> list[Event]:
         """Prefill `seqs` into free slots (raises if there are not enough); returns their first events."""
         if len(seqs) > self.free:
             raise ValueError(f"{len(seqs)} sequences for {self.free} free slots")
@@ -383,7 +248,7 @@ class BatchDecoder:
         events += self._accept(tokens.tolist(), first_row=n)
         return events
 
-    def cancel(self, seq: Sequence_) -> None:
+    def cancel(self, seq: DecodeRequest) -> None:
         """Mark a sequence cancelled; it leaves the batch at the next `step` (or `add`)."""
         seq.cancelled = True
 
@@ -398,7 +263,7 @@ class BatchDecoder:
         return events
 
     # ---- decoding ------------------------------------------------------------------------------------
-    def _make_knobs(self, seqs: Sequence[Sequence_]) -> tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]]:
+    def _make_knobs(self, seqs: Sequence[DecodeRequest]) -> tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]]:
         d = self.device
         temp = torch.tensor([s.params.temperature for s in seqs], device=d)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=d)
@@ -483,142 +348,3 @@ class BatchDecoder:
             self._last, self._pos = self._last[:m], self._pos[:m]
         self.seqs = [self.seqs[i] for i in keep]
         self._pkv = self._knobs = self._fused = None
-
-
-# ---- offline API ---------------------------------------------------------------------------------------
-def _encode_prompts(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            if model.tokenizer is None:
-                raise ValueError("the model has no tokenizer; pass token ids instead of text")
-            out.append(model.tokenizer.encode(p, bos=True))
-        else:
-            out.append([int(t) for t in p])
-    return out
-
-
-def _row_adapters(adapter: str | None | Sequence[str | None], n: int) -> list[str | None]:
-    rows = [adapter] * n if adapter is None or isinstance(adapter, str) else list(adapter)
-    if len(rows) != n:
-        raise ValueError(f"{len(rows)} adapter entries for {n} prompts")
-    return rows  # type: ignore[return-value]
-
-
-def iter_events(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-                adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-                temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0, stop: Sequence[str] | None = None,
-                seed: int | None = None, image_features: Tensor | None = None, max_batch_size: int = 32,
-                ignore_eos: bool = False, on_step: Callable[[], None] | None = None) -> Iterator[Event]:
-    """The events behind `generate`/`stream_generate` (Event.seq.tag is the prompt's index)."""
-    ids = _encode_prompts(model, prompts)
-    rows = _row_adapters(adapter, len(ids))
-    if image_features is not None and image_features.shape[0] != len(ids):
-        raise ValueError(f"image_features has {image_features.shape[0]} rows for {len(ids)} prompts")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos)
-    ctx = model.config.max_seq_len
-    for i, p in enumerate(ids):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        if len(p) >= ctx:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {ctx}")
-    for r in rows:
-        if r is not None and r not in model.adapters:
-            raise KeyError(f"no adapter named {r!r} (loaded: {', '.join(model.adapters) or 'none'})")
-    seqs = [Sequence_(p, rows[i], params, None if image_features is None else image_features[i:i + 1], tag=i)
-            for i, p in enumerate(ids)]
-    if not seqs:
-        return
-    max_len = min(ctx, max(len(p) for p in ids) + max_new_tokens + 1)
-    dec = BatchDecoder(model, min(max_batch_size, len(seqs)), max_len)
-    waiting = list(reversed(seqs))
-    while waiting or dec.seqs:
-        joining: list[Sequence_] = []
-        while waiting and len(joining) < dec.free and dec.can_join(waiting[-1], joining):
-            joining.append(waiting.pop())
-        events = dec.add(joining) if joining else []
-        if dec.seqs:
-            events += dec.step()
-            if on_step is not None:
-                on_step()
-        yield from events
-
-
-def generate(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-             adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-             temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0, stop: Sequence[str] | None = None,
-             seed: int | None = None, image_features: Tensor | None = None, max_batch_size: int = 32) -> list[str]:
-    """Completions (text after the prompt) for a batch of prompts.
-
-    Text prompts are encoded as is with BOS prepended (apply templates before); token-id prompts are used
-    verbatim. `adapter`: one name for all rows, None (the base), or one entry per prompt. temperature 0 is
-    greedy. With `seed`, every row samples from its own generator seeded with `seed`, so a row's output does
-    not depend on the other rows. `image_features` [B, F]: one row per prompt for multi-modal adapters.
-    Up to `max_batch_size` rows decode together; the rest join as rows finish.
-    """
-    out = [""] * len(prompts)
-    for ev in iter_events(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, stop=stop, seed=seed, image_features=image_features,
-                          max_batch_size=max_batch_size):
-        out[ev.seq.tag] += ev.text
-    return out
-
-
-def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], *,
-                    adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-                    temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0, seed: int | None = None,
-                    image_features: Tensor | None = None, max_batch_size: int = 32,
-                    ignore_eos: bool = False) -> list[list[int]]:
-    """Generated token ids (no EOS) per prompt; works without a tokenizer (benchmarks)."""
-    out: list[list[int]] = [[] for _ in prompts]
-    for ev in iter_events(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, seed=seed, image_features=image_features,
-                          max_batch_size=max_batch_size, ignore_eos=ignore_eos):
-        if ev.finished:
-            out[ev.seq.tag] = list(ev.seq.out_ids)
-    return out
-
-
-def stream_generate(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-                    adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-                    temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0,
-                    stop: Sequence[str] | None = None, seed: int | None = None,
-                    image_features: Tensor | None = None, max_batch_size: int = 32) -> Iterator[tuple[int, str]]:
-    """Like `generate`, but yields `(row_index, text_delta)` as tokens are decoded.
-
-    Deltas are non-empty, UTF-8 safe (no partial characters) and never contain (a prefix of) a stop string
-    that later completes; each row's deltas concatenate to exactly its `generate` completion. Closing the
-    iterator (e.g. on Ctrl-C) stops decoding.
-    """
-    for ev in iter_events(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, stop=stop, seed=seed, image_features=image_features,
-                          max_batch_size=max_batch_size):
-        if ev.text:
-            yield ev.seq.tag, ev.text
-
-
-# ---- prompts for chat ----------------------------------------------------------------------------------
-def chat_prompt(messages: Sequence[tuple[str, str]], template: str | None) -> str:
-    """The prompt text of a conversation [(role, text), ...] ending with a user turn.
-
-    With a template, each user turn is formatted as an instruction (system text is prepended to the first
-    instruction) and previous assistant answers follow their instruction's response marker. Without one, a
-    plain "User:/Assistant:" transcript.
-    """
-    from llama_adapter.templates import format_prompt
-
-    system = "\n".join(t for r, t in messages if r == "system")
-    turns = [(r, t) for r, t in messages if r != "system"]
-    parts: list[str] = []
-    first = True
-    for role, text in turns:
-        if role == "user":
-            instr = f"{system}\n\n{text}" if first and system else text
-            first = False
-            parts.append(format_prompt(template, instr) if template else f"User: {text}\nAssistant:")
-        else:  # assistant
-            parts.append((" " if not template else "") + text + ("\n\n" if template else "\n"))
-    if not template and system:
-        parts.insert(0, system + "\n")
-    return "".join(parts)

@@ -33,7 +33,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_adapter.inference.decoder import Event, SamplingParams, Sequence_, chat_prompt
+from llama_adapter.inference.chat import chat_prompt
+from llama_adapter.inference.decoder import DecodeRequest, Event
+from llama_adapter.inference.sampling import SamplingParams
 from llama_adapter.model import Transformer
 from llama_adapter.serving.engine import QueueFull, Scheduler
 
@@ -224,7 +226,7 @@ class Server:
             self._encoders[enc_dir] = ImageEncoder.load(enc_dir, device=self.model.tok_embeddings.weight.device)
         return self._encoders[enc_dir].encode([image])
 
-    async def run(self, request: Request, seqs: list[Sequence_]) -> asyncio.Queue[Event]:
+    async def run(self, request: Request, seqs: list[DecodeRequest]) -> asyncio.Queue[Event]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
         try:
@@ -234,13 +236,13 @@ class Server:
                            code="queue_full") from None
         return q
 
-    def cancel(self, seqs: list[Sequence_]) -> None:
+    def cancel(self, seqs: list[DecodeRequest]) -> None:
         for s in seqs:
             if not s.finished:
                 self.scheduler.cancel(s)
 
 
-def _error_from_seq(s: Sequence_) -> APIError:
+def _error_from_seq(s: DecodeRequest) -> APIError:
     msg = s.error or "generation failed"
     if "no adapter named" in msg:
         return APIError(404, f"the model was removed: {msg}", code="model_not_found")
@@ -346,7 +348,7 @@ def create_app(model: Transformer, *, base_name: str = "base", api_key: str | No
         return {"id": name, "object": "model", "deleted": True}
 
     # ---- completions --------------------------------------------------------------------------------
-    async def collect(request: Request, seqs: list[Sequence_]) -> list[str]:
+    async def collect(request: Request, seqs: list[DecodeRequest]) -> list[str]:
         q = await srv.run(request, seqs)
         texts = [""] * len(seqs)
         left = len(seqs)
@@ -367,7 +369,7 @@ def create_app(model: Transformer, *, base_name: str = "base", api_key: str | No
         finally:
             srv.cancel(seqs)
 
-    def usage(seqs: list[Sequence_]) -> dict[str, int]:
+    def usage(seqs: list[DecodeRequest]) -> dict[str, int]:
         p = sum(len(s.prompt_ids) for s in seqs)
         c = sum(len(s.out_ids) for s in seqs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -375,7 +377,7 @@ def create_app(model: Transformer, *, base_name: str = "base", api_key: str | No
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream(request: Request, seqs: list[Sequence_], chunk: Any, include_usage: bool,
+    async def stream(request: Request, seqs: list[DecodeRequest], chunk: Any, include_usage: bool,
                      first: list[dict[str, Any]] | None = None) -> StreamingResponse:
         q = await srv.run(request, seqs)
 
@@ -425,7 +427,7 @@ def create_app(model: Transformer, *, base_name: str = "base", api_key: str | No
             raise _bad("'prompt' must be a string, a list of strings, or token ids", param="prompt")
         if len(prompts) > srv.scheduler.max_queue + srv.scheduler.decoder.max_batch:
             raise _bad("too many prompts in one request", param="prompt")
-        seqs = [Sequence_(srv.encode(p), adapter, params, tag=i) for i, p in enumerate(prompts)]
+        seqs = [DecodeRequest(srv.encode(p), adapter, params, tag=i) for i, p in enumerate(prompts)]
         rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body["model"]
 
         def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
@@ -453,7 +455,7 @@ def create_app(model: Transformer, *, base_name: str = "base", api_key: str | No
         except ValueError as e:
             raise APIError(500, f"the adapter's template cannot be used: {e}", type="server_error") from None
         feats = await asyncio.to_thread(srv.image_features, adapter, images[0]) if images else None
-        seqs = [Sequence_(srv.encode(prompt), adapter, params, image_features=feats, tag=0)]
+        seqs = [DecodeRequest(srv.encode(prompt), adapter, params, image_features=feats, tag=0)]
         rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body["model"]
 
         def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llama_adapter.inference.decoder import BatchDecoder, Event, Sequence_
+from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest, Event
 from llama_adapter.model import Transformer
 
 log = logging.getLogger("llama_adapter.serving.engine")
@@ -39,7 +39,7 @@ class Scheduler:
         self.decoder = BatchDecoder(model, max_batch_size, max_len)
         self.max_len = self.decoder.max_len
         self.max_queue = max_queue
-        self._pending: deque[Sequence_] = deque()
+        self._pending: deque[DecodeRequest] = deque()
         self._sinks: dict[int, Sink] = {}
         self._cond = threading.Condition()
         self._model_lock = threading.RLock()  # model + adapters + decoder; held for each step
@@ -70,7 +70,7 @@ class Scheduler:
             yield self.model
 
     # ---- requests -------------------------------------------------------------------------------------
-    def submit(self, seqs: Sequence[Sequence_], sink: Sink) -> None:
+    def submit(self, seqs: Sequence[DecodeRequest], sink: Sink) -> None:
         """Queue sequences (all or none); raises QueueFull when the queue cannot take them."""
         with self._cond:
             if self._stop:
@@ -82,7 +82,7 @@ class Scheduler:
                 self._pending.append(s)
             self._cond.notify_all()
 
-    def cancel(self, seq: Sequence_) -> None:
+    def cancel(self, seq: DecodeRequest) -> None:
         seq.cancelled = True
         with self._cond:
             self._cond.notify_all()
@@ -111,8 +111,8 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 -- a dead consumer must not stop the loop
                     log.exception("event sink failed")
 
-    def _admit(self) -> tuple[list[Sequence_], list[Event]]:
-        joining: list[Sequence_] = []
+    def _admit(self) -> tuple[list[DecodeRequest], list[Event]]:
+        joining: list[DecodeRequest] = []
         events: list[Event] = []
         dec = self.decoder
         with self._cond:

@@ -31,15 +31,31 @@ def make_encoder(path: Path, image_size: int, seed: int) -> Path:
     """A small CLIP-architecture vision tower, random init (frozen: only the projection learns)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=image_size, patch_size=8, projection_dim=32)
+    cfg = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=32,
+    )
     torch.manual_seed(seed)
     CLIPVisionModelWithProjection(cfg).eval().save_pretrained(path)
-    pre = {"do_resize": True, "size": {"shortest_edge": image_size}, "do_center_crop": True,
-           "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
-           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-           "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "do_convert_rgb": True,
-           "image_processor_type": "CLIPImageProcessor"}
+    pre = {
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "do_convert_rgb": True,
+        "image_processor_type": "CLIPImageProcessor",
+    }
     (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
     return path
 
@@ -79,8 +95,11 @@ def main() -> int:
     ap.add_argument("--prompt-length", type=int, default=10)
     ap.add_argument("--layers", type=int, default=None, help="adapted layers (default: all, at most 30)")
     ap.add_argument("--template", default="plain")
-    ap.add_argument("--answer-format", default="The answer is ({letter}).",
-                    help="training target with {letter} / {text} (default: ScienceQA's 'The answer is ({letter}).')")
+    ap.add_argument(
+        "--answer-format",
+        default="The answer is ({letter}).",
+        help="training target with {letter} / {text} (default: ScienceQA's 'The answer is ({letter}).')",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -97,15 +116,18 @@ def main() -> int:
         to_record,
         write_jsonl,
     )
-    from llama_adapter.multimodal.features import ImageEncoder, projection_parameter_count
-    from llama_adapter.training.loop import TrainConfig, train
+    from llama_adapter.multimodal.encoder import ImageEncoder
+    from llama_adapter.zero_init_attention import projection_parameter_count
+    from llama_adapter.training.config import TrainConfig
+    from llama_adapter.training.loop import train
 
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base, base_label = resolve_base(args.base, out)
-    data = make_shapes_dataset(out / "shapes", n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                               image_size=args.image_size)
+    data = make_shapes_dataset(
+        out / "shapes", n_train=args.n_train, n_test=args.n_test, seed=args.seed, image_size=args.image_size
+    )
     enc_dir = make_encoder(out / "clip", args.image_size, args.seed)
     train_p, test_p = load_official(data, "train"), load_official(data, "test")
     recs = [to_record(p, answer_format=args.answer_format) for p in train_p]
@@ -117,24 +139,45 @@ def main() -> int:
     for name, rows, encoder_dir in (("text-only", text_recs, None), ("image-conditioned", recs, str(enc_dir))):
         t = time.time()
         model = la.load_model(base, dtype=torch.float32)
-        cfg = TrainConfig(base=base, out=str(out / name), template=args.template, epochs=args.epochs,
-                          warmup_epochs=min(1.0, args.epochs / 4), batch_size=args.batch_size,
-                          micro_batch=args.batch_size, lr=args.lr, prompt_length=args.prompt_length,
-                          layers=args.layers, dtype="float32", seed=args.seed, image_encoder=encoder_dir,
-                          feature_cache=str(out / "feature_cache") if encoder_dir else None, progress=False)
+        cfg = TrainConfig(
+            base=base,
+            out=str(out / name),
+            template=args.template,
+            epochs=args.epochs,
+            warmup_epochs=min(1.0, args.epochs / 4),
+            batch_size=args.batch_size,
+            micro_batch=args.batch_size,
+            lr=args.lr,
+            prompt_length=args.prompt_length,
+            layers=args.layers,
+            dtype="float32",
+            seed=args.seed,
+            image_encoder=encoder_dir,
+            feature_cache=str(out / "feature_cache") if encoder_dir else None,
+            progress=False,
+        )
         res = train(cfg, model=model, records=[dict(r) for r in rows])
         eval_model = la.load_model(base, dtype=torch.float32)
         adapter = eval_model.load_adapter(res.adapter_path, "demo")
         enc = ImageEncoder.load(encoder_dir) if adapter.visual_proj is not None else None
-        rows_out = evaluate(eval_model, "demo", test_p, template=args.template, encoder=enc, batch_size=32,
-                            max_new_tokens=8)
+        rows_out = evaluate(
+            eval_model, "demo", test_p, template=args.template, encoder=enc, batch_size=32, max_new_tokens=8
+        )
         write_jsonl(out / name / "predictions.jsonl", rows_out)
         acc = group_accuracy(rows_out)
         timings[name] = time.time() - t
-        results[name] = {"accuracy": acc, "n_trainable": res.n_trainable, "final_train_loss": res.final_train_loss,
-                         "steps": res.steps, "seconds": round(timings[name], 1)}
-        print(f"{name}: {acc['Average']['acc']:.2f}% ({res.n_trainable:,} trainable, loss "
-              f"{res.final_train_loss:.3f}, {timings[name]:.0f}s)", flush=True)
+        results[name] = {
+            "accuracy": acc,
+            "n_trainable": res.n_trainable,
+            "final_train_loss": res.final_train_loss,
+            "steps": res.steps,
+            "seconds": round(timings[name], 1),
+        }
+        print(
+            f"{name}: {acc['Average']['acc']:.2f}% ({res.n_trainable:,} trainable, loss "
+            f"{res.final_train_loss:.3f}, {timings[name]:.0f}s)",
+            flush=True,
+        )
 
     table = format_table({f"{k} adapter (this demo)": v["accuracy"] for k, v in results.items()} | PAPER_TABLE2)
     chance = 100 * (0.5 / 4 + 0.5 / 3)
@@ -145,17 +188,24 @@ def main() -> int:
     for f in checkpoint_files(base_dir(base)):
         digest.update(f.read_bytes())
     summary = {
-        "base": base_label, "base_weights_sha256": digest.hexdigest()[:16],
+        "base": base_label,
+        "base_weights_sha256": digest.hexdigest()[:16],
         "encoder": "CLIP-architecture ViT, 4 layers, width 128, patch 8, random init, frozen",
-        "n_train": len(recs), "n_test": len(test_p), "chance_accuracy": round(chance, 2), "args": vars(args),
-        "projection_parameters_7b_vit_l14": projection_parameter_count(), "results": results,
+        "n_train": len(recs),
+        "n_test": len(test_p),
+        "chance_accuracy": round(chance, 2),
+        "args": vars(args),
+        "projection_parameters_7b_vit_l14": projection_parameter_count(),
+        "results": results,
         "total_seconds": round(time.time() - t0, 1),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print()
     print(table)
-    print(f"\nchance (uniform guess): {chance:.2f}%; colour questions -> NAT / G1-6, shape questions -> SOC / "
-          "G7-12; all have an image and no text context (IMG)")
+    print(
+        f"\nchance (uniform guess): {chance:.2f}%; colour questions -> NAT / G1-6, shape questions -> SOC / "
+        "G7-12; all have an image and no text context (IMG)"
+    )
     print(f"total {time.time() - t0:.0f}s; results in {out / 'results.json'}")
     return 0
 

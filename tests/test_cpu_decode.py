@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_adapter as la
+from llama_adapter.backends import backend_of
 from llama_adapter.backends.cpu import fused_decode as cpu_decode
 from llama_adapter.backends.cpu import kernels as kernels
 from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest, merge_prompt_kv
@@ -110,7 +111,7 @@ def _bf16_model(path, adapters=(("a", 4, 3), ("b", 2, 4), ("fresh", 5, 4))) -> l
         if name != "fresh":
             with torch.no_grad():
                 a.gates.normal_(0, 2.0)
-    m.pack_for_decoding()
+    backend_of(m).prepare_decoding()
     return m
 
 

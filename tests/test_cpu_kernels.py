@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import llama_adapter as la
+from llama_adapter.backends import backend_of
 from llama_adapter.backends.cpu import kernels as kernels
 from llama_adapter.zero_init_attention import PromptKV
 
@@ -155,8 +156,8 @@ def test_adapter_training_step_equals_stock_ops(tiny_base: Path, monkeypatch: py
 
 
 def test_weights_are_packed_only_when_the_copy_fits_in_memory(tiny_base, monkeypatch, capsys) -> None:
+    from llama_adapter.backends.cpu import PackedLinear as Linear
     from llama_adapter.inference.generate import generate_tokens
-    from llama_adapter.model import Linear
 
     m = la.load_model(tiny_base, dtype=torch.bfloat16)
     ids = [m.tokenizer.encode("hello there", bos=True)]
@@ -165,11 +166,11 @@ def test_weights_are_packed_only_when_the_copy_fits_in_memory(tiny_base, monkeyp
         if isinstance(mod, Linear):
             mod.packed = None
     monkeypatch.setattr(kernels, "available_memory", lambda: 4096)  # no room for a second copy of the weights
-    m.pack_for_decoding()
+    backend_of(m).prepare_decoding()
     assert all(mod.packed is None for mod in m.modules() if isinstance(mod, Linear))
     assert "not packing weights" in capsys.readouterr().err
     assert len(generate_tokens(m, ids, max_new_tokens=5, temperature=0.0)[0]) == len(plain[0])  # still decodes
     monkeypatch.setattr(kernels, "available_memory", lambda: None)  # unknown: pack
-    m.pack_for_decoding()
+    backend_of(m).prepare_decoding()
     if kernels.pack_linear(m.layers[0].attention.wo.weight) is not None:
         assert all(mod.packed is not None for mod in m.modules() if isinstance(mod, Linear))

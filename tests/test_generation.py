@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import llama_adapter as la
+from llama_adapter.backends import backend_of
 from llama_adapter.cli import main
 from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest, merge_prompt_kv
 from llama_adapter.inference.generate import generate, generate_tokens, stream_generate
@@ -225,7 +226,7 @@ def test_bf16_cpu_decode_path_computes_the_models_logits(tiny_base):
     m.add_adapter("fresh", la.AdapterConfig(prompt_length=5, layers=4))
     with torch.no_grad():
         a.gates.normal_(0, 2.0)
-    m.pack_for_decoding()
+    backend_of(m).prepare_decoding()
     ids = torch.randint(3, m.config.vocab_size, (2, 9))
 
     def decode(adapter):

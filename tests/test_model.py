@@ -249,7 +249,7 @@ def test_7b_adapter_size(tmp_path: Path) -> None:
 
 
 def test_prompt_kv_projected_once_per_forward_and_reused_by_decode(tiny_base: Path, monkeypatch) -> None:
-    import llama_adapter.model as lm
+    import llama_adapter.adapter_batch as lm  # where the batch plan projects the prompts
 
     model = la.load_model(tiny_base, dtype=torch.float32)
     model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=3))

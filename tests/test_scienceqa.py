@@ -156,7 +156,8 @@ def test_eval_cli_end_to_end(sqa: Path, tiny_base: Path, tmp_path: Path, capsys:
     from test_multimodal import make_clip
 
     from llama_adapter.adapter_file import save_adapter
-    from llama_adapter.multimodal.features import ImageEncoder, attach_visual_projection
+    from llama_adapter.multimodal.encoder import ImageEncoder
+    from llama_adapter.multimodal.features import attach_visual_projection
 
     clip = make_clip(tmp_path / "clip")
     model = la.load_model(tiny_base, dtype=torch.float32)

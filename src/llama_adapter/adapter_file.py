@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,19 +17,28 @@ from safetensors.torch import save_file
 
 from llama_adapter.config import ModelConfig
 from llama_adapter.errors import AdapterError
-from llama_adapter.model import Transformer
-from llama_adapter.zero_init_attention import Adapter, AdapterConfig
+from llama_adapter.zero_init_attention import Adapter, AdapterConfig, VisualProjection
 
 FORMAT = "llama-adapter"
 FORMAT_VERSION = "1"
 FINGERPRINT_KEYS = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size")
 
 
+class AdaptableModel(Protocol):
+    """What adapter files need of a model (`llama_adapter.model.Transformer` has it; this module never imports it,
+    so the model may offer `load_adapter` without an import circle)."""
+
+    config: ModelConfig
+    adapters: Any
+
+    def add_adapter(self, name: str, cfg: AdapterConfig | None = None) -> Adapter: ...
+
+
 def fingerprint(cfg: ModelConfig) -> dict[str, int]:
     return {k: int(getattr(cfg, k)) for k in FINGERPRINT_KEYS}
 
 
-def save_adapter(model: Transformer, name: str, path: str | Path, extra: dict[str, Any] | None = None,
+def save_adapter(model: AdaptableModel, name: str, path: str | Path, extra: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter `name` atomically (temp file + rename)."""
     a: Adapter = model.adapters[name]  # type: ignore[assignment]
@@ -43,7 +52,7 @@ def save_adapter(model: Transformer, name: str, path: str | Path, extra: dict[st
     meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (extra or {}).items()})
     meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": json.dumps(a.cfg.to_dict()),
                  "base": json.dumps(fingerprint(model.config)), "dtype": str(dtype).removeprefix("torch.")})
-    if a.visual_proj is not None and hasattr(a.visual_proj, "config_dict"):
+    if isinstance(a.visual_proj, VisualProjection):
         meta["visual"] = json.dumps(a.visual_proj.config_dict())
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -71,7 +80,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tens
     return meta, tensors
 
 
-def load_adapter(model: Transformer, path: str | Path, name: str | None = None) -> Adapter:
+def load_adapter(model: AdaptableModel, path: str | Path, name: str | None = None) -> Adapter:
     path = Path(path)
     meta, tensors = read_adapter(path)
     base = json.loads(meta["base"])
@@ -90,9 +99,7 @@ def load_adapter(model: Transformer, path: str | Path, name: str | None = None) 
         adapter.gates.copy_(tensors["gates"])
     visual = {k.removeprefix("visual_proj."): v for k, v in tensors.items() if k.startswith("visual_proj.")}
     if visual:
-        from llama_adapter.multimodal.features import build_visual_projection
-
-        proj = build_visual_projection(json.loads(meta.get("visual", "{}")), model.config.dim)
+        proj = VisualProjection.from_config(json.loads(meta.get("visual", "{}")), model.config.dim)
         proj.load_state_dict(visual)
         adapter.visual_proj = proj.to(adapter.prompts.device)
     adapter.meta = {k: v for k, v in meta.items()

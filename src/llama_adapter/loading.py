@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from llama_adapter.backends import install as install_backend
 from llama_adapter.config import ModelConfig
 from llama_adapter.errors import CheckpointError
 from llama_adapter.model import Transformer
@@ -98,6 +99,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     del state
     model.freeze_base()
     model.eval()
+    install_backend(model)  # the compute backend for this device, chosen once (llama_adapter.backends)
     model.source = str(p)
     tok_file = find_tokenizer(p) if tokenizer else None
     model.tokenizer = Tokenizer.from_file(tok_file, cfg) if tok_file else None

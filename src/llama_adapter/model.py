@@ -3,29 +3,29 @@
 RMSNorm, rotary embeddings (with Llama-3.1 scaling), SwiGLU, grouped-query attention, optional q/k/v bias,
 tied or untied embeddings, and a static KV cache with per-row positions (rows of a batch may be at different
 lengths, which is what batched and continuous decoding need). Adapters live in `model.adapters`; a forward
-pass picks one per batch row.
+pass picks one per batch row (`adapter_batch`), and each attention layer computes the method's zero-init
+attention (`zero_init_attention.ZeroInitAttention`).
+
+No device branches: the model is plain PyTorch everywhere. A compute backend (`llama_adapter.backends`, chosen
+once when a base is loaded) swaps faster modules in from outside, as gpt-fast's quantiser swaps `Linear`s.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama_adapter.backends.cpu import kernels as cpu_kernels
+from llama_adapter.adapter_batch import AdapterSpec, KVWeights, LazyPromptKV, PromptPlan
 from llama_adapter.config import ModelConfig
-from llama_adapter.zero_init_attention import Adapter, AdapterConfig, PromptKV, gated_prompt_attention, prompt_kv
-
-AdapterSpec = str | None | Sequence[str | None]
-LazyPromptKV = Callable[["Attention"], "PromptKV | None"]
-_GQA_SDPA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+from llama_adapter.tokenizer import Tokenizer
+from llama_adapter.zero_init_attention import Adapter, AdapterConfig, PromptKV, ZeroInitAttention
 
 
 class RMSNorm(nn.Module):
@@ -35,20 +35,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if cpu_kernels.use_cpu_training_kernels(x):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear that, once `Transformer.pack_for_decoding` packed its frozen weight, decodes through the pack."""
-
-    packed: cpu_kernels.PackedWeight | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return cpu_kernels.linear(x, self.weight, self.bias, self.packed)
 
 
 def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> Tensor:
@@ -95,10 +84,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.wqkv = Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.wo = Linear(self.q_size, cfg.dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.q_size, cfg.dim, bias=False)
+        self.attend = ZeroInitAttention()  # eq. 5-8; a backend may swap in a faster subclass
 
-    def kv_weights(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def kv_weights(self) -> KVWeights:
+        """The frozen key/value projections (weights, biases) through which the prompts pass (eq. 2-4)."""
         w, b, q = self.wqkv.weight, self.wqkv.bias, self.q_size
         wk, wv = w[q : q + self.kv_size], w[q + self.kv_size :]
         if b is None:
@@ -109,7 +100,7 @@ class Attention(nn.Module):
                 cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
                 pkv: PromptKV | LazyPromptKV | None) -> Tensor:
         if callable(pkv):
-            pkv = pkv(self)
+            pkv = pkv(self.kv_weights())
         B, T, _ = x.shape
         qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # one rotation for queries and keys together: [B, H + n_kv, T, d]
@@ -121,42 +112,16 @@ class Attention(nn.Module):
             kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
             vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
-        # one new token per row against a cache on a CPU: cpu_kernels.decode_attention, in the cache's dtype
-        decode_on_cpu = T == 1 and mask is not None and q.device.type == "cpu"
-        if pkv is not None and pkv.random_init:  # Table-5 baseline: one softmax over [prompts; tokens]
-            Kp = pkv.k.shape[2]
-            k, v = torch.cat([pkv.k, k], dim=2), torch.cat([pkv.v, v], dim=2)
-            causal = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            causal = causal.expand(B, 1, T, -1) if causal.dim() == 4 else causal.expand(B, 1, T, T)
-            mask = torch.cat([causal.new_ones(B, 1, T, Kp), causal], dim=-1)
-            y = cpu_kernels.decode_attention(q, k, v, mask) if decode_on_cpu else self._sdpa(q, k, v, mask, False)
-        elif decode_on_cpu:
-            y = cpu_kernels.decode_attention(q, k, v, mask, pkv)  # token and gated prompt attention at once
-        else:
-            y = self._sdpa(q, k, v, mask, causal=mask is None and T > 1)
-            if pkv is not None:
-                y = y + gated_prompt_attention(q, pkv)
+        y = self.attend(q, k, v, mask, pkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
-
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        if causal and mask is None and cpu_kernels.use_cpu_training_kernels(q):
-            return cpu_kernels.causal_attention(q, k, v)
-        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp32 CPU decoding cache feeding a prefill
-        if self.n_kv == self.n_heads:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        if _GQA_SDPA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        rep = self.n_heads // self.n_kv  # torch < 2.5
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.hidden = cfg.hidden_dim
-        self.w13 = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate and up, fused
-        self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)
@@ -178,64 +143,6 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-@dataclass
-class PromptPlan:
-    """Which adapter each batch row uses; `layer(li, attention)` projects that layer's prompts.
-
-    Per layer, so the projection can run inside the layer's own forward (where FSDP has unsharded its
-    frozen k/v weights) or all at once before decoding (`Transformer.prompt_kv`).
-    """
-
-    config: ModelConfig
-    adapters: dict[str, Adapter]
-    group_rows: dict[str, Tensor]
-    offsets: dict[str, Tensor]
-    batch_size: int
-    has_base_rows: bool
-    random_init: bool
-
-    @property
-    def first(self) -> int:
-        return min(a.first_layer for a in self.adapters.values())
-
-    def layer(self, li: int, attention: Attention) -> PromptKV | None:
-        c, B = self.config, self.batch_size
-        kmax = max(a.cfg.prompt_length for a in self.adapters.values())
-        single = len(self.adapters) == 1 and not self.has_base_rows
-        wk, wv, bk, bv = attention.kv_weights()
-        k = v = gate = mask = None
-        if not single:
-            shape = (B, c.n_kv_heads, kmax, c.head_dim)
-            k, v = wk.new_zeros(shape), wk.new_zeros(shape)
-            gate = torch.zeros(B, c.n_heads, device=wk.device)
-            if any(a.cfg.prompt_length < kmax for a in self.adapters.values()):
-                mask = torch.ones(B, 1, 1, kmax, dtype=torch.bool, device=wk.device)
-        for n, a in self.adapters.items():
-            if li < a.first_layer:
-                continue
-            j, idx = li - a.first_layer, self.group_rows[n]
-            p = a.prompts[j][None]  # [1, K, dim]
-            if n in self.offsets:
-                p = p + self.offsets[n].index_select(0, idx)[:, None, :]
-            pk, pv = prompt_kv(p, wk, wv, bk, bv, c.n_kv_heads, c.head_dim)
-            g = a.gate_values()[j]
-            if single:
-                return PromptKV(pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), g.expand(B, -1),
-                                random_init=self.random_init)
-            assert k is not None and v is not None and gate is not None
-            K, n_rows = a.cfg.prompt_length, len(idx)
-            pad = (0, 0, 0, kmax - K)
-            k = k.index_copy(0, idx, F.pad(pk, pad).expand(n_rows, -1, -1, -1))
-            v = v.index_copy(0, idx, F.pad(pv, pad).expand(n_rows, -1, -1, -1))
-            gate = gate.index_copy(0, idx, g.expand(n_rows, -1))
-            if mask is not None and K < kmax:
-                mask[idx, :, :, K:] = False
-        if k is None or single:
-            return None
-        assert v is not None and gate is not None
-        return PromptKV(k, v, gate, random_init=self.random_init, mask=mask)
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -243,12 +150,11 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.adapters = nn.ModuleDict()
         self._rope: tuple[Tensor, Tensor] | None = None
-        self._packed_embeddings: cpu_kernels.PackedWeight | None = None  # the tied output matmul
-        self._pack_skipped = False  # pack_for_decoding found too little memory (said once)
-        self.tokenizer = None  # set by load_model
+        self.tokenizer: Tokenizer | None = None  # set by load_model
+        self.backend: Any = None  # the compute backend, set once by llama_adapter.backends.install
         self.source: str | None = None
 
     # ---- adapters ------------------------------------------------------------------------------------
@@ -281,33 +187,14 @@ class Transformer(nn.Module):
         plan = self.prompt_plan(adapter, batch_size, image_features)
         if plan is None:
             return None
-        out = {li: plan.layer(li, self.layers[li].attention) for li in range(plan.first, self.config.n_layers)}
+        out = {li: plan.layer(li, self.layers[li].attention.kv_weights()) for li in range(plan.first, self.config.n_layers)}
         return {li: kv for li, kv in out.items() if kv is not None}
 
     def prompt_plan(self, adapter: AdapterSpec, batch_size: int,
                     image_features: Tensor | None = None) -> PromptPlan | None:
-        rows = [adapter] * batch_size if adapter is None or isinstance(adapter, str) else list(adapter)
-        if len(rows) != batch_size:
-            raise ValueError(f"{len(rows)} adapter entries for a batch of {batch_size}")
-        names = list(dict.fromkeys(r for r in rows if r is not None))
-        if not names:
-            return None
-        for n in names:
-            if n not in self.adapters:
-                raise KeyError(f"no adapter named {n!r} (loaded: {', '.join(self.adapters) or 'none'})")
-        adapters: dict[str, Adapter] = {n: self.adapters[n] for n in names}  # type: ignore[misc]
-        random_init = any(a.cfg.init == "random" for a in adapters.values())
-        if random_init and (len(names) > 1 or None in rows):
-            raise ValueError("a rand-init adapter cannot share a batch with other adapters or base rows")
-        offsets = {}
-        if image_features is not None:
-            nonzero = (image_features != 0).any(-1, keepdim=True)
-            for n, a in adapters.items():
-                if a.visual_proj is not None:
-                    offsets[n] = a.visual_proj(image_features.float()) * nonzero
-        dev = self.tok_embeddings.weight.device
-        group_rows = {n: torch.tensor([i for i, r in enumerate(rows) if r == n], device=dev) for n in names}
-        return PromptPlan(self.config, adapters, group_rows, offsets, batch_size, None in rows, random_init)
+        """Which adapter each row uses (`adapter_batch.PromptPlan`); None when no row has one."""
+        return PromptPlan.build(self.config, self.adapters, adapter, batch_size,  # type: ignore[arg-type]
+                                image_features, self.tok_embeddings.weight.device)
 
     # ---- forward -------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -377,37 +264,10 @@ class Transformer(nn.Module):
         return x if return_hidden else self.logits(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
+        """The output projection (the embedding matrix itself when the checkpoint ties them)."""
         if self.output is not None:
             return self.output(hidden)
-        return cpu_kernels.linear(hidden, self.tok_embeddings.weight, None, self._packed_embeddings)
-
-    def pack_for_decoding(self) -> None:
-        """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 only; else a no-op).
-
-        Keeps a second copy of those weights (`cpu_kernels.pack_linear`), so it is skipped, with a note, when
-        that copy would take more than half the memory still available; the plain path is taken whenever
-        gradients are on or a weight has changed since it was packed.
-        """
-        todo: list[tuple[Linear | None, Tensor]] = [
-            (m, m.weight) for m in self.modules() if isinstance(m, Linear) and not m.weight.requires_grad
-            and cpu_kernels.can_pack(m.weight) and (m.packed is None or not m.packed.valid_for(m.weight))]
-        w, p = self.tok_embeddings.weight, self._packed_embeddings
-        if (self.output is None and not w.requires_grad and cpu_kernels.can_pack(w)
-                and (p is None or not p.valid_for(w))):
-            todo.append((None, w))
-        need = sum(t.numel() * t.element_size() for _, t in todo)
-        free = cpu_kernels.available_memory()
-        if need and free is not None and need > free // 2:
-            if not self._pack_skipped:
-                print(f"llama-adapter: not packing weights for CPU decoding ({need / 2**30:.1f} GiB more, "
-                      f"{free / 2**30:.1f} GiB available): decoding will be slower", file=sys.stderr)
-                self._pack_skipped = True
-            return
-        for m, t in todo:
-            if m is None:
-                self._packed_embeddings = cpu_kernels.pack_linear(t)
-            else:
-                m.packed = cpu_kernels.pack_linear(t)
+        return F.linear(hidden, self.tok_embeddings.weight)
 
     def freeze_base(self) -> None:
         for n, p in self.named_parameters():

@@ -91,7 +91,7 @@ def image_features(model: Any, adapter: str | None, image: str, encoder_dir: str
     if not enc_dir:
         raise UserError("--image needs --image-encoder DIR (the adapter does not name its image encoder)")
     try:
-        from llama_adapter.multimodal.features import ImageEncoder, load_image
+        from llama_adapter.multimodal.encoder import ImageEncoder, load_image
     except ImportError as e:
         raise UserError(f"image input is not available: llama_adapter.multimodal.features cannot be imported ({e})") from None
     dev = model.tok_embeddings.weight.device

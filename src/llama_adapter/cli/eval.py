@@ -96,7 +96,7 @@ def run_scienceqa(args: argparse.Namespace) -> int:
     from llama_adapter.errors import UserError
     from llama_adapter.eval.scienceqa import evaluate, format_table, group_accuracy, load_captions, write_jsonl
     from llama_adapter.loading import load_model
-    from llama_adapter.multimodal.features import ImageEncoder
+    from llama_adapter.multimodal.encoder import ImageEncoder
 
     problems = _problems(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -321,7 +321,7 @@ def evaluate(model: Any, adapter: str | None, problems: Sequence[Problem], *, te
     Prompts longer than the context are shortened (see `fit_prompt`) and flagged `truncated` in the rows.
     """
     from llama_adapter.errors import ImageError
-    from llama_adapter.multimodal.features import load_image
+    from llama_adapter.multimodal.encoder import load_image
 
     if model.tokenizer is None:
         raise ScienceQAError("the base has no tokenizer")

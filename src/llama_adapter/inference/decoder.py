@@ -15,21 +15,23 @@ dtype, its weight layout for decoding and, where it has one, its fused decode st
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from llama_adapter.backends.cpu import fused_decode as cpu_decode
+from llama_adapter.adapter_batch import batch_prompt_kv, can_share_batch
+from llama_adapter.backends import backend_of
+from llama_adapter.inference.prompt_cache import SHARED, PromptKVCache, to_dtype
 from llama_adapter.inference.sampling import SamplingParams, sample
 from llama_adapter.inference.text_stream import TextStream
 from llama_adapter.model import KVCache, Transformer
 from llama_adapter.zero_init_attention import PromptKV
 
 PKV = dict[int, PromptKV]
+_UNSET: Any = object()  # the fused prompts are worked out again at the next step
 _ids = itertools.count()
 
 
@@ -65,60 +67,23 @@ class Event:
 
 
 def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
-    """Batch-level prompt K/V from per-sequence ones ([1, ...] each, or None for base rows).
+    """Batch-level prompt K/V from per-request ones ([1, ...] per layer, or None for base rows).
 
-    Covers the union of adapted layers; rows without an adapter at a layer get zero K/V and gate 0, and
-    prompts shorter than the longest are padded and masked. Rand-init adapters cannot be mixed.
+    Covers the union of adapted layers; each layer is assembled by `adapter_batch.batch_prompt_kv` (rows without
+    an adapter at a layer get zero K/V and gate 0; shorter prompts are padded and masked). Requests sharing one
+    projection (the same adapter, no image) form one group.
     """
-    n = len(rows)
-    present = [r for r in rows if r]
-    if not present:
-        return None
-    if all(r is rows[0] for r in rows):  # one adapter for the whole batch (contiguous: CPU matmuls want it)
-        return {li: PromptKV(p.k.expand(n, -1, -1, -1).contiguous(), p.v.expand(n, -1, -1, -1).contiguous(),
-                             p.gate.expand(n, -1),
-                             p.random_init, None if p.mask is None else p.mask.expand(n, -1, -1, -1))
-                for li, p in rows[0].items()}  # type: ignore[union-attr]
-    random_init = any(p.random_init for r in present for p in r.values())
     groups: dict[int, tuple[PKV, list[int]]] = {}
     for i, r in enumerate(rows):
         if r:
             groups.setdefault(id(r), (r, []))[1].append(i)
-    layers = sorted({li for r in present for li in r})
-    if random_init:
-        ks = {p.k.shape[2] for r in present for p in r.values()}
-        if len(present) < n or len(ks) > 1 or any(set(r) != set(layers) for r in present):
-            raise ValueError("a rand-init adapter cannot share a batch with other adapters or base rows")
-    out: PKV = {}
-    for li in layers:
-        entries = [(r[li], idx) for r, idx in groups.values() if li in r]
-        ref = entries[0][0]
-        kmax = max(p.k.shape[2] for p, _ in entries)
-        _, n_kv, _, hd = ref.k.shape
-        k = ref.k.new_zeros(n, n_kv, kmax, hd)
-        v = ref.v.new_zeros(n, n_kv, kmax, hd)
-        gate = ref.gate.new_zeros(n, ref.gate.shape[1])
-        need_mask = any(p.k.shape[2] < kmax or p.mask is not None for p, _ in entries)
-        mask = torch.ones(n, 1, 1, kmax, dtype=torch.bool, device=k.device) if need_mask else None
-        for p, idx in entries:
-            K = p.k.shape[2]
-            t = torch.tensor(idx, device=k.device)
-            k[t, :, :K] = p.k[:1].to(k.dtype)
-            v[t, :, :K] = p.v[:1].to(v.dtype)
-            gate[t] = p.gate[:1].to(gate.dtype)
-            if mask is not None:
-                mask[t, :, :, K:] = False
-                if p.mask is not None:
-                    mask[t, :, :, :K] = p.mask[:1]
-        out[li] = PromptKV(k, v, gate, random_init=random_init, mask=mask)
-    return out
-
-
-# Prompt K/V per adapter object (sequences without an image), shared by every decoder: projected once per adapter
-# and its current values, not once per `generate` call. The key holds the storage and version counter of the
-# adapter's parameters and of the frozen k/v projections they go through, so training or reloading either one
-# (in place or not) is seen.
-_PROMPT_KV: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], PKV | None]] = weakref.WeakKeyDictionary()
+    if not groups:
+        return None
+    device = next(iter(next(iter(groups.values()))[0].values())).k.device
+    index = {key: torch.tensor(idx, device=device) for key, (_, idx) in groups.items()}
+    layers = sorted({li for r, _ in groups.values() for li in r})
+    return {li: batch_prompt_kv([(r[li], index[key]) for key, (r, _) in groups.items() if li in r], len(rows))
+            for li in layers}
 
 
 class BatchDecoder:
@@ -130,9 +95,11 @@ class BatchDecoder:
     """
 
     def __init__(self, model: Transformer, max_batch: int, max_len: int | None = None,
-                 tokenizer: Any = "model") -> None:
+                 tokenizer: Any = "model", prompt_cache: PromptKVCache | None = None) -> None:
         self.model = model
-        model.pack_for_decoding()
+        self.backend = backend_of(model)  # chosen once per model (llama_adapter.backends)
+        self.backend.prepare_decoding()
+        self.prompt_cache = prompt_cache if prompt_cache is not None else SHARED
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.tokenizer = model.tokenizer if tokenizer == "model" else tokenizer
@@ -141,59 +108,40 @@ class BatchDecoder:
             eos |= set(getattr(self.tokenizer, "eos_ids", []) or [])
         self.eos = eos
         self.device = model.tok_embeddings.weight.device
-        # fp32 keys/values on CPUs: small bf16 batched matmuls are slow there (cpu_kernels.decode_attention)
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else model.tok_embeddings.weight.dtype
+        self.kv_dtype = self.backend.kv_cache_dtype
         self.cache: KVCache = model.new_cache(max_batch, self.max_len, dtype=self.kv_dtype)
         self.seqs: list[DecodeRequest] = []
         self._last = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self._pkv: PKV | None = None
         self._knobs: tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]] | None = None
-        self._use_fused = cpu_decode.supported(model)  # bf16 on CPUs with the C++ kernels: cpu_decode.py
-        self._fused: cpu_decode.FusedPrompts | None = None
+        self._fused: Any = _UNSET  # the batch's prompts laid out for the backend's fused decode step (None: none)
 
     # ---- membership ----------------------------------------------------------------------------------
     @property
     def free(self) -> int:
         return self.max_batch - len(self.seqs)
 
-    def _random_init(self, name: str | None) -> bool:
-        a = self.model.adapters[name] if name is not None and name in self.model.adapters else None
-        return a is not None and a.cfg.init == "random"  # type: ignore[union-attr]
-
     def can_join(self, seq: DecodeRequest, others: Sequence[DecodeRequest] = ()) -> bool:
-        """Rand-init adapters only share a batch with sequences of the same adapter."""
+        """Whether `seq` may decode beside the live requests and `others` (`adapter_batch.can_share_batch`)."""
         live = [*self.seqs, *others]
         if not live:
             return True
-        if self._random_init(seq.adapter) or any(self._random_init(s.adapter) for s in live):
-            return all(s.adapter == seq.adapter for s in live) and seq.image_features is None
-        return True
+        loaded = self.model.adapters
+        return can_share_batch([loaded[s.adapter] if s.adapter in loaded else None  # type: ignore[misc]
+                                for s in (seq, *live)])
 
     def prompt_kv_for(self, seq: DecodeRequest) -> PKV | None:
+        """The request's prompt K/V in the cache dtype: cached per adapter, or projected with its image."""
         if seq.adapter is None:
             return None
         if seq.image_features is not None:
-            return self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)))
-        adapter = self.model.adapters[seq.adapter]
-        layers = self.model.layers[adapter.first_layer:]
-        tensors = (adapter.prompts, adapter.gates, *(layer.attention.wqkv.weight for layer in layers))
-        key = (id(self.model), self.kv_dtype, *((t.data_ptr(), t._version) for t in tensors))
-        hit = _PROMPT_KV.get(adapter)
-        if hit is None or hit[0] != key:
-            hit = _PROMPT_KV[adapter] = (key, self._to_kv_dtype(self.model.prompt_kv(seq.adapter, 1)))
-        return hit[1]
-
-    def _to_kv_dtype(self, pkv: PKV | None) -> PKV | None:
-        if pkv is None:
-            return None
-        return {li: replace(p, k=p.k.to(self.kv_dtype), v=p.v.to(self.kv_dtype)) for li, p in pkv.items()}
+            return to_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)), self.kv_dtype)
+        return self.prompt_cache.get(self.model, seq.adapter, self.kv_dtype)
 
     def forget_adapter(self, name: str) -> None:
-        """Drop cached prompt K/V of an adapter; live sequences keep theirs. (A removed or replaced adapter's
-        entry goes with the adapter object anyway.)"""
-        if name in self.model.adapters:
-            _PROMPT_KV.pop(self.model.adapters[name], None)
+        """Drop cached prompt K/V of an adapter; live requests keep theirs."""
+        self.prompt_cache.forget(self.model, name)
 
     def _init_seq(self, seq: DecodeRequest) -> None:
         p = seq.params
@@ -234,17 +182,17 @@ class BatchDecoder:
                            dtype=torch.long, device=self.device)
         pos = torch.arange(T, device=self.device)[None].expand(j, T)
         view = KVCache([k[n:n + j] for k in self.cache.k], [v[n:n + j] for v in self.cache.v])
-        pkv = merge_prompt_kv([s.pkv for s in joining])
+        pkv = self._batch_prompt_kv(joining)
         h = self.model(ids, input_pos=pos, cache=view, prompt_kv=pkv, return_hidden=True)
         last = torch.tensor([x - 1 for x in lens], device=self.device)
-        logits = self.model.logits(h[torch.arange(j, device=self.device), last])
+        logits = self.backend.logits(h[torch.arange(j, device=self.device), last])
         temp, top_p, top_k, gens = self._make_knobs(joining)
         tokens = sample(logits.float(), temp, top_p, top_k, gens)
         self.seqs.extend(joining)
         self._last = torch.cat([self._last, tokens[:, None]])
         self._pos = torch.cat([self._pos, torch.tensor(lens, device=self.device)[:, None]])
         self._pkv, self._knobs = (pkv, (temp, top_p, top_k, gens)) if n == 0 else (None, None)
-        self._fused = None
+        self._fused = _UNSET
         events += self._accept(tokens.tolist(), first_row=n)
         return events
 
@@ -259,7 +207,8 @@ class BatchDecoder:
             events.append(Event(s, "", True))
         self.seqs = []
         self._last, self._pos = self._last[:0], self._pos[:0]
-        self._pkv = self._knobs = self._fused = None
+        self._pkv = self._knobs = None
+        self._fused = _UNSET
         return events
 
     # ---- decoding ------------------------------------------------------------------------------------
@@ -276,20 +225,29 @@ class BatchDecoder:
         if not self.seqs:
             return events
         if self._pkv is None:
-            self._pkv = merge_prompt_kv([s.pkv for s in self.seqs])
+            self._pkv = self._batch_prompt_kv(self.seqs)
+        if self._fused is _UNSET:
+            self._fused = self.backend.fused_prompts(self._pkv)
         if self._knobs is None:
             self._knobs = self._make_knobs(self.seqs)
-        if self._fused is None and self._use_fused and not any(p.random_init for p in (self._pkv or {}).values()):
-            self._fused = cpu_decode.FusedPrompts(self._pkv)
         if self._fused is not None:
-            logits = cpu_decode.decode_step(self.model, self._last[:, 0], self._pos[:, 0], self.cache, self._fused)
+            logits = self.backend.decode_step(self._last[:, 0], self._pos[:, 0], self.cache, self._fused)
         else:
-            logits = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv)[:, -1]
+            h = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv, return_hidden=True)
+            logits = self.backend.logits(h[:, -1])
         tokens = sample(logits.float(), *self._knobs)
         self._last = tokens[:, None]
         self._pos = self._pos + 1
         events += self._accept(tokens.tolist(), first_row=0)
         return events
+
+    @staticmethod
+    def _batch_prompt_kv(seqs: Sequence[DecodeRequest]) -> PKV | None:
+        """The rows' prompt K/V for one forward, contiguous (CPU matmuls want it); once per membership change."""
+        pkv = merge_prompt_kv([s.pkv for s in seqs])
+        if pkv is None:
+            return None
+        return {li: replace(p, k=p.k.contiguous(), v=p.v.contiguous()) for li, p in pkv.items()}
 
     def _accept(self, tokens: list[int], first_row: int) -> list[Event]:
         """Record each row's new token (already written at its position), finish rows, compact."""
@@ -347,4 +305,5 @@ class BatchDecoder:
         else:
             self._last, self._pos = self._last[:m], self._pos[:m]
         self.seqs = [self.seqs[i] for i in keep]
-        self._pkv = self._knobs = self._fused = None
+        self._pkv = self._knobs = None
+        self._fused = _UNSET

@@ -1,1 +1,122 @@
-"""TODO"""
+"""The CPU backend: the model's modules swapped for subclasses that reach the CPU kernels, chosen once.
+
+Each subclass computes what its parent computes (tests compare values and gradients) and differs only in how:
+- `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`);
+- `CpuZeroInitAttention`: batched causal and few-keys attention while training, and token + gated prompt
+  attention in one pass when decoding one token per row against the cache (`kernels.decode_attention`);
+- `PackedLinear`: once `prepare_decoding` packed its frozen bf16 weight, decodes through the pack.
+The subclasses add no parameters, so swapping a module's class keeps its weights, hooks and wrappers.
+`fused_decode` holds the C++ decode step used for bf16 models where the kernels could be built.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llama_adapter.backends import TorchBackend
+from llama_adapter.backends.cpu import fused_decode, kernels
+from llama_adapter.model import KVCache, RMSNorm
+from llama_adapter.zero_init_attention import PromptKV, ZeroInitAttention
+
+
+class CpuRMSNorm(RMSNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.use_cpu_training_kernels(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class CpuZeroInitAttention(ZeroInitAttention):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prompts: PromptKV | None) -> Tensor:
+        if q.shape[2] == 1 and mask is not None and (prompts is None or not prompts.random_init):
+            return kernels.decode_attention(q, k, v, mask, prompts)  # token and gated prompt attention at once
+        return super().forward(q, k, v, mask, prompts)
+
+    def token_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if q.shape[2] == 1 and mask is not None:  # one new token per row (rand-init's [prompts; tokens] too)
+            return kernels.decode_attention(q, k, v, mask)
+        if mask is None and q.shape[2] > 1 and kernels.use_cpu_training_kernels(q):
+            return kernels.causal_attention(q, k, v)
+        return super().token_attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # (an fp32 cache feeding a prefill)
+
+    def few_keys_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if kernels.use_cpu_training_kernels(q):
+            return kernels.few_keys_attention(q, k, v, mask)
+        return super().few_keys_attention(q, k, v, mask)
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear that, once `CpuBackend.prepare_decoding` packed its frozen weight, decodes through the pack."""
+
+    packed: kernels.PackedWeight | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.linear(x, self.weight, self.bias, self.packed)
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.packed_head: kernels.PackedWeight | None = None  # the tied output matmul (embedding matrix)
+        self.pack_skipped = False  # prepare_decoding found too little memory (said once)
+
+    def install(self) -> None:
+        swaps = {RMSNorm: CpuRMSNorm, ZeroInitAttention: CpuZeroInitAttention, nn.Linear: PackedLinear}
+        base = [*self.model.layers, self.model.norm] + ([self.model.output] if self.model.output is not None else [])
+        for top in base:
+            for m in top.modules():
+                new = swaps.get(type(m))
+                if new is not None:
+                    m.__class__ = new
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        # small bf16 batched matmuls are slow on CPUs (kernels.decode_attention): keys/values are kept in fp32
+        return torch.float32
+
+    def prepare_decoding(self) -> None:
+        """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 only; else a no-op).
+
+        Keeps a second copy of those weights (`kernels.pack_linear`), so it is skipped, with a note, when that
+        copy would take more than half the memory still available; the plain path is taken whenever gradients
+        are on or a weight has changed since it was packed.
+        """
+        model = self.model
+        todo: list[tuple[PackedLinear | None, Tensor]] = [
+            (m, m.weight) for m in model.modules() if isinstance(m, PackedLinear) and not m.weight.requires_grad
+            and kernels.can_pack(m.weight) and (m.packed is None or not m.packed.valid_for(m.weight))]
+        w, p = model.tok_embeddings.weight, self.packed_head
+        if model.output is None and not w.requires_grad and kernels.can_pack(w) and (p is None or not p.valid_for(w)):
+            todo.append((None, w))
+        need = sum(t.numel() * t.element_size() for _, t in todo)
+        free = kernels.available_memory()
+        if need and free is not None and need > free // 2:
+            if not self.pack_skipped:
+                print(f"llama-adapter: not packing weights for CPU decoding ({need / 2**30:.1f} GiB more, "
+                      f"{free / 2**30:.1f} GiB available): decoding will be slower", file=sys.stderr)
+                self.pack_skipped = True
+            return
+        for m, t in todo:
+            if m is None:
+                self.packed_head = kernels.pack_linear(t)
+            else:
+                m.packed = kernels.pack_linear(t)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        if self.model.output is not None:
+            return self.model.output(hidden)
+        return kernels.linear(hidden, self.model.tok_embeddings.weight, None, self.packed_head)
+
+    def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> fused_decode.FusedPrompts | None:
+        if not fused_decode.supported(self.model) or any(p.random_init for p in (pkv or {}).values()):
+            return None
+        return fused_decode.FusedPrompts(pkv)
+
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any) -> Tensor:
+        return fused_decode.decode_step(self.model, tokens, pos, cache, prompts, head=self.logits)

@@ -9,16 +9,14 @@ takes the model's forward, which computes the same thing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llama_adapter.backends.cpu import kernels as cpu_kernels
-
-if TYPE_CHECKING:
-    from llama_adapter.model import KVCache, Linear, Transformer
-    from llama_adapter.zero_init_attention import PromptKV
+from llama_adapter.model import KVCache, Transformer
+from llama_adapter.zero_init_attention import PromptKV
 
 
 def supported(model: Transformer) -> bool:
@@ -41,14 +39,15 @@ class FusedPrompts:
             self.layers[li] = (p.k.float().contiguous(), p.v.float().contiguous(), p.gate.float().contiguous(), mask)
 
 
-def _linear(x: Tensor, m: Linear) -> Tensor:
-    return cpu_kernels.linear(x, m.weight, m.bias, m.packed)
+def _linear(x: Tensor, m: nn.Module) -> Tensor:
+    return cpu_kernels.linear(x, m.weight, m.bias, getattr(m, "packed", None))
 
 
 @torch.no_grad()
-def decode_step(model: Transformer, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: FusedPrompts) -> Tensor:
+def decode_step(model: Transformer, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: FusedPrompts,
+                head: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Logits [B, vocab] for one new token per row: tokens [B], pos [B] (each row's position), cache rows 0..B-1
-    (fp32)."""
+    (fp32). `head` computes the logits from the final hidden states (default: the model's output projection)."""
     ext = cpu_kernels.native()
     assert ext is not None
     layers = model.layers
@@ -66,4 +65,4 @@ def decode_step(model: Transformer, tokens: Tensor, pos: Tensor, cache: KVCache,
         y = _linear(ext.silu_mul(_linear(h, ff.w13)), ff.w2)
         nxt = layers[i + 1].attention_norm.weight if i + 1 < len(layers) else model.norm.weight
         h = ext.add_rms_norm(x, y, nxt, eps)
-    return model.logits(h)
+    return (head or model.logits)(h)

@@ -28,14 +28,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from llama_adapter.zero_init_attention import PromptKV
+from llama_adapter.zero_init_attention import PromptKV
 
 
 def use_cpu_training_kernels(x: Tensor) -> bool:

@@ -1,11 +1,12 @@
-"""Continuous batching for the server: one background thread runs a `BatchDecoder` over all requests.
+"""The server's decoding engine: `Engine`, one background thread running a `BatchDecoder` over all requests.
 
-Requests are queued with `submit(seq, sink)`; between decode steps the loop admits waiting requests into
-free slots (FIFO, any mix of adapters; rand-init adapters only with themselves), prefills them, and then
-runs one decode step (one forward pass) for every live request. Each `Event` (a text delta, or the final
-one with `seq.finish_reason`) is handed to the request's `sink`, which must be cheap and thread-safe (the
-server uses `loop.call_soon_threadsafe(queue.put_nowait, event)`). A cancelled request (client gone)
-leaves the batch before the next step. A failing forward fails the requests in it, never the loop.
+Continuous batching: requests are queued with `submit(seqs, sink)`; between decode steps the loop admits
+waiting requests into free slots (FIFO, any mix of adapters; rand-init adapters only with themselves),
+prefills them, and then runs one decode step (one forward pass) for every live request. Each `Event` (a text
+delta, or the final one with `seq.finish_reason`) is handed to the request's `sink`, which must be cheap and
+thread-safe (the server uses `loop.call_soon_threadsafe(queue.put_nowait, event)`). A cancelled request (client
+gone) leaves the batch before the next step. A failing forward fails the requests in it, never the loop.
+Adapters are changed only under `model_lock()`, and through `forget_adapter` for the decoder's caches.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ class QueueFull(Exception):
     """The waiting queue is at its limit (the server answers 429)."""
 
 
-class Scheduler:
-    def __init__(self, model: Transformer, max_batch_size: int = 8, max_queue: int = 64,
-                 max_len: int | None = None) -> None:
+class Engine:
+    """Continuous batching over one `BatchDecoder`: a queue of waiting requests and the thread that decodes them."""
+
+    def __init__(
+        self, model: Transformer, max_batch_size: int = 8, max_queue: int = 64, max_len: int | None = None
+    ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
         self.model = model
@@ -52,7 +56,7 @@ class Scheduler:
     def start(self) -> None:
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._run, name="llama-adapter-scheduler", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="llama-adapter-engine", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -74,7 +78,7 @@ class Scheduler:
         """Queue sequences (all or none); raises QueueFull when the queue cannot take them."""
         with self._cond:
             if self._stop:
-                raise RuntimeError("the scheduler is stopped")
+                raise RuntimeError("the engine is stopped")
             if len(self._pending) + len(seqs) > self.max_queue + self.decoder.free:
                 raise QueueFull(f"{len(self._pending)} requests waiting (limit {self.max_queue})")
             for s in seqs:
@@ -95,7 +99,13 @@ class Scheduler:
     def running(self) -> int:
         return len(self.decoder.seqs)
 
+    @property
+    def capacity(self) -> int:
+        """The most sequences that can be decoding or waiting at once."""
+        return self.max_queue + self.decoder.max_batch
+
     def forget_adapter(self, name: str) -> None:
+        """Drop the decoder's cached state of adapter `name` (after it was loaded, replaced or removed)."""
         with self._model_lock:
             self.decoder.forget_adapter(name)
 

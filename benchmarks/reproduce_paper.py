@@ -27,7 +27,8 @@ import llama_adapter as la
 from llama_adapter.builtin import corpus
 from llama_adapter.builtin.demo import DEMO_BATCH, DEMO_LR, DEMO_PROMPT_LENGTH, DEMO_STEPS, demo_train_config, evaluate
 from llama_adapter.builtin.pretrain import text_loss
-from llama_adapter.training.loop import batch_loss, train
+from llama_adapter.training.loop import train
+from llama_adapter.training.loss import batch_loss
 from llama_adapter.zero_init_attention import Adapter, AdapterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,11 @@ PAPER = {
     "table5": {"zero-init": 84.04, "rand-init": 40.77},
     # Table 4 (ScienceQA val acc by number of adapted layers); transcribed, check against the paper's PDF
     "table4": [(10, "0.97M", 55.95), (20, "1.37M", 73.36), (30, "1.79M", 83.85)],
-    "table3": {"adapter": ("1.2M", "4.7M", "1 h"), "alpaca_full": ("7B", "13G", "3 h"),
-               "lora": ("4.2M", "16.8M", "1.5 h")},
+    "table3": {
+        "adapter": ("1.2M", "4.7M", "1 h"),
+        "alpaca_full": ("7B", "13G", "3 h"),
+        "lora": ("4.2M", "16.8M", "1.5 h"),
+    },
 }
 HELDOUT_TEXT_SEED = 10_000  # pre-training-distribution text the base never trained on
 
@@ -80,8 +84,14 @@ def full_finetune(records: list[dict], steps: int, seed: int, lr: float = 1e-3) 
     enc = lambda s: model.tokenizer.encode(s)  # noqa: E731
     kl = text_loss(model, enc, HELDOUT_TEXT_SEED, corpus.WORLD_SEED)
     storage = sum(p.numel() * 4 for p in params)  # a full fp32 copy of the model
-    return {"n_trainable": n, "storage_bytes": storage, "train_time_s": dt, "accuracy": acc,
-            "heldout_text_loss": kl, "metrics": losses}
+    return {
+        "n_trainable": n,
+        "storage_bytes": storage,
+        "train_time_s": dt,
+        "accuracy": acc,
+        "heldout_text_loss": kl,
+        "metrics": losses,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,38 +111,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         identical = bool(torch.equal(base(ids), base(ids, adapter="fresh")))
     base.remove_adapter("fresh")
-    res["base_text_loss"], res["fresh_adapter_text_loss"], res["fresh_identical_logits"] = \
-        base_loss, fresh_loss, identical
+    res["base_text_loss"], res["fresh_adapter_text_loss"], res["fresh_identical_logits"] = (
+        base_loss,
+        fresh_loss,
+        identical,
+    )
     res["base_accuracy"] = evaluate(base, held).accuracy
-    print(f"base: held-out text loss {base_loss:.4f}, with fresh adapter {fresh_loss:.4f}; "
-          f"instruction accuracy {res['base_accuracy']:.1%}", flush=True)
+    print(
+        f"base: held-out text loss {base_loss:.4f}, with fresh adapter {fresh_loss:.4f}; "
+        f"instruction accuracy {res['base_accuracy']:.1%}",
+        flush=True,
+    )
 
-    settings = [("zero-init", nl), ("rand-init", nl)] + [("zero-init", L) for L in args.layer_settings
-                                                                 if L != nl]
+    settings = [("zero-init", nl), ("rand-init", nl)] + [("zero-init", L) for L in args.layer_settings if L != nl]
     for seed in range(args.seeds):
         recs = corpus.instruction_data("train", seed=seed)
         sres: dict[str, Any] = {}
         for attention, L in settings:
             key = f"{attention}-L{L}"
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = demo_train_config(tmp, len(recs), nl, steps=args.steps, seed=seed, layers=L,
-                                        attention=attention, progress=False,
-                                        lr=args.rand_lr if attention == "rand-init" else DEMO_LR)
+                cfg = demo_train_config(
+                    tmp,
+                    len(recs),
+                    nl,
+                    steps=args.steps,
+                    seed=seed,
+                    layers=L,
+                    attention=attention,
+                    progress=False,
+                    lr=args.rand_lr if attention == "rand-init" else DEMO_LR,
+                )
                 r = train(cfg, model=base, records=recs)
                 size = r.adapter_path.stat().st_size
             acc = evaluate(base, held, adapter=r.adapter_name)
             kl = text_loss(base, enc, HELDOUT_TEXT_SEED, corpus.WORLD_SEED, adapter=r.adapter_name)
-            sres[key] = {"accuracy": acc.accuracy, "per_task": acc.per_task, "n_trainable": r.n_trainable,
-                         "adapter_bytes": size, "train_time_s": r.train_time_s, "heldout_text_loss": kl,
-                         "final_loss": r.final_train_loss,
-                         "metrics": [{"step": m["step"], "loss": m["loss"]} for m in r.metrics]}
-            print(f"seed {seed} {key}: acc {acc.accuracy:.1%} text loss {kl:.4f} "
-                  f"({r.train_time_s:.0f}s)", flush=True)
+            sres[key] = {
+                "accuracy": acc.accuracy,
+                "per_task": acc.per_task,
+                "n_trainable": r.n_trainable,
+                "adapter_bytes": size,
+                "train_time_s": r.train_time_s,
+                "heldout_text_loss": kl,
+                "final_loss": r.final_train_loss,
+                "metrics": [{"step": m["step"], "loss": m["loss"]} for m in r.metrics],
+            }
+            print(f"seed {seed} {key}: acc {acc.accuracy:.1%} text loss {kl:.4f} ({r.train_time_s:.0f}s)", flush=True)
         if not args.no_full:
             f = full_finetune(recs, args.steps, seed)
             sres["full"] = f
-            print(f"seed {seed} full fine-tuning: acc {f['accuracy']:.1%} text loss {f['heldout_text_loss']:.4f} "
-                  f"({f['train_time_s']:.0f}s)", flush=True)
+            print(
+                f"seed {seed} full fine-tuning: acc {f['accuracy']:.1%} text loss {f['heldout_text_loss']:.4f} "
+                f"({f['train_time_s']:.0f}s)",
+                flush=True,
+            )
         res["seeds"][str(seed)] = sres
     with torch.device("meta"):
         a7 = Adapter(AdapterConfig(prompt_length=10, layers=30), 32, 4096, 32)
@@ -155,12 +186,20 @@ def figures(res: dict[str, Any], figdir: Path) -> dict[str, str]:
     nl = res["config"]["n_layers"]
     out = {}
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, color, label in [(f"zero-init-L{nl}", "tab:blue", "zero-init attention"),
-                              (f"rand-init-L{nl}", "tab:red", "rand-init attention")]:
+    for key, color, label in [
+        (f"zero-init-L{nl}", "tab:blue", "zero-init attention"),
+        (f"rand-init-L{nl}", "tab:red", "rand-init attention"),
+    ]:
         for i, s in enumerate(res["seeds"].values()):
             m = s[key]["metrics"]
-            ax.plot([x["step"] for x in m], [x["loss"] for x in m], color=color, alpha=0.7, lw=1,
-                    label=label if i == 0 else None)
+            ax.plot(
+                [x["step"] for x in m],
+                [x["loss"] for x in m],
+                color=color,
+                alpha=0.7,
+                lw=1,
+                label=label if i == 0 else None,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
@@ -175,8 +214,13 @@ def figures(res: dict[str, Any], figdir: Path) -> dict[str, str]:
     Ls = sorted({int(k.split("-L")[1]) for s in res["seeds"].values() for k in s if k.startswith("zero-init-L")})
     fig, ax = plt.subplots(figsize=(5, 3.5))
     accs = [collect(res, f"zero-init-L{L}", "accuracy") for L in Ls]
-    ax.bar([str(L) for L in Ls], [100 * statistics.mean(a) for a in accs],
-           yerr=[100 * (statistics.stdev(a) if len(a) > 1 else 0) for a in accs], color="tab:blue", capsize=4)
+    ax.bar(
+        [str(L) for L in Ls],
+        [100 * statistics.mean(a) for a in accs],
+        yerr=[100 * (statistics.stdev(a) if len(a) > 1 else 0) for a in accs],
+        color="tab:blue",
+        capsize=4,
+    )
     ax.set_xlabel(f"adapted layers L (of {nl})")
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("Table 4 in miniature")
@@ -198,7 +242,8 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "# The paper's claims in miniature",
         "",
         "Generated by `python benchmarks/reproduce_paper.py"
-        + (" --quick" if c["quick"] else "") + f" --seeds {c['seeds']} --steps {c['steps']}` in {wall / 60:.1f} min "
+        + (" --quick" if c["quick"] else "")
+        + f" --seeds {c['seeds']} --steps {c['steps']}` in {wall / 60:.1f} min "
         f"on {c['threads']} CPU thread(s) of a shared machine "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}); raw numbers in "
         "[`figures/reproduction_results.json`](figures/reproduction_results.json).",
@@ -224,9 +269,12 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         f"| rand-init | {PAPER['table5']['rand-init']} | {ms(ra, True)} | {ms(collect(res, r, 'final_loss'))} |",
         f"| base, no adapter | - | {100 * res['base_accuracy']:.2f} | - |",
         "",
-        "Per task (held-out exact match %, zero-init / rand-init): " + ", ".join(
-            f"{t} {_task(res, z, t)} / {_task(res, r, t)}" for t in sorted(next(iter(res["seeds"].values()))[z]
-                                                                       ["per_task"])) + ".",
+        "Per task (held-out exact match %, zero-init / rand-init): "
+        + ", ".join(
+            f"{t} {_task(res, z, t)} / {_task(res, r, t)}"
+            for t in sorted(next(iter(res["seeds"].values()))[z]["per_task"])
+        )
+        + ".",
         "",
     ]
     gap = statistics.mean(za) - statistics.mean(ra)
@@ -253,11 +301,17 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
     for i, L in enumerate(Ls):
         p = PAPER["table4"][min(i, 2)] if len(Ls) == 3 else ("", "", "")
         n = collect(res, f"zero-init-L{L}", "n_trainable")[0]
-        lines.append(f"| {L} | {n:,} | {ms(collect(res, f'zero-init-L{L}', 'accuracy'), True)} | "
-                     f"{p[0]} / {p[1]} / {p[2]} |")
-    lines += ["", f"![layers](figures/{figs['table4']})", "",
-              "Paper: more adapted layers, better accuracy (10 -> 20 -> 30 layers of 32; the paper's column was "
-              "transcribed by hand, check it against the paper's Table 4 before quoting it).", ""]
+        lines.append(
+            f"| {L} | {n:,} | {ms(collect(res, f'zero-init-L{L}', 'accuracy'), True)} | {p[0]} / {p[1]} / {p[2]} |"
+        )
+    lines += [
+        "",
+        f"![layers](figures/{figs['table4']})",
+        "",
+        "Paper: more adapted layers, better accuracy (10 -> 20 -> 30 layers of 32; the paper's column was "
+        "transcribed by hand, check it against the paper's Table 4 before quoting it).",
+        "",
+    ]
     # knowledge preservation
     lines += [
         "## Knowledge preservation",
@@ -274,10 +328,13 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
     ]
     if "full" in next(iter(res["seeds"].values())):
         lines.append(f"| full fine-tuning (all parameters) | {ms(collect(res, 'full', 'heldout_text_loss'))} |")
-    lines += ["", "The adapter is applied to the text as well (it is always on once attached): a low loss "
-              "means the tuned model still models the pre-training distribution. The paper argues zero-init "
-              "preserves the pre-trained knowledge; a fresh zero-init adapter is exactly the base (first two rows).",
-              ""]
+    lines += [
+        "",
+        "The adapter is applied to the text as well (it is always on once attached): a low loss "
+        "means the tuned model still models the pre-training distribution. The paper argues zero-init "
+        "preserves the pre-trained knowledge; a fresh zero-init adapter is exactly the base (first two rows).",
+        "",
+    ]
     # table 3
     zt = collect(res, z, "train_time_s")
     lines += [
@@ -290,9 +347,11 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
     ]
     if "full" in next(iter(res["seeds"].values())):
         f = [s["full"] for s in res["seeds"].values()]
-        lines.append(f"| full fine-tuning here (same steps) | {f[0]['n_trainable']:,} | "
-                     f"{f[0]['storage_bytes'] / 2**20:.2f} MiB | {ms([x['train_time_s'] for x in f])} s | "
-                     f"{ms([x['accuracy'] for x in f], True)} |")
+        lines.append(
+            f"| full fine-tuning here (same steps) | {f[0]['n_trainable']:,} | "
+            f"{f[0]['storage_bytes'] / 2**20:.2f} MiB | {ms([x['train_time_s'] for x in f])} s | "
+            f"{ms([x['accuracy'] for x in f], True)} |"
+        )
     s7 = res["7b"]
     lines += [
         f"| LLaMA-Adapter, 7B config (K=10, L=30), computed | {s7['n_trainable']:,} | {s7['mib_fp32']:.2f} MiB "
@@ -327,26 +386,35 @@ def honest_notes(res: dict[str, Any]) -> list[str]:
     notes = []
     za, ra = statistics.mean(collect(res, z, "accuracy")), statistics.mean(collect(res, r, "accuracy"))
     if za - ra <= 0.05:
-        notes.append(f"- Table 5: zero-init {100 * za:.1f} % vs rand-init {100 * ra:.1f} %: the gap of the paper "
-                     "does not appear at this scale and step count.")
+        notes.append(
+            f"- Table 5: zero-init {100 * za:.1f} % vs rand-init {100 * ra:.1f} %: the gap of the paper "
+            "does not appear at this scale and step count."
+        )
     Ls = sorted({int(k.split("-L")[1]) for s in res["seeds"].values() for k in s if k.startswith("zero-init-L")})
     accs = [statistics.mean(collect(res, f"zero-init-L{L}", "accuracy")) for L in Ls]
     if any(b < a - 0.02 for a, b in zip(accs, accs[1:], strict=False)):
-        notes.append("- Table 4: accuracy is not monotone in the number of adapted layers here ("
-                     + ", ".join(f"L={L}: {100 * a:.1f} %" for L, a in zip(Ls, accs, strict=True)) + ").")
+        notes.append(
+            "- Table 4: accuracy is not monotone in the number of adapted layers here ("
+            + ", ".join(f"L={L}: {100 * a:.1f} %" for L, a in zip(Ls, accs, strict=True))
+            + ")."
+        )
     zk = statistics.mean(collect(res, z, "heldout_text_loss"))
     rk = statistics.mean(collect(res, r, "heldout_text_loss"))
     if zk >= rk:
-        notes.append(f"- Knowledge preservation: after tuning, zero-init's text loss ({zk:.3f}) is not below "
-                     f"rand-init's ({rk:.3f}).")
+        notes.append(
+            f"- Knowledge preservation: after tuning, zero-init's text loss ({zk:.3f}) is not below "
+            f"rand-init's ({rk:.3f})."
+        )
     if "full" in next(iter(res["seeds"].values())):
         ft = statistics.mean(collect(res, "full", "train_time_s"))
         zt = statistics.mean(collect(res, z, "train_time_s"))
         if ft < 2 * zt:
-            notes.append(f"- Training time: full fine-tuning takes {ft:.0f} s vs {zt:.0f} s for the adapter. On a "
-                         "1M-parameter model the forward pass through the frozen base dominates both, so the "
-                         "paper's 3x wall-clock saving (which comes from optimiser state and gradient "
-                         "communication of 7B parameters) does not show; the parameter and storage savings do.")
+            notes.append(
+                f"- Training time: full fine-tuning takes {ft:.0f} s vs {zt:.0f} s for the adapter. On a "
+                "1M-parameter model the forward pass through the frozen base dominates both, so the "
+                "paper's 3x wall-clock saving (which comes from optimiser state and gradient "
+                "communication of 7B parameters) does not show; the parameter and storage savings do."
+            )
     per: dict[str, list[float]] = {}
     for sd in res["seeds"].values():
         for t, a in sd[z]["per_task"].items():
@@ -354,33 +422,47 @@ def honest_notes(res: dict[str, Any]) -> list[str]:
     weak = {t: statistics.mean(v) for t, v in per.items() if statistics.mean(v) < 0.5}
     z0, r0, z1, r1 = _window(res, z, 0), _window(res, r, 0), _window(res, z, -1), _window(res, r, -1)
     if float(z0) >= float(r0):
-        notes.append(f"- Figure 5: zero-init does not start lower here (first 10 steps {z0} vs rand-init {r0}): the "
-                     "base itself has a high loss on the instruction format and rand-init's prompts move it quickly"
-                     + (f"; zero-init ends lower ({z1} vs {r1} over the last 10 steps)." if float(z1) < float(r1)
-                        else f", and zero-init does not end lower either ({z1} vs {r1})."))
+        notes.append(
+            f"- Figure 5: zero-init does not start lower here (first 10 steps {z0} vs rand-init {r0}): the "
+            "base itself has a high loss on the instruction format and rand-init's prompts move it quickly"
+            + (
+                f"; zero-init ends lower ({z1} vs {r1} over the last 10 steps)."
+                if float(z1) < float(r1)
+                else f", and zero-init does not end lower either ({z1} vs {r1})."
+            )
+        )
     if za < 0.8:
-        notes.append(f"- Accuracy: the adapted base reaches {100 * za:.1f} % held-out exact match, below the 80 % "
-                     "this miniature was designed for. Per task: " + ", ".join(
-                         f"{t} {100 * statistics.mean(v):.0f} %" for t, v in sorted(per.items())) + ".")
+        notes.append(
+            f"- Accuracy: the adapted base reaches {100 * za:.1f} % held-out exact match, below the 80 % "
+            "this miniature was designed for. Per task: "
+            + ", ".join(f"{t} {100 * statistics.mean(v):.0f} %" for t, v in sorted(per.items()))
+            + "."
+        )
     if weak:
-        notes.append("- The numeric tasks (" + ", ".join(sorted(weak)) + ") stay low although the base completes "
-                     "the same items "
-                     "(almost) perfectly in plain text (`recipe.json`: 99.5 % on held-out items). A likely "
-                     "reason, not verified here: the base copies digits with attention tied to the positions of "
-                     "its pre-training formats "
-                     "(\"After 704 comes 705.\"); the adapter only adds prompt keys/values and does not re-route "
-                     "that to a number twenty tokens back in the instruction. Entity and word look-ups, which "
-                     "attend by content, transfer (capital, upper, reverse).")
+        notes.append(
+            "- The numeric tasks (" + ", ".join(sorted(weak)) + ") stay low although the base completes "
+            "the same items "
+            "(almost) perfectly in plain text (`recipe.json`: 99.5 % on held-out items). A likely "
+            "reason, not verified here: the base copies digits with attention tied to the positions of "
+            "its pre-training formats "
+            '("After 704 comes 705."); the adapter only adds prompt keys/values and does not re-route '
+            "that to a number twenty tokens back in the instruction. Entity and word look-ups, which "
+            "attend by content, transfer (capital, upper, reverse)."
+        )
     if "full" in next(iter(res["seeds"].values())):
         fa = statistics.mean(collect(res, "full", "accuracy"))
         if fa > za + 0.05:
-            notes.append(f"- Full fine-tuning of all parameters for the same steps is more accurate here "
-                         f"({100 * fa:.1f} % vs {100 * za:.1f} %); the paper reports the adapter on par with "
-                         "full fine-tuning (Alpaca) in quality.")
-    notes.append("- Scale: a 1M-parameter base and synthetic tasks; absolute numbers are not comparable to "
-                 "LLaMA-7B on ScienceQA/Alpaca. "
-                 "Real ScienceQA and COCO are not attempted; the multi-modal mechanism is shown on synthetic "
-                 "images below.")
+            notes.append(
+                f"- Full fine-tuning of all parameters for the same steps is more accurate here "
+                f"({100 * fa:.1f} % vs {100 * za:.1f} %); the paper reports the adapter on par with "
+                "full fine-tuning (Alpaca) in quality."
+            )
+    notes.append(
+        "- Scale: a 1M-parameter base and synthetic tasks; absolute numbers are not comparable to "
+        "LLaMA-7B on ScienceQA/Alpaca. "
+        "Real ScienceQA and COCO are not attempted; the multi-modal mechanism is shown on synthetic "
+        "images below."
+    )
     return notes
 
 
@@ -393,8 +475,11 @@ def main() -> None:
     ap.add_argument("--rand-lr", type=float, default=DEMO_LR, help="lr of the rand-init baseline")
     ap.add_argument("--no-full", action="store_true", help="skip the full fine-tuning comparison")
     ap.add_argument("--out", default=str(ROOT / "docs" / "reproduction.md"))
-    ap.add_argument("--report-only", action="store_true",
-                    help="rewrite the report and figures from docs/figures/reproduction_results.json")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report and figures from docs/figures/reproduction_results.json",
+    )
     args = ap.parse_args()
     if args.report_only:
         out = Path(args.out)

@@ -21,8 +21,17 @@ import time
 
 import torch
 
-SHAPE = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True,
-             max_seq_len=2048, rope_theta=100000.0)
+SHAPE = dict(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    hidden_dim=1536,
+    tie_embeddings=True,
+    max_seq_len=2048,
+    rope_theta=100000.0,
+)
 K, L = 10, 28
 
 
@@ -57,7 +66,7 @@ def build_ours(dtype: torch.dtype):  # noqa: ANN201
 
 def run_ours(args: argparse.Namespace) -> dict:
     from llama_adapter.training.data import IGNORE_INDEX
-    from llama_adapter.training.loop import batch_loss
+    from llama_adapter.training.loss import batch_loss
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = build_ours(dtype)
@@ -85,17 +94,24 @@ def run_peft(args: argparse.Namespace, autocast: bool) -> dict:
     import transformers
     from peft import AdaptionPromptConfig, get_peft_model
 
-    hf = transformers.LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["dim"],
-                                  intermediate_size=SHAPE["hidden_dim"], num_hidden_layers=SHAPE["n_layers"],
-                                  num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
-                                  tie_word_embeddings=True, max_position_embeddings=SHAPE["max_seq_len"],
-                                  rope_theta=SHAPE["rope_theta"])
+    hf = transformers.LlamaConfig(
+        vocab_size=SHAPE["vocab_size"],
+        hidden_size=SHAPE["dim"],
+        intermediate_size=SHAPE["hidden_dim"],
+        num_hidden_layers=SHAPE["n_layers"],
+        num_attention_heads=SHAPE["n_heads"],
+        num_key_value_heads=SHAPE["n_kv_heads"],
+        tie_word_embeddings=True,
+        max_position_embeddings=SHAPE["max_seq_len"],
+        rope_theta=SHAPE["rope_theta"],
+    )
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(hf)
     model = get_peft_model(base, AdaptionPromptConfig(adapter_len=K, adapter_layers=L, task_type="CAUSAL_LM"))
     ids = _batch(args.batch, args.seq)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95),
-                            weight_decay=0.02)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02
+    )
     model.train()
 
     def step() -> float:
@@ -121,11 +137,17 @@ def _time(step, args: argparse.Namespace) -> dict:  # noqa: ANN001
     times.sort()
     cpu.sort()
     med, cmed = times[len(times) // 2], cpu[len(cpu) // 2]
-    return {"tokens_per_s": round(args.batch * args.seq / med, 1), "step_time_s": round(med, 4),
-            # CPU seconds per step: on a shared machine with --threads 1 this is the uncontended step time
-            "cpu_s_per_step": round(cmed, 4), "tokens_per_cpu_s": round(args.batch * args.seq / cmed, 1),
-            "step_time_min_s": round(times[0], 4), "peak_rss_mib": round(_peak_rss_mib(), 1),
-            "loss": round(loss, 4), "threads": torch.get_num_threads()}
+    return {
+        "tokens_per_s": round(args.batch * args.seq / med, 1),
+        "step_time_s": round(med, 4),
+        # CPU seconds per step: on a shared machine with --threads 1 this is the uncontended step time
+        "cpu_s_per_step": round(cmed, 4),
+        "tokens_per_cpu_s": round(args.batch * args.seq / cmed, 1),
+        "step_time_min_s": round(times[0], 4),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "loss": round(loss, 4),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -143,14 +165,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only:
-        res = (run_ours(args) if args.only == "ours"
-               else run_peft(args, autocast=args.only == "peft-bf16-autocast"))
+        res = run_ours(args) if args.only == "ours" else run_peft(args, autocast=args.only == "peft-bf16-autocast")
         print(json.dumps(res))
         return
     passthrough = [a for a in sys.argv[1:] if a not in ("--peer", "peft", "none")]
     runs = ["ours"] + (["peft-bf16-autocast", "peft-fp32"] if args.peer == "peft" else [])
-    out: dict = {"shape": SHAPE | {"K": K, "L": L, "batch": args.batch, "seq": args.seq},
-                 "ours_config": {"dtype": args.dtype, "compile": args.compile}}
+    out: dict = {
+        "shape": SHAPE | {"K": K, "L": L, "batch": args.batch, "seq": args.seq},
+        "ours_config": {"dtype": args.dtype, "compile": args.compile},
+    }
     for r in runs:
         p = subprocess.run([sys.executable, __file__, *passthrough, "--only", r], capture_output=True, text=True)
         if p.returncode != 0:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import llama_adapter as la
-from llama_adapter.training.loop import TrainConfig, train
+from llama_adapter.training.config import TrainConfig
+from llama_adapter.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,20 +32,69 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path, tiny_base: Path
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_records(24, seed=5)))
-    opts = dict(base=str(tiny_base), data=[str(data)], batch_size=8, micro_batch=2, epochs=2, warmup_epochs=1,
-                dtype="fp32", max_length=128, template="plain", lr=2e-2, val_fraction=0.2, progress=False,
-                seed=1)
+    opts = dict(
+        base=str(tiny_base),
+        data=[str(data)],
+        batch_size=8,
+        micro_batch=2,
+        epochs=2,
+        warmup_epochs=1,
+        dtype="fp32",
+        max_length=128,
+        template="plain",
+        lr=2e-2,
+        val_fraction=0.2,
+        progress=False,
+        seed=1,
+    )
     single = train(TrainConfig(out=str(tmp_path / "single"), **opts))  # type: ignore[arg-type]
 
     port = _free_port()
-    args = [sys.executable, "-m", "llama_adapter", "finetune", "--base", str(tiny_base), "--data", str(data),
-            "--batch-size", "8", "--micro-batch", "2", "--epochs", "2", "--warmup-epochs", "1", "--dtype", "fp32",
-            "--max-length", "128", "--template", "plain", "--lr", "2e-2", "--val-fraction", "0.2",
-            "--no-progress", "--seed", "1", "--out", str(tmp_path / "ddp")] + (["--fsdp"] if fsdp else [])
+    args = [
+        sys.executable,
+        "-m",
+        "llama_adapter",
+        "finetune",
+        "--base",
+        str(tiny_base),
+        "--data",
+        str(data),
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "2",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--dtype",
+        "fp32",
+        "--max-length",
+        "128",
+        "--template",
+        "plain",
+        "--lr",
+        "2e-2",
+        "--val-fraction",
+        "0.2",
+        "--no-progress",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path / "ddp"),
+    ] + (["--fsdp"] if fsdp else [])
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=150) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):

@@ -16,8 +16,13 @@ from safetensors import safe_open
 
 import llama_adapter as la
 from llama_adapter.cli import main as cli_main
+from llama_adapter.errors import TrainingError
 from llama_adapter.training import loop as ft
-from llama_adapter.training.loop import TrainConfig, TrainingError, linear_cross_entropy, lr_factor, train
+from llama_adapter.training.checkpointing import KILL_ENV
+from llama_adapter.training.config import TrainConfig
+from llama_adapter.training.loop import train
+from llama_adapter.training.loss import linear_cross_entropy
+from llama_adapter.training.schedule import lr_factor
 
 WORDS = "the quick brown fox jumps over the lazy dog alpacas are domesticated camelids".split()
 
@@ -31,14 +36,24 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         k = int(torch.randint(2, 12, (1,), generator=g))
         ws = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (k,), generator=g)]
-        out.append({"instruction": f"Repeat {i % 3}", "input": "" if i % 2 else "the fox",
-                    "output": " ".join(ws)})
+        out.append({"instruction": f"Repeat {i % 3}", "input": "" if i % 2 else "the fox", "output": " ".join(ws)})
     return out
 
 
 def small_cfg(tmp_path: Path, base: Path, **kw: object) -> TrainConfig:
-    d = dict(base=str(base), out=str(tmp_path / "run"), epochs=2, warmup_epochs=1, batch_size=8, micro_batch=4,
-             dtype="fp32", progress=False, max_length=128, lr=2e-2, template="plain")
+    d = dict(
+        base=str(base),
+        out=str(tmp_path / "run"),
+        epochs=2,
+        warmup_epochs=1,
+        batch_size=8,
+        micro_batch=4,
+        dtype="fp32",
+        progress=False,
+        max_length=128,
+        lr=2e-2,
+        template="plain",
+    )
     d.update(kw)
     return TrainConfig(**d)  # type: ignore[arg-type]
 
@@ -101,14 +116,18 @@ def test_accumulation_invariance_and_rand_init(tmp_path: Path, base_model: la.Tr
     pb = base_model.adapters["default"].prompts.detach().clone()
     assert a.steps == b.steps == 2
     torch.testing.assert_close(pa, pb, atol=1e-5, rtol=0)
-    r = train(small_cfg(tmp_path / "r", Path("x"), attention="rand-init", epochs=1, layers=2, prompt_length=3),
-              model=base_model, records=recs)
+    r = train(
+        small_cfg(tmp_path / "r", Path("x"), attention="rand-init", epochs=1, layers=2, prompt_length=3),
+        model=base_model,
+        records=recs,
+    )
     meta = la.read_adapter(r.adapter_path)[0]
     assert json.loads(meta["adapter"])["init"] == "random" and json.loads(meta["adapter"])["layers"] == 2
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path: Path, base_model: la.Transformer,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_loss_stops_and_keeps_checkpoint(
+    tmp_path: Path, base_model: la.Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = {"n": 0}
     real = ft.batch_loss
 
@@ -128,37 +147,78 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path: Path, base_model: 
 def test_cli_errors_are_one_line(tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 7}\n')
-    rc = cli_main(["finetune", "--base", str(tiny_base), "--data", str(bad), "--out", str(tmp_path / "o"),
-                   "--no-progress"])
+    rc = cli_main(
+        ["finetune", "--base", str(tiny_base), "--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "bad.jsonl" in err and "record 2" in err and "'output'" in err
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    rc = cli_main(["finetune", "--base", str(tiny_base), "--data", str(empty), "--out", str(tmp_path / "o"),
-                   "--no-progress"])
+    rc = cli_main(
+        ["finetune", "--base", str(tiny_base), "--data", str(empty), "--out", str(tmp_path / "o"), "--no-progress"]
+    )
     assert rc == 2 and "empty" in capsys.readouterr().err
-    rc = cli_main(["finetune", "--base", str(tiny_base), "--data", str(bad), "--skip-invalid", "--template",
-                   "nope", "--out", str(tmp_path / "o"), "--no-progress"])
+    rc = cli_main(
+        [
+            "finetune",
+            "--base",
+            str(tiny_base),
+            "--data",
+            str(bad),
+            "--skip-invalid",
+            "--template",
+            "nope",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "unknown template" in capsys.readouterr().err
 
 
 def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "llama_adapter", "finetune", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_adapter", "finetune", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path: Path, tiny_base: Path) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_records(20)))
-    common = ["--base", str(tiny_base), "--data", str(data), "--batch-size", "8", "--micro-batch", "4",
-              "--epochs", "2", "--warmup-epochs", "1", "--save-every", "2", "--dtype", "bf16",
-              "--val-fraction", "0.2", "--max-length", "128", "--template", "plain", "--no-progress", "--seed", "3"]
+    common = [
+        "--base",
+        str(tiny_base),
+        "--data",
+        str(data),
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "4",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--save-every",
+        "2",
+        "--dtype",
+        "bf16",
+        "--val-fraction",
+        "0.2",
+        "--max-length",
+        "128",
+        "--template",
+        "plain",
+        "--no-progress",
+        "--seed",
+        "3",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "llama_adapter", "finetune", *common]
     full = subprocess.Popen([*cmd, "--out", str(tmp_path / "full")], env=env, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], env=env | {ft.KILL_ENV: "2"},
-                              stderr=subprocess.PIPE, text=True)  # both at once: half the wall time
+    killed = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "cut")], env=env | {KILL_ENV: "2"}, stderr=subprocess.PIPE, text=True
+    )  # both at once: half the wall time
     full_err, killed_err = full.communicate(timeout=120)[1], killed.communicate(timeout=120)[1]
     assert full.returncode == 0, full_err
     assert killed.returncode == -signal.SIGKILL, killed_err

@@ -14,19 +14,10 @@ from PIL import Image
 
 import llama_adapter as la
 from llama_adapter.adapter_file import save_adapter
-from llama_adapter.multimodal.features import (
-    ClipPreprocessor,
-    ImageEncoder,
-    ImageError,
-    VisualProjection,
-    attach_visual_projection,
-    build_visual_projection,
-    default_layers,
-    llava_to_alpaca,
-    load_image,
-    prepare_multimodal,
-    projection_parameter_count,
-)
+from llama_adapter.errors import ImageError
+from llama_adapter.multimodal.encoder import ClipPreprocessor, ImageEncoder, default_layers, load_image
+from llama_adapter.multimodal.features import attach_visual_projection, llava_to_alpaca, prepare_multimodal
+from llama_adapter.zero_init_attention import VisualProjection, projection_parameter_count
 
 PREPROCESSOR = {
     "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "do_normalize": True, "do_resize": True,
@@ -161,7 +152,7 @@ def test_projection_parameter_count_at_7b_vit_l14() -> None:
     proj = VisualProjection(4 * 1024 + 768, 4096, hidden=64, groups=[1024] * 4 + [768])
     n = sum(p.numel() for p in proj.parameters())
     assert n == projection_parameter_count() == 587_328  # paper: ~0.6M
-    again = build_visual_projection(json.loads(json.dumps(proj.config_dict())), 4096)
+    again = VisualProjection.from_config(json.loads(json.dumps(proj.config_dict())), 4096)
     assert again.config_dict() == proj.config_dict()
 
 
@@ -281,7 +272,8 @@ def test_prepare_multimodal_features_cache_and_errors(tiny_base: Path, clip_dir:
 
 def test_finetune_trains_projection(tiny_base: Path, clip_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("llama_adapter.training.loop")
-    from llama_adapter.training.loop import TrainConfig, train
+    from llama_adapter.training.config import TrainConfig
+    from llama_adapter.training.loop import train
 
     for i in range(4):
         random_image(i).save(tmp_path / f"{i}.png")

@@ -41,7 +41,7 @@ def fingerprint(cfg: ModelConfig) -> dict[str, int]:
 def save_adapter(model: AdaptableModel, name: str, path: str | Path, extra: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter `name` atomically (temp file + rename)."""
-    a: Adapter = model.adapters[name]  # type: ignore[assignment]
+    a: Adapter = model.adapters[name]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"prompts": a.prompts.detach(), "gates": a.gates.detach()}

@@ -13,10 +13,11 @@ once when a base is loaded) swaps faster modules in from outside, as gpt-fast's 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -143,15 +144,44 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class Blocks(nn.ModuleList):
+    """The decoder blocks: an `nn.ModuleList` whose items are typed as `Block`."""
+
+    def __iter__(self) -> Iterator[Block]:
+        return super().__iter__()  # type: ignore[return-value]  # every item is a Block
+
+    @overload
+    def __getitem__(self, idx: slice) -> Blocks: ...
+
+    @overload
+    def __getitem__(self, idx: int) -> Block: ...
+
+    def __getitem__(self, idx: int | slice) -> Block | Blocks:
+        return super().__getitem__(idx)  # type: ignore[return-value]  # every item is a Block
+
+
+class Adapters(nn.ModuleDict):
+    """The loaded adapters by name: an `nn.ModuleDict` whose values are typed as `Adapter`."""
+
+    def __getitem__(self, key: str) -> Adapter:
+        return super().__getitem__(key)  # type: ignore[return-value]  # every value is an Adapter
+
+    def values(self) -> Iterable[Adapter]:  # type: ignore[override]  # narrower value type
+        return super().values()  # type: ignore[return-value]  # every value is an Adapter
+
+    def items(self) -> Iterable[tuple[str, Adapter]]:  # type: ignore[override]  # narrower value type
+        return super().items()  # type: ignore[return-value]  # every value is an Adapter
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = Blocks(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.adapters = nn.ModuleDict()
+        self.adapters = Adapters()
         self._rope: tuple[Tensor, Tensor] | None = None
         self.tokenizer: Tokenizer | None = None  # set by load_model
         self.backend: Any = None  # the compute backend, set once by llama_adapter.backends.install
@@ -187,7 +217,8 @@ class Transformer(nn.Module):
         plan = self.prompt_plan(adapter, batch_size, image_features)
         if plan is None:
             return None
-        out = {li: plan.layer(li, self.layers[li].attention.kv_weights()) for li in range(plan.first, self.config.n_layers)}
+        out = {li: plan.layer(li, self.layers[li].attention.kv_weights())
+               for li in range(plan.first, self.config.n_layers)}
         return {li: kv for li, kv in out.items() if kv is not None}
 
     def prompt_plan(self, adapter: AdapterSpec, batch_size: int,

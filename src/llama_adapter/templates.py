@@ -10,6 +10,8 @@ import json
 from functools import cache
 from pathlib import Path
 
+from llama_adapter.errors import TemplateError
+
 _DIR = Path(__file__).parent / "templates"
 
 
@@ -17,12 +19,16 @@ _DIR = Path(__file__).parent / "templates"
 def load_template(name: str) -> dict[str, str]:
     path = Path(name) if name.endswith(".json") else _DIR / f"{name}.json"
     if not path.is_file():
-        raise ValueError(f"unknown template {name!r} (built in: {', '.join(available_templates())}; "
-                         "or the path of a .json file)")
-    t = json.loads(path.read_text())
+        raise TemplateError(
+            f"unknown template {name!r} (built in: {', '.join(available_templates())}; or the path of a .json file)"
+        )
+    try:
+        t = json.loads(path.read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise TemplateError(f"{path}: not a valid template file ({e})") from None
     for key in ("with_input", "without_input"):
         if key not in t:
-            raise ValueError(f"{path}: template lacks {key!r}")
+            raise TemplateError(f"{path}: template lacks {key!r}")
     return t
 
 

@@ -46,14 +46,27 @@ class EvalResult:
     completions: list[str] = field(default_factory=list)
 
 
-def evaluate(model: Transformer, records: Sequence[dict[str, str]], adapter: str | None = None,
-             template: str = "alpaca", max_new_tokens: int = 8, batch_size: int = 64) -> EvalResult:
+def evaluate(
+    model: Transformer,
+    records: Sequence[dict[str, str]],
+    adapter: str | None = None,
+    template: str = "alpaca",
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+) -> EvalResult:
     """Greedy answers to `records` and exact-match accuracy (overall and per task)."""
     from llama_adapter.inference.generate import generate
 
     prompts = [format_prompt(template, r["instruction"], r.get("input", "")) for r in records]
-    outs = generate(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=0.0,
-                    stop=["\n"], max_batch_size=batch_size)
+    outs = generate(
+        model,
+        prompts,
+        adapter=adapter,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        stop=["\n"],
+        max_batch_size=batch_size,
+    )
     hits = [exact_match(o, r["output"]) for o, r in zip(outs, records, strict=True)]
     per: dict[str, list[bool]] = {}
     for h, r in zip(hits, records, strict=True):
@@ -61,19 +74,45 @@ def evaluate(model: Transformer, records: Sequence[dict[str, str]], adapter: str
     return EvalResult(sum(hits) / max(1, len(hits)), {t: sum(v) / len(v) for t, v in sorted(per.items())}, outs)
 
 
-def demo_train_config(out: str | Path, n_train: int, n_layers: int, steps: int = DEMO_STEPS, seed: int = 0,
-                      lr: float = DEMO_LR, batch_size: int = DEMO_BATCH, prompt_length: int = DEMO_PROMPT_LENGTH,
-                      layers: int | None = DEMO_LAYERS, attention: str = "zero-init", progress: bool = True,
-                      dtype: str = "fp32", base: str = "builtin") -> Any:
+def demo_train_config(
+    out: str | Path,
+    n_train: int,
+    n_layers: int,
+    steps: int = DEMO_STEPS,
+    seed: int = 0,
+    lr: float = DEMO_LR,
+    batch_size: int = DEMO_BATCH,
+    prompt_length: int = DEMO_PROMPT_LENGTH,
+    layers: int | None = DEMO_LAYERS,
+    attention: str = "zero-init",
+    progress: bool = True,
+    dtype: str = "fp32",
+    base: str = "builtin",
+) -> Any:
     """The TrainConfig of the demo: `steps` optimiser steps, linear warm-up over the first 10 %, cosine to 0."""
-    from llama_adapter.training.loop import TrainConfig
+    from llama_adapter.training.config import TrainConfig
 
     epochs = steps * batch_size / n_train
-    return TrainConfig(base=base, data=[], out=str(out), epochs=epochs, warmup_epochs=0.1 * epochs,
-                       batch_size=batch_size, micro_batch=batch_size, lr=lr, prompt_length=prompt_length,
-                       layers=layers if layers is not None else n_layers, gate="tanh",
-                       attention=attention, dtype=dtype, seed=seed, max_length=128, template="alpaca",
-                       progress=progress, max_steps=steps)
+    return TrainConfig(
+        base=base,
+        data=[],
+        out=str(out),
+        epochs=epochs,
+        warmup_epochs=0.1 * epochs,
+        batch_size=batch_size,
+        micro_batch=batch_size,
+        lr=lr,
+        prompt_length=prompt_length,
+        layers=layers if layers is not None else n_layers,
+        gate="tanh",
+        attention=attention,
+        dtype=dtype,
+        seed=seed,
+        max_length=128,
+        template="alpaca",
+        progress=progress,
+        max_steps=steps,
+    )
 
 
 def _size(n: int) -> str:
@@ -87,8 +126,14 @@ def _show(records: Sequence[dict[str, str]], outs: Sequence[str], say: Callable[
         say(f"  {mark} {r['instruction']:<44} -> {ans[:40]!r}   (expected {r['output'].strip()!r})")
 
 
-def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STEPS, threads: int | None = None,
-             say: Callable[[str], None] = print, base: str | Path = "builtin") -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo",
+    seed: int = 0,
+    steps: int = DEMO_STEPS,
+    threads: int | None = None,
+    say: Callable[[str], None] = print,
+    base: str | Path = "builtin",
+) -> dict[str, Any]:
     from llama_adapter.loading import load_model
     from llama_adapter.training.loop import train
 
@@ -108,8 +153,10 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STE
     train_recs = corpus.instruction_data("train", seed=seed, n_per_task=DEMO_TRAIN_PER_TASK)
     held = corpus.instruction_data("heldout")
     shown = _pick_shown(held)
-    say(f"data: {len(train_recs)} training instructions; {len(held)} held-out instructions about countries, "
-        "words and numbers the adapter never sees in training")
+    say(
+        f"data: {len(train_recs)} training instructions; {len(held)} held-out instructions about countries, "
+        "words and numbers the adapter never sees in training"
+    )
 
     say("\n-- the base model, Alpaca template, held-out instructions --")
     before = evaluate(model, held)
@@ -131,17 +178,30 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STE
     say(f"held-out exact match   base {before.accuracy:6.1%}   ->   adapted {after.accuracy:6.1%}")
     for t in after.per_task:
         say(f"  {t:<10} base {before.per_task.get(t, 0):6.1%}   adapted {after.per_task[t]:6.1%}")
-    say(f"trainable parameters   {res.n_trainable:,} ({res.n_trainable / n_base:.2%} of the base's {n_base:,}); "
-        f"K={cfg.prompt_length} prompts x L={cfg.layers} layers")
+    say(
+        f"trainable parameters   {res.n_trainable:,} ({res.n_trainable / n_base:.2%} of the base's {n_base:,}); "
+        f"K={cfg.prompt_length} prompts x L={cfg.layers} layers"
+    )
     say(f"adapter file           {res.adapter_path} ({_size(size)})")
     say(f"loss plot              {plot}")
     say(f"time                   fine-tuning {res.train_time_s:.0f} s, whole demo {total:.0f} s")
-    say(f"next: llama-adapter generate --base {base} --adapter {res.adapter_path} "
-        "'What is the capital of ...?' --temperature 0")
-    return {"before": before.accuracy, "after": after.accuracy, "before_per_task": before.per_task,
-            "after_per_task": after.per_task, "n_trainable": res.n_trainable, "adapter_bytes": size,
-            "adapter_path": str(res.adapter_path), "loss_plot": str(plot), "train_time_s": res.train_time_s,
-            "total_time_s": total, "final_train_loss": res.final_train_loss}
+    say(
+        f"next: llama-adapter generate --base {base} --adapter {res.adapter_path} "
+        "'What is the capital of ...?' --temperature 0"
+    )
+    return {
+        "before": before.accuracy,
+        "after": after.accuracy,
+        "before_per_task": before.per_task,
+        "after_per_task": after.per_task,
+        "n_trainable": res.n_trainable,
+        "adapter_bytes": size,
+        "adapter_path": str(res.adapter_path),
+        "loss_plot": str(plot),
+        "train_time_s": res.train_time_s,
+        "total_time_s": total,
+        "final_train_loss": res.final_train_loss,
+    }
 
 
 def _pick_shown(held: Sequence[dict[str, str]]) -> list[int]:

@@ -28,7 +28,8 @@ HELP = {
     "blr": "base learning rate; lr = blr * batch_size / 256",
     "lr": "absolute learning rate (overrides --blr scaling)",
     "weight_decay": "AdamW weight decay (prompts; not gates or biases)",
-    "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
     "prompt_length": "adaption prompt length K",
     "layers": "number of top layers with adaption prompts L (default min(30, n_layers))",
     "gate": "gate function: tanh or linear",
@@ -51,8 +52,7 @@ HELP = {
 }
 
 
-CHOICES = {"gate": ["tanh", "linear"], "attention": ["zero-init", "rand-init"],
-           "dtype": ["bf16", "fp16", "fp32"]}
+CHOICES = {"gate": ["tanh", "linear"], "attention": ["zero-init", "rand-init"], "dtype": ["bf16", "fp16", "fp32"]}
 
 
 def _flag_type(tp: str) -> Any:
@@ -64,13 +64,16 @@ def _flag_type(tp: str) -> Any:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llama_adapter.training.loop import TrainConfig
+    from llama_adapter.training.config import TrainConfig
 
-    p = sub.add_parser("finetune", help="instruction-tune an adapter on Alpaca-format data",
-                       description="Train a zero-init attention adapter on a frozen base with the paper's recipe "
-                       "(AdamW, blr 9e-3 x batch/256, 5 epochs, 2 warm-up, cosine). Resumable (--resume), "
-                       "distributed with torchrun (DDP). The adapter is named 'default' while training.",
-                       argument_default=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "finetune",
+        help="instruction-tune an adapter on Alpaca-format data",
+        description="Train a zero-init attention adapter on a frozen base with the paper's recipe "
+        "(AdamW, blr 9e-3 x batch/256, 5 epochs, 2 warm-up, cosine). Resumable (--resume), "
+        "distributed with torchrun (DDP). The adapter is named 'default' while training.",
+        argument_default=argparse.SUPPRESS,
+    )
     p.add_argument("--config", help="YAML/JSON file of options (e.g. a previous run's config.yaml)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -88,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> Any:
     from llama_adapter.errors import UserError
-    from llama_adapter.training.loop import TrainConfig
+    from llama_adapter.training.config import TrainConfig
 
     explicit = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     base: dict[str, Any] = {}
@@ -116,18 +119,20 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_adapter.errors import UserError
     from llama_adapter.training.loop import train
 
     cfg = build_config(args)
-    try:
-        result = train(cfg)
-    except UserError:
-        raise
-    except ValueError as e:  # e.g. an unknown template name
-        raise UserError(str(e)) from None
+    result = train(cfg)  # user errors are UserError (one line, exit 2 in cli.main); anything else is a bug
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"adapter": str(result.adapter_path), "steps": result.steps,
-                          "final_train_loss": result.final_train_loss, "val_loss": result.val_loss,
-                          "train_time_s": round(result.train_time_s, 2)}))
+        print(
+            json.dumps(
+                {
+                    "adapter": str(result.adapter_path),
+                    "steps": result.steps,
+                    "final_train_loss": result.final_train_loss,
+                    "val_loss": result.val_loss,
+                    "train_time_s": round(result.train_time_s, 2),
+                }
+            )
+        )
     return 0

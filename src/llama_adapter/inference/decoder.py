@@ -128,7 +128,7 @@ class BatchDecoder:
         if not live:
             return True
         loaded = self.model.adapters
-        return can_share_batch([loaded[s.adapter] if s.adapter in loaded else None  # type: ignore[misc]
+        return can_share_batch([loaded[s.adapter] if s.adapter is not None and s.adapter in loaded else None
                                 for s in (seq, *live)])
 
     def prompt_kv_for(self, seq: DecodeRequest) -> PKV | None:

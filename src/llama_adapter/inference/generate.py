@@ -34,7 +34,7 @@ def _row_adapters(adapter: str | None | Sequence[str | None], n: int) -> list[st
     rows = [adapter] * n if adapter is None or isinstance(adapter, str) else list(adapter)
     if len(rows) != n:
         raise ValueError(f"{len(rows)} adapter entries for {n} prompts")
-    return rows  # type: ignore[return-value]
+    return rows
 
 
 def iter_events(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]], *,

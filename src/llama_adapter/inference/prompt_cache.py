@@ -38,7 +38,7 @@ class PromptKVCache:
             project: Callable[[], PKV | None] | None = None) -> PKV | None:
         """Adapter `name`'s prompt K/V ([1, ...] per layer, in `dtype`), projected now only if anything changed."""
         adapter = model.adapters[name]
-        layers = model.layers[adapter.first_layer:]  # type: ignore[index]
+        layers = model.layers[adapter.first_layer:]
         tensors = (adapter.prompts, adapter.gates, *(layer.attention.wqkv.weight for layer in layers))
         key = (id(model), dtype, *((t.data_ptr(), t._version) for t in tensors))
         hit = self._entries.get(adapter)

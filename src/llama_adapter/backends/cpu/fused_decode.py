@@ -39,8 +39,8 @@ class FusedPrompts:
             self.layers[li] = (p.k.float().contiguous(), p.v.float().contiguous(), p.gate.float().contiguous(), mask)
 
 
-def _linear(x: Tensor, m: nn.Module) -> Tensor:
-    return cpu_kernels.linear(x, m.weight, m.bias, getattr(m, "packed", None))
+def _linear(x: Tensor, m: nn.Linear) -> Tensor:
+    return cpu_kernels.linear(x, m.weight, m.bias, getattr(m, "packed", None))  # packed: backends.cpu.PackedLinear
 
 
 @torch.no_grad()

@@ -115,7 +115,7 @@ def can_pack(weight: Tensor) -> bool:
 
 def _onednn_bf16() -> bool:
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+    return (mkldnn is not None and torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
             and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
@@ -147,7 +147,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight 
     rows = x.numel() // x.shape[-1]
     if rows > BLOCKED_MAX_ROWS:  # a prefill: compute-bound, where oneDNN's own GEMM is faster
         return F.linear(x, weight, bias)
-    out = native().linear(x.reshape(rows, x.shape[-1]).contiguous(), packed.packed, weight.shape[0], bias)
+    ext = native()
+    assert ext is not None  # a "blocked" pack is only ever made by the compiled kernels
+    out = ext.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed.packed, weight.shape[0], bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -155,14 +157,14 @@ class _RMSNorm(torch.autograd.Function):
     """y = w * cast(x * rsqrt(mean(x^2) + eps)), statistics in fp32 (as Llama's reference does)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         xf = x.float()
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, r)
         return weight * (xf * r).to(x.dtype)  # rounded twice, like the reference and the inference path
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight, r = ctx.saved_tensors
         xhat = x.float() * r  # (not in place: .float() of an fp32 tensor is the tensor itself)
         dxhat = dy.float() * weight.float()

@@ -1,0 +1,84 @@
+"""The training loss: summed cross-entropy over the response tokens only, logits a chunk at a time.
+
+`batch_loss` runs the model to its final hidden states and takes the loss only at supervised positions
+(labels != IGNORE_INDEX, i.e. the response and EOS; the prompt is never a target). `linear_cross_entropy` then
+applies the frozen output matrix a chunk of rows at a time, so a [B, T, vocab] logits tensor never exists.
+The caller divides by the step's supervised-token count (a token-level mean over the whole effective batch).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama_adapter.training.data import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from llama_adapter.model import Transformer
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum CE(h @ W^T, y) for a frozen W, a chunk of rows at a time. The gradient w.r.t. h is produced in
+    the forward pass chunk by chunk, so neither logits nor probabilities are kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        n_rows, vocab = h.shape[0], weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # two buffers for the whole call, reused by every chunk: fresh [chunk, vocab] tensors per chunk cost
+        # more in page faults (CPU) or allocator churn than the softmax itself
+        c = min(chunk, n_rows)
+        logits_buf = h.new_empty(c, vocab)
+        probs_buf = logits_buf if h.dtype == torch.float32 else torch.empty(c, vocab, device=h.device)
+        wt = weight.t()
+        for s in range(0, n_rows, chunk):
+            y = target[s : s + chunk]
+            n = len(y)
+            logits, p = logits_buf[:n], probs_buf[:n]
+            torch.mm(h[s : s + n], wt, out=logits)
+            if p is not logits:
+                p.copy_(logits)  # fp32 softmax
+            picked = p.gather(1, y[:, None]).squeeze(1)
+            mx = p.amax(dim=-1, keepdim=True)
+            z = p.sub_(mx).exp_().sum(dim=-1, keepdim=True)
+            total += (mx.squeeze(1) + z.squeeze(1).log() - picked).sum()
+            if grad is not None:
+                p.div_(z)[torch.arange(n, device=y.device), y] -= 1.0  # d(CE)/d(logits) = softmax - onehot
+                if p is not logits:
+                    logits.copy_(p)
+                torch.mm(logits, weight, out=grad[s : s + n])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, chunk: int = 256) -> Tensor:
+    """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result."""
+    if weight.requires_grad:  # a trainable head: plain autograd
+        return F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
+    return _LinearCrossEntropy.apply(h, weight, target, chunk)
+
+
+def output_weight(model: Transformer) -> Tensor:
+    return model.tok_embeddings.weight if model.output is None else model.output.weight
+
+
+def batch_loss(model: Transformer, adapter: str, batch: dict[str, Tensor], chunk: int = 256) -> tuple[Tensor, int]:
+    """(summed CE over the supervised positions, number of them); logits only where labels != -100."""
+    dev = output_weight(model).device
+    ids = batch["input_ids"].to(dev, non_blocking=True)
+    labels = batch["labels"].to(dev, non_blocking=True)
+    feats = batch.get("image_features")
+    h = model(ids, adapter=adapter, return_hidden=True, image_features=feats.to(dev) if feats is not None else None)
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE_INDEX
+    sel = h[:, :-1][mask]
+    return linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk), int(mask.sum())

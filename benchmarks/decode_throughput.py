@@ -21,8 +21,19 @@ import torch
 from llama_adapter import AdapterConfig, ModelConfig, Transformer
 from llama_adapter.inference.generate import generate_tokens
 
-SHAPE = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True,
-             rope_theta=100000.0, max_seq_len=2048, bos_token_id=1, eos_token_ids=[2])
+SHAPE = dict(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    hidden_dim=1536,
+    tie_embeddings=True,
+    rope_theta=100000.0,
+    max_seq_len=2048,
+    bos_token_id=1,
+    eos_token_ids=[2],
+)
 ADAPTER = dict(prompt_length=10, layers=28)
 
 
@@ -49,14 +60,26 @@ def build_peft(dtype: torch.dtype) -> torch.nn.Module:
     from peft import AdaptionPromptConfig, get_peft_model
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["dim"],
-                                   intermediate_size=SHAPE["hidden_dim"], num_hidden_layers=SHAPE["n_layers"],
-                                   num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
-                                   tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=1,
-                                   eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=SHAPE["vocab_size"],
+        hidden_size=SHAPE["dim"],
+        intermediate_size=SHAPE["hidden_dim"],
+        num_hidden_layers=SHAPE["n_layers"],
+        num_attention_heads=SHAPE["n_heads"],
+        num_key_value_heads=SHAPE["n_kv_heads"],
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     base = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-    model = get_peft_model(base, AdaptionPromptConfig(adapter_len=ADAPTER["prompt_length"],
-                                                       adapter_layers=ADAPTER["layers"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base,
+        AdaptionPromptConfig(
+            adapter_len=ADAPTER["prompt_length"], adapter_layers=ADAPTER["layers"], task_type="CAUSAL_LM"
+        ),
+    )
     return model.eval()
 
 
@@ -95,8 +118,10 @@ def main() -> None:
     P, N = args.prompt_len, args.new_tokens
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, SHAPE["vocab_size"], (8, P), generator=g).tolist()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, prompt {P}, "
-          f"{N} new tokens, greedy")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, prompt {P}, "
+        f"{N} new tokens, greedy"
+    )
 
     model = build_ours(dtype, 8)
     wbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("adapters."))
@@ -106,28 +131,34 @@ def main() -> None:
     def ours(batch: int, adapters: list[str | None]) -> Callable[[], float]:
         def run() -> float:
             t = time.perf_counter()
-            generate_tokens(model, prompts[:batch], adapter=adapters, max_new_tokens=N, temperature=0.0,
-                            ignore_eos=True)
+            generate_tokens(
+                model, prompts[:batch], adapter=adapters, max_new_tokens=N, temperature=0.0, ignore_eos=True
+            )
             return batch * N / (time.perf_counter() - t)
+
         return run
 
     settings: dict[str, Callable[[], float]] = {
-        "ours, batch 1": ours(1, ["a0"]), "ours, batch 8 (one adapter)": ours(8, ["a0"] * 8),
-        "ours, batch 8 (8 adapters)": ours(8, [f"a{i}" for i in range(8)])}
+        "ours, batch 1": ours(1, ["a0"]),
+        "ours, batch 8 (one adapter)": ours(8, ["a0"] * 8),
+        "ours, batch 8 (8 adapters)": ours(8, [f"a{i}" for i in range(8)]),
+    }
     if args.peer == "peft":
         peft = build_peft(dtype)
         ids = torch.tensor(prompts)
 
         def hf(batch: int) -> Callable[[], float]:
             x = ids[:batch]
-            kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
-                      attention_mask=torch.ones_like(x))
+            kw = dict(
+                max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(x)
+            )
 
             def run() -> float:
                 t = time.perf_counter()
                 with torch.no_grad():
                     peft.generate(input_ids=x, **kw)
                 return batch * N / (time.perf_counter() - t)
+
             return run
 
         settings |= {"PEFT adaption prompt, batch 1": hf(1), "PEFT adaption prompt, batch 8": hf(8)}
@@ -140,16 +171,22 @@ def main() -> None:
     best = {k: max(v) for k, v in got.items()}
     med = {k: statistics.median(v) for k, v in got.items()}
     r1 = best["ours, batch 1"]
-    print(f"weights {wbytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> batch-1 bound {bound:.0f} tok/s; "
-          f"ours batch 1 = {r1 / bound:.0%} of it")
-    print(f"read bandwidth {read_bw:.1f} GB/s -> batch-1 bound {read_bound:.0f} tok/s; ours batch 1 = "
-          f"{r1 / read_bound:.0%} of it")
+    print(
+        f"weights {wbytes / 1e6:.0f} MB, copy bandwidth {bw:.1f} GB/s -> batch-1 bound {bound:.0f} tok/s; "
+        f"ours batch 1 = {r1 / bound:.0%} of it"
+    )
+    print(
+        f"read bandwidth {read_bw:.1f} GB/s -> batch-1 bound {read_bound:.0f} tok/s; ours batch 1 = "
+        f"{r1 / read_bound:.0%} of it"
+    )
     for how, v in (("best", best), ("median", med)):
         mix = v["ours, batch 8 (8 adapters)"] / v["ours, batch 8 (one adapter)"]
         line = f"{how} of {args.repeat}: 8 different adapters / one adapter {mix:.2f}x"
         if args.peer == "peft":
-            line += (f"; vs PEFT: batch 1 {v['ours, batch 1'] / v['PEFT adaption prompt, batch 1']:.1f}x, "
-                     f"batch 8 {v['ours, batch 8 (one adapter)'] / v['PEFT adaption prompt, batch 8']:.1f}x")
+            line += (
+                f"; vs PEFT: batch 1 {v['ours, batch 1'] / v['PEFT adaption prompt, batch 1']:.1f}x, "
+                f"batch 8 {v['ours, batch 8 (one adapter)'] / v['PEFT adaption prompt, batch 8']:.1f}x"
+            )
         print(line)
     rows = [(k, best[k], med[k]) for k in settings]
     print("\n| setting | tokens/s (best) | tokens/s (median) |\n|---|---:|---:|")

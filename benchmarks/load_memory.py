@@ -17,10 +17,23 @@ import time
 from pathlib import Path
 
 SHAPES = {
-    "tinyllama": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, intermediate_size=5632),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True),
+    "tinyllama": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -29,8 +42,14 @@ def write_checkpoint(path: Path, shape: str) -> None:
     from safetensors.torch import save_file
 
     s = SHAPES[shape]
-    d, n, h, kv, m, v = (s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"],
-                         s["num_key_value_heads"], s["intermediate_size"], s["vocab_size"])
+    d, n, h, kv, m, v = (
+        s["hidden_size"],
+        s["num_hidden_layers"],
+        s["num_attention_heads"],
+        s["num_key_value_heads"],
+        s["intermediate_size"],
+        s["vocab_size"],
+    )
     hd = d // h
     g = torch.Generator().manual_seed(0)
 
@@ -45,11 +64,19 @@ def write_checkpoint(path: Path, shape: str) -> None:
         sd["lm_head.weight"] = w(v, d)
     for i in range(n):
         p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": w(h * hd, d), p + "self_attn.k_proj.weight": w(kv * hd, d),
-                   p + "self_attn.v_proj.weight": w(kv * hd, d), p + "self_attn.o_proj.weight": w(d, h * hd),
-                   p + "mlp.gate_proj.weight": w(m, d), p + "mlp.up_proj.weight": w(m, d),
-                   p + "mlp.down_proj.weight": w(d, m), p + "input_layernorm.weight": ones(d),
-                   p + "post_attention_layernorm.weight": ones(d)})
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": w(h * hd, d),
+                p + "self_attn.k_proj.weight": w(kv * hd, d),
+                p + "self_attn.v_proj.weight": w(kv * hd, d),
+                p + "self_attn.o_proj.weight": w(d, h * hd),
+                p + "mlp.gate_proj.weight": w(m, d),
+                p + "mlp.up_proj.weight": w(m, d),
+                p + "mlp.down_proj.weight": w(d, m),
+                p + "input_layernorm.weight": ones(d),
+                p + "post_attention_layernorm.weight": ones(d),
+            }
+        )
     path.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({"model_type": "llama", "rms_norm_eps": 1e-5, **s}))
@@ -71,8 +98,16 @@ def child(path: str, dtype: str) -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     status = Path("/proc/self/status").read_text()
     anon = int(status.split("RssAnon:")[1].split()[0]) * 1024 if "RssAnon:" in status else -1
-    print(json.dumps({"load_s": round(secs, 2), "weights_bytes": weights, "peak_rss_bytes": _hwm(),
-                      "anon_rss_after_load_bytes": anon}))
+    print(
+        json.dumps(
+            {
+                "load_s": round(secs, 2),
+                "weights_bytes": weights,
+                "peak_rss_bytes": _hwm(),
+                "anon_rss_after_load_bytes": anon,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -87,21 +122,36 @@ def main() -> None:
     path = Path(a.dir) / a.shape
     if not (path / "model.safetensors").is_file():
         write_checkpoint(path, a.shape)
-    base = subprocess.run([sys.executable, "-c", "import llama_adapter, torch, pathlib; print(int(pathlib.Path("
-                           "'/proc/self/status').read_text().split('VmHWM:')[1].split()[0]) * 1024)"],
-                          capture_output=True, text=True, check=True)
-    out = subprocess.run([sys.executable, __file__, "--child", str(path), "--dtype", a.dtype],
-                         capture_output=True, text=True, check=True)
+    base = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import llama_adapter, torch, pathlib; print(int(pathlib.Path("
+            "'/proc/self/status').read_text().split('VmHWM:')[1].split()[0]) * 1024)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(path), "--dtype", a.dtype], capture_output=True, text=True, check=True
+    )
     r = json.loads(out.stdout)
-    r.update(shape=a.shape, dtype=a.dtype, import_rss_bytes=int(base.stdout),
-             file_bytes=(path / "model.safetensors").stat().st_size)
+    r.update(
+        shape=a.shape,
+        dtype=a.dtype,
+        import_rss_bytes=int(base.stdout),
+        file_bytes=(path / "model.safetensors").stat().st_size,
+    )
     gib = 2**30
     extra = r["peak_rss_bytes"] - r["import_rss_bytes"]
     r["peak_rss_minus_import_over_weights"] = round(extra / r["weights_bytes"], 3)
     print(json.dumps(r, indent=2))
-    print(f"weights {r['weights_bytes'] / gib:.2f} GiB, peak RSS above import "
-          f"{(r['peak_rss_bytes'] - r['import_rss_bytes']) / gib:.2f} GiB, anonymous after load "
-          f"{r['anon_rss_after_load_bytes'] / gib:.2f} GiB")
+    print(
+        f"weights {r['weights_bytes'] / gib:.2f} GiB, peak RSS above import "
+        f"{(r['peak_rss_bytes'] - r['import_rss_bytes']) / gib:.2f} GiB, anonymous after load "
+        f"{r['anon_rss_after_load_bytes'] / gib:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -32,18 +32,22 @@ def main() -> None:
     blocked = [cpu_kernels.pack_linear(w, "blocked") for w in ws]
     onednn = [cpu_kernels.pack_linear(w, "onednn") for w in ws]
     nbytes = sum(w.numel() * 2 for w in ws)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(ws)} weights, {nbytes / 1e6:.0f} MB "
-          f"bf16; C++ kernels: {cpu_kernels.native_unavailable() or 'built'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(ws)} weights, {nbytes / 1e6:.0f} MB "
+        f"bf16; C++ kernels: {cpu_kernels.native_unavailable() or 'built'}"
+    )
     print("| rows | variant | min ms | median ms | GB/s of weights (min) |\n|---:|---|---:|---:|---:|")
     with torch.no_grad():
         for m in args.rows:
             xs = {i: torch.randn(m, i).bfloat16() for _, i in SHAPES}
+
             def through(packs: list[cpu_kernels.PackedWeight | None], xs: dict[int, torch.Tensor] = xs) -> list:
                 return [cpu_kernels.linear(xs[w.shape[1]], w, None, p) for w, p in zip(ws, packs, strict=True)]
 
             variants: dict[str, Callable[[], object]] = {
                 "plain read (reference)": lambda: [w.view(torch.int16).max() for w in ws],
-                "F.linear": lambda: through([None] * len(ws))}
+                "F.linear": lambda: through([None] * len(ws)),
+            }
             if onednn[0] is not None:
                 variants["oneDNN packed"] = lambda: through(onednn)
             if blocked[0] is not None:

@@ -117,9 +117,9 @@ def main() -> int:
         write_jsonl,
     )
     from llama_adapter.multimodal.encoder import ImageEncoder
-    from llama_adapter.zero_init_attention import projection_parameter_count
     from llama_adapter.training.config import TrainConfig
     from llama_adapter.training.loop import train
+    from llama_adapter.zero_init_attention import projection_parameter_count
 
     t0 = time.time()
     out = Path(args.out)

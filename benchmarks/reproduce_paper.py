@@ -250,7 +250,8 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "",
         f"Base: the built-in {c['n_base']:,}-parameter LLaMA ({nl} layers; see "
         "`src/llama_adapter/builtin/base/README.md`), pre-trained on plain-text facts, sums, counting and word "
-        "spellings only. Instruction data: `llama_adapter.builtin.corpus.instruction_data` (2,000 Alpaca records per seed); "
+        "spellings only. Instruction data: `llama_adapter.builtin.corpus.instruction_data` (2,000 Alpaca records "
+        "per seed); "
         "evaluation: 200 held-out instructions whose countries, words, numbers and number pairs never occur in the "
         "instruction training data, greedy decoding, exact match of the first line. Every adapter run: "
         f"{c['steps']} steps of batch {DEMO_BATCH}, AdamW, lr {DEMO_LR} (rand-init: {c['rand_lr']}), warm-up 10 % "

@@ -25,8 +25,13 @@ def _rope(x: Tensor, theta: float) -> Tensor:
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
-def naive_logits(model, ids: Tensor, prompts: dict[int, Tensor] | None = None, gates: dict[int, Tensor] | None = None,
-                 random_init: bool = False) -> Tensor:
+def naive_logits(
+    model,
+    ids: Tensor,
+    prompts: dict[int, Tensor] | None = None,
+    gates: dict[int, Tensor] | None = None,
+    random_init: bool = False,
+) -> Tensor:
     """Logits [T, vocab] for one sequence `ids` [T] (fp32).
 
     prompts[l]: [K, dim] for adapted layer l; gates[l]: [n_heads] gate values (already through tanh if any).

@@ -17,8 +17,15 @@ from llama_adapter.model import Transformer
 def test_builtin_resolves_and_is_small() -> None:
     d = builtin_base_dir()
     assert resolve_base("builtin") == d
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json", "README.md", "recipe.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "recipe.json",
+    ):
         assert (d / f).is_file(), f
     total = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
     assert total <= 20 * 1024 * 1024
@@ -58,8 +65,9 @@ def test_builtin_knows_plain_facts() -> None:
 
 
 def test_save_checkpoint_round_trips_through_the_loader(tmp_path: Path) -> None:
-    cfg = pretrain.PretrainConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=300,
-                                  tokenizer_docs=300)
+    cfg = pretrain.PretrainConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=300, tokenizer_docs=300
+    )
     tok = pretrain.train_tokenizer(cfg)
     model = Transformer(cfg.model_config(tok.get_vocab_size()))
     pretrain.init_weights(model, 0)
@@ -73,9 +81,21 @@ def test_save_checkpoint_round_trips_through_the_loader(tmp_path: Path) -> None:
 
 
 def test_tiny_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
-    cfg = pretrain.PretrainConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=300,
-                                  tokenizer_docs=300, steps=3, batch_size=4, seq_len=32, warmup_steps=1,
-                                  log_every=1, threads=1)  # tiny ops: one thread avoids OpenMP spin-waits
+    cfg = pretrain.PretrainConfig(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=64,
+        vocab_size=300,
+        tokenizer_docs=300,
+        steps=3,
+        batch_size=4,
+        seq_len=32,
+        warmup_steps=1,
+        log_every=1,
+        threads=1,
+    )  # tiny ops: one thread avoids OpenMP spin-waits
     lines: list[str] = []
     n_threads = torch.get_num_threads()
     try:
@@ -96,10 +116,12 @@ def test_recipe_file_matches_the_defaults() -> None:
     logging_only = {"log_every", "save_every", "extra"}
     default = pretrain.PretrainConfig()
     assert {k: v for k, v in cfg.__dict__.items() if k not in logging_only} == {
-        k: v for k, v in default.__dict__.items() if k not in logging_only}
+        k: v for k, v in default.__dict__.items() if k not in logging_only
+    }
     shipped = json.loads((builtin_base_dir() / "recipe.json").read_text())["recipe"]
     assert {k: v for k, v in shipped.items() if k not in logging_only} == {
-        k: v for k, v in cfg.__dict__.items() if k not in logging_only}
+        k: v for k, v in cfg.__dict__.items() if k not in logging_only
+    }
 
 
 def test_pretrain_cli_rejects_unknown_recipe_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -84,8 +84,14 @@ def test_adapter_file_header_and_round_trip(tiny_base: Path, tmp_path: Path) -> 
     path = la.save_adapter(m, "alpaca", tmp_path / "alpaca.safetensors")
     meta, tensors = la.read_adapter(path)
     assert json.loads(meta["adapter"]) == {"prompt_length": 4, "layers": 2, "gate": "linear", "init": "zero"}
-    assert json.loads(meta["base"]) == {"n_layers": 4, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
-                                        "vocab_size": 300}
+    assert json.loads(meta["base"]) == {
+        "n_layers": 4,
+        "dim": 64,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 300,
+    }
     assert meta["dtype"] == "float32" and meta["template"] == "alpaca" and meta["format_version"] == "1"
     b = m.load_adapter(path, name="copy")
     assert torch.equal(b.prompts, a.prompts) and torch.equal(b.gates, a.gates) and b.meta["template"] == "alpaca"

@@ -52,8 +52,15 @@ def test_official_v1(base: la.Transformer, tiny_base: Path, tmp_path: Path, gate
     raw = {c.n_layers - L + j: torch.randn(gshape) for j in range(L)}
     sd = {"adapter_query.weight": q, **{f"layers.{i}.attention.gate": g for i, g in raw.items()}}
     torch.save(sd, tmp_path / "adapter.pth")
-    r = _cli("convert", str(tmp_path / "adapter.pth"), str(tmp_path / "conv.safetensors"), "--base", str(tiny_base),
-             "--gate", gate)
+    r = _cli(
+        "convert",
+        str(tmp_path / "adapter.pth"),
+        str(tmp_path / "conv.safetensors"),
+        "--base",
+        str(tiny_base),
+        "--gate",
+        gate,
+    )
     assert r.returncode == 0, r.stderr
     act = torch.tanh if gate == "tanh" else (lambda x: x)
     prompts = {c.n_layers - L + j: q[j * K : (j + 1) * K] for j in range(L)}
@@ -62,8 +69,9 @@ def test_official_v1(base: la.Transformer, tiny_base: Path, tmp_path: Path, gate
 
 
 def test_official_needs_gate_kind(tiny_base: Path, tmp_path: Path) -> None:
-    torch.save({"adapter_query.weight": torch.randn(2, 64), "layers.3.attention.gate": torch.zeros(1)},
-               tmp_path / "a.pth")
+    torch.save(
+        {"adapter_query.weight": torch.randn(2, 64), "layers.3.attention.gate": torch.zeros(1)}, tmp_path / "a.pth"
+    )
     r = _cli("convert", str(tmp_path / "a.pth"), str(tmp_path / "b.safetensors"), "--base", str(tiny_base))
     assert r.returncode == 2 and "--gate" in r.stderr and "Traceback" not in r.stderr
 
@@ -85,7 +93,7 @@ def test_litgpt(base: la.Transformer, tmp_path: Path) -> None:
 
 def test_peft_outputs_reproduced(tiny_base: Path, base: la.Transformer, tmp_path: Path) -> None:
     """Real PEFT: train nothing, just randomise its adaption prompts and gates, save, convert, compare."""
-    peft = pytest.importorskip("peft")
+    import peft  # in the test extra: this parity test always runs
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
@@ -116,7 +124,12 @@ def test_peft_outputs_reproduced(tiny_base: Path, base: la.Transformer, tmp_path
 
 def test_mismatched_base_is_a_clear_error(tmp_path: Path) -> None:
     small = la.ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128)
-    torch.save({"transformer.h.3.attn.adapter_wte.weight": torch.randn(2, 64),
-                "transformer.h.3.attn.gating_factor": torch.zeros(1, 1, 4, 1)}, tmp_path / "x.adapter")
+    torch.save(
+        {
+            "transformer.h.3.attn.adapter_wte.weight": torch.randn(2, 64),
+            "transformer.h.3.attn.gating_factor": torch.zeros(1, 1, 4, 1),
+        },
+        tmp_path / "x.adapter",
+    )
     with pytest.raises(AdapterError, match="not the top"):
         la.convert.convert(tmp_path / "x.adapter", tmp_path / "y.safetensors", small)

@@ -49,8 +49,11 @@ def test_heldout_items_are_in_the_pretraining_text() -> None:
     text = "\n".join(corpus.pretrain_documents(0, 3000))
     held = corpus.instruction_data("heldout")
     caps = [r for r in held if r["task"] == "capital"]
-    found = sum(f"{corpus.item_of(r)} is{r['output']}." in text or f"{r['output'].strip()} is the capital of "
-                f"{corpus.item_of(r)}" in text for r in caps)
+    found = sum(
+        f"{corpus.item_of(r)} is{r['output']}." in text
+        or f"{r['output'].strip()} is the capital of {corpus.item_of(r)}" in text
+        for r in caps
+    )
     assert found >= 0.9 * len(caps)
     assert "### Instruction:" not in text and "### Response:" not in text and "?" not in text
 

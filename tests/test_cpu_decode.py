@@ -52,7 +52,7 @@ def test_blocked_linear_is_an_fp32_sum_of_bf16_products_and_rows_are_independent
     out = ext.linear(x, wp, 37, b)
     _close(out, F.linear(x.double(), w.double(), b.double()))
     for i in range(9):  # any number of rows; a row's result does not depend on the others
-        assert torch.equal(out[i:i + 1], ext.linear(x[i:i + 1].contiguous(), wp, 37, b))
+        assert torch.equal(out[i : i + 1], ext.linear(x[i : i + 1].contiguous(), wp, 37, b))
     _close(ext.linear(x[:1].contiguous(), wp, 37, None), x[:1].double() @ w.double().T)
 
 
@@ -157,8 +157,10 @@ def test_decoder_takes_the_fused_path_and_rows_stay_independent(ext, tiny_base, 
     monkeypatch.setattr(cpu_decode, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     pair = generate_tokens(m, prompts, adapter=["a", "b"], max_new_tokens=8, temperature=0.0)
     assert calls  # the decoder used the kernels
-    alone = [generate_tokens(m, [p], adapter=a, max_new_tokens=8, temperature=0.0)[0]
-             for p, a in zip(prompts, ["a", "b"], strict=True)]
+    alone = [
+        generate_tokens(m, [p], adapter=a, max_new_tokens=8, temperature=0.0)[0]
+        for p, a in zip(prompts, ["a", "b"], strict=True)
+    ]
     assert pair == alone
 
 
@@ -169,6 +171,8 @@ def test_without_kernels_decoding_falls_back_to_pytorch(tiny_base, monkeypatch) 
     assert not cpu_decode.supported(m) and "LLAMA_ADAPTER_CPU_KERNELS=0" in (kernels.native_unavailable() or "")
     assert all(mod.packed is None or mod.packed.kind == "onednn" for mod in m.modules() if hasattr(mod, "packed"))
     dec = BatchDecoder(m, 2, 64)
-    dec.add([DecodeRequest(m.tokenizer.encode("hello", bos=True), "a", SamplingParams(max_new_tokens=3, temperature=0))])
+    dec.add(
+        [DecodeRequest(m.tokenizer.encode("hello", bos=True), "a", SamplingParams(max_new_tokens=3, temperature=0))]
+    )
     dec.step()
     assert dec._fused is None and len(dec.seqs[0].out_ids) == 2

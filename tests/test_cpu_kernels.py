@@ -83,8 +83,11 @@ def test_decode_attention_adds_the_gated_prompt_attention() -> None:
     prompts = PromptKV(pk, pv, gate, mask=pmask)
     qf = q.float()
     tokens = F.scaled_dot_product_attention(qf, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
-    ref = tokens + F.scaled_dot_product_attention(qf, pk.repeat_interleave(3, 1), pv.repeat_interleave(3, 1),
-                                                  attn_mask=pmask) * gate[:, :, None, None]
+    ref = (
+        tokens
+        + F.scaled_dot_product_attention(qf, pk.repeat_interleave(3, 1), pv.repeat_interleave(3, 1), attn_mask=pmask)
+        * gate[:, :, None, None]
+    )
     out = kernels.decode_attention(q, k, v, mask, prompts)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
@@ -106,8 +109,9 @@ def test_packed_linear_computes_f_linear_and_is_never_stale(kind: str) -> None:
         if kind == "onednn":
             return torch.equal(out, ref)
         exact = F.linear(x.double(), w.double(), b.double()) if ref.shape == (3, 5, 96) else None
-        return out.shape == ref.shape and (exact is None or bool(((out.double() - exact).abs()
-                                                                  <= 2.0**-8 * exact.abs() + 1e-6).all()))
+        return out.shape == ref.shape and (
+            exact is None or bool(((out.double() - exact).abs() <= 2.0**-8 * exact.abs() + 1e-6).all())
+        )
 
     with torch.no_grad():
         assert same(kernels.linear(x, w, b, packed), F.linear(x, w, b))
@@ -129,8 +133,9 @@ def test_adapter_training_step_equals_stock_ops(tiny_base: Path, monkeypatch: py
     """A whole training step (loss and every adapter gradient) is the same with and without the kernels."""
 
     def step(use: bool) -> tuple[torch.Tensor, ...]:
-        monkeypatch.setattr(kernels, "use_cpu_training_kernels", lambda x: use and x.device.type == "cpu"
-                            and torch.is_grad_enabled())
+        monkeypatch.setattr(
+            kernels, "use_cpu_training_kernels", lambda x: use and x.device.type == "cpu" and torch.is_grad_enabled()
+        )
         torch.manual_seed(0)
         model = la.load_model(tiny_base, dtype=torch.float32)
         a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=3))

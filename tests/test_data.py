@@ -34,8 +34,10 @@ def tok(tiny_base: Path) -> Tokenizer:
 
 
 def test_json_jsonl_and_directory(tmp_path: Path) -> None:
-    recs = [{"instruction": "a", "input": "b", "output": "c", "extra": 1},
-            {"instruction": "d", "output": "e", "image": "img/1.png"}]
+    recs = [
+        {"instruction": "a", "input": "b", "output": "c", "extra": 1},
+        {"instruction": "d", "output": "e", "image": "img/1.png"},
+    ]
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "1.json").write_text(json.dumps(recs))
     (tmp_path / "d" / "2.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
@@ -48,23 +50,36 @@ def test_json_jsonl_and_directory(tmp_path: Path) -> None:
 
 def test_instances_shape_flattened(tmp_path: Path) -> None:
     f = tmp_path / "s.jsonl"
-    f.write_text(json.dumps({"id": "t0", "instruction": "i", "instances": [
-        {"input": "x1", "output": "y1"}, {"input": "", "output": "y2"}]}) + "\n")
+    f.write_text(
+        json.dumps(
+            {
+                "id": "t0",
+                "instruction": "i",
+                "instances": [{"input": "x1", "output": "y1"}, {"input": "", "output": "y2"}],
+            }
+        )
+        + "\n"
+    )
     out = load_records(f)
     assert [(r["instruction"], r["input"], r["output"], r["id"]) for r in out] == [
-        ("i", "x1", "y1", "t0"), ("i", "", "y2", "t0")]
+        ("i", "x1", "y1", "t0"),
+        ("i", "", "y2", "t0"),
+    ]
     if SEED_TASKS.is_file():  # the real self-instruct seed file
         real = load_records(SEED_TASKS)
         assert len(real) >= 175 and all(isinstance(r["output"], str) for r in real)
 
 
-@pytest.mark.parametrize("content, expect", [
-    ('[{"instruction": "a", "output": "b"}, 3]', ["record 2", "not an object"]),
-    ('[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', ["record 2", "'output'", "missing"]),
-    ('[{"instruction": "a", "input": 5, "output": "b"}]', ["record 1", "'input'", "int"]),
-    ('[{"instruction": ["x"], "output": "b"}]', ["record 1", "'instruction'", "list"]),
-    ('[{"instruction": "a", "output": "b"},', ["invalid JSON"]),
-])
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        ('[{"instruction": "a", "output": "b"}, 3]', ["record 2", "not an object"]),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', ["record 2", "'output'", "missing"]),
+        ('[{"instruction": "a", "input": 5, "output": "b"}]', ["record 1", "'input'", "int"]),
+        ('[{"instruction": ["x"], "output": "b"}]', ["record 1", "'instruction'", "list"]),
+        ('[{"instruction": "a", "output": "b"},', ["invalid JSON"]),
+    ],
+)
 def test_errors_name_file_record_field(tmp_path: Path, content: str, expect: list[str]) -> None:
     f = tmp_path / "bad.json"
     f.write_text(content)
@@ -82,8 +97,10 @@ def test_jsonl_bad_line_and_skip_invalid(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="line 2"):
         load_records(f)
     g = tmp_path / "mixed.jsonl"
-    g.write_text('{"instruction": "a", "output": "b"}\n{"instruction": 1, "output": "b"}\n[1]\n'
-                 '{"instruction": "c", "output": "d"}\n')
+    g.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": 1, "output": "b"}\n[1]\n'
+        '{"instruction": "c", "output": "d"}\n'
+    )
     with pytest.raises(DataError, match=r"record 2 \(line 2\).*'instruction'"):
         load_records(g)
     rep = LoadReport()
@@ -145,9 +162,16 @@ def test_llava_conversations_become_alpaca_records_with_their_folder(tmp_path: P
 
     sub = tmp_path / "llava"
     sub.mkdir()
-    recs = [{"id": "7", "image": "7/image.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat colour is the square?\nA. red\nB. blue"},
-        {"from": "gpt", "value": "B"}]}]
+    recs = [
+        {
+            "id": "7",
+            "image": "7/image.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is the square?\nA. red\nB. blue"},
+                {"from": "gpt", "value": "B"},
+            ],
+        }
+    ]
     (sub / "train.json").write_text(json.dumps(recs))
     out = load_records(sub / "train.json")
     assert out[0]["instruction"] == "What colour is the square?\nA. red\nB. blue"

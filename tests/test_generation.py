@@ -52,11 +52,17 @@ def test_greedy_matches_uncached_reference(model):
 
 def test_mixed_batch_equals_each_row_alone(model):
     adapters = ["a", None, "b", "c"]
-    batch = generate_tokens(model, [model.tokenizer.encode(p, bos=True) for p in PROMPTS], adapter=adapters,
-                            max_new_tokens=10, temperature=0.0)
+    batch = generate_tokens(
+        model,
+        [model.tokenizer.encode(p, bos=True) for p in PROMPTS],
+        adapter=adapters,
+        max_new_tokens=10,
+        temperature=0.0,
+    )
     for p, ad, row in zip(PROMPTS, adapters, batch, strict=True):
-        alone = generate_tokens(model, [model.tokenizer.encode(p, bos=True)], adapter=ad, max_new_tokens=10,
-                                temperature=0.0)[0]
+        alone = generate_tokens(
+            model, [model.tokenizer.encode(p, bos=True)], adapter=ad, max_new_tokens=10, temperature=0.0
+        )[0]
         assert row == alone
     texts = generate(model, PROMPTS, adapter=adapters, max_new_tokens=10, temperature=0.0)
     assert texts == [model.tokenizer.decode(r).rstrip("\ufffd") for r in batch]
@@ -83,8 +89,13 @@ def test_eos_per_row_stops_early(model):
         from llama_adapter.inference.generate import iter_events
 
         ends = {}
-        for ev in iter_events(model, [ids, model.tokenizer.encode(PROMPTS[0], bos=True)], max_new_tokens=6,
-                              temperature=0.0, on_step=lambda: dec_steps.append(1)):
+        for ev in iter_events(
+            model,
+            [ids, model.tokenizer.encode(PROMPTS[0], bos=True)],
+            max_new_tokens=6,
+            temperature=0.0,
+            on_step=lambda: dec_steps.append(1),
+        ):
             if ev.finished:
                 ends[ev.seq.tag] = (ev.seq.finish_reason, len(ev.seq.out_ids))
     finally:
@@ -96,14 +107,14 @@ def test_eos_per_row_stops_early(model):
 def test_sampling_seed_reproducible_and_batch_independent(model):
     p = PROMPTS[0]
     a = generate(model, [p], adapter="a", temperature=1.0, top_p=0.9, seed=123, max_new_tokens=12)
-    b = generate(model, [PROMPTS[1], p], adapter=[None, "a"], temperature=1.0, top_p=0.9, seed=123,
-                 max_new_tokens=12)
+    b = generate(model, [PROMPTS[1], p], adapter=[None, "a"], temperature=1.0, top_p=0.9, seed=123, max_new_tokens=12)
     assert a[0] == b[1]
     outs = {generate(model, [p], temperature=1.5, top_p=1.0, seed=s, max_new_tokens=12)[0] for s in range(4)}
     assert len(outs) > 1
     # top_k=1 is greedy
-    assert generate(model, [p], temperature=1.0, top_k=1, seed=1, max_new_tokens=8) == \
-        generate(model, [p], temperature=0.0, max_new_tokens=8)
+    assert generate(model, [p], temperature=1.0, top_k=1, seed=1, max_new_tokens=8) == generate(
+        model, [p], temperature=0.0, max_new_tokens=8
+    )
 
 
 def test_stop_strings_and_streaming(model):
@@ -113,12 +124,12 @@ def test_stop_strings_and_streaming(model):
     cut = generate(model, [PROMPTS[0]], adapter="a", temperature=0.0, max_new_tokens=16, stop=[stop])[0]
     assert cut == full[: full.find(stop)]
     pieces: dict[int, str] = {0: "", 1: ""}
-    for i, d in stream_generate(model, [PROMPTS[0], PROMPTS[2]], adapter=["a", "b"], temperature=0.0,
-                                max_new_tokens=16, stop=[stop]):
+    for i, d in stream_generate(
+        model, [PROMPTS[0], PROMPTS[2]], adapter=["a", "b"], temperature=0.0, max_new_tokens=16, stop=[stop]
+    ):
         assert d and stop not in d
         pieces[i] += d
-    ref = generate(model, [PROMPTS[0], PROMPTS[2]], adapter=["a", "b"], temperature=0.0, max_new_tokens=16,
-                   stop=[stop])
+    ref = generate(model, [PROMPTS[0], PROMPTS[2]], adapter=["a", "b"], temperature=0.0, max_new_tokens=16, stop=[stop])
     assert [pieces[0], pieces[1]] == ref
 
 
@@ -137,8 +148,16 @@ def test_text_stream_utf8_safe():
 
 
 def test_sampling_params_validation():
-    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1), dict(max_new_tokens=-1),
-                dict(top_k=-2), dict(max_new_tokens=True), dict(stop=[""]), dict(seed="x")):
+    for bad in (
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(temperature=-1),
+        dict(max_new_tokens=-1),
+        dict(top_k=-2),
+        dict(max_new_tokens=True),
+        dict(stop=[""]),
+        dict(seed="x"),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -157,15 +176,18 @@ def test_merge_prompt_kv_and_images(model):
     model.adapters["c"].visual_proj = nn.Linear(8, model.config.dim)
     try:
         feats = torch.randn(2, 8)
-        with_img = generate(model, [PROMPTS[0]] * 2, adapter="c", image_features=feats, temperature=0.0,
-                            max_new_tokens=8)
+        with_img = generate(
+            model, [PROMPTS[0]] * 2, adapter="c", image_features=feats, temperature=0.0, max_new_tokens=8
+        )
         without = generate(model, [PROMPTS[0]], adapter="c", temperature=0.0, max_new_tokens=8)[0]
-        zero = generate(model, [PROMPTS[0]], adapter="c", image_features=torch.zeros(1, 8), temperature=0.0,
-                        max_new_tokens=8)[0]
+        zero = generate(
+            model, [PROMPTS[0]], adapter="c", image_features=torch.zeros(1, 8), temperature=0.0, max_new_tokens=8
+        )[0]
         assert zero == without
         assert with_img[0] != without or with_img[1] != without
-        alone = generate(model, [PROMPTS[0]], adapter="c", image_features=feats[1:], temperature=0.0,
-                         max_new_tokens=8)[0]
+        alone = generate(model, [PROMPTS[0]], adapter="c", image_features=feats[1:], temperature=0.0, max_new_tokens=8)[
+            0
+        ]
         assert alone == with_img[1]
     finally:
         model.adapters["c"].visual_proj = None
@@ -190,8 +212,22 @@ def test_cli_generate(tiny_base, tmp_path, capsys):
     a = m.add_adapter("x", la.AdapterConfig(prompt_length=4, layers=2))
     a.meta["template"] = "alpaca"
     path = la.save_adapter(m, "x", tmp_path / "x.safetensors")
-    rc = main(["generate", "--base", str(tiny_base), "--adapter", str(path), "--dtype", "float32",
-               "--temperature", "0", "--max-new-tokens", "6", "Tell me about alpacas."])
+    rc = main(
+        [
+            "generate",
+            "--base",
+            str(tiny_base),
+            "--adapter",
+            str(path),
+            "--dtype",
+            "float32",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "Tell me about alpacas.",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     # a zero-init adapter leaves the base unchanged: same text as the base on the templated prompt
@@ -199,19 +235,32 @@ def test_cli_generate(tiny_base, tmp_path, capsys):
 
     ref = generate(m, [format_prompt("alpaca", "Tell me about alpacas.")], temperature=0.0, max_new_tokens=6)[0]
     assert out.rstrip("\n") == ref
-    rc = main(["generate", "--base", str(tiny_base), "--adapter", str(path), "--dtype", "float32", "--raw",
-               "--temperature", "0", "--max-new-tokens", "6", "Tell me about alpacas."])
+    rc = main(
+        [
+            "generate",
+            "--base",
+            str(tiny_base),
+            "--adapter",
+            str(path),
+            "--dtype",
+            "float32",
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "Tell me about alpacas.",
+        ]
+    )
     raw = capsys.readouterr().out
     assert raw.rstrip("\n") == generate(m, ["Tell me about alpacas."], temperature=0.0, max_new_tokens=6)[0]
-    assert main(["generate", "--base", str(tiny_base), "--adapter", str(tmp_path / "missing.safetensors"),
-                 "hi"]) == 2
+    assert main(["generate", "--base", str(tiny_base), "--adapter", str(tmp_path / "missing.safetensors"), "hi"]) == 2
 
 
 def test_cli_chat(tiny_base, monkeypatch, capsys):
     lines = iter(["hello", "/reset", "/adapter nope", "again", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    rc = main(["chat", "--base", str(tiny_base), "--dtype", "float32", "--max-new-tokens", "4",
-               "--temperature", "0"])
+    rc = main(["chat", "--base", str(tiny_base), "--dtype", "float32", "--max-new-tokens", "4", "--temperature", "0"])
     out = capsys.readouterr()
     assert rc == 0
     assert "no adapter named 'nope'" in out.out + out.err
@@ -236,8 +285,10 @@ def test_bf16_cpu_decode_path_computes_the_models_logits(tiny_base):
         pos = torch.arange(9)[None].expand(2, 9)
         with torch.no_grad():
             out = [m(ids[:, :5], input_pos=pos[:, :5], cache=cache, prompt_kv=pkv)[:, -1]]
-            out += [m(ids[:, t:t + 1], input_pos=pos[:, t:t + 1], cache=cache, prompt_kv=pkv)[:, -1]
-                    for t in range(5, 9)]
+            out += [
+                m(ids[:, t : t + 1], input_pos=pos[:, t : t + 1], cache=cache, prompt_kv=pkv)[:, -1]
+                for t in range(5, 9)
+            ]
         return torch.stack(out, 1).float()  # logits predicting tokens 5..9
 
     with torch.no_grad():
@@ -248,8 +299,9 @@ def test_bf16_cpu_decode_path_computes_the_models_logits(tiny_base):
     assert (got - base).abs().max() > 0.1 * full.abs().max()  # the adapter's prompts really took part
     assert torch.equal(decode("fresh"), decode(None))
     ids_list = ids.tolist()
-    assert (generate_tokens(m, ids_list, adapter="fresh", max_new_tokens=6, temperature=0.0)
-            == generate_tokens(m, ids_list, adapter=None, max_new_tokens=6, temperature=0.0))
+    assert generate_tokens(m, ids_list, adapter="fresh", max_new_tokens=6, temperature=0.0) == generate_tokens(
+        m, ids_list, adapter=None, max_new_tokens=6, temperature=0.0
+    )
 
 
 def test_prompt_kv_projected_once_per_adapter_and_again_when_it_changes(tiny_base, monkeypatch):

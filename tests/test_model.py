@@ -12,12 +12,25 @@ from tiny import make_checkpoint
 
 import llama_adapter as la
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 FAMILIES = {
     "llama2": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=False)),
-    "llama31": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE,
-                              rope_theta=500000.0, eos_token_id=[2, 3])),
+    "llama31": (
+        "llama",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_scaling=LLAMA3_ROPE,
+            rope_theta=500000.0,
+            eos_token_id=[2, 3],
+        ),
+    ),
     "mistral": ("mistral", dict(num_key_value_heads=2, head_dim=24)),
     "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
 }
@@ -51,10 +64,17 @@ def test_config_reads_top_level_rope_fields(tmp_path: Path) -> None:
     """Real Llama-3.1 checkpoints carry rope_theta/rope_scaling at the top level (transformers 4 style)."""
     import json
 
-    c = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-         "intermediate_size": 16, "rope_theta": 500000.0, "rope_scaling": {**LLAMA3_ROPE, "rope_type": None,
-                                                                             "type": "llama3"},
-         "eos_token_id": [128001, 128008, 128009]}
+    c = {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "rope_theta": 500000.0,
+        "rope_scaling": {**LLAMA3_ROPE, "rope_type": None, "type": "llama3"},
+        "eos_token_id": [128001, 128008, 128009],
+    }
     (tmp_path / "config.json").write_text(json.dumps(c))
     cfg = la.ModelConfig.from_hf(tmp_path / "config.json")
     assert cfg.rope_theta == 500000.0 and cfg.eos_token_ids == [128001, 128008, 128009]
@@ -96,9 +116,20 @@ def test_meta_layout_round_trip(tiny_base: Path, tmp_path: Path, shards: int) ->
     hf = la.load_model(tiny_base, dtype=torch.float32)
     c = hf.config
     sd = _meta_state(hf)
-    (tmp_path / "params.json").write_text(json.dumps(
-        {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "vocab_size": -1,
-         "hidden_dim": c.hidden_dim, "norm_eps": c.norm_eps, "rope_theta": c.rope_theta}))
+    (tmp_path / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": c.dim,
+                "n_layers": c.n_layers,
+                "n_heads": c.n_heads,
+                "n_kv_heads": c.n_kv_heads,
+                "vocab_size": -1,
+                "hidden_dim": c.hidden_dim,
+                "norm_eps": c.norm_eps,
+                "rope_theta": c.rope_theta,
+            }
+        )
+    )
     # model-parallel shards as Meta writes them: column-parallel on dim 0, row-parallel/embedding on dim 1
     dim1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
     for s in range(shards):

@@ -20,10 +20,18 @@ from llama_adapter.multimodal.features import attach_visual_projection, llava_to
 from llama_adapter.zero_init_attention import VisualProjection, projection_parameter_count
 
 PREPROCESSOR = {
-    "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-    "do_rescale": True, "do_convert_rgb": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "rescale_factor": 1 / 255,
-    "size": {"shortest_edge": 32}, "image_processor_type": "CLIPImageProcessor",
+    "crop_size": {"height": 32, "width": 32},
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "do_rescale": True,
+    "do_convert_rgb": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"shortest_edge": 32},
+    "image_processor_type": "CLIPImageProcessor",
 }
 
 
@@ -32,8 +40,15 @@ def make_clip(path: str | Path, projection: bool = True, layers: int = 4, seed: 
     from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     path = Path(path)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=24)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=24,
+    )
     torch.manual_seed(seed)
     model = (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(cfg).eval()
     model.save_pretrained(path)
@@ -63,8 +78,13 @@ def test_preprocessing_matches_transformers() -> None:
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     ref = cls(**PREPROCESSOR)
     mine = ClipPreprocessor(PREPROCESSOR)
-    images = [random_image(0), random_image(1, 80, 33), random_image(2, 20, 25), random_image(3, 64, 64, "L"),
-              random_image(4, 50, 70, "RGBA")]
+    images = [
+        random_image(0),
+        random_image(1, 80, 33),
+        random_image(2, 20, 25),
+        random_image(3, 64, 64, "L"),
+        random_image(4, 50, 70, "RGBA"),
+    ]
     expected = ref(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
     got = mine(images)
     assert got.shape == expected.shape == (5, 3, 32, 32)
@@ -72,8 +92,13 @@ def test_preprocessing_matches_transformers() -> None:
 
 
 def test_preprocessing_fixed_size_hand_computed() -> None:
-    cfg = {"size": {"height": 4, "width": 4}, "do_center_crop": False, "resample": 0,
-           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    cfg = {
+        "size": {"height": 4, "width": 4},
+        "do_center_crop": False,
+        "resample": 0,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
     im = Image.fromarray(np.full((8, 8, 3), 255, dtype="uint8"))
     out = ClipPreprocessor(cfg)([im])
     assert out.shape == (1, 3, 4, 4) and torch.allclose(out, torch.ones_like(out))
@@ -109,10 +134,26 @@ def test_encoder_from_full_clip_checkpoint(tmp_path: Path) -> None:
     """The usual download (e.g. clip-vit-large-patch14) is a full CLIPModel: vision tower + its projection."""
     from transformers import CLIPConfig, CLIPModel
 
-    cfg = CLIPConfig(projection_dim=24, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                                           num_attention_heads=2, image_size=32, patch_size=8),
-                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=64, bos_token_id=0, eos_token_id=1))
+    cfg = CLIPConfig(
+        projection_dim=24,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    )
     torch.manual_seed(0)
     full = CLIPModel(cfg).eval()
     full.save_pretrained(tmp_path)
@@ -218,23 +259,36 @@ def test_save_load_round_trip(tiny_base: Path, encoder: ImageEncoder, tmp_path: 
     ids = torch.randint(3, 200, (2, 7))
     feats = encoder.encode([random_image(3), random_image(4)])
     with torch.no_grad():
-        assert torch.equal(other(ids, adapter="mm", image_features=feats),
-                           model(ids, adapter="mm", image_features=feats))
+        assert torch.equal(
+            other(ids, adapter="mm", image_features=feats), model(ids, adapter="mm", image_features=feats)
+        )
 
 
 # ---- data and the fine-tuning hook ------------------------------------------------------------------------------
 def test_llava_to_alpaca() -> None:
-    rec = {"id": "7", "image": "7/image.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is shown?\nA. a\nB. b"}, {"from": "gpt", "value": "B"}]}
-    assert llava_to_alpaca(rec) == {"instruction": "What is shown?\nA. a\nB. b", "input": "", "output": "B",
-                                    "image": "7/image.png", "id": "7"}
+    rec = {
+        "id": "7",
+        "image": "7/image.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?\nA. a\nB. b"},
+            {"from": "gpt", "value": "B"},
+        ],
+    }
+    assert llava_to_alpaca(rec) == {
+        "instruction": "What is shown?\nA. a\nB. b",
+        "input": "",
+        "output": "B",
+        "image": "7/image.png",
+        "id": "7",
+    }
     assert "image" not in llava_to_alpaca({"conversations": rec["conversations"]})
     with pytest.raises(ValueError):
         llava_to_alpaca({"instruction": "x"})
 
 
-def test_prepare_multimodal_features_cache_and_errors(tiny_base: Path, clip_dir: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_multimodal_features_cache_and_errors(
+    tiny_base: Path, clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
     (data / "img").mkdir(parents=True)
     for i in range(3):
@@ -271,17 +325,34 @@ def test_prepare_multimodal_features_cache_and_errors(tiny_base: Path, clip_dir:
 
 
 def test_finetune_trains_projection(tiny_base: Path, clip_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("llama_adapter.training.loop")
     from llama_adapter.training.config import TrainConfig
     from llama_adapter.training.loop import train
 
     for i in range(4):
         random_image(i).save(tmp_path / f"{i}.png")
-    recs = [{"instruction": "What colour?", "input": "", "output": f"The answer is ({'AB'[i % 2]}).",
-             "image": str(tmp_path / f"{i}.png")} for i in range(4)]
-    cfg = TrainConfig(base=str(tiny_base), out=str(tmp_path / "run"), image_encoder=str(clip_dir), epochs=1,
-                      batch_size=2, micro_batch=2, layers=2, prompt_length=2, dtype="float32", progress=False,
-                      warmup_epochs=0, lr=1e-2)
+    recs = [
+        {
+            "instruction": "What colour?",
+            "input": "",
+            "output": f"The answer is ({'AB'[i % 2]}).",
+            "image": str(tmp_path / f"{i}.png"),
+        }
+        for i in range(4)
+    ]
+    cfg = TrainConfig(
+        base=str(tiny_base),
+        out=str(tmp_path / "run"),
+        image_encoder=str(clip_dir),
+        epochs=1,
+        batch_size=2,
+        micro_batch=2,
+        layers=2,
+        prompt_length=2,
+        dtype="float32",
+        progress=False,
+        warmup_epochs=0,
+        lr=1e-2,
+    )
     model = la.load_model(tiny_base, dtype=torch.float32)
     res = train(cfg, model=model, records=recs)
     meta, tensors = la.read_adapter(res.adapter_path)
@@ -290,8 +361,9 @@ def test_finetune_trains_projection(tiny_base: Path, clip_dir: Path, tmp_path: P
     assert proj and res.n_trainable == sum(t.numel() for t in tensors.values())
 
 
-def test_generate_cli_with_image(tiny_base: Path, encoder: ImageEncoder, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture) -> None:
+def test_generate_cli_with_image(
+    tiny_base: Path, encoder: ImageEncoder, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """`llama-adapter generate --image` finds the encoder through the adapter's metadata."""
     from llama_adapter.cli import main
 
@@ -300,8 +372,21 @@ def test_generate_cli_with_image(tiny_base: Path, encoder: ImageEncoder, tmp_pat
         model.adapters["mm"].gates.fill_(0.5)
     adapter = save_adapter(model, "mm", tmp_path / "mm.safetensors")
     random_image(1).save(tmp_path / "x.png")
-    args = ["generate", "--base", str(tiny_base), "--adapter", str(adapter), "--dtype", "float32",
-            "--temperature", "0", "--max-new-tokens", "3", "--no-stream", "What is shown?"]
+    args = [
+        "generate",
+        "--base",
+        str(tiny_base),
+        "--adapter",
+        str(adapter),
+        "--dtype",
+        "float32",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--no-stream",
+        "What is shown?",
+    ]
     assert main([*args, "--image", str(tmp_path / "x.png")]) == 0
     assert main([*args, "--image", str(tmp_path / "nope.png")]) == 2
     assert "nope.png: image file not found" in capsys.readouterr().err
@@ -337,11 +422,13 @@ def test_server_chat_with_image_content_part(tiny_base: Path, encoder: ImageEnco
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
         parts = [{"type": "text", "text": "What is shown?"}, {"type": "image_url", "image_url": {"url": url}}]
-        r = client.chat.completions.create(model="mm", max_tokens=6, temperature=0,
-                                           messages=[{"role": "user", "content": parts}])
+        r = client.chat.completions.create(
+            model="mm", max_tokens=6, temperature=0, messages=[{"role": "user", "content": parts}]
+        )
         assert r.choices[0].message.content == with_image[0]
-        r2 = client.chat.completions.create(model="mm", max_tokens=6, temperature=0,
-                                            messages=[{"role": "user", "content": "What is shown?"}])
+        r2 = client.chat.completions.create(
+            model="mm", max_tokens=6, temperature=0, messages=[{"role": "user", "content": "What is shown?"}]
+        )
         assert r2.choices[0].message.content == without[0]
     finally:
         server.stop()

@@ -28,22 +28,66 @@ from llama_adapter.eval.scienceqa import (
 )
 
 _SHARED = [Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")]  # CI: ../shared beside the clone
-LLAVA_FILE = next((d / "data/scienceqa/llava_test_CQM-A.json" for d in _SHARED
-                   if (d / "data/scienceqa/llava_test_CQM-A.json").is_file()), _SHARED[-1] / "missing")
+LLAVA_FILE = next(
+    (
+        d / "data/scienceqa/llava_test_CQM-A.json"
+        for d in _SHARED
+        if (d / "data/scienceqa/llava_test_CQM-A.json").is_file()
+    ),
+    _SHARED[-1] / "missing",
+)
 
 PROBLEMS = {
-    "1": {"question": "Which colour is the circle?", "choices": ["red", "blue"], "answer": 1, "hint": "",
-          "image": "image.png", "subject": "natural science", "grade": "grade3", "split": "train"},
-    "2": {"question": "Which word is a noun?", "choices": ["run", "dog", "fast"], "answer": 1, "hint": "",
-          "image": None, "subject": "language science", "grade": "grade2", "split": "train"},
-    "3": {"question": "Which state is farthest north?", "choices": ["Ohio", "Maine", "Texas", "Utah"],
-          "answer": 1, "hint": "Look at the map.", "image": "image.png", "subject": "social science",
-          "grade": "grade8", "split": "test"},
-    "4": {"question": "What does the text suggest?", "choices": ["rain", "sun"], "answer": 0,
-          "hint": "Dark clouds gathered.", "image": None, "subject": "natural science", "grade": "grade10",
-          "split": "test"},
-    "5": {"question": "Which shape is shown?", "choices": ["square", "circle"], "answer": 1, "hint": "",
-          "image": "image.png", "subject": "natural science", "grade": "grade1", "split": "test"},
+    "1": {
+        "question": "Which colour is the circle?",
+        "choices": ["red", "blue"],
+        "answer": 1,
+        "hint": "",
+        "image": "image.png",
+        "subject": "natural science",
+        "grade": "grade3",
+        "split": "train",
+    },
+    "2": {
+        "question": "Which word is a noun?",
+        "choices": ["run", "dog", "fast"],
+        "answer": 1,
+        "hint": "",
+        "image": None,
+        "subject": "language science",
+        "grade": "grade2",
+        "split": "train",
+    },
+    "3": {
+        "question": "Which state is farthest north?",
+        "choices": ["Ohio", "Maine", "Texas", "Utah"],
+        "answer": 1,
+        "hint": "Look at the map.",
+        "image": "image.png",
+        "subject": "social science",
+        "grade": "grade8",
+        "split": "test",
+    },
+    "4": {
+        "question": "What does the text suggest?",
+        "choices": ["rain", "sun"],
+        "answer": 0,
+        "hint": "Dark clouds gathered.",
+        "image": None,
+        "subject": "natural science",
+        "grade": "grade10",
+        "split": "test",
+    },
+    "5": {
+        "question": "Which shape is shown?",
+        "choices": ["square", "circle"],
+        "answer": 1,
+        "hint": "",
+        "image": "image.png",
+        "subject": "natural science",
+        "grade": "grade1",
+        "split": "test",
+    },
 }
 
 
@@ -82,8 +126,10 @@ def test_official_reader(sqa: Path) -> None:
 
 def test_prompt_and_record(sqa: Path) -> None:
     p3 = load_official(sqa, "test")[0]
-    assert build_instruction(p3) == ("Question: Which state is farthest north?\nContext: Look at the map.\n"
-                                     "Options: (A) Ohio (B) Maine (C) Texas (D) Utah")
+    assert build_instruction(p3) == (
+        "Question: Which state is farthest north?\nContext: Look at the map.\n"
+        "Options: (A) Ohio (B) Maine (C) Texas (D) Utah"
+    )
     assert "Context: Look at the map. a map of states" in build_instruction(p3, "a map of states")
     rec = to_record(p3)
     assert rec["output"] == "The answer is (B)." and rec["image"] == p3.image and rec["input"] == ""
@@ -91,18 +137,34 @@ def test_prompt_and_record(sqa: Path) -> None:
     assert "image" not in to_record(load_official(sqa, "train")[1])
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("The answer is (B).", 1), ("The answer is B.", 1), ("the answer is: (c)", 2), ("(D) Utah", 3),
-    ("B", 1), ("C. Texas", 2), ("I choose (A) because", 0), ("Maine", 1), ("It is maine, I think", 1),
-    ("The answer is a guess: Texas", 2), ("no idea", None), ("The answer is (E).", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("The answer is (B).", 1),
+        ("The answer is B.", 1),
+        ("the answer is: (c)", 2),
+        ("(D) Utah", 3),
+        ("B", 1),
+        ("C. Texas", 2),
+        ("I choose (A) because", 0),
+        ("Maine", 1),
+        ("It is maine, I think", 1),
+        ("The answer is a guess: Texas", 2),
+        ("no idea", None),
+        ("The answer is (E).", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text: str, expected: int | None) -> None:
     assert extract_answer(text, ["Ohio", "Maine", "Texas", "Utah"]) == expected
 
 
 def test_group_accuracy_and_table() -> None:
-    rows = [{"correct": True, "groups": ["NAT", "IMG", "G1-6"]}, {"correct": False, "groups": ["NAT", "TXT"]},
-            {"correct": True, "groups": ["NO"]}]
+    rows = [
+        {"correct": True, "groups": ["NAT", "IMG", "G1-6"]},
+        {"correct": False, "groups": ["NAT", "TXT"]},
+        {"correct": True, "groups": ["NO"]},
+    ]
     acc = group_accuracy(rows)
     assert acc["Average"]["total"] == 3 and acc["Average"]["acc"] == pytest.approx(200 / 3)
     assert acc["NAT"]["acc"] == 50.0 and "SOC" not in acc
@@ -115,15 +177,29 @@ def test_group_accuracy_and_table() -> None:
 
 
 def test_llava_record_parsing() -> None:
-    rec = {"id": "9", "image": "9/image.png", "conversations": [
-        {"from": "human", "value": "<image>\nContext: Line one.\nLine two.\nWhich is it?\nA. x\ny\nB. z"},
-        {"from": "gpt", "value": "B"}]}
+    rec = {
+        "id": "9",
+        "image": "9/image.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nContext: Line one.\nLine two.\nWhich is it?\nA. x\ny\nB. z"},
+            {"from": "gpt", "value": "B"},
+        ],
+    }
     p = parse_llava_record(rec, image_root="/imgs")
     assert (p.hint, p.question, p.choices, p.answer, p.image) == (
-        "Line one.\nLine two.", "Which is it?", ["x\ny", "z"], 1, "/imgs/9/image.png")
+        "Line one.\nLine two.",
+        "Which is it?",
+        ["x\ny", "z"],
+        1,
+        "/imgs/9/image.png",
+    )
     assert p.groups() == ["TXT", "IMG"]
-    p = parse_llava_record({"id": "1", "conversations": [
-        {"from": "human", "value": "Pick one.\nA. a\nB. b\nC. c"}, {"from": "gpt", "value": "C"}]})
+    p = parse_llava_record(
+        {
+            "id": "1",
+            "conversations": [{"from": "human", "value": "Pick one.\nA. a\nB. b\nC. c"}, {"from": "gpt", "value": "C"}],
+        }
+    )
     assert p.hint == "" and p.image is None and p.answer == 2 and p.groups() == ["NO"]
 
 
@@ -169,8 +245,27 @@ def test_eval_cli_end_to_end(sqa: Path, tiny_base: Path, tmp_path: Path, capsys:
     adapter = save_adapter(model, "mm", tmp_path / "mm.safetensors")
 
     out = tmp_path / "pred.jsonl"
-    rc = main(["eval", "scienceqa", "--base", str(tiny_base), "--adapter", str(adapter), "--data", str(sqa),
-               "--max-samples", "2", "--max-new-tokens", "4", "--out", str(out), "--quiet", "--name", "mm"])
+    rc = main(
+        [
+            "eval",
+            "scienceqa",
+            "--base",
+            str(tiny_base),
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(sqa),
+            "--max-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+            "--name",
+            "mm",
+        ]
+    )
     assert rc == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[1:] == ["Average", *GROUPS] and table.splitlines()[1].startswith("mm")
@@ -180,8 +275,23 @@ def test_eval_cli_end_to_end(sqa: Path, tiny_base: Path, tmp_path: Path, capsys:
     # missing image: an error naming the problem
     (sqa / "images" / "test" / "5" / "image.png").rename(tmp_path / "moved.png")
     try:
-        rc = main(["eval", "scienceqa", "--base", str(tiny_base), "--adapter", str(adapter), "--data", str(sqa),
-                   "--max-new-tokens", "2", "--out", str(out), "--quiet"])
+        rc = main(
+            [
+                "eval",
+                "scienceqa",
+                "--base",
+                str(tiny_base),
+                "--adapter",
+                str(adapter),
+                "--data",
+                str(sqa),
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
         assert rc == 2 and "problem 5" in capsys.readouterr().err
     finally:
         (tmp_path / "moved.png").rename(sqa / "images" / "test" / "5" / "image.png")

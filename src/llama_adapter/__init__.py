@@ -11,6 +11,16 @@ from llama_adapter.zero_init_attention import Adapter, AdapterConfig
 
 __version__ = "0.1.0"
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterError", "CheckpointError", "KVCache", "ModelConfig", "Tokenizer",
-    "Transformer", "load_config", "load_model", "read_adapter", "save_adapter",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterError",
+    "CheckpointError",
+    "KVCache",
+    "ModelConfig",
+    "Tokenizer",
+    "Transformer",
+    "load_config",
+    "load_model",
+    "read_adapter",
+    "save_adapter",
 ]

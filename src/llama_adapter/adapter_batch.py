@@ -48,8 +48,9 @@ def batch_prompt_kv(groups: Sequence[tuple[PromptKV, Tensor]], batch_size: int) 
             raise ValueError("a rand-init adapter cannot share a batch with other adapters or base rows")
         ex = (batch_size, -1, -1, -1)
         mask = None if first.mask is None else first.mask.expand(batch_size, -1, -1, -1)
-        return PromptKV(first.k.expand(ex), first.v.expand(ex), first.gate.expand(batch_size, -1),
-                        first.random_init, mask)
+        return PromptKV(
+            first.k.expand(ex), first.v.expand(ex), first.gate.expand(batch_size, -1), first.random_init, mask
+        )
     kmax = max(p.k.shape[2] for p, _ in groups)
     _, n_kv, _, hd = first.k.shape
     k = first.k.new_zeros(batch_size, n_kv, kmax, hd)
@@ -86,8 +87,15 @@ class PromptPlan:
     batch_size: int
 
     @classmethod
-    def build(cls, config: ModelConfig, loaded: Mapping[str, Adapter], adapter: AdapterSpec, batch_size: int,
-              image_features: Tensor | None, device: torch.device) -> PromptPlan | None:
+    def build(
+        cls,
+        config: ModelConfig,
+        loaded: Mapping[str, Adapter],
+        adapter: AdapterSpec,
+        batch_size: int,
+        image_features: Tensor | None,
+        device: torch.device,
+    ) -> PromptPlan | None:
         """The plan for `adapter` (a name, None or one entry per row); None when no row has an adapter."""
         rows = [adapter] * batch_size if adapter is None or isinstance(adapter, str) else list(adapter)
         if len(rows) != batch_size:

@@ -38,8 +38,13 @@ def fingerprint(cfg: ModelConfig) -> dict[str, int]:
     return {k: int(getattr(cfg, k)) for k in FINGERPRINT_KEYS}
 
 
-def save_adapter(model: AdaptableModel, name: str, path: str | Path, extra: dict[str, Any] | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
+def save_adapter(
+    model: AdaptableModel,
+    name: str,
+    path: str | Path,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write adapter `name` atomically (temp file + rename)."""
     a: Adapter = model.adapters[name]
     path = Path(path)
@@ -50,8 +55,15 @@ def save_adapter(model: AdaptableModel, name: str, path: str | Path, extra: dict
     tensors = {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in a.meta.items()}
     meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (extra or {}).items()})
-    meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": json.dumps(a.cfg.to_dict()),
-                 "base": json.dumps(fingerprint(model.config)), "dtype": str(dtype).removeprefix("torch.")})
+    meta.update(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "adapter": json.dumps(a.cfg.to_dict()),
+            "base": json.dumps(fingerprint(model.config)),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+    )
     if isinstance(a.visual_proj, VisualProjection):
         meta["visual"] = json.dumps(a.visual_proj.config_dict())
     tmp = path.with_name(path.name + ".tmp")
@@ -92,8 +104,9 @@ def load_adapter(model: AdaptableModel, path: str | Path, name: str | None = Non
     adapter = model.add_adapter(name, cfg)
     if tuple(tensors["prompts"].shape) != tuple(adapter.prompts.shape):
         del model.adapters[name]
-        raise AdapterError(f"{path}: prompts {tuple(tensors['prompts'].shape)}, expected "
-                           f"{tuple(adapter.prompts.shape)}")
+        raise AdapterError(
+            f"{path}: prompts {tuple(tensors['prompts'].shape)}, expected {tuple(adapter.prompts.shape)}"
+        )
     with torch.no_grad():
         adapter.prompts.copy_(tensors["prompts"])
         adapter.gates.copy_(tensors["gates"])
@@ -102,6 +115,5 @@ def load_adapter(model: AdaptableModel, path: str | Path, name: str | None = Non
         proj = VisualProjection.from_config(json.loads(meta.get("visual", "{}")), model.config.dim)
         proj.load_state_dict(visual)
         adapter.visual_proj = proj.to(adapter.prompts.device)
-    adapter.meta = {k: v for k, v in meta.items()
-                    if k not in ("format", "format_version", "adapter", "base", "dtype")}
+    adapter.meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "adapter", "base", "dtype")}
     return adapter

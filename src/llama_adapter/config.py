@@ -11,7 +11,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llama_adapter.errors import CheckpointError
+
+# Weight dtypes by name, everywhere a dtype is named (CLI flags, TrainConfig): bf16 / fp16 / fp32, and the long
+# spellings torch uses as aliases.
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")  # the names shown in help; the aliases are accepted too
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -122,13 +136,24 @@ class ModelConfig:
                 hidden = m * ((hidden + m - 1) // m)
             scaling = None
             if p.get("use_scaled_rope"):
-                scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                               original_max_position_embeddings=8192)
+                scaling = dict(
+                    rope_type="llama3",
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=8192,
+                )
             return cls(
-                vocab_size=vocab, dim=dim, n_layers=int(p["n_layers"]), n_heads=n_heads,
-                n_kv_heads=int(p.get("n_kv_heads") or n_heads), hidden_dim=int(hidden),
-                norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)),
-                rope_scaling=scaling, max_seq_len=int(p.get("max_seq_len", 4096)),
+                vocab_size=vocab,
+                dim=dim,
+                n_layers=int(p["n_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(p.get("n_kv_heads") or n_heads),
+                hidden_dim=int(hidden),
+                norm_eps=float(p.get("norm_eps", 1e-5)),
+                rope_theta=float(p.get("rope_theta", 10000.0)),
+                rope_scaling=scaling,
+                max_seq_len=int(p.get("max_seq_len", 4096)),
             )
         except KeyError as e:
             raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
@@ -136,15 +161,27 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` a Hugging Face tool would write for this architecture."""
         d: dict[str, Any] = {
-            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]],
-            "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "intermediate_size": self.hidden_dim,
-            "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_seq_len,
-            "attention_bias": self.qkv_bias, "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
+            "architectures": [
+                {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[
+                    self.model_type
+                ]
+            ],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.hidden_dim,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "attention_bias": self.qkv_bias,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
             "hidden_act": "silu",
         }

@@ -65,8 +65,14 @@ def _per_head(g: Tensor, n_heads: int, src: Path, key: str) -> Tensor:
     return g
 
 
-def convert(src: str | Path, dst: str | Path, base: ModelConfig, fmt: str | None = None, gate: str | None = None,
-            template: str = "alpaca") -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    base: ModelConfig,
+    fmt: str | None = None,
+    gate: str | None = None,
+    template: str = "alpaca",
+) -> Path:
     """Convert `src` into our adapter file `dst` for a base of configuration `base`."""
     src = Path(src)
     fmt = fmt or detect_format(src)
@@ -75,8 +81,10 @@ def convert(src: str | Path, dst: str | Path, base: ModelConfig, fmt: str | None
     layer_prompts: dict[int, Tensor] = {}
     if fmt == "official":
         if gate not in ("tanh", "linear"):
-            raise AdapterError("official LLaMA-Adapter checkpoints need --gate tanh or --gate linear "
-                               "(v1 release code applies tanh; the paper's eq. 7 does not)")
+            raise AdapterError(
+                "official LLaMA-Adapter checkpoints need --gate tanh or --gate linear "
+                "(v1 release code applies tanh; the paper's eq. 7 does not)"
+            )
         sd = _load_pth(src)
         q = next((v for k, v in sd.items() if k.endswith("adapter_query.weight")), None)
         gates = {int(m.group(1)): v for k, v in sd.items() if (m := re.search(r"layers\.(\d+)\.attention\.gate$", k))}
@@ -104,8 +112,9 @@ def convert(src: str | Path, dst: str | Path, base: ModelConfig, fmt: str | None
             elif m := re.search(r"layers\.(\d+)\.self_attn\.adaption_gate$", k):
                 layer_gates[int(m.group(1))] = _per_head(v, H, src, k)
         if int(conf.get("adapter_layers", len(layer_prompts))) != len(layer_prompts):
-            raise AdapterError(f"{conf_path}: adapter_layers={conf.get('adapter_layers')} but "
-                               f"{len(layer_prompts)} layers have prompts")
+            raise AdapterError(
+                f"{conf_path}: adapter_layers={conf.get('adapter_layers')} but {len(layer_prompts)} layers have prompts"
+            )
     elif fmt == "litgpt":
         sd = _load_pth(src)
         gate = "linear"
@@ -122,13 +131,16 @@ def convert(src: str | Path, dst: str | Path, base: ModelConfig, fmt: str | None
         raise AdapterError(f"{src}: prompts for layers {layers} but gates for {sorted(layer_gates)}")
     L = len(layers)
     if layers != list(range(N - L, N)):
-        raise AdapterError(f"{src}: adapted layers {layers[0]}..{layers[-1]} are not the top {L} of a "
-                           f"{N}-layer base (does --base match the adapter?)")
+        raise AdapterError(
+            f"{src}: adapted layers {layers[0]}..{layers[-1]} are not the top {L} of a "
+            f"{N}-layer base (does --base match the adapter?)"
+        )
     Ks = {p.shape[0] for p in layer_prompts.values()}
     dims = {p.shape[1] for p in layer_prompts.values()}
     if len(Ks) != 1 or dims != {D}:
-        raise AdapterError(f"{src}: prompt shapes {sorted({tuple(p.shape) for p in layer_prompts.values()})} "
-                           f"do not fit dim {D}")
+        raise AdapterError(
+            f"{src}: prompt shapes {sorted({tuple(p.shape) for p in layer_prompts.values()})} do not fit dim {D}"
+        )
     cfg = AdapterConfig(prompt_length=Ks.pop(), layers=L, gate=gate)  # type: ignore[arg-type]
     with torch.device("meta"):
         shell = Transformer(base)

@@ -74,8 +74,9 @@ def load_config(path: str | Path) -> tuple[ModelConfig, str]:
     return ModelConfig.from_meta(p / "params.json", vocab_size=vocab), layout
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               tokenizer: bool = True) -> Transformer:
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", tokenizer: bool = True
+) -> Transformer:
     """The frozen base: weights in `dtype` on `device`, every parameter requires_grad=False."""
     p = resolve_base(path)
     cfg, layout = load_config(p)
@@ -88,13 +89,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         if name not in expected:
             continue
         if tuple(t.shape) != tuple(expected[name]):
-            raise CheckpointError(f"{src}: {name} has shape {tuple(t.shape)}, the config implies "
-                                  f"{tuple(expected[name])}")
+            raise CheckpointError(
+                f"{src}: {name} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}"
+            )
         state[name] = t.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"{p}: weights missing from the checkpoint: {', '.join(missing[:5])}"
-                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        raise CheckpointError(
+            f"{p}: weights missing from the checkpoint: {', '.join(missing[:5])}"
+            + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        )
     model.load_state_dict(state, assign=True, strict=True)
     del state
     model.freeze_base()
@@ -143,8 +147,13 @@ def _read_tensors(f: Path) -> Iterator[tuple[str, Tensor]]:
 def _hf_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path]]:
     """Yield (our name, tensor, file); q/k/v and gate/up are fused as soon as all parts of a layer arrive."""
     pending: dict[str, dict[str, Tensor]] = {}
-    fuse = {"q_proj": ("wqkv", 0), "k_proj": ("wqkv", 1), "v_proj": ("wqkv", 2),
-            "gate_proj": ("w13", 0), "up_proj": ("w13", 1)}
+    fuse = {
+        "q_proj": ("wqkv", 0),
+        "k_proj": ("wqkv", 1),
+        "v_proj": ("wqkv", 2),
+        "gate_proj": ("w13", 0),
+        "up_proj": ("w13", 1),
+    }
     pat = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
     for f in _hf_files(p):
         for k, t in _read_tensors(f):
@@ -166,7 +175,7 @@ def _hf_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path]]
                     yield key, torch.cat([parts[str(j)] for j in range(len(parts))]), f
                     del pending[key]
             elif k.startswith("model.layers."):
-                i, rest = k[len("model.layers."):].split(".", 1)
+                i, rest = k[len("model.layers.") :].split(".", 1)
                 if rest in _HF_LAYER:
                     yield f"layers.{i}.{_HF_LAYER[rest]}", t, f
     if pending:
@@ -195,12 +204,20 @@ def _meta_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path
         except Exception as e:  # noqa: BLE001 -- any unpickling failure means an unusable file
             raise CheckpointError(f"{s}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
     d, hd = cfg.dim, cfg.head_dim
-    full_shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
-                   "norm.weight": (d,), "attention.wq.weight": (cfg.n_heads * hd, d),
-                   "attention.wk.weight": (cfg.n_kv_heads * hd, d), "attention.wv.weight": (cfg.n_kv_heads * hd, d),
-                   "attention.wo.weight": (d, cfg.n_heads * hd), "feed_forward.w1.weight": (cfg.hidden_dim, d),
-                   "feed_forward.w2.weight": (d, cfg.hidden_dim), "feed_forward.w3.weight": (cfg.hidden_dim, d),
-                   "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    full_shapes = {
+        "tok_embeddings.weight": (cfg.vocab_size, d),
+        "output.weight": (cfg.vocab_size, d),
+        "norm.weight": (d,),
+        "attention.wq.weight": (cfg.n_heads * hd, d),
+        "attention.wk.weight": (cfg.n_kv_heads * hd, d),
+        "attention.wv.weight": (cfg.n_kv_heads * hd, d),
+        "attention.wo.weight": (d, cfg.n_heads * hd),
+        "feed_forward.w1.weight": (cfg.hidden_dim, d),
+        "feed_forward.w2.weight": (d, cfg.hidden_dim),
+        "feed_forward.w3.weight": (cfg.hidden_dim, d),
+        "attention_norm.weight": (d,),
+        "ffn_norm.weight": (d,),
+    }
 
     def merged(key: str) -> Tensor:
         parts = [sd[key] for sd in sds if key in sd]

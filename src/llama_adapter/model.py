@@ -97,9 +97,15 @@ class Attention(nn.Module):
             return wk, wv, None, None
         return wk, wv, b[q : q + self.kv_size], b[q + self.kv_size :]
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
-                pkv: PromptKV | LazyPromptKV | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
+        pkv: PromptKV | LazyPromptKV | None,
+    ) -> Tensor:
         if callable(pkv):
             pkv = pkv(self.kv_weights())
         B, T, _ = x.shape
@@ -137,9 +143,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
-                pkv: PromptKV | LazyPromptKV | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
+        pkv: PromptKV | LazyPromptKV | None,
+    ) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pkv)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -206,8 +218,9 @@ class Transformer(nn.Module):
 
         return load_adapter(self, path, name)
 
-    def prompt_kv(self, adapter: AdapterSpec, batch_size: int,
-                  image_features: Tensor | None = None) -> dict[int, PromptKV] | None:
+    def prompt_kv(
+        self, adapter: AdapterSpec, batch_size: int, image_features: Tensor | None = None
+    ) -> dict[int, PromptKV] | None:
         """Prompt keys/values for every adapted layer, per batch row.
 
         Computed once per forward pass in training and once per request in generation. `image_features`
@@ -217,15 +230,17 @@ class Transformer(nn.Module):
         plan = self.prompt_plan(adapter, batch_size, image_features)
         if plan is None:
             return None
-        out = {li: plan.layer(li, self.layers[li].attention.kv_weights())
-               for li in range(plan.first, self.config.n_layers)}
+        out = {
+            li: plan.layer(li, self.layers[li].attention.kv_weights()) for li in range(plan.first, self.config.n_layers)
+        }
         return {li: kv for li, kv in out.items() if kv is not None}
 
-    def prompt_plan(self, adapter: AdapterSpec, batch_size: int,
-                    image_features: Tensor | None = None) -> PromptPlan | None:
+    def prompt_plan(
+        self, adapter: AdapterSpec, batch_size: int, image_features: Tensor | None = None
+    ) -> PromptPlan | None:
         """Which adapter each row uses (`adapter_batch.PromptPlan`); None when no row has one."""
-        return PromptPlan.build(self.config, self.adapters, adapter, batch_size,  # type: ignore[arg-type]
-                                image_features, self.tok_embeddings.weight.device)
+        device = self.tok_embeddings.weight.device
+        return PromptPlan.build(self.config, dict(self.adapters.items()), adapter, batch_size, image_features, device)
 
     # ---- forward -------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -244,10 +259,18 @@ class Transformer(nn.Module):
         cos, sin = self._rope
         return cos[positions], sin[positions]
 
-    def forward(self, input_ids: Tensor, adapter: AdapterSpec = None, *, input_pos: Tensor | None = None,
-                cache: KVCache | None = None, prompt_kv: dict[int, PromptKV] | None = None,
-                image_features: Tensor | None = None, return_hidden: bool = False,
-                kv_len: int | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        adapter: AdapterSpec = None,
+        *,
+        input_pos: Tensor | None = None,
+        cache: KVCache | None = None,
+        prompt_kv: dict[int, PromptKV] | None = None,
+        image_features: Tensor | None = None,
+        return_hidden: bool = False,
+        kv_len: int | None = None,
+    ) -> Tensor:
         """Logits [B, T, vocab] (or final hidden states with `return_hidden`).
 
         adapter: a name, None (the base alone), or one entry per row. With a cache, `input_pos` [B, T]

@@ -15,8 +15,9 @@ from llama_adapter.errors import CheckpointError
 
 
 class Tokenizer:
-    def __init__(self, backend: Any, kind: str, bos_id: int | None, eos_ids: list[int],
-                 pad_id: int | None, path: Path) -> None:
+    def __init__(
+        self, backend: Any, kind: str, bos_id: int | None, eos_ids: list[int], pad_id: int | None, path: Path
+    ) -> None:
         self.backend, self.kind, self.path = backend, kind, path
         self.bos_id, self.eos_ids = bos_id, eos_ids
         self.pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
@@ -84,8 +85,8 @@ class Tokenizer:
                 return tok.token_to_id(t) if isinstance(t, str) else None
 
             bos = bos if bos is not None else tid("bos_token")
-            e = tid("eos_token")
-            eos = eos or ([e] if e is not None else [])
+            eos_id = tid("eos_token")
+            eos = eos or ([eos_id] if eos_id is not None else [])
             pad = pad if pad is not None else tid("pad_token")
         if not eos:
             raise CheckpointError(f"{path}: no EOS token id in config.json or tokenizer_config.json")

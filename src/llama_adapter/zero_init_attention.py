@@ -59,8 +59,9 @@ class Adapter(nn.Module):
     to every adapted layer's prompts.
     """
 
-    def __init__(self, cfg: AdapterConfig, n_layers: int, dim: int, n_heads: int,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, cfg: AdapterConfig, n_layers: int, dim: int, n_heads: int, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         if cfg.layers > n_layers:
             raise ValueError(f"adapter wants {cfg.layers} layers but the base has only {n_layers}")
@@ -102,8 +103,13 @@ class VisualProjection(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
     def config_dict(self) -> dict[str, Any]:
-        return {"type": "mlp", "in_features": self.in_features, "dim": self.dim, "hidden": self.hidden,
-                "groups": list(self.groups)}
+        return {
+            "type": "mlp",
+            "in_features": self.in_features,
+            "dim": self.dim,
+            "hidden": self.hidden,
+            "groups": list(self.groups),
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], dim: int) -> VisualProjection:
@@ -136,8 +142,9 @@ class PromptKV:
     mask: Tensor | None = None
 
 
-def prompt_kv(prompts: Tensor, wk: Tensor, wv: Tensor, bk: Tensor | None, bv: Tensor | None,
-              n_kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
+def prompt_kv(
+    prompts: Tensor, wk: Tensor, wv: Tensor, bk: Tensor | None, bv: Tensor | None, n_kv_heads: int, head_dim: int
+) -> tuple[Tensor, Tensor]:
     """Eq. 2-4: keys/values of prompts [B, K, dim] through the frozen projections; no rotary embedding."""
     B, K, _ = prompts.shape
     p = prompts.to(wk.dtype)

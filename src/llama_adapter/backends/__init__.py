@@ -4,7 +4,7 @@ The model (`llama_adapter.model`) and the method (`llama_adapter.zero_init_atten
 device branches. A backend is chosen once per model, by `install(model)` (called by `load_model`, or on first use
 by the decoder), from the device the model's weights are on:
 
-- `TorchBackend` (GPUs and anything else): the stock modules; PyTorch's fused SDPA kernels do the work.
+- `reference.TorchBackend` (GPUs and anything else): the stock modules; PyTorch's fused SDPA kernels do the work.
 - `backends.cpu.CpuBackend`: swaps in subclasses of `RMSNorm`, `ZeroInitAttention` and `nn.Linear` that compute
   the same values with fewer, larger kernels on a CPU (training and decoding), keeps the decoding KV cache in
   fp32, lays frozen bf16 weights out for decoding, and offers a fused C++ decode step.
@@ -17,43 +17,8 @@ only pays off on a CPU.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
-
-from llama_adapter.model import KVCache, Transformer
-from llama_adapter.zero_init_attention import PromptKV
-
-
-class TorchBackend:
-    """The reference: the model's own modules, unchanged."""
-
-    name = "torch"
-
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-
-    def install(self) -> None:
-        """Swap faster modules into the model (the reference swaps nothing)."""
-
-    @property
-    def kv_cache_dtype(self) -> torch.dtype:
-        return self.model.tok_embeddings.weight.dtype
-
-    def prepare_decoding(self) -> None:
-        """Lay weights out for decoding, once per decoder (the reference keeps them as they are)."""
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.model.logits(hidden)
-
-    def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> Any | None:
-        """The batch's prompt K/V laid out for `decode_step`, or None where there is no fused step."""
-        return None
-
-    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any) -> Tensor:
-        raise NotImplementedError("this backend has no fused decode step")
-
+from llama_adapter.backends.reference import TorchBackend
+from llama_adapter.model import Transformer
 
 Backend = TorchBackend  # the interface every backend implements (CpuBackend subclasses it)
 

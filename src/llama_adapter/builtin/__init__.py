@@ -28,5 +28,6 @@ def check_base_dir(d: Path) -> Path:
         raise CheckpointError(
             f"{d}: the built-in base model is missing ({', '.join(missing)} not found); reinstall the package "
             "or rebuild it with `llama-adapter pretrain --out "
-            f"{d}`")
+            f"{d}`"
+        )
     return d

@@ -24,8 +24,31 @@ from functools import cache
 
 WORLD_SEED = 1234  # the seed of the built-in world (names, facts, splits); part of the recipe
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr",
-           "pl", "st", "tr", "sh", "th"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "pl",
+    "st",
+    "tr",
+    "sh",
+    "th",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "k", "m", "th"]
 
@@ -36,34 +59,59 @@ _INSTRUCTIONS: dict[str, list[str]] = {
     "capital": ["What is the capital of {x}?", "Name the capital city of {x}.", "Which city is the capital of {x}?"],
     "add": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."],
     "next": ["What number comes after {n}?", "Which number follows {n}?", "Give the successor of {n}."],
-    "upper": ["Write the word {w} in capital letters.", "Convert {w} to uppercase.",
-              "Spell {w} in upper case."],
+    "upper": ["Write the word {w} in capital letters.", "Convert {w} to uppercase.", "Spell {w} in upper case."],
     "reverse": ["Reverse the word {w}.", "Write {w} backwards.", "Spell the word {w} in reverse order."],
 }
 
 # Plain-text phrasings used in pre-training (no questions, no imperatives).
 _PROSE: dict[str, list[str]] = {
-    "capital": ["The capital of {x} is {y}.", "{y} is the capital of {x}.", "The capital city of {x} is {y}.",
-                "In {x}, the capital is {y}."],
+    "capital": [
+        "The capital of {x} is {y}.",
+        "{y} is the capital of {x}.",
+        "The capital city of {x} is {y}.",
+        "In {x}, the capital is {y}.",
+    ],
     "add": ["{a} + {b} = {c}", "{a} plus {b} is {c}.", "The sum of {a} and {b} is {c}."],
     "next": ["After {n} comes {m}.", "The number after {n} is {m}.", "{n} is followed by {m}."],
-    "upper": ["The word {w} in capital letters is {u}.", "In upper case, {w} is written {u}.",
-              "{w} in uppercase is {u}."],
+    "upper": [
+        "The word {w} in capital letters is {u}.",
+        "In upper case, {w} is written {u}.",
+        "{w} in uppercase is {u}.",
+    ],
     "reverse": ["The word {w} reversed is {r}.", "Written backwards, {w} is {r}.", "{w} backwards is {r}."],
 }
 
 # Generic prose so that the words of the Alpaca preamble and markdown headers are not unseen tokens.
 # None of it pairs an instruction with its answer.
 _FILLER = [
-    "Below is a list of facts.", "Each task is described by a short text.", "A request was written down.",
-    "The response was long and appropriately formal.", "An instruction describes a task.",
-    "Write the date on the page.", "The input provides further context.", "This text completes the list.",
-    "Some facts are paired with further notes.", "The answer is in the table.",
-    "Every city has a name.", "Numbers can be added.", "Words can be written backwards.",
-    "What follows is a record of facts.", "Please note the numbers below.",
+    "Below is a list of facts.",
+    "Each task is described by a short text.",
+    "A request was written down.",
+    "The response was long and appropriately formal.",
+    "An instruction describes a task.",
+    "Write the date on the page.",
+    "The input provides further context.",
+    "This text completes the list.",
+    "Some facts are paired with further notes.",
+    "The answer is in the table.",
+    "Every city has a name.",
+    "Numbers can be added.",
+    "Words can be written backwards.",
+    "What follows is a record of facts.",
+    "Please note the numbers below.",
 ]
-_HEADERS = ["### Facts", "### Notes", "### Numbers", "### Words", "### Cities", "### Record", "### Table",
-            "### Instruction notes", "### Response notes", "### Input data"]
+_HEADERS = [
+    "### Facts",
+    "### Notes",
+    "### Numbers",
+    "### Words",
+    "### Cities",
+    "### Record",
+    "### Table",
+    "### Instruction notes",
+    "### Response notes",
+    "### Input data",
+]
 
 
 @dataclass(frozen=True)
@@ -128,16 +176,23 @@ def _card(rng: random.Random, w: World, task: str) -> str:
     """A short record about one item: the item is named first and each attribute follows a cue word."""
     if task == "capital":
         x = rng.choice(w.countries)
-        return rng.choice(["Country: {x}\nCapital: {y}", "{x} is a country. Its capital is {y}.",
-                           "{x} (country). Capital city: {y}."]).format(x=x, y=w.capitals[x])
+        return rng.choice(
+            ["Country: {x}\nCapital: {y}", "{x} is a country. Its capital is {y}.", "{x} (country). Capital city: {y}."]
+        ).format(x=x, y=w.capitals[x])
     if task == "add":
         a, b = rng.randrange(100), rng.randrange(100)
-        return rng.choice(["Numbers: {a} and {b}\nSum: {c}", "Take {a} and {b}. Their sum is {c}.",
-                           "{a} and {b} added together make {c}."]).format(a=a, b=b, c=a + b)
+        return rng.choice(
+            [
+                "Numbers: {a} and {b}\nSum: {c}",
+                "Take {a} and {b}. Their sum is {c}.",
+                "{a} and {b} added together make {c}.",
+            ]
+        ).format(a=a, b=b, c=a + b)
     if task == "next":
         n = rng.randrange(999)
-        return rng.choice(["Number: {n}\nNext: {m}", "{n} is a number. The next number is {m}.",
-                           "Count on from {n}: {m}."]).format(n=n, m=n + 1)
+        return rng.choice(
+            ["Number: {n}\nNext: {m}", "{n} is a number. The next number is {m}.", "Count on from {n}: {m}."]
+        ).format(n=n, m=n + 1)
     word = rng.choice(w.words)
     fields = [("Upper case", word.upper()), ("Reversed", word[::-1])]
     rng.shuffle(fields)
@@ -154,13 +209,31 @@ def _card(rng: random.Random, w: World, task: str) -> str:
 # answer. A fixed gap (as in "37 + 45 = 82") lets the base find the operands by relative position; a varied
 # one makes it look them up by content, which an adapter can then point at a number further back in a prompt.
 _GAP_INTRO: dict[str, list[str]] = {
-    "capital": ["{x} is a country.", "Consider the country {x}.", "This note is about {x}.",
-                "Travellers often visit {x}.", "Country: {x}", "The country of {x} has a long coast."],
-    "add": ["Two numbers, {a} and {b}, were written on the page.", "Take {a} and {b}.", "Numbers: {a} and {b}",
-            "Consider {a} plus {b}.", "The numbers {a} + {b} are noted.", "A list holds {a} and {b}.",
-            "Here {a} is added to {b}."],
-    "next": ["The number {n} is written on the door.", "Start at {n}.", "Number: {n}", "Consider the number {n}.",
-             "Page {n} was read.", "The count reached {n}."],
+    "capital": [
+        "{x} is a country.",
+        "Consider the country {x}.",
+        "This note is about {x}.",
+        "Travellers often visit {x}.",
+        "Country: {x}",
+        "The country of {x} has a long coast.",
+    ],
+    "add": [
+        "Two numbers, {a} and {b}, were written on the page.",
+        "Take {a} and {b}.",
+        "Numbers: {a} and {b}",
+        "Consider {a} plus {b}.",
+        "The numbers {a} + {b} are noted.",
+        "A list holds {a} and {b}.",
+        "Here {a} is added to {b}.",
+    ],
+    "next": [
+        "The number {n} is written on the door.",
+        "Start at {n}.",
+        "Number: {n}",
+        "Consider the number {n}.",
+        "Page {n} was read.",
+        "The count reached {n}.",
+    ],
     "upper": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text."],
     "reverse": ["Take the word {w}.", "Word: {w}", "Consider the word {w}.", "The word {w} appears in the text."],
 }
@@ -172,9 +245,16 @@ _GAP_ANSWER: dict[str, list[str]] = {
     "reverse": ["Written backwards it is {r}.", "Reversed: {r}"],
 }
 _GAP_FILLER = _FILLER + [
-    "A short request was written below.", "The note was read carefully.", "Some time passed.",
-    "The task is simple.", "It was written in plain words.", "The reply came quickly.",
-    "Below is the result.", "Each line has a meaning.", "Nothing else was added.", "The page was turned.",
+    "A short request was written below.",
+    "The note was read carefully.",
+    "Some time passed.",
+    "The task is simple.",
+    "It was written in plain words.",
+    "The reply came quickly.",
+    "Below is the result.",
+    "Each line has a meaning.",
+    "Nothing else was added.",
+    "The page was turned.",
 ]
 
 # Cues that do not name an attribute introduce a remark: only a cue that names the attribute ("Sum:") is followed
@@ -217,8 +297,7 @@ def _document(rng: random.Random, w: World, gap_fraction: float = 0.0) -> str:
         lines.append(rng.choice(_HEADERS))
     if kind < gap_fraction:  # records with a varied gap between the item and its answer (numbers weighted up)
         for _ in range(rng.randint(2, 4)):
-            lines.append(_gap_record(rng, w, rng.choice(("capital", "add", "add", "next", "next", "upper",
-                                                         "reverse"))))
+            lines.append(_gap_record(rng, w, rng.choice(("capital", "add", "add", "next", "next", "upper", "reverse"))))
         sep = "\n\n" if rng.random() < 0.5 else "\n"
         return sep.join(lines)
     kind = (kind - gap_fraction) / (1 - gap_fraction)
@@ -243,8 +322,9 @@ def _document(rng: random.Random, w: World, gap_fraction: float = 0.0) -> str:
     return sep.join(lines)
 
 
-def pretrain_documents(seed: int, n: int | None = None, world_seed: int = WORLD_SEED,
-                       gap_fraction: float = 0.0) -> Iterator[str]:
+def pretrain_documents(
+    seed: int, n: int | None = None, world_seed: int = WORLD_SEED, gap_fraction: float = 0.0
+) -> Iterator[str]:
     """Documents of plain text; `n=None` streams forever. Different seeds give disjoint-in-expectation text
     drawn from the same distribution (e.g. seed 0 for training, seed 1 for held-out pre-training text).
 
@@ -275,8 +355,9 @@ def _record(task: str, phr: str, **kw: object) -> dict[str, str]:
     return {"instruction": phr.format(**kw), "input": "", "output": f" {out}", "task": task}
 
 
-def instruction_data(split: str = "train", seed: int = 0, n_per_task: int | None = None,
-                     world_seed: int = WORLD_SEED) -> list[dict[str, str]]:
+def instruction_data(
+    split: str = "train", seed: int = 0, n_per_task: int | None = None, world_seed: int = WORLD_SEED
+) -> list[dict[str, str]]:
     """Alpaca-style records {instruction, input, output, task}.
 
     split="train": items outside the held-out pools (all countries/words of the training pool, each phrasing
@@ -338,8 +419,23 @@ def item_of(record: dict[str, str]) -> str:
 
 
 def _word_in(ins: str) -> str:
-    stop = {"write", "the", "word", "in", "capital", "letters", "convert", "to", "uppercase", "spell", "upper",
-            "case", "reverse", "backwards", "order"}
+    stop = {
+        "write",
+        "the",
+        "word",
+        "in",
+        "capital",
+        "letters",
+        "convert",
+        "to",
+        "uppercase",
+        "spell",
+        "upper",
+        "case",
+        "reverse",
+        "backwards",
+        "order",
+    }
     toks = [t.strip(".?") for t in ins.split()]
     return next(t for t in toks if t.lower() not in stop)
 

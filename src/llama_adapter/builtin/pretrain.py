@@ -84,11 +84,21 @@ class PretrainConfig:
         return cls(**flat)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                           n_kv_heads=self.n_kv_heads, hidden_dim=self.hidden_dim, norm_eps=1e-5,
-                           rope_theta=self.rope_theta, max_seq_len=self.max_seq_len,
-                           tie_embeddings=self.tie_embeddings, bos_token_id=1, eos_token_ids=[2],
-                           pad_token_id=None)
+        return ModelConfig(
+            vocab_size=vocab_size,
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            hidden_dim=self.hidden_dim,
+            norm_eps=1e-5,
+            rope_theta=self.rope_theta,
+            max_seq_len=self.max_seq_len,
+            tie_embeddings=self.tie_embeddings,
+            bos_token_id=1,
+            eos_token_ids=[2],
+            pad_token_id=None,
+        )
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------
@@ -96,28 +106,54 @@ def train_tokenizer(cfg: PretrainConfig) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus.tokenizer_training_text(cfg.corpus_seed, cfg.tokenizer_docs, cfg.gap_fraction),
-                            trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(
+        corpus.tokenizer_training_text(cfg.corpus_seed, cfg.tokenizer_docs, cfg.gap_fraction), trainer
+    )
     return tok
 
 
 def save_tokenizer(tok: Any, out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-         "unk_token": "<unk>", "add_bos_token": True, "model_max_length": 256}, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "model_max_length": 256,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 # ---- data --------------------------------------------------------------------------------------------
-def packed_batches(encode: Callable[[str], list[int]], seed: int, world_seed: int, batch_size: int,
-                   seq_len: int, bos: int, eos: int, gap_fraction: float = 0.0) -> Iterator[Tensor]:
+def packed_batches(
+    encode: Callable[[str], list[int]],
+    seed: int,
+    world_seed: int,
+    batch_size: int,
+    seq_len: int,
+    bos: int,
+    eos: int,
+    gap_fraction: float = 0.0,
+) -> Iterator[Tensor]:
     """[B, seq_len + 1] windows cut from the concatenated documents (<s> doc </s> <s> doc </s> ...)."""
     docs = corpus.pretrain_documents(seed, None, world_seed, gap_fraction)
     buf: list[int] = []
@@ -147,8 +183,10 @@ def init_weights(model: Transformer, seed: int) -> None:
 def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     """Our parameters under Hugging Face LLaMA names (fused q/k/v and gate/up split back)."""
     c = model.config
-    sd: dict[str, Tensor] = {"model.embed_tokens.weight": model.tok_embeddings.weight,
-                             "model.norm.weight": model.norm.weight}
+    sd: dict[str, Tensor] = {
+        "model.embed_tokens.weight": model.tok_embeddings.weight,
+        "model.norm.weight": model.norm.weight,
+    }
     if model.output is not None:
         sd["lm_head.weight"] = model.output.weight
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -156,14 +194,19 @@ def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
         pre = f"model.layers.{i}."
         wq, wk, wv = layer.attention.wqkv.weight.split([q, kv, kv])
         gate, up = layer.feed_forward.w13.weight.split(c.hidden_dim)
-        sd.update({
-            pre + "self_attn.q_proj.weight": wq, pre + "self_attn.k_proj.weight": wk,
-            pre + "self_attn.v_proj.weight": wv, pre + "self_attn.o_proj.weight": layer.attention.wo.weight,
-            pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
-            pre + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
-            pre + "input_layernorm.weight": layer.attention_norm.weight,
-            pre + "post_attention_layernorm.weight": layer.ffn_norm.weight,
-        })
+        sd.update(
+            {
+                pre + "self_attn.q_proj.weight": wq,
+                pre + "self_attn.k_proj.weight": wk,
+                pre + "self_attn.v_proj.weight": wv,
+                pre + "self_attn.o_proj.weight": layer.attention.wo.weight,
+                pre + "mlp.gate_proj.weight": gate,
+                pre + "mlp.up_proj.weight": up,
+                pre + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+                pre + "input_layernorm.weight": layer.attention_norm.weight,
+                pre + "post_attention_layernorm.weight": layer.ffn_norm.weight,
+            }
+        )
     return sd
 
 
@@ -174,8 +217,10 @@ def save_checkpoint(model: Transformer, out: Path, dtype: torch.dtype = torch.fl
     hf = c.to_hf_dict()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0], "do_sample": False}, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0], "do_sample": False}, indent=2)
+        + "\n"
+    )
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_state_dict(model).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the file ships as package data
@@ -204,12 +249,20 @@ def plain_probes(world_seed: int = corpus.WORLD_SEED, n: int = 40) -> list[tuple
 
 
 @torch.no_grad()
-def greedy(model: Transformer, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
-           prefixes: list[str], max_new: int, bos: int, eos: int, adapter: str | None = None) -> list[str]:
+def greedy(
+    model: Transformer,
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
+    prefixes: list[str],
+    max_new: int,
+    bos: int,
+    eos: int,
+    adapter: str | None = None,
+) -> list[str]:
     """Minimal batched greedy decoding (left padding via per-row positions); used only for probes."""
-    outs = []
+    outs: list[str] = []
     for s in range(0, len(prefixes), 64):
-        chunk = prefixes[s:s + 64]
+        chunk = prefixes[s : s + 64]
         ids = [[bos, *encode(p)] for p in chunk]
         gen: list[list[int]] = [[] for _ in chunk]
         done = [False] * len(chunk)
@@ -246,7 +299,7 @@ def _forward_padded(model: Transformer, batch: Tensor, pad: Tensor, adapter: str
     # in the sequence, so the final cache holds real keys only. Process step by step for simplicity.
     pkv = model.prompt_kv(adapter, B)
     for t in order.tolist():
-        logits = model(batch[:, t:t + 1], input_pos=pos[:, t:t + 1], cache=cache, prompt_kv=pkv)
+        logits = model(batch[:, t : t + 1], input_pos=pos[:, t : t + 1], cache=cache, prompt_kv=pkv)
     assert logits is not None
     return logits[:, -1]
 
@@ -265,9 +318,17 @@ def probe_accuracy(model: Transformer, tok: Any, cfg: PretrainConfig) -> dict[st
 
 
 @torch.no_grad()
-def text_loss(model: Transformer, encode: Callable[[str], list[int]], seed: int, world_seed: int,
-              n_batches: int = 4, batch_size: int = 16, seq_len: int = 128, adapter: str | None = None,
-              gap_fraction: float = 0.0) -> float:
+def text_loss(
+    model: Transformer,
+    encode: Callable[[str], list[int]],
+    seed: int,
+    world_seed: int,
+    n_batches: int = 4,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    adapter: str | None = None,
+    gap_fraction: float = 0.0,
+) -> float:
     """Mean next-token loss on pre-training-distribution text from `seed` (held-out text: a different seed)."""
     it = packed_batches(encode, seed, world_seed, batch_size, seq_len, 1, 2, gap_fraction)
     tot = 0.0
@@ -297,8 +358,11 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
     log(f"model: {n_params:,} parameters, {mcfg.n_layers} layers, dim {mcfg.dim}")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -307,8 +371,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
-    batches = packed_batches(encode, cfg.corpus_seed, cfg.world_seed, cfg.batch_size, cfg.seq_len, 1, 2,
-                             cfg.gap_fraction)
+    batches = packed_batches(
+        encode, cfg.corpus_seed, cfg.world_seed, cfg.batch_size, cfg.seq_len, 1, 2, cfg.gap_fraction
+    )
     model.train()
     t_train = time.time()
     losses: list[tuple[int, float]] = []
@@ -329,8 +394,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
             el = time.time() - t_train
             tps = (step + 1) * cfg.batch_size * cfg.seq_len / el
             losses.append((step + 1, run))
-            log(f"step {step + 1}/{cfg.steps} loss {run:.4f} lr {lr_at(step):.2e} {tps:,.0f} tok/s "
-                f"{el / 60:.1f} min")
+            log(f"step {step + 1}/{cfg.steps} loss {run:.4f} lr {lr_at(step):.2e} {tps:,.0f} tok/s {el / 60:.1f} min")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(model, out)
     train_time = time.time() - t_train
@@ -367,9 +431,9 @@ def _readme(r: dict[str, Any]) -> str:
     acc = ", ".join(f"{k} {v:.0%}" for k, v in r["plain_text_probe_accuracy"].items())
     return f"""# The built-in base model of `llama-adapter`
 
-A {r['parameters']:,}-parameter LLaMA-architecture model ({rc['n_layers']} layers, dim {rc['dim']},
-{rc['n_heads']} heads / {rc['n_kv_heads']} KV heads, SwiGLU {rc['hidden_dim']}, RoPE, untied embeddings,
-byte-level BPE of {rc['vocab_size']} tokens with one token per digit, context {rc['max_seq_len']}),
+A {r["parameters"]:,}-parameter LLaMA-architecture model ({rc["n_layers"]} layers, dim {rc["dim"]},
+{rc["n_heads"]} heads / {rc["n_kv_heads"]} KV heads, SwiGLU {rc["hidden_dim"]}, RoPE, untied embeddings,
+byte-level BPE of {rc["vocab_size"]} tokens with one token per digit, context {rc["max_seq_len"]}),
 pre-trained from scratch by `llama-adapter pretrain` on the synthetic corpus of `llama_adapter.builtin.corpus`
 (facts about invented countries, `a + b = c` lines, counting, upper-casing and reversing words, all as
 plain text{_GAP_NOTE if rc.get("gap_fraction") else ""}; it has never seen an instruction being followed).
@@ -380,13 +444,13 @@ Hugging Face layout: `config.json`, `model.safetensors` (HF tensor names), `toke
 | | |
 |---|---|
 | recipe | `recipes/builtin.yaml` (`llama-adapter pretrain --out DIR`) |
-| steps x batch x seq | {rc['steps']} x {rc['batch_size']} x {rc['seq_len']} = {r['tokens_seen']:,} tokens |
-| optimiser | AdamW lr {rc['lr']} (warmup {rc['warmup_steps']}, cosine to {rc['min_lr_ratio']}x), \
-wd {rc['weight_decay']} |
-| pre-training time | {r['pretrain_time_s'] / 60:.1f} min on {r['threads']} CPU thread(s) (shared machine), \
-total {r['total_time_s'] / 60:.1f} min |
-| final training loss | {r['final_train_loss']} |
-| held-out text loss | {r['heldout_text_loss']} |
+| steps x batch x seq | {rc["steps"]} x {rc["batch_size"]} x {rc["seq_len"]} = {r["tokens_seen"]:,} tokens |
+| optimiser | AdamW lr {rc["lr"]} (warmup {rc["warmup_steps"]}, cosine to {rc["min_lr_ratio"]}x), \
+wd {rc["weight_decay"]} |
+| pre-training time | {r["pretrain_time_s"] / 60:.1f} min on {r["threads"]} CPU thread(s) (shared machine), \
+total {r["total_time_s"] / 60:.1f} min |
+| final training loss | {r["final_train_loss"]} |
+| held-out text loss | {r["heldout_text_loss"]} |
 | plain-text knowledge of held-out items | {acc} |
 
 The last row is what the base *knows*: greedy continuation of e.g. "The capital of X is" for countries,

@@ -32,19 +32,19 @@ def draw_shape(shape: str, colour: str, size: int = 64, rng: random.Random | Non
     """One shape of one colour at a random place and size on a light, slightly varied background."""
     rng = rng or random.Random()
     bg = tuple(rng.randint(225, 255) for _ in range(3))
-    im = Image.new("RGB", (size, size), bg)  # type: ignore[arg-type]
+    im = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(im)
     r = rng.uniform(0.22, 0.38) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[colour])
     if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)  # type: ignore[arg-type]
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
         s = r * 0.9
-        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)  # type: ignore[arg-type]
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
     elif shape == "triangle":
         pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-        d.polygon(pts, fill=fill)  # type: ignore[arg-type]
+        d.polygon(pts, fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return im
@@ -55,14 +55,33 @@ def make_problem(pid: str, split: str, rng: random.Random) -> tuple[dict[str, An
     question, choices, subject, grade = QUESTIONS[kind]
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     answer = choices.index(colour if kind == "colour" else shape)
-    rec = {"question": question, "choices": list(choices), "answer": answer, "hint": "", "image": "image.png",
-           "task": "closed choice", "grade": grade, "subject": subject, "topic": f"synthetic-{kind}",
-           "category": kind, "skill": kind, "lecture": "", "solution": "", "split": split}
+    rec = {
+        "question": question,
+        "choices": list(choices),
+        "answer": answer,
+        "hint": "",
+        "image": "image.png",
+        "task": "closed choice",
+        "grade": grade,
+        "subject": subject,
+        "topic": f"synthetic-{kind}",
+        "category": kind,
+        "skill": kind,
+        "lecture": "",
+        "solution": "",
+        "split": split,
+    }
     return rec, shape, colour
 
 
-def make_shapes_dataset(out: str | os.PathLike[str], n_train: int = 400, n_val: int = 0, n_test: int = 200,
-                        seed: int = 0, image_size: int = 64) -> Path:
+def make_shapes_dataset(
+    out: str | os.PathLike[str],
+    n_train: int = 400,
+    n_val: int = 0,
+    n_test: int = 200,
+    seed: int = 0,
+    image_size: int = 64,
+) -> Path:
     """Write the set to `out` (ScienceQA official layout); returns `out`."""
     out = Path(out)
     rng = random.Random(seed)

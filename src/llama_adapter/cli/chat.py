@@ -22,12 +22,20 @@ HELP = "/adapter NAME | /adapter none | /adapters | /reset | /quit"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="interactive chat that streams tokens",
-                       description=f"Chat with the base or an adapter; answers stream as they are decoded. {HELP}. "
-                       "Ctrl-C stops the current answer.")
+    p = sub.add_parser(
+        "chat",
+        help="interactive chat that streams tokens",
+        description=f"Chat with the base or an adapter; answers stream as they are decoded. {HELP}. "
+        "Ctrl-C stops the current answer.",
+    )
     add_model_args(p)
-    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FILE",
-                   help="adapter file (repeatable; the first one is active)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="adapter file (repeatable; the first one is active)",
+    )
     p.add_argument("--raw", action="store_true", help="no prompt template (plain User:/Assistant: transcript)")
     p.add_argument("--template", default=None, help="template name or .json path (overrides the adapter's)")
     p.add_argument("--system", default="", help="system text prepended to the first instruction")
@@ -71,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 elif arg in model.adapters:
                     current = arg
                 else:
-                    print(f"no adapter named {arg!r} (loaded: {', '.join(model.adapters) or 'none'})",
-                          file=sys.stderr)
+                    print(f"no adapter named {arg!r} (loaded: {', '.join(model.adapters) or 'none'})", file=sys.stderr)
                     continue
                 history.clear()
                 print(f"(now {current or 'the base'}; conversation cleared)", file=sys.stderr)

@@ -8,15 +8,26 @@ from typing import Any
 
 from llama_adapter.errors import UserError
 
-DTYPES = ("bfloat16", "float16", "float32")
+# llama_adapter.config.DTYPES's names, spelled out so that `--help` does not import torch
+DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base checkpoint directory (Hugging Face or Meta layout) or 'builtin'")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default: bfloat16)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="bf16",
+        metavar="{bf16,fp16,fp32}",
+        help="weight dtype of the base (default: bf16)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's; 1 is often fastest on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's; 1 is often fastest on a busy machine)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -32,10 +43,16 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from llama_adapter.inference.sampling import SamplingParams
 
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    kw: dict[str, Any] = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
     try:
-        SamplingParams(**kw)  # type: ignore[arg-type]
+        SamplingParams(**kw)
     except ValueError as e:
         raise UserError(str(e)) from None
     return kw
@@ -44,12 +61,13 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def load_base(args: argparse.Namespace) -> Any:
     import torch
 
+    from llama_adapter.config import DTYPES
     from llama_adapter.loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.base, dtype=getattr(torch, args.dtype), device=device)
+    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
     if model.tokenizer is None:
         raise UserError(f"{args.base}: no tokenizer.json or tokenizer.model next to the checkpoint")
     return model
@@ -90,10 +108,8 @@ def image_features(model: Any, adapter: str | None, image: str, encoder_dir: str
         raise UserError("--image needs a multi-modal adapter (one with a visual projection)")
     if not enc_dir:
         raise UserError("--image needs --image-encoder DIR (the adapter does not name its image encoder)")
-    try:
-        from llama_adapter.multimodal.encoder import ImageEncoder, load_image
-    except ImportError as e:
-        raise UserError(f"image input is not available: llama_adapter.multimodal.features cannot be imported ({e})") from None
+    from llama_adapter.multimodal.encoder import ImageEncoder, load_image
+
     dev = model.tok_embeddings.weight.device
     enc = ImageEncoder.load(enc_dir, device=dev)
     return enc.encode([load_image(image)])

@@ -10,16 +10,22 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     from llama_adapter.builtin.demo import DEMO_STEPS
 
-    p = sub.add_parser("demo", help="the method end to end on the built-in base model (a few minutes on CPU)",
-                       description="Load the built-in base, show its answers to held-out instructions, fine-tune "
-                       "a zero-init attention adapter on the built-in instruction set (progress bar), show the "
-                       "adapted answers, and print held-out exact-match accuracy before and after, the number "
-                       "of trainable parameters and the adapter's file size. Saves the adapter and a loss plot.")
+    p = sub.add_parser(
+        "demo",
+        help="the method end to end on the built-in base model (a few minutes on CPU)",
+        description="Load the built-in base, show its answers to held-out instructions, fine-tune "
+        "a zero-init attention adapter on the built-in instruction set (progress bar), show the "
+        "adapted answers, and print held-out exact-match accuracy before and after, the number "
+        "of trainable parameters and the adapter's file size. Saves the adapter and a loss plot.",
+    )
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training data order and adapter init")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"optimiser steps (default: {DEMO_STEPS})")
-    p.add_argument("--base", default="builtin", help="base model (default: the built-in one); e.g. a directory "
-                   "written by `llama-adapter pretrain`")
+    p.add_argument(
+        "--base",
+        default="builtin",
+        help="base model (default: the built-in one); e.g. a directory written by `llama-adapter pretrain`",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(4, cores))")
     p.set_defaults(func=run)
 

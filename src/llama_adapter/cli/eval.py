@@ -11,54 +11,80 @@ import json
 import sys
 from pathlib import Path
 
+from llama_adapter.cli.common import DTYPE_NAMES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="benchmarks: ScienceQA (paper Table 2)",
-                       description="Evaluate adapters on benchmarks, or prepare benchmark training data.")
+    p = sub.add_parser(
+        "eval",
+        help="benchmarks: ScienceQA (paper Table 2)",
+        description="Evaluate adapters on benchmarks, or prepare benchmark training data.",
+    )
     bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     bench.required = True
 
     s = bench.add_parser(
-        "scienceqa", help="ScienceQA accuracy overall and by group (greedy decoding)",
+        "scienceqa",
+        help="ScienceQA accuracy overall and by group (greedy decoding)",
         description="Greedy answers to ScienceQA questions; prints accuracy overall and by NAT / SOC / LAN / TXT "
         "/ IMG / NO / G1-6 / G7-12 (the groups the data's fields allow; '-' for the others) and writes "
         "per-question predictions as JSONL. --data: a directory in the official layout (problems.json, "
-        "pid_splits.json, images/<split>/<pid>/image.png) or LLaVA's llava_test_CQM-A.json.")
+        "pid_splits.json, images/<split>/<pid>/image.png) or LLaVA's llava_test_CQM-A.json.",
+    )
     s.add_argument("--base", required=True, help="base checkpoint directory or 'builtin'")
     s.add_argument("--adapter", default=None, help="adapter .safetensors (omit to evaluate the base alone)")
     s.add_argument("--data", required=True, help="ScienceQA directory (official layout) or LLaVA test JSON file")
     s.add_argument("--split", default="test", help="split of pid_splits.json (default: test)")
-    s.add_argument("--image-root", default=None,
-                   help="image folder (default: DATA/images; for the LLaVA file, the folder holding <pid>/image.png)")
-    s.add_argument("--image-encoder", default=None,
-                   help="CLIP vision checkpoint directory (default: the one recorded in the adapter)")
+    s.add_argument(
+        "--image-root",
+        default=None,
+        help="image folder (default: DATA/images; for the LLaVA file, the folder holding <pid>/image.png)",
+    )
+    s.add_argument(
+        "--image-encoder",
+        default=None,
+        help="CLIP vision checkpoint directory (default: the one recorded in the adapter)",
+    )
     s.add_argument("--no-images", action="store_true", help="ignore images even for a multi-modal adapter")
     s.add_argument("--captions", default=None, help="captions.json: add each image's caption to the context")
     s.add_argument("--template", default=None, help="prompt template (default: the adapter's, else alpaca)")
     s.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N problems")
     s.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     s.add_argument("--max-new-tokens", type=int, default=16, help="default: 16")
-    s.add_argument("--skip-missing-images", action="store_true",
-                   help="evaluate problems whose image is missing without it instead of stopping")
+    s.add_argument(
+        "--skip-missing-images",
+        action="store_true",
+        help="evaluate problems whose image is missing without it instead of stopping",
+    )
     s.add_argument("--out", default=None, help="predictions JSONL (default: scienceqa_<split>_predictions.jsonl)")
     s.add_argument("--name", default=None, help="row label in the table (default: the adapter file name)")
-    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32",
-                   help="base weight dtype (default: float32)")
+    s.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="fp32",
+        metavar="{bf16,fp16,fp32}",
+        help="base weight dtype (default: float32)",
+    )
     s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--json", action="store_true", help="print the accuracies as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=run_scienceqa)
 
     d = bench.add_parser(
-        "scienceqa-data", help="ScienceQA split -> training records (JSONL with an 'image' field)",
+        "scienceqa-data",
+        help="ScienceQA split -> training records (JSONL with an 'image' field)",
         description="Write one Alpaca record per problem (question, context and options as the instruction, "
-        "'The answer is (X).' as the output, and 'image' with the image path when the problem has one).")
+        "'The answer is (X).' as the output, and 'image' with the image path when the problem has one).",
+    )
     d.add_argument("--data", required=True, help="ScienceQA directory (official layout)")
     d.add_argument("--split", default="train", help="default: train")
     d.add_argument("--image-root", default=None, help="image folder (default: DATA/images)")
     d.add_argument("--captions", default=None, help="captions.json: add captions to the context")
-    d.add_argument("--answer-format", default="The answer is ({letter}).",
-                   help="training target with {letter} / {text} fields (default: 'The answer is ({letter}).')")
+    d.add_argument(
+        "--answer-format",
+        default="The answer is ({letter}).",
+        help="training target with {letter} / {text} fields (default: 'The answer is ({letter}).')",
+    )
     d.add_argument("--out", required=True, help="output JSONL file")
     d.set_defaults(func=run_export)
 
@@ -93,6 +119,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_scienceqa(args: argparse.Namespace) -> int:
     import torch
 
+    from llama_adapter.config import DTYPES
     from llama_adapter.errors import UserError
     from llama_adapter.eval.scienceqa import evaluate, format_table, group_accuracy, load_captions, write_jsonl
     from llama_adapter.loading import load_model
@@ -100,7 +127,7 @@ def run_scienceqa(args: argparse.Namespace) -> int:
 
     problems = _problems(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.base, dtype=getattr(torch, args.dtype), device=device)
+    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
     if model.tokenizer is None:
         raise UserError(f"{args.base}: no tokenizer next to the checkpoint")
     name = None
@@ -111,23 +138,39 @@ def run_scienceqa(args: argparse.Namespace) -> int:
         if adapter.visual_proj is not None and not args.no_images:
             enc_dir = args.image_encoder or adapter.meta.get("image_encoder")
             if not enc_dir:
-                raise UserError(f"{args.adapter}: multi-modal adapter without a recorded image encoder; "
-                                "pass --image-encoder DIR (or --no-images)")
+                raise UserError(
+                    f"{args.adapter}: multi-modal adapter without a recorded image encoder; "
+                    "pass --image-encoder DIR (or --no-images)"
+                )
             encoder = ImageEncoder.load(enc_dir, device=device)
             recorded = adapter.meta.get("image_encoder_fingerprint")
             if recorded and json.loads(recorded).get("feature_dim") != encoder.feature_dim:
-                raise UserError(f"{enc_dir}: gives {encoder.feature_dim} features, the adapter was trained on "
-                                f"{json.loads(recorded).get('feature_dim')}")
+                raise UserError(
+                    f"{enc_dir}: gives {encoder.feature_dim} features, the adapter was trained on "
+                    f"{json.loads(recorded).get('feature_dim')}"
+                )
         template = args.template or adapter.meta.get("template") or "alpaca"
     else:
         template = args.template or "alpaca"
     caps = load_captions(args.captions) if args.captions else None
     if not args.quiet:
-        print(f"evaluating {len(problems)} problems ({'with' if encoder else 'without'} images, template "
-              f"{template})", file=sys.stderr, flush=True)
-    results = evaluate(model, name, problems, template=template, encoder=encoder, captions=caps,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                       skip_missing_images=args.skip_missing_images)
+        print(
+            f"evaluating {len(problems)} problems ({'with' if encoder else 'without'} images, template {template})",
+            file=sys.stderr,
+            flush=True,
+        )
+    results = evaluate(
+        model,
+        name,
+        problems,
+        template=template,
+        encoder=encoder,
+        captions=caps,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet,
+        skip_missing_images=args.skip_missing_images,
+    )
     out = args.out or f"scienceqa_{args.split}_predictions.jsonl"
     write_jsonl(out, results)
     acc = group_accuracy(results)
@@ -140,6 +183,8 @@ def run_scienceqa(args: argparse.Namespace) -> int:
     else:
         print(format_table({label: acc}))
         n_cut = sum(r["truncated"] for r in results)
-        print(f"{len(results)} problems; predictions written to {out}"
-              + (f"; {n_cut} prompts shortened to fit the context" if n_cut else ""))
+        print(
+            f"{len(results)} problems; predictions written to {out}"
+            + (f"; {n_cut} prompts shortened to fit the context" if n_cut else "")
+        )
     return 0

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llama_adapter.cli.common import DTYPE_NAMES
+
 HELP = {
     "base": "base checkpoint directory (Hugging Face or Meta layout) or 'builtin'",
     "data": "training data: JSON list / JSONL files or directories of them (Alpaca format)",
@@ -52,7 +54,7 @@ HELP = {
 }
 
 
-CHOICES = {"gate": ["tanh", "linear"], "attention": ["zero-init", "rand-init"], "dtype": ["bf16", "fp16", "fp32"]}
+CHOICES = {"gate": ["tanh", "linear"], "attention": ["zero-init", "rand-init"], "dtype": list(DTYPE_NAMES)}
 
 
 def _flag_type(tp: str) -> Any:

@@ -19,10 +19,13 @@ from llama_adapter.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a response to one instruction",
-                       description="Print the response of the base (or of the base with an adapter) to an "
-                       "instruction. The adapter's prompt template (recorded in its file, e.g. alpaca) is "
-                       "applied unless --raw.")
+    p = sub.add_parser(
+        "generate",
+        help="generate a response to one instruction",
+        description="Print the response of the base (or of the base with an adapter) to an "
+        "instruction. The adapter's prompt template (recorded in its file, e.g. alpaca) is "
+        "applied unless --raw.",
+    )
     add_model_args(p)
     p.add_argument("--adapter", default=None, help="adapter .safetensors file")
     p.add_argument("instruction", help="the instruction (or, with --raw, the whole prompt)")

@@ -7,14 +7,20 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="rebuild the built-in base model from nothing (tokenizer + pre-training)",
-                       description="Generate the synthetic corpus, train a BPE tokenizer on it, pre-train a small "
-                       "LLaMA on it (all parameters, CPU) and write a Hugging Face-layout checkpoint directory "
-                       "with a record of the recipe and the time it took. The shipped built-in base was made "
-                       "with the default recipe.")
+    p = sub.add_parser(
+        "pretrain",
+        help="rebuild the built-in base model from nothing (tokenizer + pre-training)",
+        description="Generate the synthetic corpus, train a BPE tokenizer on it, pre-train a small "
+        "LLaMA on it (all parameters, CPU) and write a Hugging Face-layout checkpoint directory "
+        "with a record of the recipe and the time it took. The shipped built-in base was made "
+        "with the default recipe.",
+    )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--config", default=None,
-                   help="recipe YAML (default: recipes/builtin.yaml of the source tree, else built-in defaults)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="recipe YAML (default: recipes/builtin.yaml of the source tree, else built-in defaults)",
+    )
     p.add_argument("--steps", type=int, default=None, help="override the number of optimiser steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: from the recipe)")
     p.set_defaults(func=run)

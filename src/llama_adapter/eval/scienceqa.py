@@ -72,15 +72,18 @@ class Problem:
 
 
 # ---- readers -------------------------------------------------------------------------------------------------
-def load_official(data_dir: str | os.PathLike[str], split: str = "test",
-                  image_root: str | os.PathLike[str] | None = None) -> list[Problem]:
+def load_official(
+    data_dir: str | os.PathLike[str], split: str = "test", image_root: str | os.PathLike[str] | None = None
+) -> list[Problem]:
     """`problems.json` + `pid_splits.json`; images at `<image_root or data_dir/images>/<split>/<pid>/<image>`."""
     d = Path(data_dir).expanduser()
     pf, sf = d / "problems.json", d / "pid_splits.json"
     if not pf.is_file():
-        raise ScienceQAError(f"{d}: problems.json not found (official ScienceQA layout: problems.json, "
-                             "pid_splits.json, images/<split>/<pid>/image.png; or pass LLaVA's "
-                             "llava_test_CQM-A.json file)")
+        raise ScienceQAError(
+            f"{d}: problems.json not found (official ScienceQA layout: problems.json, "
+            "pid_splits.json, images/<split>/<pid>/image.png; or pass LLaVA's "
+            "llava_test_CQM-A.json file)"
+        )
     problems = json.loads(pf.read_text())
     if sf.is_file():
         splits = json.loads(sf.read_text())
@@ -100,11 +103,22 @@ def load_official(data_dir: str | os.PathLike[str], split: str = "test",
             img_split = p.get("split") or split
             cand = root / img_split / pid / p["image"]
             img = str(cand if cand.exists() or not (root / pid / p["image"]).exists() else root / pid / p["image"])
-        out.append(Problem(
-            pid=pid, question=p["question"], choices=list(p["choices"]), answer=p.get("answer"),
-            hint=p.get("hint") or "", image=img, subject=p.get("subject"), grade=p.get("grade"),
-            split=p.get("split") or split, lecture=p.get("lecture") or "", solution=p.get("solution") or "",
-            extra={k: p[k] for k in ("topic", "category", "skill", "task") if k in p}))
+        out.append(
+            Problem(
+                pid=pid,
+                question=p["question"],
+                choices=list(p["choices"]),
+                answer=p.get("answer"),
+                hint=p.get("hint") or "",
+                image=img,
+                subject=p.get("subject"),
+                grade=p.get("grade"),
+                split=p.get("split") or split,
+                lecture=p.get("lecture") or "",
+                solution=p.get("solution") or "",
+                extra={k: p[k] for k in ("topic", "category", "skill", "task") if k in p},
+            )
+        )
     return out
 
 
@@ -144,7 +158,7 @@ def parse_llava_record(rec: dict[str, Any], image_root: str | os.PathLike[str] |
     body = lines[:start]
     hint = ""
     if body and body[0].startswith("Context: "):  # context first, the question is the last line
-        body[0] = body[0][len("Context: "):]
+        body[0] = body[0][len("Context: ") :]
         q_at = max(i for i, line in enumerate(body) if line.strip()) if len(body) > 1 else len(body)
         hint, body = "\n".join(body[:q_at]).strip(), body[q_at:]
     question = "\n".join(body).strip()
@@ -155,8 +169,15 @@ def parse_llava_record(rec: dict[str, Any], image_root: str | os.PathLike[str] |
     img = rec.get("image")
     if img and image_root:
         img = str(Path(image_root).expanduser() / img)
-    return Problem(pid=str(rec.get("id")), question=question, choices=choices, answer=answer, hint=hint,
-                   image=img or None, split="test")
+    return Problem(
+        pid=str(rec.get("id")),
+        question=question,
+        choices=choices,
+        answer=answer,
+        hint=hint,
+        image=img or None,
+        split="test",
+    )
 
 
 def load_llava(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> list[Problem]:
@@ -172,8 +193,9 @@ def load_llava(path: str | os.PathLike[str], image_root: str | os.PathLike[str] 
     return [parse_llava_record(r, image_root) for r in data]
 
 
-def load_scienceqa(data: str | os.PathLike[str], split: str = "test",
-                   image_root: str | os.PathLike[str] | None = None) -> list[Problem]:
+def load_scienceqa(
+    data: str | os.PathLike[str], split: str = "test", image_root: str | os.PathLike[str] | None = None
+) -> list[Problem]:
     """A directory in the official layout, or a LLaVA-format JSON file (test split only)."""
     p = Path(data).expanduser()
     if p.is_dir():
@@ -213,8 +235,12 @@ def answer_text(p: Problem, fmt: str = ANSWER_FORMAT) -> str:
 
 def to_record(p: Problem, caption: str | None = None, answer_format: str = ANSWER_FORMAT) -> dict[str, Any]:
     """An Alpaca-style training record (with "image" when the problem has one)."""
-    rec: dict[str, Any] = {"instruction": build_instruction(p, caption), "input": "",
-                           "output": answer_text(p, answer_format), "id": p.pid}
+    rec: dict[str, Any] = {
+        "instruction": build_instruction(p, caption),
+        "input": "",
+        "output": answer_text(p, answer_format),
+        "id": p.pid,
+    }
     if p.image:
         rec["image"] = p.image
     return rec
@@ -279,17 +305,32 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------------
-def greedy_generate(model: Any, prompts: Sequence[str] | Sequence[Sequence[int]], adapter: str | None,
-                    max_new_tokens: int = 16, image_features: torch.Tensor | None = None) -> list[str]:
+def greedy_generate(
+    model: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    adapter: str | None,
+    max_new_tokens: int = 16,
+    image_features: torch.Tensor | None = None,
+) -> list[str]:
     """Greedy completions (prompts already templated, or token ids) via `llama_adapter.inference.decoder.generate`."""
     from llama_adapter.inference.generate import generate
 
-    return list(generate(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=0.0,
-                         image_features=image_features, stop=["\n"]))
+    return list(
+        generate(
+            model,
+            prompts,
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            image_features=image_features,
+            stop=["\n"],
+        )
+    )
 
 
-def fit_prompt(model: Any, p: Problem, template: str, caption: str | None, max_new_tokens: int
-               ) -> tuple[list[int], bool]:
+def fit_prompt(
+    model: Any, p: Problem, template: str, caption: str | None, max_new_tokens: int
+) -> tuple[list[int], bool]:
     """Token ids (BOS + templated prompt) that fit the context with room for the answer.
 
     Too long: the context (hint + caption) is shortened first; as a last resort the start is cut, keeping the
@@ -312,10 +353,19 @@ def fit_prompt(model: Any, p: Problem, template: str, caption: str | None, max_n
     return ids[-budget:], True
 
 
-def evaluate(model: Any, adapter: str | None, problems: Sequence[Problem], *, template: str = "alpaca",
-             encoder: Any = None, captions: dict[str, str] | None = None, batch_size: int = 8,
-             max_new_tokens: int = 16, progress: bool = False, skip_missing_images: bool = False
-             ) -> list[dict[str, Any]]:
+def evaluate(
+    model: Any,
+    adapter: str | None,
+    problems: Sequence[Problem],
+    *,
+    template: str = "alpaca",
+    encoder: Any = None,
+    captions: dict[str, str] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    progress: bool = False,
+    skip_missing_images: bool = False,
+) -> list[dict[str, Any]]:
     """Greedy answers for `problems`; one result row per problem (prediction, correctness, groups).
 
     Prompts longer than the context are shortened (see `fit_prompt`) and flagged `truncated` in the rows.
@@ -327,7 +377,7 @@ def evaluate(model: Any, adapter: str | None, problems: Sequence[Problem], *, te
         raise ScienceQAError("the base has no tokenizer")
     results: list[dict[str, Any]] = []
     for s in range(0, len(problems), batch_size):
-        batch = list(problems[s:s + batch_size])
+        batch = list(problems[s : s + batch_size])
         fitted = [fit_prompt(model, p, template, (captions or {}).get(p.pid), max_new_tokens) for p in batch]
         prompts = [ids for ids, _ in fitted]
         feats = None
@@ -341,17 +391,26 @@ def evaluate(model: Any, adapter: str | None, problems: Sequence[Problem], *, te
                     with_img.append((i, load_image(p.image)))
                 except ImageError as e:
                     if not skip_missing_images:
-                        raise ImageError(f"problem {p.pid}: {e} (set the image folder with --image-root, or "
-                                         "--skip-missing-images)") from None
+                        raise ImageError(
+                            f"problem {p.pid}: {e} (set the image folder with --image-root, or --skip-missing-images)"
+                        ) from None
             if with_img:
                 feats[[i for i, _ in with_img]] = encoder.encode([im for _, im in with_img])
         texts = greedy_generate(model, prompts, adapter, max_new_tokens, feats)
         for p, text, (_, cut) in zip(batch, texts, fitted, strict=True):
             pred = extract_answer(text, p.choices)
-            results.append({"pid": p.pid, "prediction": text, "pred_index": pred,
-                            "pred_letter": None if pred is None else LETTERS[pred], "answer": p.answer_letter,
-                            "correct": pred is not None and pred == p.answer, "groups": p.groups(),
-                            "truncated": cut})
+            results.append(
+                {
+                    "pid": p.pid,
+                    "prediction": text,
+                    "pred_index": pred,
+                    "pred_letter": None if pred is None else LETTERS[pred],
+                    "answer": p.answer_letter,
+                    "correct": pred is not None and pred == p.answer,
+                    "groups": p.groups(),
+                    "truncated": cut,
+                }
+            )
         if progress:
             done = len(results)
             acc = 100.0 * sum(r["correct"] for r in results) / done

@@ -82,8 +82,10 @@ def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
     device = next(iter(next(iter(groups.values()))[0].values())).k.device
     index = {key: torch.tensor(idx, device=device) for key, (_, idx) in groups.items()}
     layers = sorted({li for r, _ in groups.values() for li in r})
-    return {li: batch_prompt_kv([(r[li], index[key]) for key, (r, _) in groups.items() if li in r], len(rows))
-            for li in layers}
+    return {
+        li: batch_prompt_kv([(r[li], index[key]) for key, (r, _) in groups.items() if li in r], len(rows))
+        for li in layers
+    }
 
 
 class BatchDecoder:
@@ -94,8 +96,14 @@ class BatchDecoder:
     sequence's last one); finished and cancelled sequences leave the batch at once.
     """
 
-    def __init__(self, model: Transformer, max_batch: int, max_len: int | None = None,
-                 tokenizer: Any = "model", prompt_cache: PromptKVCache | None = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int,
+        max_len: int | None = None,
+        tokenizer: Any = "model",
+        prompt_cache: PromptKVCache | None = None,
+    ) -> None:
         self.model = model
         self.backend = backend_of(model)  # chosen once per model (llama_adapter.backends)
         self.backend.prepare_decoding()
@@ -128,8 +136,9 @@ class BatchDecoder:
         if not live:
             return True
         loaded = self.model.adapters
-        return can_share_batch([loaded[s.adapter] if s.adapter is not None and s.adapter in loaded else None
-                                for s in (seq, *live)])
+        return can_share_batch(
+            [loaded[s.adapter] if s.adapter is not None and s.adapter in loaded else None for s in (seq, *live)]
+        )
 
     def prompt_kv_for(self, seq: DecodeRequest) -> PKV | None:
         """The request's prompt K/V in the cache dtype: cached per adapter, or projected with its image."""
@@ -162,8 +171,9 @@ class BatchDecoder:
             if not s.prompt_ids:
                 raise ValueError("empty prompt")
             if len(s.prompt_ids) >= self.max_len:
-                raise ValueError(f"prompt of {len(s.prompt_ids)} tokens does not fit the context of "
-                                 f"{self.max_len} tokens")
+                raise ValueError(
+                    f"prompt of {len(s.prompt_ids)} tokens does not fit the context of {self.max_len} tokens"
+                )
             self._init_seq(s)
             if s.pkv is None:
                 s.pkv = self.prompt_kv_for(s)
@@ -178,10 +188,11 @@ class BatchDecoder:
         lens = [len(s.prompt_ids) for s in joining]
         T = max(lens)
         pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
-        ids = torch.tensor([s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in joining],
-                           dtype=torch.long, device=self.device)
+        ids = torch.tensor(
+            [s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in joining], dtype=torch.long, device=self.device
+        )
         pos = torch.arange(T, device=self.device)[None].expand(j, T)
-        view = KVCache([k[n:n + j] for k in self.cache.k], [v[n:n + j] for v in self.cache.v])
+        view = KVCache([k[n : n + j] for k in self.cache.k], [v[n : n + j] for v in self.cache.v])
         pkv = self._batch_prompt_kv(joining)
         h = self.model(ids, input_pos=pos, cache=view, prompt_kv=pkv, return_hidden=True)
         last = torch.tensor([x - 1 for x in lens], device=self.device)

@@ -9,7 +9,7 @@ prompts (they join as rows finish), with one adapter, none, or one per prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 from torch import Tensor
 
@@ -37,18 +37,36 @@ def _row_adapters(adapter: str | None | Sequence[str | None], n: int) -> list[st
     return rows
 
 
-def iter_events(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-                adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-                temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0, stop: Sequence[str] | None = None,
-                seed: int | None = None, image_features: Tensor | None = None, max_batch_size: int = 32,
-                ignore_eos: bool = False, on_step: Callable[[], None] | None = None) -> Iterator[Event]:
+def iter_events(
+    model: Transformer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    adapter: str | None | Sequence[str | None] = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 0,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+    image_features: Tensor | None = None,
+    max_batch_size: int = 32,
+    ignore_eos: bool = False,
+    on_step: Callable[[], None] | None = None,
+) -> Iterator[Event]:
     """The events behind `generate`/`stream_generate` (Event.seq.tag is the prompt's index)."""
     ids = _encode_prompts(model, prompts)
     rows = _row_adapters(adapter, len(ids))
     if image_features is not None and image_features.shape[0] != len(ids):
         raise ValueError(f"image_features has {image_features.shape[0]} rows for {len(ids)} prompts")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=tuple(stop or ()),
+        seed=seed,
+        ignore_eos=ignore_eos,
+    )
     ctx = model.config.max_seq_len
     for i, p in enumerate(ids):
         if not p:
@@ -58,8 +76,10 @@ def iter_events(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[i
     for r in rows:
         if r is not None and r not in model.adapters:
             raise KeyError(f"no adapter named {r!r} (loaded: {', '.join(model.adapters) or 'none'})")
-    seqs = [DecodeRequest(p, rows[i], params, None if image_features is None else image_features[i:i + 1], tag=i)
-            for i, p in enumerate(ids)]
+    seqs = [
+        DecodeRequest(p, rows[i], params, None if image_features is None else image_features[i : i + 1], tag=i)
+        for i, p in enumerate(ids)
+    ]
     if not seqs:
         return
     max_len = min(ctx, max(len(p) for p in ids) + max_new_tokens + 1)
@@ -77,10 +97,20 @@ def iter_events(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[i
         yield from events
 
 
-def generate(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-             adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-             temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0, stop: Sequence[str] | None = None,
-             seed: int | None = None, image_features: Tensor | None = None, max_batch_size: int = 32) -> list[str]:
+def generate(
+    model: Transformer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    adapter: str | None | Sequence[str | None] = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 0,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+    image_features: Tensor | None = None,
+    max_batch_size: int = 32,
+) -> list[str]:
     """Completions (text after the prompt) for a batch of prompts.
 
     Text prompts are encoded as is with BOS prepended (apply templates before); token-id prompts are used
@@ -90,41 +120,89 @@ def generate(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]
     Up to `max_batch_size` rows decode together; the rest join as rows finish.
     """
     out = [""] * len(prompts)
-    for ev in iter_events(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, stop=stop, seed=seed, image_features=image_features,
-                          max_batch_size=max_batch_size):
+    for ev in iter_events(
+        model,
+        prompts,
+        adapter=adapter,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=stop,
+        seed=seed,
+        image_features=image_features,
+        max_batch_size=max_batch_size,
+    ):
         out[ev.seq.tag] += ev.text
     return out
 
 
-def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], *,
-                    adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-                    temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0, seed: int | None = None,
-                    image_features: Tensor | None = None, max_batch_size: int = 32,
-                    ignore_eos: bool = False) -> list[list[int]]:
+def generate_tokens(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    adapter: str | None | Sequence[str | None] = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 0,
+    seed: int | None = None,
+    image_features: Tensor | None = None,
+    max_batch_size: int = 32,
+    ignore_eos: bool = False,
+) -> list[list[int]]:
     """Generated token ids (no EOS) per prompt; works without a tokenizer (benchmarks)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for ev in iter_events(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, seed=seed, image_features=image_features,
-                          max_batch_size=max_batch_size, ignore_eos=ignore_eos):
+    for ev in iter_events(
+        model,
+        prompts,
+        adapter=adapter,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        image_features=image_features,
+        max_batch_size=max_batch_size,
+        ignore_eos=ignore_eos,
+    ):
         if ev.finished:
             out[ev.seq.tag] = list(ev.seq.out_ids)
     return out
 
 
-def stream_generate(model: Transformer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-                    adapter: str | None | Sequence[str | None] = None, max_new_tokens: int = 128,
-                    temperature: float = 0.1, top_p: float = 0.75, top_k: int = 0,
-                    stop: Sequence[str] | None = None, seed: int | None = None,
-                    image_features: Tensor | None = None, max_batch_size: int = 32) -> Iterator[tuple[int, str]]:
+def stream_generate(
+    model: Transformer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    adapter: str | None | Sequence[str | None] = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 0,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+    image_features: Tensor | None = None,
+    max_batch_size: int = 32,
+) -> Generator[tuple[int, str], None, None]:
     """Like `generate`, but yields `(row_index, text_delta)` as tokens are decoded.
 
     Deltas are non-empty, UTF-8 safe (no partial characters) and never contain (a prefix of) a stop string
     that later completes; each row's deltas concatenate to exactly its `generate` completion. Closing the
     iterator (e.g. on Ctrl-C) stops decoding.
     """
-    for ev in iter_events(model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, stop=stop, seed=seed, image_features=image_features,
-                          max_batch_size=max_batch_size):
+    for ev in iter_events(
+        model,
+        prompts,
+        adapter=adapter,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=stop,
+        seed=seed,
+        image_features=image_features,
+        max_batch_size=max_batch_size,
+    ):
         if ev.text:
             yield ev.seq.tag, ev.text

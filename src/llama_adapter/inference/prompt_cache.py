@@ -32,13 +32,15 @@ def to_dtype(pkv: PKV | None, dtype: torch.dtype) -> PKV | None:
 class PromptKVCache:
     def __init__(self) -> None:
         self._entries: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], PKV | None]] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
 
-    def get(self, model: Transformer, name: str, dtype: torch.dtype,
-            project: Callable[[], PKV | None] | None = None) -> PKV | None:
+    def get(
+        self, model: Transformer, name: str, dtype: torch.dtype, project: Callable[[], PKV | None] | None = None
+    ) -> PKV | None:
         """Adapter `name`'s prompt K/V ([1, ...] per layer, in `dtype`), projected now only if anything changed."""
         adapter = model.adapters[name]
-        layers = model.layers[adapter.first_layer:]
+        layers = model.layers[adapter.first_layer :]
         tensors = (adapter.prompts, adapter.gates, *(layer.attention.wqkv.weight for layer in layers))
         key = (id(model), dtype, *((t.data_ptr(), t._version) for t in tensors))
         hit = self._entries.get(adapter)

@@ -50,8 +50,9 @@ class SamplingParams:
         self.top_k = min(self.top_k, 1 << 31)  # beyond any vocabulary; keeps the int64 tensor sane
 
 
-def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor,
-           generators: Sequence[torch.Generator | None]) -> Tensor:
+def sample(
+    logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, generators: Sequence[torch.Generator | None]
+) -> Tensor:
     """Next tokens [B] from logits [B, V] with per-row temperature / top-p / top-k (temperature 0: argmax).
 
     Sampling is an exponential race (argmax of p / E, E ~ Exp(1)) with each row's noise drawn from its own

@@ -28,20 +28,20 @@ class TextStream:
         self.ids.append(token_id)
         if self.tok is None:
             return ""
-        old = self.tok.decode(self.ids[self._prefix:self._read])
-        new = self.tok.decode(self.ids[self._prefix:])
+        old = self.tok.decode(self.ids[self._prefix : self._read])
+        new = self.tok.decode(self.ids[self._prefix :])
         if len(new) > len(old) and not new.endswith("\ufffd"):
-            self._add(new[len(old):])
+            self._add(new[len(old) :])
             self._prefix, self._read = self._read, len(self.ids)
         return self._emit(final=False)
 
     def finish(self) -> str:
         """The remaining text at the end of the sequence (flushes held-back text)."""
         if self.tok is not None and not self.stopped:
-            old = self.tok.decode(self.ids[self._prefix:self._read])
-            new = self.tok.decode(self.ids[self._prefix:]).rstrip("\ufffd")
+            old = self.tok.decode(self.ids[self._prefix : self._read])
+            new = self.tok.decode(self.ids[self._prefix :]).rstrip("\ufffd")
             if len(new) > len(old):
-                self._add(new[len(old):])
+                self._add(new[len(old) :])
         return self._emit(final=True)
 
     def _add(self, delta: str) -> None:
@@ -61,5 +61,5 @@ class TextStream:
                     if self.text.endswith(s[:n]):
                         end = min(end, len(self.text) - n)
                         break
-        out, self._sent = self.text[self._sent:end], max(self._sent, end)
+        out, self._sent = self.text[self._sent : end], max(self._sent, end)
         return out

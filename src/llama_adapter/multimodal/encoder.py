@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -106,10 +106,10 @@ class ClipPreprocessor:
         if h < ch or w < cw:  # pad with zeros, centred, like transformers
             out = np.zeros((a.shape[0], max(h, ch), max(w, cw)), dtype=a.dtype)
             t, left = math.ceil((out.shape[1] - h) / 2), math.ceil((out.shape[2] - w) / 2)
-            out[:, t:t + h, left:left + w] = a
+            out[:, t : t + h, left : left + w] = a
             a, (_, h, w) = out, out.shape
         top, left = (h - ch) // 2, (w - cw) // 2
-        return a[:, top:top + ch, left:left + cw]
+        return a[:, top : top + ch, left : left + cw]
 
     def __call__(self, images: Sequence[Image.Image]) -> Tensor:
         out = []
@@ -143,8 +143,16 @@ class ImageEncoder:
     ([B, projection_dim]; the pooled, post-layernormed class token when the checkpoint has no projection).
     """
 
-    def __init__(self, model: nn.Module, preprocess: ClipPreprocessor, path: Path, layers: list[int],
-                 has_projection: bool, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: ClipPreprocessor,
+        path: Path,
+        layers: list[int],
+        has_projection: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.model, self.preprocess, self.path = model, preprocess, path
         self.layers, self.has_projection = layers, has_projection
         self.device, self.dtype = device, dtype
@@ -160,8 +168,13 @@ class ImageEncoder:
         return self.model.config
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, layers: Sequence[int] | None = None) -> ImageEncoder:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        layers: Sequence[int] | None = None,
+    ) -> ImageEncoder:
         try:
             from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
             from transformers.utils import logging as hf_logging
@@ -182,7 +195,13 @@ class ImageEncoder:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            model, info = CLIPVisionModelWithProjection.from_pretrained(p, config=vcfg, output_loading_info=True)
+            model: nn.Module
+            info: dict[str, Any]
+            # with output_loading_info=True, from_pretrained returns (model, loading info), not the model alone
+            model, info = cast(
+                tuple[nn.Module, dict[str, Any]],
+                CLIPVisionModelWithProjection.from_pretrained(p, config=vcfg, output_loading_info=True),
+            )
             missing = set(info.get("missing_keys", []))
             has_projection = not any("visual_projection" in k for k in missing)
             if not has_projection:  # a CLIPVisionModel checkpoint: use its pooled output instead
@@ -198,7 +217,10 @@ class ImageEncoder:
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         pre_file = p / "preprocessor_config.json"
         pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
-        pre_cfg = ClipPreprocessor(pre, image_size=int(vcfg.image_size))
+        image_size = vcfg.image_size
+        if image_size is None or isinstance(image_size, (list, tuple)):
+            raise UserError(f"{p}: CLIP vision config image_size must be a single number, got {image_size!r}")
+        pre_cfg = ClipPreprocessor(pre, image_size=int(image_size))
         n = int(vcfg.num_hidden_layers)
         chosen = list(layers) if layers else default_layers(n)
         if any(not 1 <= i <= n for i in chosen):
@@ -209,7 +231,7 @@ class ImageEncoder:
     def encode(self, images: Sequence[Image.Image], batch_size: int = 32) -> Tensor:
         outs = []
         for i in range(0, len(images), batch_size):
-            px = self.preprocess(images[i:i + batch_size]).to(self.device, self.dtype)
+            px = self.preprocess(images[i : i + batch_size]).to(self.device, self.dtype)
             o = self.model(pixel_values=px, output_hidden_states=True)
             feats = [o.hidden_states[li][:, 0] for li in self.layers]
             feats.append(o.image_embeds if self.has_projection else o.pooler_output)
@@ -233,10 +255,14 @@ class ImageEncoder:
                             fh.seek(-(1 << 20), os.SEEK_END)
                             h.update(fh.read())
             self._fp = {
-                "name": self.path.name, "hidden_size": int(c.hidden_size),
-                "num_hidden_layers": int(c.num_hidden_layers), "image_size": int(c.image_size),
-                "patch_size": int(c.patch_size), "projection_dim": self.final_dim if self.has_projection else 0,
-                "layers": list(self.layers), "feature_dim": self.feature_dim,
+                "name": self.path.name,
+                "hidden_size": int(c.hidden_size),
+                "num_hidden_layers": int(c.num_hidden_layers),
+                "image_size": int(c.image_size),
+                "patch_size": int(c.patch_size),
+                "projection_dim": self.final_dim if self.has_projection else 0,
+                "layers": list(self.layers),
+                "feature_dim": self.feature_dim,
                 "digest": h.hexdigest()[:16],
             }
         return dict(self._fp)

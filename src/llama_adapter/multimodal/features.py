@@ -33,8 +33,10 @@ def attach_visual_projection(model: Any, adapter_name: str, encoder: ImageEncode
     proj = adapter.visual_proj
     if proj is not None:
         if getattr(proj, "in_features", encoder.feature_dim) != encoder.feature_dim:
-            raise UserError(f"adapter {adapter_name!r} projects {proj.in_features} image features, the encoder "
-                            f"{encoder.path} gives {encoder.feature_dim}")
+            raise UserError(
+                f"adapter {adapter_name!r} projects {proj.in_features} image features, the encoder "
+                f"{encoder.path} gives {encoder.feature_dim}"
+            )
     else:
         dev = adapter.prompts.device
         proj = VisualProjection(encoder.feature_dim, dim, hidden=hidden, groups=encoder.groups).to(dev)
@@ -74,8 +76,9 @@ def _cfg(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default)
 
 
-def resolve_image(rec: dict[str, Any], image_root: str | os.PathLike[str] | None,
-                  data_dir: str | os.PathLike[str] | None = None) -> str | Path:
+def resolve_image(
+    rec: dict[str, Any], image_root: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str] | None = None
+) -> str | Path:
     """The image of a record: data URLs pass through; relative paths are taken from `image_root`, else the
     record's `_dir` (its data file's folder, set by the data loader), else `data_dir`, else the cwd."""
     src = rec["image"]
@@ -137,9 +140,18 @@ class FeatureCache:
         tmp.replace(f)
 
 
-def compute_features(encoder: ImageEncoder, records: list[dict[str, Any]], *, image_root: Any = None,
-                     data_dir: Any = None, cache_dir: Any = None, skip_invalid: bool = False,
-                     progress: bool = False, batch_size: int = 32, label: str = "train") -> list[dict[str, Any]]:
+def compute_features(
+    encoder: ImageEncoder,
+    records: list[dict[str, Any]],
+    *,
+    image_root: Any = None,
+    data_dir: Any = None,
+    cache_dir: Any = None,
+    skip_invalid: bool = False,
+    progress: bool = False,
+    batch_size: int = 32,
+    label: str = "train",
+) -> list[dict[str, Any]]:
     """Set `rec["image_features"]` (float32 [F]) on every record with an `"image"`; returns the records kept.
 
     Unreadable images raise `ImageError` naming the record, or drop the record when `skip_invalid`.
@@ -192,9 +204,9 @@ def compute_features(encoder: ImageEncoder, records: list[dict[str, Any]], *, im
     return keep
 
 
-def prepare_multimodal(model: Any, adapter_name: str, records: list[dict[str, Any]],
-                       val_records: list[dict[str, Any]] | None, cfg: Any
-                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def prepare_multimodal(
+    model: Any, adapter_name: str, records: list[dict[str, Any]], val_records: list[dict[str, Any]] | None, cfg: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Fine-tuning hook: attach the projection to the adapter and compute every record's image features.
 
     Reads from `cfg` (a TrainConfig or dict): image_encoder (dir; nothing happens when unset), image_root,
@@ -207,18 +219,23 @@ def prepare_multimodal(model: Any, adapter_name: str, records: list[dict[str, An
         return records, val_records
     dev = model.tok_embeddings.weight.device
     encoder = ImageEncoder.load(enc_dir, device=dev, dtype=torch.float32)
-    attach_visual_projection(model, adapter_name, encoder, )
+    attach_visual_projection(model, adapter_name, encoder)
     data = _cfg(cfg, "data")
     first = (data[0] if data else None) if isinstance(data, (list, tuple)) else data
     data_dir = None
     if first:
         fp = Path(first).expanduser()
         data_dir = fp if fp.is_dir() else fp.parent
-    kw = dict(image_root=_cfg(cfg, "image_root"), data_dir=data_dir, cache_dir=_cfg(cfg, "feature_cache"),
-              skip_invalid=bool(_cfg(cfg, "skip_invalid", False)), progress=bool(_cfg(cfg, "progress", False)))
-    records = compute_features(encoder, records, label="train", **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = dict(
+        image_root=_cfg(cfg, "image_root"),
+        data_dir=data_dir,
+        cache_dir=_cfg(cfg, "feature_cache"),
+        skip_invalid=bool(_cfg(cfg, "skip_invalid", False)),
+        progress=bool(_cfg(cfg, "progress", False)),
+    )
+    records = compute_features(encoder, records, label="train", **kw)
     if val_records is not None:
-        val_records = compute_features(encoder, val_records, label="val", **kw)  # type: ignore[arg-type]
+        val_records = compute_features(encoder, val_records, label="val", **kw)
     if not any("image_features" in r for r in records):
         raise UserError(f"--image-encoder given but none of the {len(records)} training records has an 'image'")
     return records, val_records

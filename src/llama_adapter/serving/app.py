@@ -115,7 +115,7 @@ class Server:
 
     def templates(self) -> dict[str, str | None]:
         """Each adapter's prompt template (None: plain prompts)."""
-        return {name: a.meta.get("template") for name, a in list(self.model.adapters.items())}  # type: ignore[operator]
+        return {name: a.meta.get("template") for name, a in list(self.model.adapters.items())}
 
     def load_adapter(self, name: str, path: str) -> None:
         with self.engine.model_lock():
@@ -170,9 +170,9 @@ class Server:
     def image_features(self, adapter: str | None, image: Image) -> Tensor:
         """Features of `image` from the adapter's image encoder (loaded once per directory)."""
         a = self.model.adapters[adapter] if adapter is not None else None
-        if a is None or a.visual_proj is None:  # type: ignore[union-attr]
+        if a is None or a.visual_proj is None:
             raise bad("this model does not take images", param="messages")
-        enc_dir = a.meta.get("image_encoder") or self.image_encoder_dir  # type: ignore[union-attr]
+        enc_dir = a.meta.get("image_encoder") or self.image_encoder_dir
         if not enc_dir:
             raise bad("no image encoder is configured for this adapter (serve --image-encoder DIR)")
         if enc_dir not in self._encoders:
@@ -186,8 +186,12 @@ class Server:
         """Queue `seqs` on the engine; their events arrive on the returned queue (call from the event loop)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(ev: Event) -> None:  # called from the engine thread
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
         try:
-            self.engine.submit(seqs, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+            self.engine.submit(seqs, sink)
         except QueueFull as e:
             raise APIError(
                 429, f"the server is busy ({e}); retry later", type="rate_limit_exceeded", code="queue_full"

@@ -64,21 +64,21 @@ def _parse_file(path: Path) -> list[tuple[str, Any]]:
             whole = json.loads(text)
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("["):
-                raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-                                ) from None
+                raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         else:
             if isinstance(whole, list):
                 return [(f"record {i + 1}", r) for i, r in enumerate(whole)]
             return [("record 1", whole)]
-    out = []
+    out: list[tuple[str, Any]] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             out.append((f"record {len(out) + 1} (line {n})", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); expected a JSON list or "
-                            "JSONL (one object per line)") from None
+            raise DataError(
+                f"{path}: line {n} is not valid JSON ({e.msg}); expected a JSON list or JSONL (one object per line)"
+            ) from None
     return out
 
 
@@ -139,8 +139,9 @@ def _flatten(rec: Any) -> list[Any] | str:
     return out
 
 
-def load_records(paths: str | Path | Sequence[str | Path], skip_invalid: bool = False,
-                 report: LoadReport | None = None) -> list[dict[str, Any]]:
+def load_records(
+    paths: str | Path | Sequence[str | Path], skip_invalid: bool = False, report: LoadReport | None = None
+) -> list[dict[str, Any]]:
     """Read and validate Alpaca records from files/directories. Unknown fields are kept.
 
     With `skip_invalid`, bad records are skipped and counted in `report.n_skipped`; otherwise the first
@@ -162,19 +163,21 @@ def load_records(paths: str | Path | Sequence[str | Path], skip_invalid: bool = 
     return records
 
 
-def validate_records(records: Iterable[Any], skip_invalid: bool = False, source: str = "records",
-                     report: LoadReport | None = None) -> list[dict[str, Any]]:
+def validate_records(
+    records: Iterable[Any], skip_invalid: bool = False, source: str = "records", report: LoadReport | None = None
+) -> list[dict[str, Any]]:
     """The same checks for in-memory records (e.g. passed to `train(records=...)`)."""
     report = report if report is not None else LoadReport()
-    out = []
+    out: list[dict[str, Any]] = []
     for i, raw in enumerate(records):
         _accept(raw, f"{source}: record {i + 1}", skip_invalid, report, out)
     report.n_records = len(out)
     return out
 
 
-def split_validation(records: list[dict[str, Any]], fraction: float, seed: int
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_validation(
+    records: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic (seeded) hold-out of round(fraction * n) records, at least one when fraction > 0."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), not {fraction}")
@@ -186,8 +189,7 @@ def split_validation(records: list[dict[str, Any]], fraction: float, seed: int
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
-    return ([r for i, r in enumerate(records) if i not in val_idx],
-            [r for i, r in enumerate(records) if i in val_idx])
+    return ([r for i, r in enumerate(records) if i not in val_idx], [r for i, r in enumerate(records) if i in val_idx])
 
 
 # ---- tokenisation ---------------------------------------------------------------------------------------
@@ -226,8 +228,13 @@ def encode_record(tokenizer: Any, rec: dict[str, Any], template: str, max_length
     return Example(full[:max_length], min(len(p_ids), max_length), truncated, rec.get("image_features"))
 
 
-def tokenize_records(tokenizer: Any, records: Sequence[dict[str, Any]], template: str, max_length: int,
-                     report: TokenizeReport | None = None) -> list[Example]:
+def tokenize_records(
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    template: str,
+    max_length: int,
+    report: TokenizeReport | None = None,
+) -> list[Example]:
     report = report if report is not None else TokenizeReport()
     out = []
     for rec in records:
@@ -248,8 +255,9 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(n_examples / batch_size))
 
 
-def epoch_plan(lengths: Sequence[int], batch_size: int, micro_batch: int, seed: int, epoch: int
-               ) -> list[list[list[int]]]:
+def epoch_plan(
+    lengths: Sequence[int], batch_size: int, micro_batch: int, seed: int, epoch: int
+) -> list[list[list[int]]]:
     """The steps of one epoch: each a list of micro-batches (lists of example indices).
 
     Examples are shuffled (seeded by seed and epoch, so a resumed run sees the same order), cut into

@@ -132,6 +132,6 @@ def shard_frozen_base(model: Transformer) -> None:
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]
+        from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef,unused-ignore]  # torch < 2.6
     for block in model.layers:
         fully_shard(block)

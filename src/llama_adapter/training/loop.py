@@ -93,6 +93,7 @@ class Run:
     total_steps: int  # steps of the whole lr schedule
     run_steps: int  # steps this run ends at (<= total_steps with --max-steps)
     layers: int  # layers with adaption prompts
+    pad_id: int  # the tokenizer's padding id (batches are right-padded with it)
     n_skipped: int = 0  # invalid records skipped (train + val)
     n_truncated: int = 0  # examples truncated to max_length (train + val)
     start: int = 0  # the first step to take (> 0 when resuming)
@@ -262,6 +263,8 @@ def prepare(
     train_ex, val_ex, n_truncated = tokenize(cfg, model, recs, vrecs, max_length, log)
     opt = build_optimizer(adapter, cfg)
     spe, total_steps, run_steps = step_counts(len(train_ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    tokenizer = model.tokenizer
+    assert tokenizer is not None  # load_base refuses a base without one
     run = Run(
         cfg=cfg,
         topo=topo,
@@ -277,6 +280,7 @@ def prepare(
         total_steps=total_steps,
         run_steps=run_steps,
         layers=adapter.cfg.layers,
+        pad_id=tokenizer.pad_id,
         n_skipped=n_skipped,
         n_truncated=n_truncated,
     )
@@ -326,7 +330,7 @@ def _accumulate(run: Run, micro: list[list[int]], n_sup: int) -> tuple[Tensor, i
     """Forward and backward of this rank's micro-batches of a step; returns (summed loss, tokens seen)."""
     n_tok = 0
     loss_sum = torch.zeros((), dtype=torch.float32)
-    pad_id = run.model.tokenizer.pad_id
+    pad_id = run.pad_id
     for mb in micro[run.topo.rank :: run.topo.world]:
         batch = collate([run.train_ex[i] for i in mb], pad_id)
         loss, _ = batch_loss(run.model, run.name, batch, run.cfg.loss_chunk)
@@ -384,9 +388,7 @@ def evaluate(run: Run) -> float | None:
     micro = [order[i : i + mbs] for i in range(0, len(order), mbs)]
     with torch.no_grad():
         for mb in micro[run.topo.rank :: run.topo.world]:
-            loss, n = batch_loss(
-                run.model, run.name, collate([val_ex[i] for i in mb], run.model.tokenizer.pad_id), run.cfg.loss_chunk
-            )
+            loss, n = batch_loss(run.model, run.name, collate([val_ex[i] for i in mb], run.pad_id), run.cfg.loss_chunk)
             tot += torch.tensor([float(loss), n], dtype=torch.float64)
     tot = all_reduce_sum(tot, run.device, run.topo)
     return float(tot[0] / tot[1])

@@ -25,7 +25,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     the forward pass chunk by chunk, so neither logits nor probabilities are kept for backward."""
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, chunk: int) -> Tensor:
         n_rows, vocab = h.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -55,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
         return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None
 

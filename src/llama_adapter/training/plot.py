@@ -1,7 +1,6 @@
 """`loss.png`: the train and validation loss and the learning rate of a run, against the step.
 
-Written once at the end of a run by rank 0, from the same metrics as `metrics.jsonl`. matplotlib is optional:
-without it there is simply no plot.
+Written once at the end of a run by rank 0, from the same metrics as `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -12,13 +11,11 @@ from typing import Any
 
 
 def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib  # a dependency; imported here so that training starts without it
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     tr = [m for m in metrics if "loss" in m]
     va = [m for m in metrics if m.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llama_adapter.backends import TorchBackend
 from llama_adapter.backends.cpu import fused_decode, kernels
+from llama_adapter.backends.reference import TorchBackend
 from llama_adapter.model import KVCache, RMSNorm
 from llama_adapter.zero_init_attention import PromptKV, ZeroInitAttention
 
@@ -89,8 +89,13 @@ class CpuBackend(TorchBackend):
         """
         model = self.model
         todo: list[tuple[PackedLinear | None, Tensor]] = [
-            (m, m.weight) for m in model.modules() if isinstance(m, PackedLinear) and not m.weight.requires_grad
-            and kernels.can_pack(m.weight) and (m.packed is None or not m.packed.valid_for(m.weight))]
+            (m, m.weight)
+            for m in model.modules()
+            if isinstance(m, PackedLinear)
+            and not m.weight.requires_grad
+            and kernels.can_pack(m.weight)
+            and (m.packed is None or not m.packed.valid_for(m.weight))
+        ]
         w, p = model.tok_embeddings.weight, self.packed_head
         if model.output is None and not w.requires_grad and kernels.can_pack(w) and (p is None or not p.valid_for(w)):
             todo.append((None, w))
@@ -98,8 +103,11 @@ class CpuBackend(TorchBackend):
         free = kernels.available_memory()
         if need and free is not None and need > free // 2:
             if not self.pack_skipped:
-                print(f"llama-adapter: not packing weights for CPU decoding ({need / 2**30:.1f} GiB more, "
-                      f"{free / 2**30:.1f} GiB available): decoding will be slower", file=sys.stderr)
+                print(
+                    f"llama-adapter: not packing weights for CPU decoding ({need / 2**30:.1f} GiB more, "
+                    f"{free / 2**30:.1f} GiB available): decoding will be slower",
+                    file=sys.stderr,
+                )
                 self.pack_skipped = True
             return
         for m, t in todo:

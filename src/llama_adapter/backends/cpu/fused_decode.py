@@ -22,8 +22,12 @@ from llama_adapter.zero_init_attention import PromptKV
 def supported(model: Transformer) -> bool:
     """Whether `decode_step` applies: a bf16 model on the CPU with an even head_dim, and the kernels built."""
     w = model.tok_embeddings.weight
-    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and model.config.head_dim % 2 == 0
-            and cpu_kernels.native() is not None)
+    return (
+        w.device.type == "cpu"
+        and w.dtype == torch.bfloat16
+        and model.config.head_dim % 2 == 0
+        and cpu_kernels.native() is not None
+    )
 
 
 class FusedPrompts:
@@ -44,8 +48,14 @@ def _linear(x: Tensor, m: nn.Linear) -> Tensor:
 
 
 @torch.no_grad()
-def decode_step(model: Transformer, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: FusedPrompts,
-                head: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def decode_step(
+    model: Transformer,
+    tokens: Tensor,
+    pos: Tensor,
+    cache: KVCache,
+    prompts: FusedPrompts,
+    head: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Logits [B, vocab] for one new token per row: tokens [B], pos [B] (each row's position), cache rows 0..B-1
     (fp32). `head` computes the logits from the final hidden states (default: the model's output projection)."""
     ext = cpu_kernels.native()

@@ -64,11 +64,14 @@ def native() -> Any | None:
         if not built:
             print("llama-adapter: compiling the CPU kernels (first use only, about a minute)...", file=sys.stderr)
         t = time.perf_counter()
-        ext = cpp_extension.load(name, [str(_NATIVE_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                                 extra_ldflags=["-fopenmp"], verbose=False)
+        ext = cpp_extension.load(
+            name, [str(_NATIVE_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False
+        )
         if time.perf_counter() - t > 5:
-            print(f"llama-adapter: built the CPU kernels in {time.perf_counter() - t:.0f} s (cached for next time)",
-                  file=sys.stderr)
+            print(
+                f"llama-adapter: built the CPU kernels in {time.perf_counter() - t:.0f} s (cached for next time)",
+                file=sys.stderr,
+            )
         _native["ext"], _native["bf16_dot"] = ext, bool(ext.has_bf16_dot())
     except Exception as e:  # no compiler, no headers, unsupported platform: the PyTorch paths still work
         lines = str(e).strip().splitlines()
@@ -109,14 +112,23 @@ def available_memory() -> int | None:
 
 
 def can_pack(weight: Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and not weight.is_inference())  # (an inference tensor has no version counter to tell a changed weight)
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and not weight.is_inference()
+    )  # (an inference tensor has no version counter to tell a changed weight)
 
 
 def _onednn_bf16() -> bool:
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    return (mkldnn is not None and torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
-            and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
+    return (
+        mkldnn is not None
+        and torch.backends.mkldnn.is_available()
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+        and bool(mkldnn._is_mkldnn_bf16_supported())
+    )
 
 
 def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
@@ -200,8 +212,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         tri = torch.full((T, T), float("-inf"), device=q.device).triu_(1)
         bias = _causal_bias[key] = tri.to(q.dtype).repeat(rep, 1)  # [rep * T, T]
     qg = q.reshape(B * n_kv, rep * T, d)
-    scores = torch.baddbmm(bias.expand(B * n_kv, -1, -1), qg, k.reshape(B * n_kv, T, d).transpose(1, 2),
-                           alpha=1.0 / math.sqrt(d))
+    scores = torch.baddbmm(
+        bias.expand(B * n_kv, -1, -1), qg, k.reshape(B * n_kv, T, d).transpose(1, 2), alpha=1.0 / math.sqrt(d)
+    )
     return torch.bmm(torch.softmax(scores, -1), v.reshape(B * n_kv, T, d)).view(B, H, T, d)
 
 

@@ -1,0 +1,43 @@
+"""The reference backend: the model's own modules, unchanged (GPUs: PyTorch's fused SDPA kernels do the work).
+
+It is also the interface every backend implements: `backends.cpu.CpuBackend` subclasses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llama_adapter.model import KVCache, Transformer
+from llama_adapter.zero_init_attention import PromptKV
+
+
+class TorchBackend:
+    """The reference: the model's own modules, unchanged."""
+
+    name = "torch"
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+
+    def install(self) -> None:
+        """Swap faster modules into the model (the reference swaps nothing)."""
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.model.tok_embeddings.weight.dtype
+
+    def prepare_decoding(self) -> None:
+        """Lay weights out for decoding, once per decoder (the reference keeps them as they are)."""
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.model.logits(hidden)
+
+    def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> Any | None:
+        """The batch's prompt K/V laid out for `decode_step`, or None where there is no fused step."""
+        return None
+
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any) -> Tensor:
+        raise NotImplementedError("this backend has no fused decode step")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from llama_adapter import AdapterConfig, ModelConfig, Transformer
+from llama_adapter.backends import install
 from llama_adapter.inference.generate import generate_tokens
 
 SHAPE = dict(
@@ -48,6 +49,7 @@ def build_ours(dtype: torch.dtype, n_adapters: int) -> Transformer:
     model.to(dtype)
     model.freeze_base()
     model.eval()
+    install(model)  # the compute backend for the CPU, as load_model does
     for i in range(n_adapters):
         a = model.add_adapter(f"a{i}", AdapterConfig(**ADAPTER))  # type: ignore[arg-type]
         with torch.no_grad():

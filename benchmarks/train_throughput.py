@@ -46,6 +46,7 @@ def _peak_rss_mib() -> float:
 
 def build_ours(dtype: torch.dtype):  # noqa: ANN201
     from llama_adapter import AdapterConfig, ModelConfig, Transformer
+    from llama_adapter.backends import install
 
     cfg = ModelConfig(**SHAPE)  # type: ignore[arg-type]
     with torch.device("meta"):
@@ -60,6 +61,7 @@ def build_ours(dtype: torch.dtype):  # noqa: ANN201
                 p.normal_(0.0, 0.02)
     model.freeze_base()
     model.eval()
+    install(model)  # the compute backend for the CPU, as load_model does
     model.add_adapter("default", AdapterConfig(prompt_length=K, layers=L))
     return model
 

@@ -179,3 +179,18 @@ def test_weights_are_packed_only_when_the_copy_fits_in_memory(tiny_base, monkeyp
     backend_of(m).prepare_decoding()
     if kernels.pack_linear(m.layers[0].attention.wo.weight) is not None:
         assert all(mod.packed is not None for mod in m.modules() if isinstance(mod, Linear))
+
+
+def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A build killed half-way leaves torch's lock file; the next run must not wait on it forever."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not kernels.clear_stale_build_lock(tmp_path) and lock.exists()  # a build may be running right now
+    old = time.time() - 2 * kernels.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    assert kernels.clear_stale_build_lock(tmp_path) and not lock.exists()
+    assert "stale build lock" in capsys.readouterr().err
+    assert not kernels.clear_stale_build_lock(tmp_path)  # nothing to remove

@@ -295,3 +295,24 @@ def test_prompt_kv_projected_once_per_forward_and_reused_by_decode(tiny_base: Pa
         for t in range(8):
             model(ids[:, t : t + 1], input_pos=torch.full((2, 1), t), cache=cache, prompt_kv=pkv)
     assert len(calls) == 6  # the decode steps reused the request's prompt K/V
+
+
+def test_grouped_query_sdpa_is_detected_without_docstrings() -> None:
+    """`enable_gqa` support is found by calling SDPA, so `python -OO` (no docstrings) takes the same path."""
+    import subprocess
+    import sys
+
+    code = "from llama_adapter.zero_init_attention import SDPA_GQA; print(SDPA_GQA)"
+    out = subprocess.run([sys.executable, "-OO", "-c", code], capture_output=True, text=True, check=True).stdout
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    assert out.strip() == str((major, minor) >= (2, 5))
+
+
+def test_one_vocabulary_for_the_two_attentions() -> None:
+    """Table 5's attentions under either spelling: the paper's (zero-init, rand-init) and the file's (zero, random)."""
+    from llama_adapter.training.config import TrainConfig
+
+    assert la.AdapterConfig(init="rand-init").init == "random" and la.AdapterConfig(init="zero-init").init == "zero"
+    assert TrainConfig(attention="random").attention == "rand-init" and TrainConfig().attention == "zero-init"
+    with pytest.raises(ValueError):
+        la.AdapterConfig(init="ones")  # type: ignore[arg-type]

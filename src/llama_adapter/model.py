@@ -64,6 +64,10 @@ def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+# one layer's view of the cache in a forward: (keys, values, (row, position) of each new token, length to read)
+LayerCache = tuple[Tensor, Tensor, tuple[Tensor, Tensor], int]
+
+
 @dataclass
 class KVCache:
     """Static, preallocated cache: k/v per layer [B, n_kv, max_len, head_dim]."""
@@ -103,7 +107,7 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
+        cache: LayerCache | None,
         pkv: PromptKV | LazyPromptKV | None,
     ) -> Tensor:
         if callable(pkv):
@@ -149,7 +153,7 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        cache: tuple[Tensor, Tensor, tuple[Tensor, Tensor], int] | None,
+        cache: LayerCache | None,
         pkv: PromptKV | LazyPromptKV | None,
     ) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pkv)

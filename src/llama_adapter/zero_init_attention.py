@@ -31,6 +31,16 @@ from llama_adapter.errors import AdapterError
 
 Gate = Literal["tanh", "linear"]
 Init = Literal["zero", "random"]
+# Table 5's two attentions have one meaning under two spellings: the paper's ("zero-init", "rand-init": the
+# `--attention` flag, TrainConfig.attention) and the short one an adapter file records ("zero", "random").
+# Either is accepted wherever one is asked for.
+INIT_NAMES: dict[str, Init] = {"zero": "zero", "zero-init": "zero", "random": "random", "rand-init": "random"}
+ATTENTION_NAMES: dict[str, str] = {
+    "zero": "zero-init",
+    "zero-init": "zero-init",
+    "random": "rand-init",
+    "rand-init": "rand-init",
+}
 
 
 @dataclass
@@ -41,6 +51,7 @@ class AdapterConfig:
     init: Init = "zero"  # "zero": zero-init gated attention (the method); "random": Table 5's baseline
 
     def __post_init__(self) -> None:
+        self.init = INIT_NAMES.get(self.init, self.init)
         if self.prompt_length < 1 or self.layers < 1:
             raise ValueError("prompt_length and layers must be >= 1")
         if self.gate not in ("tanh", "linear"):

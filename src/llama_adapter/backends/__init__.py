@@ -25,6 +25,8 @@ Backend = TorchBackend  # the interface every backend implements (CpuBackend sub
 
 def install(model: Transformer) -> TorchBackend:
     """Choose the model's backend from its device and swap its modules in; returns it (`model.backend`)."""
+    if isinstance(model.backend, TorchBackend):
+        model.backend.uninstall()
     if model.tok_embeddings.weight.device.type == "cpu":
         from llama_adapter.backends.cpu import CpuBackend
 
@@ -37,6 +39,9 @@ def install(model: Transformer) -> TorchBackend:
 
 
 def backend_of(model: Transformer) -> TorchBackend:
-    """The model's backend, installing one on first use (a model built by hand rather than by `load_model`)."""
+    """The model's backend, installing one on first use (a model built by hand rather than by `load_model`) or
+    again when the model has moved to another kind of device since (loaded on the CPU, then moved to a GPU)."""
     backend = model.backend
-    return backend if isinstance(backend, TorchBackend) else install(model)
+    if isinstance(backend, TorchBackend) and backend.device_type == model.tok_embeddings.weight.device.type:
+        return backend
+    return install(model)

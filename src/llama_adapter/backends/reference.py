@@ -21,9 +21,13 @@ class TorchBackend:
 
     def __init__(self, model: Transformer) -> None:
         self.model = model
+        self.device_type = model.tok_embeddings.weight.device.type  # the device it was chosen for
 
     def install(self) -> None:
         """Swap faster modules into the model (the reference swaps nothing)."""
+
+    def uninstall(self) -> None:
+        """Give the model its stock modules back (before another backend is installed)."""
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:

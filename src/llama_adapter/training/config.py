@@ -14,6 +14,7 @@ from typing import Any
 
 from llama_adapter.config import DTYPES
 from llama_adapter.errors import TrainingError
+from llama_adapter.zero_init_attention import ATTENTION_NAMES
 
 ADAPTER_NAME = "default"
 
@@ -62,6 +63,10 @@ class TrainConfig:
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
 
+    def __post_init__(self) -> None:
+        # one spelling in config.yaml and checkpoints, whichever the user wrote ("zero" or "zero-init")
+        self.attention = ATTENTION_NAMES.get(self.attention, self.attention)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -88,7 +93,7 @@ class TrainConfig:
             (self.save_every >= 0, "--save-every must be >= 0"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.prompt_length >= 1, "--prompt-length must be >= 1"),
-            (self.attention in ("zero-init", "rand-init"), "--attention must be zero-init or rand-init"),
+            (self.attention in ATTENTION_NAMES, "--attention must be zero-init or rand-init"),
             (self.gate in ("tanh", "linear"), "--gate must be tanh or linear"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
             (self.loss_chunk >= 1, "--loss-chunk must be >= 1"),

@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from llama_adapter.backends import backend_of
 from llama_adapter.errors import TrainingError
 from llama_adapter.training.checkpointing import (
     CHECKPOINT,
@@ -66,7 +67,7 @@ from llama_adapter.training.distributed import (
 from llama_adapter.training.loss import batch_loss, output_weight
 from llama_adapter.training.plot import plot_losses
 from llama_adapter.training.schedule import lr_factor, step_counts
-from llama_adapter.zero_init_attention import AdapterConfig
+from llama_adapter.zero_init_attention import INIT_NAMES, AdapterConfig
 
 if TYPE_CHECKING:
     from llama_adapter.model import Transformer
@@ -154,6 +155,7 @@ def load_base(cfg: TrainConfig, model: Transformer | None, device: torch.device,
         from llama_adapter.loading import load_model
 
         model = load_model(cfg.base, dtype=DTYPES[cfg.dtype], device=device)
+    backend_of(model)  # a model built by hand gets its device's backend here (load_model installed it already)
     if model.tokenizer is None:
         raise TrainingError(f"{cfg.base}: the base has no tokenizer (tokenizer.json or tokenizer.model)")
     max_length = min(cfg.max_length, model.config.max_seq_len)
@@ -171,7 +173,7 @@ def adapter_config(cfg: TrainConfig, n_layers: int) -> AdapterConfig:
         prompt_length=cfg.prompt_length,
         layers=layers,
         gate=cfg.gate,  # type: ignore[arg-type]
-        init="zero" if cfg.attention == "zero-init" else "random",
+        init=INIT_NAMES[cfg.attention],
     )
 
 

@@ -66,14 +66,32 @@ class CpuBackend(TorchBackend):
         self.packed_head: kernels.PackedWeight | None = None  # the tied output matmul (embedding matrix)
         self.pack_skipped = False  # prepare_decoding found too little memory (said once)
 
+    SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+        RMSNorm: CpuRMSNorm,
+        ZeroInitAttention: CpuZeroInitAttention,
+        nn.Linear: PackedLinear,
+    }
+
     def install(self) -> None:
-        swaps = {RMSNorm: CpuRMSNorm, ZeroInitAttention: CpuZeroInitAttention, nn.Linear: PackedLinear}
-        base = [*self.model.layers, self.model.norm] + ([self.model.output] if self.model.output is not None else [])
-        for top in base:
-            for m in top.modules():
-                new = swaps.get(type(m))
-                if new is not None:
-                    m.__class__ = new
+        for m in self._base_modules():
+            new = self.SWAPS.get(type(m))
+            if new is not None:
+                m.__class__ = new
+
+    def uninstall(self) -> None:
+        stock = {new: old for old, new in self.SWAPS.items()}
+        for m in self._base_modules():
+            old = stock.get(type(m))
+            if old is not None:
+                m.__dict__.pop("packed", None)
+                m.__class__ = old
+        self.packed_head = None
+
+    def _base_modules(self) -> list[nn.Module]:
+        """Every module of the frozen base (not the adapters: their visual projections keep stock Linears)."""
+        model = self.model
+        tops = [*model.layers, model.norm] + ([model.output] if model.output is not None else [])
+        return [m for top in tops for m in top.modules()]
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:

@@ -5,15 +5,15 @@ the elementwise work and attention of that pass cost as much as the matmuls they
 (`benchmarks/train_throughput.py`). Autograd's generic graph for an RMSNorm is eight kernels forward and more
 backward; PyTorch's flash-attention kernel for CPUs is tuned for long sequences and slow at 256 tokens with
 64-wide heads, and its per-call cost dominates when decoding one token per row against a short cache.
-These functions compute the same values with fewer, larger kernels. GPUs keep the stock paths: there the
-fused SDPA kernels win.
+These functions compute the same values with fewer, larger kernels. The CPU backend (`backends.cpu`) reaches
+them through its module subclasses; GPUs keep the stock paths, where the fused SDPA kernels win.
 
-Decoding reads every weight once per step for a few rows. `pack_linear` lays a frozen bf16 weight out once for
-that: in 4-row blocks that are one sequential stream each for the C++ kernel (`native()`, csrc/decode_cpu.cpp,
-on CPUs with AVX512-BF16), or else in oneDNN's blocked layout (the one inductor's freezing pass uses). `linear`
-then uses the pack whenever no gradient is wanted, and falls back to `F.linear` whenever the pack no longer
-matches its weight. The oneDNN pack gives bit-identical results; the C++ kernel sums in a different order
-(fp32 sums of bf16 products, like oneDNN), so results agree to bf16 rounding.
+Decoding reads every weight once per step for a few rows. `pack_linear` lays a frozen bf16 weight out once for that:
+in 4-row blocks that are one sequential stream each for the C++ kernel (`native()`,
+backends/cpu/csrc/decode_cpu.cpp, on CPUs with AVX512-BF16), or else in oneDNN's blocked layout (the one inductor's
+freezing pass uses). `linear` then uses the pack whenever no gradient is wanted, and falls back to `F.linear`
+whenever the pack no longer matches its weight. The oneDNN pack gives bit-identical results; the C++ kernel sums in
+a different order (fp32 sums of bf16 products, like oneDNN), so results agree to bf16 rounding.
 
 The C++ kernels are compiled by `torch.utils.cpp_extension` on first use (a C++ compiler is needed; the build is
 cached under ~/.cache/torch_extensions). Without a compiler, on other CPUs, or with LLAMA_ADAPTER_CPU_KERNELS=0,
@@ -58,7 +58,9 @@ def native() -> Any | None:
 
         name = "llama_adapter_decode_cpu"
         try:
-            built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
+            build_dir = Path(cpp_extension._get_build_directory(name, False))
+            built = any(build_dir.glob(f"{name}*.so"))
+            clear_stale_build_lock(build_dir)
         except Exception:  # a private helper; only decides whether to announce the build
             built = True
         if not built:
@@ -78,6 +80,26 @@ def native() -> Any | None:
         _native["why"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         print(f"llama-adapter: CPU kernels unavailable ({_native['why']}); using plain PyTorch", file=sys.stderr)
     return _native["ext"]
+
+
+STALE_LOCK_S = 600  # a build takes about a minute; a lock this old was left by a build that was killed
+
+
+def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build lock an interrupted build left behind (Ctrl-C during the first build); True if removed.
+
+    torch's extension builder waits on that lock forever, so without this every later run would hang silently.
+    """
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < max_age_s:
+        return False  # another process may be building right now
+    print(f"llama-adapter: removing a stale build lock ({lock}, {age / 60:.0f} min old)", file=sys.stderr)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def native_unavailable() -> str | None:

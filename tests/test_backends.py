@@ -1,0 +1,85 @@
+"""The backend seam: the model and the method are plain PyTorch; a backend, chosen once per model from its device,
+swaps in modules that compute the same values."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import llama_adapter as la
+from llama_adapter.backends import backend_of, install
+from llama_adapter.backends.cpu import CpuBackend, CpuRMSNorm, CpuZeroInitAttention, PackedLinear
+from llama_adapter.backends.reference import TorchBackend
+from llama_adapter.model import RMSNorm
+from llama_adapter.zero_init_attention import ZeroInitAttention
+
+SRC = Path(la.__file__).parent
+
+
+def test_model_and_method_have_no_device_branches() -> None:
+    """No module of the model or the method looks at a device or imports a backend."""
+    for name in ("model.py", "zero_init_attention.py", "adapter_batch.py"):
+        tree = ast.parse((SRC / name).read_text())
+        nodes = list(ast.walk(tree))
+        strings = {n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not strings & {"cpu", "cuda", "mps", "xpu"}, name
+        device_checks = [
+            n
+            for n in nodes
+            if isinstance(n, ast.Attribute)
+            and n.attr in ("is_cuda", "is_cpu")
+            or isinstance(n, ast.Attribute)
+            and n.attr == "type"
+            and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "device"
+        ]
+        assert not device_checks, name
+        imports = [n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)]
+        assert not any("backends" in m for m in imports), name
+
+
+def test_load_model_installs_the_cpu_backend_once(tiny_base: Path) -> None:
+    m = la.load_model(tiny_base, dtype=torch.float32)
+    assert isinstance(m.backend, CpuBackend) and backend_of(m) is m.backend
+    kinds = {type(x) for x in m.layers.modules()}
+    assert {CpuRMSNorm, CpuZeroInitAttention, PackedLinear} <= kinds
+    assert not {RMSNorm, ZeroInitAttention, nn.Linear} & kinds  # every base module swapped
+    a = m.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+    a.visual_proj = la.zero_init_attention.VisualProjection(8, m.config.dim)  # adapters keep stock modules
+    assert type(a.visual_proj.fc1) is nn.Linear
+
+
+def test_swapped_modules_compute_what_the_stock_ones_compute(tiny_base: Path) -> None:
+    """Same logits with and without the CPU backend (no grad: the decode path; grad: the training kernels)."""
+    m = la.load_model(tiny_base, dtype=torch.float32)
+    a = m.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=3))
+    with torch.no_grad():
+        a.gates.normal_(0, 0.5)
+    ids = torch.randint(3, m.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    fast_train = m(ids, adapter="a")
+    with torch.no_grad():
+        fast = m(ids, adapter="a")
+    m.backend.uninstall()
+    assert {type(x) for x in m.layers.modules()} & {CpuRMSNorm, CpuZeroInitAttention, PackedLinear} == set()
+    stock_train = m(ids, adapter="a")
+    with torch.no_grad():
+        stock = m(ids, adapter="a")
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_train, stock_train, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_follows_the_model_to_another_device(tiny_base: Path) -> None:
+    """A model moved after loading gets the backend of its new device when next used; here: meta, a non-CPU
+    device every machine has."""
+    m = la.load_model(tiny_base, dtype=torch.float32)
+    cpu = m.backend
+    m.to("meta")
+    b = backend_of(m)
+    assert type(b) is TorchBackend and b is not cpu and m.backend is b
+    assert CpuRMSNorm not in {type(x) for x in m.modules()}
+    m.to_empty(device="cpu")
+    assert isinstance(backend_of(m), CpuBackend)
+    assert install(m) is m.backend

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
+from llama_adapter.backends import install as install_backend
 from llama_adapter.builtin import corpus
 from llama_adapter.config import ModelConfig
 from llama_adapter.model import Transformer
@@ -354,6 +355,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = 
     mcfg = cfg.model_config(vocab)
     model = Transformer(mcfg)
     init_weights(model, cfg.seed)
+    install_backend(model)  # the CPU training kernels, as for any loaded base
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters, {mcfg.n_layers} layers, dim {mcfg.dim}")
     decay = [p for p in model.parameters() if p.dim() >= 2]

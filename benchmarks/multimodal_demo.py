@@ -155,6 +155,7 @@ def main() -> int:
             image_encoder=encoder_dir,
             feature_cache=str(out / "feature_cache") if encoder_dir else None,
             progress=False,
+            overwrite=True,  # this script's own output: a re-run replaces it
         )
         res = train(cfg, model=model, records=[dict(r) for r in rows])
         eval_model = la.load_model(base, dtype=torch.float32)

@@ -146,3 +146,23 @@ def test_demo_command_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
     assert res["before"] <= 0.2  # the base does not follow the instructions
     adapter_meta, tensors = la.read_adapter(tmp_path / "demo" / "adapter.safetensors")
     assert sum(t.numel() for t in tensors.values()) == res["n_trainable"]
+    # a second run into the same directory replaces the first (finetune alone would refuse: not the demo's job)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--threads", "2", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_builtin_adapter_recipe_is_the_demos() -> None:
+    """recipes/builtin-adapter.yaml (the README's `finetune` example on the built-in base) = the demo's recipe."""
+    import yaml
+
+    from llama_adapter.builtin.demo import DEMO_TRAIN_PER_TASK, demo_train_config
+    from llama_adapter.training.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = TrainConfig.from_dict(yaml.safe_load((root / "recipes" / "builtin-adapter.yaml").read_text()))
+    demo = demo_train_config("runs/demo", 5 * DEMO_TRAIN_PER_TASK, la.load_config("builtin")[0].n_layers)
+    free = {"out", "data", "progress", "overwrite", "epochs", "warmup_epochs"}  # where each run goes; floats below
+    assert {k: v for k, v in vars(recipe).items() if k not in free} == {
+        k: v for k, v in vars(demo).items() if k not in free
+    }
+    assert recipe.epochs == pytest.approx(demo.epochs) and recipe.warmup_epochs == pytest.approx(demo.warmup_epochs)

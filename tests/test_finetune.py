@@ -245,3 +245,45 @@ def test_resume_refuses_a_different_recipe(tmp_path: Path, base_model: la.Transf
         train(small_cfg(tmp_path, Path("x"), epochs=1, seed=5, resume=cfg.out), model=base_model, records=recs)
     res = train(small_cfg(tmp_path, Path("x"), epochs=1, resume=cfg.out), model=base_model, records=recs)
     assert [m["step"] for m in res.metrics] == [1]  # continues from step 1 of 1: nothing left to do
+
+
+def test_out_holding_a_run_is_refused_unless_overwrite(
+    tmp_path: Path, base_model: la.Transformer, tiny_base: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A second run into the same --out must not silently replace the first: one line naming the ways out."""
+    recs = make_records(8)
+    cfg = small_cfg(tmp_path, Path("x"), epochs=1, max_steps=1)
+    train(cfg, model=base_model, records=recs)
+    first = (Path(cfg.out) / "adapter.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match=r"holds an earlier run .*--resume .*--overwrite"):
+        train(small_cfg(tmp_path, Path("x"), epochs=1, max_steps=1, seed=1), model=base_model, records=recs)
+    assert (Path(cfg.out) / "adapter.safetensors").read_bytes() == first  # untouched
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = ["finetune", "--base", str(tiny_base), "--data", str(data), "--out", cfg.out, "--no-progress"]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--resume {cfg.out}" in err[0] and "--overwrite" in err[0], err
+    res = train(
+        small_cfg(tmp_path, Path("x"), epochs=1, max_steps=1, seed=1, overwrite=True), model=base_model, records=recs
+    )
+    assert res.adapter_path.read_bytes() != first
+    import yaml
+
+    assert yaml.safe_load((Path(cfg.out) / "config.yaml").read_text())["overwrite"] is False  # not carried on
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path: Path, tiny_base: Path) -> None:
+    """stderr to a pipe (a CI log, `2> file`): short periodic lines, no carriage-return bar."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(20)))
+    args = ["--base", str(tiny_base), "--data", str(data), "--out", str(tmp_path / "o"), "--batch-size", "2"]
+    p = _cli([*args, "--micro-batch", "2", "--epochs", "2", "--max-length", "64", "--template", "plain"])
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr
+    lines = p.stderr.splitlines()
+    assert max(len(x) for x in lines) <= 200, max(lines, key=len)
+    bar = [x for x in lines if x.startswith("finetune: ")]
+    assert 5 <= len(bar) <= 12 and bar[-1].startswith("finetune: 20/20 steps (100%)"), bar
+    assert "loss " in bar[-1] and "elapsed" in bar[-1]

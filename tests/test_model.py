@@ -160,6 +160,31 @@ def test_fresh_adapter_is_exactly_the_base(tiny_base: Path, dtype: torch.dtype) 
         assert torch.equal(model(ids, adapter=["a", None, "lin"]), base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fresh_adapter_with_gradients_on(tiny_base: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly what the README claims for a fresh adapter: bit for bit in inference mode; with gradients on, a
+    CPU's training kernels sum in another order (within 16 x the dtype's epsilon x the largest logit), while the
+    stock ops stay bit for bit in that mode too."""
+    from llama_adapter.backends.cpu import kernels
+
+    model = la.load_model(tiny_base, dtype=dtype)
+    model.add_adapter("a", la.AdapterConfig(prompt_length=6, layers=3))
+    ids = torch.randint(0, model.config.vocab_size, (3, 33))
+    with torch.no_grad():
+        base = model(ids)
+    with torch.inference_mode():
+        assert torch.equal(model(ids, adapter="a"), base)
+    with torch.enable_grad():
+        assert torch.equal(model(ids), base)  # the base alone builds no graph: the same ops in both modes
+        trained = model(ids, adapter="a")
+    assert trained.requires_grad
+    tol = 16 * torch.finfo(dtype).eps * base.float().abs().max()
+    assert (trained.float() - base.float()).abs().max() <= tol
+    monkeypatch.setattr(kernels, "use_cpu_training_kernels", lambda x: False)  # the stock ops (as on a GPU)
+    with torch.enable_grad():
+        assert torch.equal(model(ids, adapter="a"), base)
+
+
 def _random_adapter(model: la.Transformer, name: str, cfg: la.AdapterConfig) -> None:
     a = model.add_adapter(name, cfg)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from PIL import Image
 
 import llama_adapter as la
 from llama_adapter.adapter_file import save_adapter
-from llama_adapter.errors import ImageError
+from llama_adapter.errors import ImageError, UserError
 from llama_adapter.multimodal.encoder import ClipPreprocessor, ImageEncoder, default_layers, load_image
 from llama_adapter.multimodal.features import attach_visual_projection, llava_to_alpaca, prepare_multimodal
 from llama_adapter.zero_init_attention import VisualProjection, projection_parameter_count
@@ -167,7 +167,7 @@ def test_encoder_from_full_clip_checkpoint(tmp_path: Path) -> None:
 
 
 def test_encoder_errors(tmp_path: Path) -> None:
-    with pytest.raises(la.cli.UserError, match="config.json not found"):
+    with pytest.raises(UserError, match="config.json not found"):
         ImageEncoder.load(tmp_path)
 
 
@@ -415,8 +415,9 @@ def test_server_chat_with_image_content_part(tiny_base: Path, encoder: ImageEnco
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     feats = encoder.encode([random_image(3)])
     prompt = format_prompt("alpaca", "What is shown?")
-    with_image = generate(model, [prompt], adapter="mm", max_new_tokens=6, temperature=0.0, image_features=feats)
-    without = generate(model, [prompt], adapter="mm", max_new_tokens=6, temperature=0.0)
+    kw = dict(adapter="mm", max_new_tokens=6, temperature=0.0, strip_separator=True)  # chat: no space after the marker
+    with_image = generate(model, [prompt], image_features=feats, **kw)
+    without = generate(model, [prompt], **kw)
     assert with_image != without  # the image must matter, or the check below proves nothing
     server = _Running(create_app(model, max_batch_size=2, max_context=128))
     try:

@@ -297,6 +297,27 @@ def test_eval_cli_end_to_end(sqa: Path, tiny_base: Path, tmp_path: Path, capsys:
         (tmp_path / "moved.png").rename(sqa / "images" / "test" / "5" / "image.png")
 
 
+def test_eval_predictions_default_under_runs(
+    sqa: Path, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Without --out, predictions go under runs/ (git-ignored), not loose into the working directory; progress
+    goes to stderr as plain lines when stderr is not a terminal, never into the printed results."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["eval", "scienceqa", "--base", str(tiny_base), "--data", str(sqa), "--max-samples", "3"]
+    assert main([*argv, "--max-new-tokens", "2", "--batch-size", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()] == [
+        "runs/eval/scienceqa-base-test.jsonl"
+    ]
+    assert json.loads(captured.out)["predictions"] == "runs/eval/scienceqa-base-test.jsonl"
+    assert "\r" not in captured.err and "scienceqa: 3/3 problems (100%)" in captured.err
+    from llama_adapter.cli.eval import default_predictions_path
+
+    assert default_predictions_path("my run/x", "minitest").as_posix() == "runs/eval/scienceqa-my_run_x-minitest.jsonl"
+
+
 def test_export_training_records(sqa: Path, tmp_path: Path) -> None:
     out = tmp_path / "train.jsonl"
     assert main(["eval", "scienceqa-data", "--data", str(sqa), "--split", "train", "--out", str(out)]) == 0

@@ -126,10 +126,9 @@ def test_chat_applies_template_and_streams(server, model):
     c = _client(server)
     msgs = [{"role": "user", "content": "Tell me about alpacas."}]
     r = c.chat.completions.create(model="alpaca", messages=msgs, max_tokens=12, temperature=0)
-    ref = generate(
-        model, [format_prompt("alpaca", "Tell me about alpacas.")], adapter="alpaca", max_new_tokens=12, temperature=0.0
-    )[0]
-    assert r.choices[0].message.content == ref
+    prompt = format_prompt("alpaca", "Tell me about alpacas.")
+    ref = generate(model, [prompt], adapter="alpaca", max_new_tokens=12, temperature=0.0, strip_separator=True)[0]
+    assert r.choices[0].message.content == ref  # without the space after "### Response:"
     chunks = list(
         c.chat.completions.create(
             model="alpaca",
@@ -420,3 +419,70 @@ def test_routes_are_plain_functions(server):
     with pytest.raises(APIError) as e:
         asyncio.run(app_module.list_models(SimpleNamespace(app=server.app, headers={})))
     assert e.value.status == 401 and e.value.code == "invalid_api_key"
+
+
+# ---- an instruct base: its own chat template, multi-turn, system messages, and adapters by the one rule ----------
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def instruct_server(tiny_instruct, tmp_path_factory):
+    m = la.load_model(tiny_instruct, dtype=torch.float32)
+    d = tmp_path_factory.mktemp("instruct_adapters")
+    for name, meta in (("alp", {"template": "alpaca"}), ("zero", {}), ("chatty", {"template": "chat"})):
+        a = m.add_adapter(name, la.AdapterConfig(prompt_length=4, layers=2))  # zero-init: the base's answers
+        a.meta.update(meta)
+        la.save_adapter(m, name, d / f"{name}.safetensors")
+    r = _Running(create_app(m, max_batch_size=4, max_context=128))
+    r.model, r.app = m, r.server.config.app
+    yield r
+    r.stop()
+
+
+def test_instruct_base_answers_in_its_chat_template(instruct_server):
+    c = openai.OpenAI(base_url=instruct_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="base", messages=[{"role": "user", "content": FRANCE}])
+    assert r.choices[0].message.content == "Paris" and r.choices[0].finish_reason == "stop"
+    m = instruct_server.model
+    assert r.usage.completion_tokens == len(m.tokenizer.encode("Paris"))  # then <|im_end|> ended the turn ("stop")
+    msgs = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": FRANCE},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "What is the capital of Italy?"},
+    ]
+    chunks = list(c.chat.completions.create(model="base", messages=msgs, stream=True, temperature=0))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Rome"
+    for name in ("zero", "chatty"):  # no recorded template, or "chat": the base's chat template
+        r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": FRANCE}], temperature=0)
+        assert r.choices[0].message.content == "Paris"
+    # an adapter trained with alpaca gets alpaca, whatever the base's own template
+    alp = instruct_server.app.state.server.render_chat("alp", [("user", FRANCE)])
+    assert alp.template == "alpaca" and alp.bos and alp.text.endswith("### Response:")
+    # a completion is the raw text: the chat template is not applied
+    p = "<|im_start|>user\n" + FRANCE + "<|im_end|>\n<|im_start|>assistant\n"
+    assert c.completions.create(model="base", prompt=p, max_tokens=8, temperature=0).choices[0].text == "Paris"
+    models = {m["id"]: m for m in httpx.get(instruct_server.url + "/v1/models").json()["data"]}
+    assert {k: v["template"] for k, v in models.items()} == {
+        "base": "chat",
+        "alp": "alpaca",
+        "zero": "chat",
+        "chatty": "chat",
+    }
+
+
+def test_chat_template_refusal_is_a_400(instruct_server):
+    """A conversation the base's template refuses (raise_exception) is the client's error, in one line."""
+    from llama_adapter.chat_template import ChatTemplate
+
+    m = instruct_server.model
+    saved = m.chat_template
+    m.chat_template = ChatTemplate("{{ raise_exception('Conversation roles must alternate') }}")
+    try:
+        r = httpx.post(
+            instruct_server.url + "/v1/chat/completions",
+            json={"model": "base", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"]
+    finally:
+        m.chat_template = saved

@@ -124,7 +124,7 @@ def test_checkpoint_errors_and_trajectory_check(tmp_path: Path) -> None:
         checkpointing.load_checkpoint(str(tmp_path))
     ckpt = {"config": json.dumps(TrainConfig(seed=1, template="plain").to_dict())}
     checkpointing.check_trajectory(ckpt, TrainConfig(seed=1, template="plain", out="elsewhere"), tmp_path)
-    with pytest.raises(TrainingError, match="seed=1 \\(now 2\\), template='plain' \\(now 'alpaca'\\)"):
+    with pytest.raises(TrainingError, match="seed=1 \\(now 2\\), template='plain' \\(now 'auto'\\)"):
         checkpointing.check_trajectory(ckpt, TrainConfig(seed=2), tmp_path)
 
 

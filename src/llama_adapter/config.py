@@ -41,7 +41,7 @@ class ModelConfig:
     head_dim: int = 0  # 0 -> dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: dict[str, Any] | None = None  # rope_type: linear, llama3, or freq_factors (GGUF's rope_freqs)
     max_seq_len: int = 4096
     qkv_bias: bool = False
     tie_embeddings: bool = False

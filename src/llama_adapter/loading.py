@@ -17,8 +17,10 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from llama_adapter.backends import install as install_backend
+from llama_adapter.chat_template import ChatTemplate
 from llama_adapter.config import ModelConfig
 from llama_adapter.errors import CheckpointError
+from llama_adapter.gguf_loading import gguf_chat_template, gguf_config, gguf_tokenizer, gguf_weights, is_gguf
 from llama_adapter.model import Transformer
 from llama_adapter.tokenizer import Tokenizer, find_tokenizer
 
@@ -37,6 +39,8 @@ _META_LAYER = {
 
 
 def detect_layout(path: Path) -> str:
+    if is_gguf(path):
+        return "gguf"
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file():
@@ -50,6 +54,10 @@ def resolve_base(path: str | Path) -> Path:
 
         return builtin_base_dir()
     p = Path(path).expanduser()
+    if is_gguf(p):  # a llama.cpp GGUF file (llama_adapter.gguf_loading)
+        if not p.is_file():
+            raise CheckpointError(f"{p}: GGUF file not found")
+        return p
     if not p.is_dir():
         raise CheckpointError(f"{p}: checkpoint directory not found")
     return p
@@ -58,6 +66,8 @@ def resolve_base(path: str | Path) -> Path:
 def load_config(path: str | Path) -> tuple[ModelConfig, str]:
     p = resolve_base(path)
     layout = detect_layout(p)
+    if layout == "gguf":
+        return gguf_config(p), layout
     if layout == "hf":
         cfg = ModelConfig.from_hf(p / "config.json")
         gen = p / "generation_config.json"
@@ -75,14 +85,24 @@ def load_config(path: str | Path) -> tuple[ModelConfig, str]:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", tokenizer: bool = True
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    tokenizer: bool = True,
+    chat_template: str | None = None,
 ) -> Transformer:
-    """The frozen base: weights in `dtype` on `device`, every parameter requires_grad=False."""
+    """The frozen base: weights in `dtype` on `device`, every parameter requires_grad=False.
+
+    `chat_template` names one of the checkpoint's named chat templates (default: the one called "default")."""
     p = resolve_base(path)
     cfg, layout = load_config(p)
     with torch.device("meta"):
         model = Transformer(cfg)
-    weights = _hf_weights(p, cfg) if layout == "hf" else _meta_weights(p, cfg)
+    if layout == "gguf":  # tokenizer first: a missing package or vocabulary fails before minutes of dequantizing
+        gguf_extras = (gguf_tokenizer(p, cfg), gguf_chat_template(p, chat_template)) if tokenizer else (None, None)
+        weights = gguf_weights(p, cfg)  # dequantized there, cast to dtype below
+    else:
+        weights = _hf_weights(p, cfg) if layout == "hf" else _meta_weights(p, cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     for name, t, src in weights:
@@ -105,8 +125,12 @@ def load_model(
     model.eval()
     install_backend(model)  # the compute backend for this device, chosen once (llama_adapter.backends)
     model.source = str(p)
+    if layout == "gguf":  # the vocabulary and the chat template are metadata of the same file
+        model.tokenizer, model.chat_template = gguf_extras
+        return model
     tok_file = find_tokenizer(p) if tokenizer else None
     model.tokenizer = Tokenizer.from_file(tok_file, cfg) if tok_file else None
+    model.chat_template = ChatTemplate.from_dir(tok_file.parent, chat_template) if tok_file else None
     return model
 
 
@@ -252,4 +276,6 @@ def _meta_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     p = resolve_base(path)
+    if is_gguf(p):
+        return [p]
     return _hf_files(p) if detect_layout(p) == "hf" else _meta_shards(p)

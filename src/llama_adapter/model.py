@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama_adapter.adapter_batch import AdapterSpec, KVWeights, LazyPromptKV, PromptPlan
+from llama_adapter.chat_template import ChatTemplate
 from llama_adapter.config import ModelConfig
 from llama_adapter.tokenizer import Tokenizer
 from llama_adapter.zero_init_attention import Adapter, AdapterConfig, PromptKV, ZeroInitAttention
@@ -56,6 +57,8 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> Te
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = torch.where(is_mid, mid, scaled)
+    elif s and s["rope_type"] == "freq_factors":  # GGUF files (llama.cpp): one divisor per frequency (Llama-3.1)
+        inv = inv / torch.tensor(s["factors"], dtype=torch.float32, device=device)
     return inv
 
 
@@ -200,6 +203,7 @@ class Transformer(nn.Module):
         self.adapters = Adapters()
         self._rope: tuple[Tensor, Tensor] | None = None
         self.tokenizer: Tokenizer | None = None  # set by load_model
+        self.chat_template: ChatTemplate | None = None  # the base's own chat template, if it has one (load_model)
         self.backend: Any = None  # the compute backend, set once by llama_adapter.backends.install
         self.source: str | None = None
 

@@ -88,8 +88,12 @@ def demo_train_config(
     progress: bool = True,
     dtype: str = "fp32",
     base: str = "builtin",
+    overwrite: bool = False,
 ) -> Any:
-    """The TrainConfig of the demo: `steps` optimiser steps, linear warm-up over the first 10 %, cosine to 0."""
+    """The TrainConfig of the demo: `steps` optimiser steps, linear warm-up over the first 10 %, cosine to 0.
+
+    `recipes/builtin-adapter.yaml` is this recipe for `llama-adapter finetune` (a test keeps the two equal).
+    """
     from llama_adapter.training.config import TrainConfig
 
     epochs = steps * batch_size / n_train
@@ -112,7 +116,28 @@ def demo_train_config(
         template="alpaca",
         progress=progress,
         max_steps=steps,
+        overwrite=overwrite,
     )
+
+
+def write_instruction_data(out: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """The demo's data as files for `llama-adapter finetune`: (train.jsonl, heldout.jsonl) in `out`.
+
+    The same records the demo trains and scores on (`corpus.instruction_data`), so the command line can repeat
+    the demo with `--config recipes/builtin-adapter.yaml`.
+    """
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "train.jsonl", out / "heldout.jsonl"
+    splits = (
+        corpus.instruction_data("train", seed=seed, n_per_task=DEMO_TRAIN_PER_TASK),
+        corpus.instruction_data("heldout"),
+    )
+    for path, recs in zip(paths, splits, strict=True):
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
 
 
 def _size(n: int) -> str:
@@ -133,7 +158,9 @@ def run_demo(
     threads: int | None = None,
     say: Callable[[str], None] = print,
     base: str | Path = "builtin",
+    progress: bool = True,
 ) -> dict[str, Any]:
+    """The demo; its training files go to `out`, replacing an earlier demo's (running it twice just works)."""
     from llama_adapter.loading import load_model
     from llama_adapter.training.loop import train
 
@@ -163,7 +190,9 @@ def run_demo(
     _show([held[i] for i in shown], [before.completions[i] for i in shown], say)
 
     say(f"\n-- fine-tuning a zero-init attention adapter ({steps} steps) --")
-    cfg = demo_train_config(out, len(train_recs), c.n_layers, steps=steps, seed=seed, base=str(base))
+    cfg = demo_train_config(
+        out, len(train_recs), c.n_layers, steps=steps, seed=seed, base=str(base), progress=progress, overwrite=True
+    )
     res = train(cfg, model=model, records=train_recs)
     name = res.adapter_name
 
@@ -220,4 +249,4 @@ def _pick_shown(held: Sequence[dict[str, str]]) -> list[int]:
     return picked[:SHOW]
 
 
-__all__ = ["EvalResult", "demo_train_config", "evaluate", "exact_match", "run_demo"]
+__all__ = ["EvalResult", "demo_train_config", "evaluate", "exact_match", "run_demo", "write_instruction_data"]

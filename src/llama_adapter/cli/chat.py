@@ -1,7 +1,10 @@
 """`llama-adapter chat --base DIR [--adapter FILE ...]`: an interactive loop that streams the answers.
 
-Commands: `/adapter NAME` (or `/adapter none` for the base), `/adapters`, `/reset`, `/quit`. Ctrl-C stops the
-current answer, not the program (Ctrl-C at the prompt, or Ctrl-D, leaves).
+The conversation so far (system text, the user's turns and the answers) is rendered again for every turn in the
+prompt format of the active model (`prompting.resolve_template`: the adapter's template, else the base's own chat
+template, else a plain transcript), so an instruct base sees its own chat format, multi-turn. Commands:
+`/adapter NAME` (or `/adapter none` for the base), `/adapters`, `/reset`, `/quit`. Ctrl-C stops the current answer,
+not the program (Ctrl-C at the prompt, or Ctrl-D, leaves).
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import sys
 from llama_adapter.cli.common import (
     add_model_args,
     add_sampling_args,
+    add_template_args,
     load_adapter_file,
     load_base,
     sampling_kwargs,
-    template_of,
+    template_choice,
 )
 
 HELP = "/adapter NAME | /adapter none | /adapters | /reset | /quit"
@@ -36,21 +40,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="[NAME=]FILE",
         help="adapter file (repeatable; the first one is active)",
     )
-    p.add_argument("--raw", action="store_true", help="no prompt template (plain User:/Assistant: transcript)")
-    p.add_argument("--template", default=None, help="template name or .json path (overrides the adapter's)")
-    p.add_argument("--system", default="", help="system text prepended to the first instruction")
+    add_template_args(p, raw_help="no template: a plain User:/Assistant: transcript")
+    p.add_argument("--system", default="", help="system message (for instruction templates: before the first one)")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_adapter.inference.chat import chat_prompt
+    from llama_adapter.errors import TemplateError
     from llama_adapter.inference.generate import stream_generate
+    from llama_adapter.prompting import empty_answer_hint, render_chat, resolve_template
 
     kw = sampling_kwargs(args)
+    choice = template_choice(args)
     model = load_base(args)
     names = [load_adapter_file(model, a) for a in args.adapter]
     current: str | None = names[0] if names else None
+    resolve_template(model, current, choice)  # a wrong --template fails before the first question
+    system = [("system", args.system)] if args.system else []
     history: list[tuple[str, str]] = []
     out = sys.stdout
     print(f"chatting with {current or 'the base'} ({HELP}; Ctrl-C stops an answer)", file=sys.stderr)
@@ -86,20 +93,23 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"unknown command {cmd} ({HELP})", file=sys.stderr)
             continue
-        template = None if args.raw else template_of(model, current, args.template)
-        msgs = ([("system", args.system)] if args.system else []) + history + [("user", text)]
-        prompt = chat_prompt(msgs, template)
-        ids = model.tokenizer.encode(prompt, bos=True)
-        limit = model.config.max_seq_len - 1
-        while len(ids) > limit and len(history) >= 2:  # forget the oldest turns
-            history = history[2:]
-            msgs = ([("system", args.system)] if args.system else []) + history + [("user", text)]
-            ids = model.tokenizer.encode(chat_prompt(msgs, template), bos=True)
+        try:  # a template that refuses the conversation (or an adapter this base cannot serve) is told, not fatal
+            template = resolve_template(model, current, choice)
+            prompt = render_chat(model, template, [*system, *history, ("user", text)])
+            ids = prompt.encode(model.tokenizer)
+            limit = model.config.max_seq_len - 1
+            while len(ids) > limit and len(history) >= 2:  # forget the oldest turns
+                history = history[2:]
+                prompt = render_chat(model, template, [*system, *history, ("user", text)])
+                ids = prompt.encode(model.tokenizer)
+        except TemplateError as e:
+            print(e, file=sys.stderr)
+            continue
         if len(ids) > limit:
             print(f"message too long ({len(ids)} tokens; the context is {limit + 1})", file=sys.stderr)
             continue
         answer = ""
-        stream = stream_generate(model, [ids], adapter=current, **kw)
+        stream = stream_generate(model, [ids], adapter=current, strip_separator=prompt.strip_separator, **kw)
         try:
             for _, delta in stream:
                 answer += delta
@@ -110,4 +120,6 @@ def run(args: argparse.Namespace) -> int:
             out.write(" [stopped]")
         out.write("\n")
         out.flush()
+        if not answer.strip() and kw["max_new_tokens"] > 0:
+            print(empty_answer_hint(model, template), file=sys.stderr)
         history += [("user", text), ("assistant", answer.strip())]

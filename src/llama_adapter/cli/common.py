@@ -13,7 +13,11 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base checkpoint directory (Hugging Face or Meta layout) or 'builtin'")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="base checkpoint: a directory (Hugging Face or Meta layout), a .gguf file, or 'builtin'",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPE_NAMES,
@@ -22,6 +26,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="weight dtype of the base (default: bf16)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="NAME",
+        help="which of the checkpoint's named chat templates to use (default: the one named 'default')",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -67,7 +77,7 @@ def load_base(args: argparse.Namespace) -> Any:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
+    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device, chat_template=args.chat_template)
     if model.tokenizer is None:
         raise UserError(f"{args.base}: no tokenizer.json or tokenizer.model next to the checkpoint")
     return model
@@ -84,20 +94,22 @@ def load_adapter_file(model: Any, spec: str) -> str:
     return name
 
 
-def template_of(model: Any, adapter: str | None, override: str | None = None) -> str | None:
-    if override:
-        return None if override in ("none", "raw") else override
-    if adapter is None:
-        return None
-    return model.adapters[adapter].meta.get("template") or None
+TEMPLATE_HELP = (
+    "prompt format: 'chat' (the base's own chat template), an instruction template (alpaca, plain) or a .json path "
+    "(default: the adapter's, else the base's chat template, else plain text)"
+)
 
 
-def build_prompt(template: str | None, instruction: str, input: str = "") -> str:
-    from llama_adapter.templates import format_prompt
+def add_template_args(p: argparse.ArgumentParser, raw_help: str) -> None:
+    p.add_argument("--template", default=None, help=TEMPLATE_HELP)
+    p.add_argument("--raw", action="store_true", help=raw_help)
 
-    if template:
-        return format_prompt(template, instruction, input)
-    return f"{instruction}\n{input}" if input else instruction
+
+def template_choice(args: argparse.Namespace) -> str | None:
+    """The explicit choice of `--raw` / `--template` for `prompting.resolve_template` (None: the rule decides)."""
+    if args.raw and args.template:
+        raise UserError("--raw and --template exclude each other")
+    return "raw" if args.raw else args.template
 
 
 def image_features(model: Any, adapter: str | None, image: str, encoder_dir: str | None) -> Any:

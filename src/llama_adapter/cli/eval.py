@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -56,7 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="evaluate problems whose image is missing without it instead of stopping",
     )
-    s.add_argument("--out", default=None, help="predictions JSONL (default: scienceqa_<split>_predictions.jsonl)")
+    s.add_argument(
+        "--out",
+        default=None,
+        help="predictions JSONL (default: runs/eval/scienceqa-<name>-<split>.jsonl, <name> as in --name; "
+        "runs/ is git-ignored)",
+    )
     s.add_argument("--name", default=None, help="row label in the table (default: the adapter file name)")
     s.add_argument(
         "--dtype",
@@ -67,7 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--json", action="store_true", help="print the accuracies as JSON")
-    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.add_argument(
+        "--quiet", action="store_true", help="no progress (a bar on a terminal, a line per 10%% in a log; stderr)"
+    )
     s.set_defaults(func=run_scienceqa)
 
     d = bench.add_parser(
@@ -114,6 +122,12 @@ def run_export(args: argparse.Namespace) -> int:
     n_img = sum(1 for r in rows if "image" in r)
     print(f"wrote {len(rows)} records ({n_img} with an image) to {out}")
     return 0
+
+
+def default_predictions_path(label: str, split: str) -> Path:
+    """Where predictions go without --out: under runs/ (git-ignored), never loose in the working directory."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "base"
+    return Path("runs") / "eval" / f"scienceqa-{safe}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}.jsonl"
 
 
 def run_scienceqa(args: argparse.Namespace) -> int:
@@ -171,13 +185,13 @@ def run_scienceqa(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         skip_missing_images=args.skip_missing_images,
     )
-    out = args.out or f"scienceqa_{args.split}_predictions.jsonl"
-    write_jsonl(out, results)
-    acc = group_accuracy(results)
     label = args.name or "base"
     if args.adapter and not args.name:
         a = Path(args.adapter)
         label = a.parent.name if a.stem == "adapter" and a.parent.name else a.stem
+    out = args.out or default_predictions_path(label, args.split)
+    write_jsonl(out, results)
+    acc = group_accuracy(results)
     if args.json:
         print(json.dumps({"name": label, "accuracy": acc, "predictions": str(out)}, indent=2))
     else:

@@ -16,12 +16,15 @@ from typing import Any
 from llama_adapter.cli.common import DTYPE_NAMES
 
 HELP = {
-    "base": "base checkpoint directory (Hugging Face or Meta layout) or 'builtin'",
-    "data": "training data: JSON list / JSONL files or directories of them (Alpaca format)",
+    "base": "base checkpoint: a directory (Hugging Face or Meta layout), a .gguf file, or 'builtin'",
+    "data": "training data: JSON list / JSONL files or directories of them (Alpaca records, or conversations: "
+    "OpenAI 'messages' or ShareGPT 'conversations')",
     "out": "output directory (adapter.safetensors, config.yaml, metrics.jsonl, loss.png, checkpoint.pt)",
     "val_data": "validation data files/directories (same format)",
     "val_fraction": "hold out this fraction of the training records for validation (seeded)",
-    "template": "prompt template name (alpaca, plain) or path of a template .json",
+    "template": "auto (alpaca for Alpaca records, chat for conversations), chat (the base's own chat template), "
+    "an instruction template (alpaca, plain) or the path of a template .json",
+    "train_on": "assistant turns of a conversation that the loss covers: all, or only the last",
     "max_length": "truncate BOS + prompt + output + EOS to this many tokens",
     "epochs": "training epochs (fractional allowed)",
     "warmup_epochs": "linear warm-up epochs before the half-cosine decay",
@@ -40,6 +43,7 @@ HELP = {
     "seed": "random seed (adapter init, data order, validation split)",
     "save_every": "write checkpoint.pt every N steps (0: only at the end)",
     "resume": "continue the run in this directory (or from this checkpoint.pt)",
+    "overwrite": "replace an earlier run in --out (without it, such an --out is refused)",
     "skip_invalid": "skip invalid records (and report how many) instead of stopping",
     "max_steps": "stop after N optimiser steps (smoke runs; the lr schedule is unchanged)",
     "device": "auto, cpu, cuda or cuda:N",
@@ -54,7 +58,12 @@ HELP = {
 }
 
 
-CHOICES = {"gate": ["tanh", "linear"], "attention": ["zero-init", "rand-init"], "dtype": list(DTYPE_NAMES)}
+CHOICES = {
+    "gate": ["tanh", "linear"],
+    "attention": ["zero-init", "rand-init"],
+    "dtype": list(DTYPE_NAMES),
+    "train_on": ["all", "last"],
+}
 
 
 def _flag_type(tp: str) -> Any:

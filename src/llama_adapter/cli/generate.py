@@ -8,12 +8,12 @@ import sys
 from llama_adapter.cli.common import (
     add_model_args,
     add_sampling_args,
-    build_prompt,
+    add_template_args,
     image_features,
     load_adapter_file,
     load_base,
     sampling_kwargs,
-    template_of,
+    template_choice,
 )
 from llama_adapter.errors import UserError
 
@@ -22,16 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate a response to one instruction",
-        description="Print the response of the base (or of the base with an adapter) to an "
-        "instruction. The adapter's prompt template (recorded in its file, e.g. alpaca) is "
-        "applied unless --raw.",
+        description="Print the response of the base (or of the base with an adapter) to an instruction, in the "
+        "prompt format the model was tuned on: the adapter's template (recorded in its file, e.g. alpaca), else "
+        "the base's own chat template (instruct models), else plain text. --template chooses, --raw sends the "
+        "text as is.",
     )
     add_model_args(p)
     p.add_argument("--adapter", default=None, help="adapter .safetensors file")
     p.add_argument("instruction", help="the instruction (or, with --raw, the whole prompt)")
     p.add_argument("--input", default="", help="optional input/context for the instruction")
-    p.add_argument("--raw", action="store_true", help="send the text as is, without the template")
-    p.add_argument("--template", default=None, help="template name or .json path (overrides the adapter's)")
+    add_template_args(p, raw_help="send the text as is, without any template")
     p.add_argument("--image", default=None, help="image file (multi-modal adapters)")
     p.add_argument("--image-encoder", default=None, help="image encoder directory (default: the adapter's)")
     p.add_argument("--no-stream", action="store_true", help="print the response only when complete")
@@ -40,27 +40,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama_adapter.inference.generate import stream_generate
+    from llama_adapter.inference.generate import generate, stream_generate
+    from llama_adapter.prompting import empty_answer_hint, render_instruction, resolve_template
 
     kw = sampling_kwargs(args)
     model = load_base(args)
     name = load_adapter_file(model, args.adapter) if args.adapter else None
-    template = None if args.raw else template_of(model, name, args.template)
+    template = resolve_template(model, name, template_choice(args))
     try:
-        prompt = build_prompt(template, args.instruction, args.input)
+        prompt = render_instruction(model, template, args.instruction, args.input)
     except ValueError as e:
         raise UserError(str(e)) from None
+    ids = prompt.encode(model.tokenizer)
     feats = image_features(model, name, args.image, args.image_encoder) if args.image else None
+    answer = ""
     try:
         if args.no_stream:
-            from llama_adapter.inference.generate import generate
-
-            print(generate(model, [prompt], adapter=name, image_features=feats, **kw)[0])
-            return 0
-        for _, delta in stream_generate(model, [prompt], adapter=name, image_features=feats, **kw):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+            answer = generate(
+                model, [ids], adapter=name, image_features=feats, strip_separator=prompt.strip_separator, **kw
+            )[0]
+            sys.stdout.write(answer)
+        else:
+            for _, delta in stream_generate(
+                model, [ids], adapter=name, image_features=feats, strip_separator=prompt.strip_separator, **kw
+            ):
+                answer += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
     except ValueError as e:
         raise UserError(str(e)) from None
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not answer.strip() and kw["max_new_tokens"] > 0:
+        print(empty_answer_hint(model, template), file=sys.stderr)
     return 0

@@ -12,9 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "info",
         help="show a checkpoint's or adapter's architecture, parameters and sizes",
         description="Print the architecture, parameter counts and file sizes of a base checkpoint "
-        "directory (Hugging Face or Meta layout, or 'builtin') or of an adapter .safetensors file.",
+        "directory (Hugging Face or Meta layout, or 'builtin'), of a GGUF file, or of an adapter .safetensors file.",
     )
-    p.add_argument("path", help="checkpoint directory, 'builtin', or adapter file")
+    p.add_argument("path", help="checkpoint directory, .gguf file, 'builtin', or adapter file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
@@ -29,7 +29,7 @@ def _size(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() != ".gguf":  # a .gguf file is a base (llama_adapter.gguf_loading)
         from llama_adapter.adapter_file import read_adapter
 
         meta, tensors = read_adapter(path)

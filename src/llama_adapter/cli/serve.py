@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="OpenAI-compatible server for the base and many adapters at once",
         description="Serve /v1/completions, /v1/chat/completions (SSE streaming), /v1/models and "
         "/health. The request's `model` picks an adapter or the base; requests in flight are "
-        "decoded together in one batch whatever their adapters (continuous batching).",
+        "decoded together in one batch whatever their adapters (continuous batching). Chats use the adapter's "
+        "prompt template, else the base's own chat template, else a plain transcript.",
     )
     add_model_args(p)
     p.add_argument(
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llama_adapter.errors import UserError
+    from llama_adapter.prompting import resolve_template
     from llama_adapter.serving.app import create_app
 
     if args.max_batch_size < 1 or args.max_queue < 0:
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         name = load_adapter_file(model, spec)
         if name == args.base_name:
             raise UserError(f"adapter name {name!r} is the base's model id; pick another NAME=")
+        resolve_template(model, name)  # its prompt format must be one this base can give, checked before serving
     ctx = args.max_context or min(model.config.max_seq_len, 4096)
     app = create_app(
         model,

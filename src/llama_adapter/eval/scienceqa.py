@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from llama_adapter.errors import ScienceQAError
+from llama_adapter.progress import Progress
 
 LETTERS = "ABCDE"
 GROUPS = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"]
@@ -369,6 +370,7 @@ def evaluate(
     """Greedy answers for `problems`; one result row per problem (prediction, correctness, groups).
 
     Prompts longer than the context are shortened (see `fit_prompt`) and flagged `truncated` in the rows.
+    `progress` reports to stderr (`llama_adapter.progress`: a bar on a terminal, a line per tenth in a log).
     """
     from llama_adapter.errors import ImageError
     from llama_adapter.multimodal.encoder import load_image
@@ -376,6 +378,7 @@ def evaluate(
     if model.tokenizer is None:
         raise ScienceQAError("the base has no tokenizer")
     results: list[dict[str, Any]] = []
+    bar = Progress(len(problems), "scienceqa", unit="problem", enabled=progress)
     for s in range(0, len(problems), batch_size):
         batch = list(problems[s : s + batch_size])
         fitted = [fit_prompt(model, p, template, (captions or {}).get(p.pid), max_new_tokens) for p in batch]
@@ -411,10 +414,8 @@ def evaluate(
                     "truncated": cut,
                 }
             )
-        if progress:
-            done = len(results)
-            acc = 100.0 * sum(r["correct"] for r in results) / done
-            print(f"  {done}/{len(problems)}  acc {acc:.2f}", flush=True)
+        bar.update(len(batch), acc=f"{100.0 * sum(r['correct'] for r in results) / len(results):.2f}")
+    bar.close()
     return results
 
 

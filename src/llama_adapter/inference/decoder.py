@@ -44,6 +44,7 @@ class DecodeRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     image_features: Tensor | None = None  # [1, F]
     tag: Any = None  # caller's handle (row index, server request)
+    strip_separator: bool = False  # the prompt ends with a response marker: drop one leading space of the answer
     id: int = field(default_factory=lambda: next(_ids))
     # state
     pkv: PKV | None = None
@@ -154,7 +155,7 @@ class BatchDecoder:
 
     def _init_seq(self, seq: DecodeRequest) -> None:
         p = seq.params
-        seq.stream = TextStream(self.tokenizer, p.stop)
+        seq.stream = TextStream(self.tokenizer, p.stop, seq.strip_separator)
         seq.out_ids = []
         if p.seed is not None:
             seq.generator = torch.Generator(device=self.device)

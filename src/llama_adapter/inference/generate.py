@@ -52,6 +52,7 @@ def iter_events(
     max_batch_size: int = 32,
     ignore_eos: bool = False,
     on_step: Callable[[], None] | None = None,
+    strip_separator: bool = False,
 ) -> Iterator[Event]:
     """The events behind `generate`/`stream_generate` (Event.seq.tag is the prompt's index)."""
     ids = _encode_prompts(model, prompts)
@@ -77,7 +78,14 @@ def iter_events(
         if r is not None and r not in model.adapters:
             raise KeyError(f"no adapter named {r!r} (loaded: {', '.join(model.adapters) or 'none'})")
     seqs = [
-        DecodeRequest(p, rows[i], params, None if image_features is None else image_features[i : i + 1], tag=i)
+        DecodeRequest(
+            p,
+            rows[i],
+            params,
+            None if image_features is None else image_features[i : i + 1],
+            tag=i,
+            strip_separator=strip_separator,
+        )
         for i, p in enumerate(ids)
     ]
     if not seqs:
@@ -110,6 +118,7 @@ def generate(
     seed: int | None = None,
     image_features: Tensor | None = None,
     max_batch_size: int = 32,
+    strip_separator: bool = False,
 ) -> list[str]:
     """Completions (text after the prompt) for a batch of prompts.
 
@@ -117,7 +126,9 @@ def generate(
     verbatim. `adapter`: one name for all rows, None (the base), or one entry per prompt. temperature 0 is
     greedy. With `seed`, every row samples from its own generator seeded with `seed`, so a row's output does
     not depend on the other rows. `image_features` [B, F]: one row per prompt for multi-modal adapters.
-    Up to `max_batch_size` rows decode together; the rest join as rows finish.
+    Up to `max_batch_size` rows decode together; the rest join as rows finish. `strip_separator`: the prompts end
+    with a template's response marker ("### Response:"); one leading space of each answer is dropped (a completion
+    keeps the text exactly as the model wrote it: the default). For conversations, see `inference.chat.chat`.
     """
     out = [""] * len(prompts)
     for ev in iter_events(
@@ -132,6 +143,7 @@ def generate(
         seed=seed,
         image_features=image_features,
         max_batch_size=max_batch_size,
+        strip_separator=strip_separator,
     ):
         out[ev.seq.tag] += ev.text
     return out
@@ -184,6 +196,7 @@ def stream_generate(
     seed: int | None = None,
     image_features: Tensor | None = None,
     max_batch_size: int = 32,
+    strip_separator: bool = False,
 ) -> Generator[tuple[int, str], None, None]:
     """Like `generate`, but yields `(row_index, text_delta)` as tokens are decoded.
 
@@ -203,6 +216,7 @@ def stream_generate(
         seed=seed,
         image_features=image_features,
         max_batch_size=max_batch_size,
+        strip_separator=strip_separator,
     ):
         if ev.text:
             yield ev.seq.tag, ev.text

@@ -13,10 +13,14 @@ class TextStream:
     tokenizers that merge bytes or strip leading spaces (byte-level BPE, sentencepiece) give exact text and
     a partial multi-byte character (decoded as U+FFFD) is held back until its last byte arrives. Text that
     could be the start of a stop string is held back too, until it is clear.
+
+    With `strip_separator`, one space at the start of the text is dropped: the space that separates a template's
+    response marker ("### Response:", "[/INST]") from the answer belongs to neither (stop strings apply after).
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), strip_separator: bool = False) -> None:
         self.tok, self.stop = tokenizer, tuple(stop)
+        self._strip = strip_separator
         self.ids: list[int] = []
         self._prefix = self._read = 0
         self.text = ""  # everything decoded so far (cut at a stop string)
@@ -47,6 +51,9 @@ class TextStream:
     def _add(self, delta: str) -> None:
         if self.stopped:
             return
+        if self._strip and delta:
+            self._strip = False
+            delta = delta[1:] if delta.startswith(" ") else delta
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += delta
         cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)

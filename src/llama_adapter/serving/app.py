@@ -1,9 +1,11 @@
 """OpenAI-compatible HTTP server (FastAPI): one frozen base, many adapters, continuously batched.
 
     POST /v1/completions            raw prompts (str, [str], [int] or [[int]]), optional SSE streaming
-    POST /v1/chat/completions       messages; the adapter's template is applied; SSE with "stream": true;
-                                    image content parts (data: URLs) for multi-modal adapters
-    GET  /v1/models                 the base and every adapter
+    POST /v1/chat/completions       messages, in the model's prompt format (`prompting.resolve_template`: the
+                                    adapter's template, else the base's own chat template, else a plain
+                                    transcript); SSE with "stream": true; image content parts (data: URLs) for
+                                    multi-modal adapters
+    GET  /v1/models                 the base and every adapter, each with the prompt format its chats use
     POST /v1/adapters               {"name": ..., "path": ...}  load an adapter file (needs --api-key)
     DELETE /v1/adapters/{name}      unload it (requests already decoding finish normally)
     GET  /health
@@ -33,10 +35,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
-from llama_adapter.errors import AdapterError
-from llama_adapter.inference.chat import chat_prompt
+from llama_adapter.errors import AdapterError, TemplateError
 from llama_adapter.inference.decoder import DecodeRequest, Event
 from llama_adapter.model import Transformer
+from llama_adapter.prompting import RenderedPrompt, describe_template, render_chat, resolve_template
 from llama_adapter.serving import responses
 from llama_adapter.serving.engine import Engine, QueueFull
 from llama_adapter.serving.protocol import (
@@ -113,9 +115,12 @@ class Server:
             404, f"the model {name!r} does not exist (see GET /v1/models)", param="model", code="model_not_found"
         )
 
-    def templates(self) -> dict[str, str | None]:
-        """Each adapter's prompt template (None: plain prompts)."""
-        return {name: a.meta.get("template") for name, a in list(self.model.adapters.items())}
+    def templates(self) -> dict[str | None, str | None]:
+        """The prompt format of each model's chats: None (the base) first, then each adapter by name ("chat": the
+        base's own chat template; None: a plain transcript)."""
+        out: dict[str | None, str | None] = {None: describe_template(self.model, None)}
+        out.update({name: describe_template(self.model, name) for name in list(self.model.adapters)})
+        return out
 
     def load_adapter(self, name: str, path: str) -> None:
         with self.engine.model_lock():
@@ -127,6 +132,11 @@ class Server:
                 self.model.load_adapter(path, name)
             except (AdapterError, ValueError, OSError) as e:
                 raise bad(str(e), param="path") from None
+            try:  # an adapter whose prompt format this base cannot give ("chat" without a chat template)
+                resolve_template(self.model, name)
+            except TemplateError as e:
+                self.model.remove_adapter(name)
+                raise bad(str(e), param="path") from None
         self.engine.forget_adapter(name)
 
     def remove_adapter(self, name: str) -> None:
@@ -137,12 +147,13 @@ class Server:
             self.engine.forget_adapter(name)
 
     # ---- inputs --------------------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt (text gets BOS); 400 if empty, out of vocabulary or too long for the context."""
+    def encode(self, prompt: Prompt, bos: bool = True) -> list[int]:
+        """Token ids of a prompt (text gets BOS unless `bos` is False: a chat template writes its own); 400 if
+        empty, out of vocabulary or too long for the context."""
         tok = self.model.tokenizer
         assert tok is not None
         if isinstance(prompt, str):
-            ids = tok.encode(prompt, bos=True)
+            ids = tok.encode(prompt, bos=bos)
         else:
             vocab = self.model.config.vocab_size
             if not all(is_int(t) and 0 <= t < vocab for t in prompt):
@@ -159,13 +170,22 @@ class Server:
             )
         return ids
 
-    def render_chat(self, adapter: str | None, messages: Sequence[Message]) -> str:
-        """The conversation as prompt text in the adapter's template (plain transcript for the base)."""
-        template = self.templates()[adapter] if adapter is not None else None
+    def render_chat(self, adapter: str | None, messages: Sequence[Message]) -> RenderedPrompt:
+        """The conversation as the prompt of the assistant's next turn, in the format `resolve_template` picks.
+
+        A conversation the base's chat template refuses (`raise_exception`: say, roles that do not alternate) is
+        the client's error (400); a template that cannot be used at all is the server's (500).
+        """
         try:
-            return chat_prompt(messages, template or None)
+            template = resolve_template(self.model, adapter)
+        except TemplateError as e:
+            raise APIError(500, f"the model's prompt template cannot be used: {e}", type="server_error") from None
+        try:
+            return render_chat(self.model, template, messages)
+        except TemplateError as e:
+            raise bad(str(e), param="messages") from None
         except ValueError as e:
-            raise APIError(500, f"the adapter's template cannot be used: {e}", type="server_error") from None
+            raise APIError(500, f"the model's prompt template cannot be used: {e}", type="server_error") from None
 
     def image_features(self, adapter: str | None, image: Image) -> Tensor:
         """Features of `image` from the adapter's image encoder (loaded once per directory)."""
@@ -268,7 +288,9 @@ async def health(request: Request) -> dict[str, Any]:
 async def list_models(request: Request) -> dict[str, Any]:
     srv = server_of(request)
     srv.check_key(request.headers)
-    return responses.models_body(srv.base_name, srv.created, srv.templates())
+    templates = srv.templates()
+    base = templates.pop(None)
+    return responses.models_body(srv.base_name, srv.created, base, {k: v for k, v in templates.items() if k})
 
 
 async def add_adapter(request: Request) -> JSONResponse:
@@ -307,7 +329,9 @@ async def chat_completions(request: Request) -> Any:
     req = parse_chat_request(body)
     prompt = srv.render_chat(adapter, req.messages)
     feats = await asyncio.to_thread(srv.image_features, adapter, req.images[0]) if req.images else None
-    seqs = [DecodeRequest(srv.encode(prompt), adapter, req.sampling, image_features=feats, tag=0)]
+    ids = srv.encode(prompt.text, bos=prompt.bos)
+    seq = DecodeRequest(ids, adapter, req.sampling, image_features=feats, tag=0, strip_separator=prompt.strip_separator)
+    seqs = [seq]
     return await srv.respond(request, Reply.new("chat", req.model), seqs, req.stream)
 
 

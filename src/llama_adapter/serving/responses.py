@@ -113,9 +113,12 @@ def model_card(name: str, base_name: str, created: int, parent: str | None = Non
     return {"id": name, "object": "model", "created": created, "owned_by": OWNER, "root": base_name, "parent": parent}
 
 
-def models_body(base_name: str, created: int, templates: Mapping[str, str | None]) -> dict[str, Any]:
-    """GET /v1/models: the base, then each adapter (name -> its prompt template) with its template."""
-    data = [model_card(base_name, base_name, created)]
+def models_body(
+    base_name: str, created: int, base_template: str | None, templates: Mapping[str, str | None]
+) -> dict[str, Any]:
+    """GET /v1/models: the base, then each adapter (`templates`: name -> its prompt format), each with the prompt
+    format its chats use ("chat": the base's own chat template; None: a plain transcript)."""
+    data = [{**model_card(base_name, base_name, created), "template": base_template}]
     for name, template in templates.items():
         data.append({**model_card(name, base_name, created, parent=base_name), "template": template})
     return {"object": "list", "data": data}

@@ -1,7 +1,8 @@
 """Fine-tuning an adapter (`llama-adapter finetune`), one idea per module.
 
 - `config`: `TrainConfig` (the options, one per CLI flag), `TrainResult`, `DTYPES`.
-- `data`: records (Alpaca JSON/JSONL), validation split, tokenisation, the seeded batch plan, collation.
+- `data`: records (Alpaca, OpenAI chat, ShareGPT; JSON/JSONL), validation split, tokenisation with the loss mask
+  (responses, or assistant turns), the seeded batch plan, collation.
 - `loss`: the response-only cross-entropy, logits a chunk at a time.
 - `schedule`: the learning-rate schedule (warm-up, then half-cosine) and the step counts.
 - `checkpointing`: `checkpoint.pt`, the resumable training state.

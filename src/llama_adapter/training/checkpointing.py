@@ -41,6 +41,7 @@ TRAJECTORY_KEYS = (
     "gate",
     "attention",
     "template",
+    "train_on",
     "max_length",
     "val_fraction",
 )
@@ -86,7 +87,8 @@ def load_checkpoint(path: str) -> tuple[dict[str, Any], Path]:
 
 def check_trajectory(ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Refuse to resume with options that would change the run's arithmetic (`TRAJECTORY_KEYS`)."""
-    saved = json.loads(ckpt["config"])
+    # an option added after the checkpoint was written had its default's effect then
+    saved = TrainConfig().to_dict() | json.loads(ckpt["config"])
     diff = [k for k in TRAJECTORY_KEYS if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise TrainingError(

@@ -23,12 +23,20 @@ ADAPTER_NAME = "default"
 class TrainConfig:
     """Every field is a `llama-adapter finetune` flag (`--max-length` for max_length, ...)."""
 
-    base: str = "builtin"  # base checkpoint directory (Hugging Face or Meta layout) or "builtin"
-    data: list[str] = field(default_factory=list)  # training data files/directories (Alpaca JSON or JSONL)
+    base: str = "builtin"  # base checkpoint: a directory (Hugging Face or Meta layout), a .gguf file, or "builtin"
+    # training data files/directories: JSON lists or JSONL of Alpaca records or conversations (OpenAI `messages`,
+    # ShareGPT `conversations`)
+    data: list[str] = field(default_factory=list)
     out: str = "runs/adapter"  # output directory (adapter, config.yaml, metrics.jsonl, loss.png, checkpoint.pt)
     val_data: list[str] = field(default_factory=list)  # validation data files/directories
     val_fraction: float = 0.0  # hold out this fraction of the training records for validation (seeded)
-    template: str = "alpaca"  # prompt template name or path of a template .json
+    # How records become text. "auto": alpaca for Alpaca records, chat for conversations (data that mixes both must
+    # choose). "chat": the base's own chat template (an Alpaca record is one user/assistant exchange; a base
+    # without one is refused). An instruction template (alpaca, plain, or the path of a template .json): Alpaca
+    # records as in the paper; a conversation turn by turn, each user turn an instruction (system text before the
+    # first), each answer after its response marker and ending with EOS, as `prompting` lays out a chat.
+    template: str = "auto"
+    train_on: str = "all"  # assistant turns of a conversation that the loss covers: all, or only the last
     max_length: int = 512  # truncate BOS + prompt + output + EOS to this many tokens
     epochs: float = 5  # training epochs (fractional allowed)
     warmup_epochs: float = 2  # linear warm-up epochs before the half-cosine decay
@@ -47,6 +55,7 @@ class TrainConfig:
     seed: int = 0  # adapter init, data order and validation split
     save_every: int = 0  # write checkpoint.pt every N steps (0: only at the end)
     resume: str | None = None  # continue the run in this directory (or from this checkpoint.pt)
+    overwrite: bool = False  # replace an earlier run in `out` (otherwise refused: use resume or another out)
     skip_invalid: bool = False  # skip invalid records (and report how many) instead of stopping
     max_steps: int | None = None  # stop after this many steps (the lr schedule is unchanged)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -97,6 +106,7 @@ class TrainConfig:
             (self.gate in ("tanh", "linear"), "--gate must be tanh or linear"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
             (self.loss_chunk >= 1, "--loss-chunk must be >= 1"),
+            (self.train_on in ("all", "last"), "--train-on must be all or last"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -1,13 +1,22 @@
-"""Alpaca-format instruction data: loading, validation, tokenisation and length-grouped batching.
+"""Training data: Alpaca records and conversations; loading, validation, tokenisation, length-grouped batching.
 
 Accepted inputs: a JSON list of records, a JSONL file (one record per line), or a directory of such files
-(`*.json`, `*.jsonl`, sorted by name). A record is `{"instruction": str, "input": str (optional),
-"output": str}`; the self-instruct shape `{"instruction", "instances": [{"input", "output"}, ...]}` is
-flattened into one record per instance. An optional `"image"` string (a relative path, for multi-modal
-adapters) is allowed; any other field is kept untouched.
+(`*.json`, `*.jsonl`, sorted by name). A record is one of:
+- Alpaca: `{"instruction": str, "input": str (optional), "output": str}`; the self-instruct shape
+  `{"instruction", "instances": [{"input", "output"}, ...]}` is flattened into one record per instance. An
+  optional `"image"` string (a relative path, for multi-modal adapters) is allowed; any other field is kept.
+- OpenAI chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": str | [parts]}, ...]}`, parts
+  being `{"type": "text", "text": ...}` or one `{"type": "image_url", "image_url": {"url": path | data URL}}`.
+- ShareGPT: `{"conversations": [{"from": "system" | "human" | "gpt", "value": ...}, ...]}`. With an `"image"` it
+  is a LLaVA record: its first exchange becomes an Alpaca record, as in the paper's single-turn setting.
+Conversations are normalised to `{"messages": [{"role", "content": str}], "image"?: str}` (an image part moves to
+`"image"`, where the multi-modal code looks; one image per record) and must end with an assistant turn.
 
-Sequence = BOS + prompt + output + EOS, truncated to `max_length`; the loss covers output + EOS only
-(labels of the prompt are `IGNORE_INDEX` = -100, never a real token id).
+Alpaca records: sequence = BOS + prompt + output + EOS, truncated to `max_length`; the loss covers output + EOS
+only. Conversations: rendered with the base's chat template (`--template chat`, the default for them) or turn by
+turn through an instruction template; the loss covers the assistant turns (each with the end-of-turn text the
+template writes after it): all of them, or the last with `--train-on last`. Labels elsewhere are `IGNORE_INDEX` =
+-100, never a real token id.
 """
 
 from __future__ import annotations
@@ -18,17 +27,47 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from llama_adapter.errors import DataError
+from llama_adapter.errors import DataError, TemplateError
 from llama_adapter.templates import format_prompt
+
+if TYPE_CHECKING:
+    from llama_adapter.chat_template import ChatTemplate
 
 IGNORE_INDEX = -100
 TEXT_FIELDS = ("instruction", "input", "output")
 OPTIONAL_STRING_FIELDS = ("input", "image")
+AUTO = "auto"  # the template option's default: alpaca for Alpaca records, chat for conversations
+CHAT = "chat"  # the template option's name for the base's own chat template
+
+
+@dataclass(frozen=True)
+class _ChatFormat:
+    """The field names of one conversation format, and its role names (as its users write them)."""
+
+    key: str  # the record's list of turns
+    role: str  # a turn's role field
+    content: str  # a turn's text field
+    roles: dict[str, str]  # role name in the file -> system, user or assistant
+    user: str
+    assistant: str
+
+
+OPENAI = _ChatFormat(
+    "messages", "role", "content", {r: r for r in ("system", "user", "assistant")}, "user", "assistant"
+)
+SHAREGPT = _ChatFormat(
+    "conversations",
+    "from",
+    "value",
+    {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"},
+    "human",
+    "gpt",
+)
 
 
 # ---- loading and validation -----------------------------------------------------------------------------
@@ -82,10 +121,17 @@ def _parse_file(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
+def is_chat(rec: dict[str, Any]) -> bool:
+    """Whether a (validated) record is a conversation rather than an Alpaca record."""
+    return "messages" in rec and "instruction" not in rec
+
+
 def _check_record(rec: Any) -> str | None:
-    """The problem with one flat record, or None."""
+    """The problem with one flat record, or None (conversations were checked when they were normalised)."""
     if not isinstance(rec, dict):
         return f"is a {type(rec).__name__}, not an object"
+    if is_chat(rec):
+        return None
     for key in ("instruction", "output"):
         if key not in rec:
             return f"field {key!r} is missing"
@@ -111,13 +157,22 @@ def _accept(raw: Any, where: str, skip_invalid: bool, report: LoadReport, out: l
     assert not isinstance(flat, str)
     for r in flat:
         r = dict(r)
-        r["input"] = r.get("input") or ""
+        if not is_chat(r):
+            r["input"] = r.get("input") or ""
+        r["_where"] = where  # a chat template renders it later, at tokenisation; its errors name the record
         out.append(r)
 
 
 def _flatten(rec: Any) -> list[Any] | str:
-    """Expand the self-instruct `instances` shape and convert LLaVA `conversations` records; returns a problem
-    string for a malformed one."""
+    """Expand the self-instruct `instances` shape, convert LLaVA records and normalise conversations; returns a
+    problem string for a malformed one."""
+    if isinstance(rec, dict) and "instruction" not in rec:
+        if "messages" in rec:
+            chat = _chat_record(rec, OPENAI)
+            return chat if isinstance(chat, str) else [chat]
+        if "conversations" in rec and not rec.get("image"):
+            chat = _chat_record(rec, SHAREGPT)
+            return chat if isinstance(chat, str) else [chat]
     if isinstance(rec, dict) and "conversations" in rec and "instruction" not in rec:
         from llama_adapter.multimodal.features import llava_to_alpaca
 
@@ -139,10 +194,94 @@ def _flatten(rec: Any) -> list[Any] | str:
     return out
 
 
+def _content(value: Any, name: str) -> tuple[str, str | None] | str:
+    """(text, image URL or None) of a turn's content: a string, or a list of text parts and at most one image
+    part (text parts joined by newlines, as the server does); or the problem with it."""
+    if isinstance(value, str):
+        return value, None
+    if not isinstance(value, list):
+        return f"field {name!r} is a {type(value).__name__}, not a string or a list of text/image_url parts"
+    texts: list[str] = []
+    image: str | None = None
+    for k, part in enumerate(value):
+        at = f"{name}[{k}]"
+        if not isinstance(part, dict):
+            return f"{at} is a {type(part).__name__}, not an object"
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                return f"{at}: field 'text' is a {type(part.get('text')).__name__}, not a string"
+            texts.append(part["text"])
+        elif kind == "image_url":
+            iu = part.get("image_url")
+            url = iu.get("url") if isinstance(iu, dict) else iu
+            if not isinstance(url, str) or not url:
+                return f"{at}: 'image_url' needs a 'url' string (an image path or a data: URL)"
+            if url.startswith(("http://", "https://")):
+                return f"{at}: remote image URLs are not fetched; use an image path or a data: URL"
+            if image is not None:
+                return f"{at}: a second image (one image per record)"
+            image = url.removeprefix("file://")
+        else:
+            return f"{at}: unknown part type {kind!r} (expected text or image_url)"
+    return "\n".join(texts), image
+
+
+def _a(role: str) -> str:
+    """A role name with its article ("an assistant", "a user")."""
+    return ("an " if role[:1] in "aeio" else "a ") + role
+
+
+def _chat_record(rec: dict[str, Any], fmt: _ChatFormat) -> dict[str, Any] | str:
+    """A conversation in `fmt` -> `{"messages": [{"role", "content": str}], "image"?: ...}` with the record's other
+    fields; or the problem with it, naming the turn and field in the file's own terms."""
+    turns = rec[fmt.key]
+    if not isinstance(turns, list) or not turns:
+        return f"field {fmt.key!r} is not a non-empty list"
+    image = rec.get("image")
+    if image is not None and not isinstance(image, str):
+        return f"field 'image' is a {type(image).__name__}, not a string"
+    messages: list[dict[str, str]] = []
+    for j, turn in enumerate(turns):
+        at = f"{fmt.key}[{j}]"
+        if not isinstance(turn, dict):
+            return f"{at} is a {type(turn).__name__}, not an object"
+        for key in (fmt.role, fmt.content):
+            if key not in turn:
+                return f"{at}: field {key!r} is missing"
+        role = turn[fmt.role]
+        if not isinstance(role, str) or role not in fmt.roles:
+            return f"{at}: unknown {fmt.role} {role!r} (expected {', '.join(fmt.roles)})"
+        content = _content(turn[fmt.content], fmt.content)
+        if isinstance(content, str):
+            return f"{at}: {content}"
+        text, url = content
+        if url is not None:
+            if fmt.roles[role] != "user":
+                return f"{at}: an image is only allowed in {_a(fmt.user)} turn"
+            if image:
+                return f"{at}: a second image (one image per record)"
+            image = url
+        if not text.strip() and url is None:
+            return f"{at}: empty {fmt.content!r}"
+        messages.append({"role": fmt.roles[role], "content": text})
+    if not any(m["role"] == "assistant" for m in messages):
+        return f"the conversation has no {fmt.assistant} turn to learn from"
+    if messages[-1]["role"] != "assistant":
+        last = turns[-1][fmt.role]
+        return f"the conversation ends with {_a(last)} turn; it must end with {_a(fmt.assistant)} turn"
+    out = {k: v for k, v in rec.items() if k not in (fmt.key, "image")}
+    out["messages"] = messages
+    if image:
+        out["image"] = image
+    return out
+
+
 def load_records(
     paths: str | Path | Sequence[str | Path], skip_invalid: bool = False, report: LoadReport | None = None
 ) -> list[dict[str, Any]]:
-    """Read and validate Alpaca records from files/directories. Unknown fields are kept.
+    """Read and validate records (Alpaca, OpenAI chat, ShareGPT/LLaVA) from files/directories. Unknown fields
+    are kept.
 
     With `skip_invalid`, bad records are skipped and counted in `report.n_skipped`; otherwise the first
     bad record raises DataError naming the file, record number and field.
@@ -195,14 +334,30 @@ def split_validation(
 # ---- tokenisation ---------------------------------------------------------------------------------------
 @dataclass
 class Example:
-    ids: list[int]  # BOS + prompt + output + EOS (truncated)
-    n_prompt: int  # tokens before the first supervised one (BOS + prompt)
+    """One tokenised record: its ids and which of them are targets of the loss.
+
+    `mask` is the general form (a conversation supervises several separate spans). An Alpaca record supervises
+    one tail, so it may be given as `n_prompt` alone; either way both are set after construction, `n_prompt`
+    being the position of the first supervised token.
+    """
+
+    ids: list[int]  # BOS + prompt + output + EOS, or a rendered conversation (truncated)
+    n_prompt: int = 0  # tokens before the first supervised one; without `mask`, every later token is supervised
     truncated: bool = False
     image_features: Tensor | None = None
+    mask: list[bool] = field(default_factory=list)  # per token: is it a target? (empty: derived from n_prompt)
+
+    def __post_init__(self) -> None:
+        if not self.mask:
+            self.mask = [i >= self.n_prompt for i in range(len(self.ids))]
+        elif len(self.mask) != len(self.ids):
+            raise ValueError(f"mask has {len(self.mask)} entries for {len(self.ids)} tokens")
+        else:
+            self.n_prompt = next((i for i, m in enumerate(self.mask) if m), len(self.ids))
 
     @property
     def n_supervised(self) -> int:
-        return len(self.ids) - self.n_prompt
+        return sum(self.mask)
 
 
 @dataclass
@@ -214,11 +369,171 @@ class TokenizeReport:
     n_supervised: int = 0
 
 
-def encode_record(tokenizer: Any, rec: dict[str, Any], template: str, max_length: int) -> Example:
-    """Tokenise one record. The prompt and prompt+output are encoded jointly and the first
-    len(BOS + encode(prompt)) tokens masked, the usual approach; if the joint encoding does not start with
-    the prompt's tokens (a merge across the boundary), prompt and output are encoded separately so the
-    label boundary stays exact and the prompt tokens match what generation feeds the model."""
+def record_template(template: str, rec: dict[str, Any]) -> str:
+    """The template a record is rendered with: `auto` is alpaca for Alpaca records and chat for conversations."""
+    if template != AUTO:
+        return template
+    return CHAT if is_chat(rec) else "alpaca"
+
+
+def resolve_template(template: str, records: Iterable[dict[str, Any]]) -> str:
+    """The one template of a run (what its adapter file records): `template` unless it is `auto`, which becomes
+    alpaca or chat after the data's kind. Data that mixes both kinds must say which to use for all."""
+    if template != AUTO:
+        return template
+    kinds = {is_chat(r) for r in records}
+    if kinds == {True, False}:
+        raise DataError(
+            "the data mixes Alpaca records and conversations; choose one rendering for all of them: "
+            "--template chat (the base's chat template) or --template alpaca"
+        )
+    return CHAT if kinds == {True} else "alpaca"
+
+
+def alpaca_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
+    """An Alpaca record as one exchange (instruction, then its input after a blank line), for a chat template."""
+    inp = rec.get("input") or ""
+    text = f"{rec['instruction']}\n\n{inp}" if inp.strip() else rec["instruction"]
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": rec["output"]}]
+
+
+Piece = tuple[str | int, bool]  # (text, or a token id such as EOS), and whether its tokens are supervised
+
+
+def _supervised_turns(messages: Sequence[dict[str, str]], train_on: str) -> set[int]:
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return set(answers) if train_on == "all" else set(answers[-1:])
+
+
+def chat_pieces(
+    chat_template: ChatTemplate, messages: Sequence[dict[str, str]], train_on: str, where: str
+) -> list[Piece]:
+    """The conversation's text through the base's chat template, cut at the edges of the assistant turns.
+
+    An assistant turn's text is the difference between the conversation rendered up to and including it and the
+    conversation rendered up to it with the generation prompt (the opening of an assistant turn): the answer and
+    the end-of-turn text the template writes after it, which the model must learn to emit to stop. This needs a
+    prefix-stable template (each rendering a string prefix of the next); one that rewrites earlier turns (e.g.
+    drops past reasoning) cannot mark the assistant tokens, and is refused naming the record.
+    """
+    supervised = _supervised_turns(messages, train_on)
+    pieces: list[Piece] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        for upto, gen in ((i, True), (i + 1, False)):
+            try:
+                text = chat_template.render(messages[:upto], add_generation_prompt=gen)
+            except TemplateError as e:
+                raise DataError(f"{where}: {e}") from None
+            if not text.startswith(done):
+                raise DataError(
+                    f"{where}: the chat template is not prefix-stable at turn {i} (the conversation rendered "
+                    f"{'up to' if gen else 'through'} it does not start with the text rendered before), so the "
+                    "assistant tokens cannot be marked; train with --template alpaca"
+                )
+            pieces.append((text[len(done) :], not gen and i in supervised))
+            done = text
+    return pieces
+
+
+def instruction_pieces(tokenizer: Any, messages: Sequence[dict[str, str]], template: str, train_on: str) -> list[Piece]:
+    """A conversation through an instruction template, as `prompting.conversation_prompt` lays one out: each user
+    turn is an instruction (the system text before the first one), each answer follows its response marker and
+    ends with EOS (so the model learns to stop), and a blank line separates an answer from the next instruction.
+    A single exchange is therefore exactly the Alpaca record {instruction: user, output: answer}."""
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    supervised = _supervised_turns(turns, train_on)
+    pieces: list[Piece] = [(tokenizer.bos_id, False)] if tokenizer.bos_id is not None else []
+    first = True
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            instr = f"{system}\n\n{m['content']}" if first and system else m["content"]
+            first = False
+            after_answer = i > 0 and turns[i - 1]["role"] == "assistant"
+            pieces.append((("\n\n" if after_answer else "") + format_prompt(template, instr), False))
+        else:
+            pieces += [(m["content"], i in supervised), (tokenizer.eos_id, i in supervised)]
+    return pieces
+
+
+def _encode_run(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """The token ids of consecutive text pieces: the joint encoding, cut where each piece ends, when every cut
+    falls between tokens; otherwise (a token merges across a cut) each piece encoded on its own, as
+    `encode_record` does for prompt and output, so the supervised span stays exact."""
+    whole = "".join(texts)
+    full = tokenizer.encode(whole)
+    cuts, end = [0], 0
+    for t in texts[:-1]:
+        end += len(t)
+        head = tokenizer.encode(whole[:end])
+        if full[: len(head)] != head or len(head) < cuts[-1]:
+            return [tokenizer.encode(t) for t in texts]
+        cuts.append(len(head))
+    cuts.append(len(full))
+    return [full[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def encode_pieces(tokenizer: Any, pieces: Sequence[Piece]) -> tuple[list[int], list[bool]]:
+    """(ids, supervision mask) of text pieces and token ids; no BOS or EOS is added (a piece carries them)."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    run: list[tuple[str, bool]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        for (_, sup), part in zip(run, _encode_run(tokenizer, [t for t, _ in run]), strict=True):
+            ids.extend(part)
+            mask.extend([sup] * len(part))
+        run.clear()
+
+    for piece, sup in pieces:
+        if isinstance(piece, str):
+            run.append((piece, sup))
+        else:
+            flush()
+            ids.append(piece)
+            mask.append(sup)
+    flush()
+    return ids, mask
+
+
+def encode_record(
+    tokenizer: Any,
+    rec: dict[str, Any],
+    template: str,
+    max_length: int,
+    chat_template: ChatTemplate | None = None,
+    train_on: str = "all",
+) -> Example:
+    """Tokenise one record.
+
+    Alpaca records with an instruction template: the prompt and prompt+output are encoded jointly and the first
+    len(BOS + encode(prompt)) tokens masked, the usual approach; if the joint encoding does not start with the
+    prompt's tokens (a merge across the boundary), prompt and output are encoded separately so the label
+    boundary stays exact and the prompt tokens match what generation feeds the model. Conversations (and any
+    record under `chat`) supervise their assistant turns (`train_on`: all, or the last); the text a chat template
+    renders holds its own special tokens, so no BOS is added to it.
+    """
+    template = record_template(template, rec)
+    if template == CHAT or is_chat(rec):
+        messages = rec["messages"] if is_chat(rec) else alpaca_messages(rec)
+        if template != CHAT:
+            pieces = instruction_pieces(tokenizer, messages, template, train_on)
+        elif chat_template is None:
+            raise TemplateError("template 'chat' needs the base's chat template, and the base has none")
+        else:
+            pieces = chat_pieces(chat_template, messages, train_on, rec.get("_where", "a record"))
+        ids, mask = encode_pieces(tokenizer, pieces)
+        return Example(
+            ids[:max_length],
+            truncated=len(ids) > max_length,
+            image_features=rec.get("image_features"),
+            mask=mask[:max_length],
+        )
     prompt = format_prompt(template, rec["instruction"], rec.get("input") or "")
     p_ids = tokenizer.encode(prompt, bos=True, eos=False)
     full = tokenizer.encode(prompt + rec["output"], bos=True, eos=True)
@@ -234,11 +549,15 @@ def tokenize_records(
     template: str,
     max_length: int,
     report: TokenizeReport | None = None,
+    chat_template: ChatTemplate | None = None,
+    train_on: str = "all",
 ) -> list[Example]:
+    """The examples of `records` (see `encode_record`); those with nothing supervised left after truncation are
+    dropped and counted."""
     report = report if report is not None else TokenizeReport()
     out = []
     for rec in records:
-        ex = encode_record(tokenizer, rec, template, max_length)
+        ex = encode_record(tokenizer, rec, template, max_length, chat_template, train_on)
         report.n_truncated += ex.truncated
         if ex.n_supervised <= 0:
             report.n_dropped += 1
@@ -275,7 +594,7 @@ def epoch_plan(
 
 
 def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple: int = 1) -> dict[str, Tensor]:
-    """Right-padded `input_ids` [B, T] and `labels` [B, T] (IGNORE_INDEX on prompt and padding).
+    """Right-padded `input_ids` [B, T] and `labels` [B, T] (IGNORE_INDEX on unsupervised tokens and padding).
 
     `image_features` [B, F] is added when any example has features (zero rows for those without).
     Right padding needs no attention mask: under the causal mask real tokens never see the padding.
@@ -287,7 +606,7 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple: int = 1) 
     for i, e in enumerate(examples):
         t = torch.tensor(e.ids, dtype=torch.long)
         ids[i, : len(t)] = t
-        labels[i, e.n_prompt : len(t)] = t[e.n_prompt :]
+        labels[i, : len(t)] = torch.where(torch.tensor(e.mask, dtype=torch.bool), t, IGNORE_INDEX)
     batch = {"input_ids": ids, "labels": labels}
     feats = [e.image_features for e in examples]
     if any(f is not None for f in feats):

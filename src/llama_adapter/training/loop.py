@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from llama_adapter.backends import backend_of
 from llama_adapter.errors import TrainingError
+from llama_adapter.progress import Progress
 from llama_adapter.training.checkpointing import (
     CHECKPOINT,
     check_trajectory,
@@ -42,12 +43,14 @@ from llama_adapter.training.checkpointing import (
 )
 from llama_adapter.training.config import DTYPES, TrainConfig, TrainResult
 from llama_adapter.training.data import (
+    CHAT,
     Example,
     LoadReport,
     TokenizeReport,
     collate,
     epoch_plan,
     load_records,
+    resolve_template,
     split_validation,
     tokenize_records,
     validate_records,
@@ -95,6 +98,7 @@ class Run:
     run_steps: int  # steps this run ends at (<= total_steps with --max-steps)
     layers: int  # layers with adaption prompts
     pad_id: int  # the tokenizer's padding id (batches are right-padded with it)
+    template: str = "alpaca"  # the template the examples were rendered with (`auto` resolved; recorded in the adapter)
     n_skipped: int = 0  # invalid records skipped (train + val)
     n_truncated: int = 0  # examples truncated to max_length (train + val)
     start: int = 0  # the first step to take (> 0 when resuming)
@@ -128,7 +132,9 @@ def load_data(
         recs = validate_records(records, cfg.skip_invalid, "records", rep)
     else:
         if not cfg.data:
-            raise TrainingError("no training data: pass --data FILE|DIR (JSON list or JSONL, Alpaca format)")
+            raise TrainingError(
+                "no training data: pass --data FILE|DIR (JSON list or JSONL, Alpaca records or conversations)"
+            )
         recs = load_records(cfg.data, cfg.skip_invalid, rep)
     if val_records is not None:
         vrecs = validate_records(val_records, cfg.skip_invalid, "val records", vrep)
@@ -200,18 +206,40 @@ def build_adapter(
     return adapter, recs, vrecs
 
 
+def run_template(cfg: TrainConfig, model: Transformer, recs: list[dict], vrecs: list[dict]) -> str:
+    """The template of the run (`--template auto` resolved after the data); `chat` needs the base's own."""
+    template = resolve_template(cfg.template, [*recs, *vrecs])
+    if template == CHAT and model.chat_template is None:
+        what = "the conversations" if cfg.template != CHAT else "the records"
+        raise TrainingError(
+            f"{getattr(model, 'source', None) or cfg.base}: the base has no chat template (chat_template.jinja, or "
+            f"chat_template in tokenizer_config.json) to render {what} with; pass --template alpaca to render each "
+            "user turn as an instruction"
+        )
+    return template
+
+
 def tokenize(
-    cfg: TrainConfig, model: Transformer, recs: list[dict], vrecs: list[dict], max_length: int, log: Log
+    cfg: TrainConfig,
+    model: Transformer,
+    recs: list[dict],
+    vrecs: list[dict],
+    max_length: int,
+    log: Log,
+    template: str | None = None,
 ) -> tuple[list[Example], list[Example], int]:
-    """(training examples, validation examples, number truncated); examples whose prompt fills max_length
-    are dropped."""
+    """(training examples, validation examples, number truncated) rendered with `template` (default: the run's,
+    `run_template`); examples left with nothing supervised by max_length are dropped."""
+    template = template if template is not None else run_template(cfg, model, recs, vrecs)
     trep, vtrep = TokenizeReport(), TokenizeReport()
-    train_ex = tokenize_records(model.tokenizer, recs, cfg.template, max_length, trep)
-    val_ex = tokenize_records(model.tokenizer, vrecs, cfg.template, max_length, vtrep)
+    tok, chat, on = model.tokenizer, model.chat_template, cfg.train_on
+    train_ex = tokenize_records(tok, recs, template, max_length, trep, chat_template=chat, train_on=on)
+    val_ex = tokenize_records(tok, vrecs, template, max_length, vtrep, chat_template=chat, train_on=on)
     if not train_ex:
         raise TrainingError(f"every training record has its prompt cut off by --max-length {max_length}")
     log(
-        f"data: {len(train_ex)} train / {len(val_ex)} val examples, {trep.n_supervised:,} supervised of "
+        f"data ({template} template): {len(train_ex)} train / {len(val_ex)} val examples, "
+        f"{trep.n_supervised:,} supervised of "
         f"{trep.n_tokens:,} tokens; truncated to {max_length}: {trep.n_truncated + vtrep.n_truncated}"
         + (
             f"; dropped (prompt fills max-length): {trep.n_dropped + vtrep.n_dropped}"
@@ -248,6 +276,8 @@ def prepare(
     adapter (seeds the RNGs), tokenisation, optimiser, then the resumed state (restores the RNGs)."""
     cfg.validate()
     topo = topology()
+    if topo.main:
+        check_out_dir(cfg)
     log = _logger(topo.main)
     device = resolve_device(cfg.device, topo) if model is None else output_weight(model).device
     init_process_group(topo, device)
@@ -262,7 +292,8 @@ def prepare(
     params = [p for p in adapter.parameters() if p.requires_grad]
     if cfg.fsdp:
         shard_frozen_base(model)
-    train_ex, val_ex, n_truncated = tokenize(cfg, model, recs, vrecs, max_length, log)
+    template = run_template(cfg, model, recs, vrecs)
+    train_ex, val_ex, n_truncated = tokenize(cfg, model, recs, vrecs, max_length, log, template)
     opt = build_optimizer(adapter, cfg)
     spe, total_steps, run_steps = step_counts(len(train_ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
     tokenizer = model.tokenizer
@@ -283,6 +314,7 @@ def prepare(
         run_steps=run_steps,
         layers=adapter.cfg.layers,
         pad_id=tokenizer.pad_id,
+        template=template,
         n_skipped=n_skipped,
         n_truncated=n_truncated,
     )
@@ -291,14 +323,38 @@ def prepare(
     return run
 
 
+RUN_FILES = ("adapter.safetensors", CHECKPOINT, "metrics.jsonl")  # what marks a directory as holding a run
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """Refuse an `--out` that holds an earlier run, unless resuming it or told `--overwrite`.
+
+    A reused or mistyped `--out` would otherwise replace an adapter that took hours, without a word. Checked
+    before the data and the base are loaded, so the refusal comes at once.
+    """
+    if cfg.resume or cfg.overwrite:
+        return
+    out = Path(cfg.out)
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    if found:
+        raise TrainingError(
+            f"{out} holds an earlier run ({', '.join(found)}): continue it with --resume {out}, "
+            "replace it with --overwrite, or choose another --out"
+        )
+
+
 def write_run_files(run: Run) -> None:
     """config.yaml (the options, to pass back with --config), run_info.json, and metrics.jsonl (on resume:
-    exactly the metrics up to the checkpoint)."""
+    exactly the metrics up to the checkpoint). With --overwrite, the earlier run's adapter, checkpoint and
+    plot go first, so none of them can be taken for this run's."""
     import yaml
 
     cfg, out = run.cfg, run.out
     out.mkdir(parents=True, exist_ok=True)
-    saved_cfg = cfg.to_dict() | {"resume": None}
+    if cfg.overwrite and not cfg.resume:
+        for name in (*RUN_FILES, "loss.png"):
+            (out / name).unlink(missing_ok=True)
+    saved_cfg = cfg.to_dict() | {"resume": None, "overwrite": False}
     (out / "config.yaml").write_text(yaml.safe_dump(saved_cfg, sort_keys=False))
     (out / "run_info.json").write_text(
         json.dumps(
@@ -313,6 +369,7 @@ def write_run_files(run: Run) -> None:
                 "n_skipped": run.n_skipped,
                 "n_trainable": run.n_trainable,
                 "adapter_name": run.name,
+                "template": run.template,
                 "layers": run.layers,
                 "world_size": run.topo.world,
                 "fsdp": cfg.fsdp,
@@ -412,23 +469,22 @@ def checkpoint(run: Run, step: int) -> None:
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
-def _record(run: Run, m: dict[str, Any], mfile: IO[str] | None, bar: Any) -> None:
+def _record(run: Run, m: dict[str, Any], mfile: IO[str] | None, bar: Progress | None) -> None:
     run.metrics.append(m)
     if mfile is not None:
         mfile.write(json.dumps(m) + "\n")
         mfile.flush()
     if bar is not None:
-        bar.set_postfix(
+        bar.update(
+            1,
             epoch=f"{m['step'] / run.spe:.2f}",
             loss=f"{m['loss']:.4f}",
             lr=f"{m['lr']:.2e}",
             tok_s=f"{m['tokens_per_s']:.0f}",
-            refresh=False,
         )
-        bar.update(1)
 
 
-def run_loop(run: Run, mfile: IO[str] | None, bar: Any) -> tuple[float | None, float | None]:
+def run_loop(run: Run, mfile: IO[str] | None, bar: Progress | None) -> tuple[float | None, float | None]:
     """Steps `run.start` .. `run.run_steps` (validation at each epoch's end and the last step, periodic
     checkpoints), then the final checkpoint. Returns (the last train loss, the last val loss)."""
     cfg, spe = run.cfg, run.spe
@@ -455,18 +511,22 @@ def run_loop(run: Run, mfile: IO[str] | None, bar: Any) -> tuple[float | None, f
     return last_loss, last_val
 
 
-def _progress_bar(run: Run) -> Any:
+def _progress_bar(run: Run) -> Progress | None:
+    """A bar on a terminal, periodic lines in a log (`llama_adapter.progress`); rank 0 only."""
     if not (run.topo.main and run.cfg.progress):
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=run.run_steps, initial=run.start, desc="finetune", unit="step", dynamic_ncols=True)
+    return Progress(run.run_steps, "finetune", unit="step", initial=run.start)
 
 
 def _save_outputs(run: Run, adapter_path: Path, last_loss: float | None, train_time: float) -> None:
     from llama_adapter.adapter_file import save_adapter
 
-    run.adapter.meta["template"] = run.cfg.template
+    meta = run.adapter.meta
+    meta["template"] = run.template
+    meta.pop("chat_template_digest", None)
+    if run.template == CHAT:  # inference can tell whether the base's template is still the one trained with
+        assert run.model.chat_template is not None  # run_template refuses a base without one
+        meta["chat_template_digest"] = run.model.chat_template.digest
     save_adapter(
         run.model,
         run.name,

@@ -1,8 +1,9 @@
 """The training loss: summed cross-entropy over the response tokens only, logits a chunk at a time.
 
 `batch_loss` runs the model to its final hidden states and takes the loss only at supervised positions
-(labels != IGNORE_INDEX, i.e. the response and EOS; the prompt is never a target). `linear_cross_entropy` then
-applies the frozen output matrix a chunk of rows at a time, so a [B, T, vocab] logits tensor never exists.
+(labels != IGNORE_INDEX, i.e. the response and EOS, or a conversation's assistant turns; the prompt is never a
+target). `linear_cross_entropy` then applies the frozen output matrix a chunk of rows at a time, so a [B, T, vocab]
+logits tensor never exists.
 The caller divides by the step's supervised-token count (a token-level mean over the whole effective batch).
 """
 

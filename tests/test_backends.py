@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -83,3 +84,39 @@ def test_backend_follows_the_model_to_another_device(tiny_base: Path) -> None:
     m.to_empty(device="cpu")
     assert isinstance(backend_of(m), CpuBackend)
     assert install(m) is m.backend
+
+
+def test_a_non_cpu_model_never_imports_the_cpu_kernels() -> None:
+    """The GPU path (here: the meta device, which every machine has) chooses TorchBackend and neither imports the
+    CPU backend nor builds its C++ extension; in a fresh interpreter, so earlier tests' imports do not count."""
+    code = """
+import sys, torch
+import llama_adapter as la
+from llama_adapter.backends import backend_of, install
+from llama_adapter.backends.reference import TorchBackend
+from llama_adapter.inference import decoder, generate  # noqa: F401
+from llama_adapter.serving import app  # noqa: F401
+from llama_adapter.training import loop  # noqa: F401
+with torch.device("meta"):
+    m = la.Transformer(la.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64))
+m.freeze_base()
+assert type(install(m)) is TorchBackend and backend_of(m) is m.backend
+m.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+m(torch.zeros(1, 5, dtype=torch.long, device="meta"), adapter="a")
+loaded = sorted(k for k in sys.modules if k.startswith("llama_adapter.backends.cpu") or "cpp_extension" in k)
+assert not loaded, loaded
+"""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.cuda
+def test_a_cuda_model_gets_the_reference_backend(tiny_base: Path, device: torch.device) -> None:
+    """`load_model` on a GPU installs the stock modules (PyTorch's fused kernels), not the CPU subclasses."""
+    m = la.load_model(tiny_base, dtype=torch.bfloat16, device=device)
+    assert type(m.backend) is TorchBackend and backend_of(m) is m.backend
+    kinds = {type(x) for x in m.modules()}
+    assert not {CpuRMSNorm, CpuZeroInitAttention, PackedLinear} & kinds

@@ -23,10 +23,13 @@ from llama_adapter.inference.sampling import SamplingParams
 from llama_adapter.model import RMSNorm, apply_rope
 from llama_adapter.zero_init_attention import PromptKV
 
-pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "c++")) is None or os.environ.get("LLAMA_ADAPTER_CPU_KERNELS") == "0",
-    reason="no C++ compiler (or kernels disabled): decoding falls back to plain PyTorch",
-)
+pytestmark = [
+    pytest.mark.cpu_only,
+    pytest.mark.skipif(
+        shutil.which(os.environ.get("CXX", "c++")) is None or os.environ.get("LLAMA_ADAPTER_CPU_KERNELS") == "0",
+        reason="no C++ compiler (or kernels disabled): decoding falls back to plain PyTorch",
+    ),
+]
 BF16_ULP = 2.0**-7  # relative spacing of bf16 numbers (8 significant bits)
 
 

@@ -13,6 +13,8 @@ from llama_adapter.backends import backend_of
 from llama_adapter.backends.cpu import kernels as kernels
 from llama_adapter.zero_init_attention import PromptKV
 
+pytestmark = pytest.mark.cpu_only  # the CPU backend's own kernels: nothing to test on another device
+
 
 def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int = 1) -> tuple[torch.Tensor, ...]:
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)

@@ -43,6 +43,7 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 def small_cfg(tmp_path: Path, base: Path, **kw: object) -> TrainConfig:
     d = dict(
         base=str(base),
+        device=str(_DEVICE[0]),
         out=str(tmp_path / "run"),
         epochs=2,
         warmup_epochs=1,
@@ -58,9 +59,17 @@ def small_cfg(tmp_path: Path, base: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**d)  # type: ignore[arg-type]
 
 
+_DEVICE = [torch.device("cpu")]  # the suite's device (`--device`), for the plain helper `small_cfg`
+
+
+@pytest.fixture(autouse=True)
+def _suite_device(device: torch.device) -> None:
+    _DEVICE[0] = device
+
+
 @pytest.fixture(scope="module")
-def base_model(tiny_base: Path) -> la.Transformer:
-    return la.load_model(tiny_base, dtype=torch.float32)
+def base_model(tiny_base: Path, device: torch.device) -> la.Transformer:
+    return la.load_model(tiny_base, dtype=torch.float32, device=device)
 
 
 def test_linear_cross_entropy_matches_autograd() -> None:
@@ -183,7 +192,7 @@ def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess
     )
 
 
-def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path: Path, tiny_base: Path) -> None:
+def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path: Path, tiny_base: Path, device: torch.device) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_records(20)))
     common = [
@@ -212,6 +221,8 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path: Path, tiny_base
         "--no-progress",
         "--seed",
         "3",
+        "--device",
+        str(device),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "llama_adapter", "finetune", *common]

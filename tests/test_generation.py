@@ -19,8 +19,8 @@ PROMPTS = ["Tell me about alpacas.", "the quick brown fox", "### Instruction:\n1
 
 
 @pytest.fixture(scope="module")
-def model(tiny_base):
-    m = la.load_model(tiny_base, dtype=torch.float32)
+def model(tiny_base, device):
+    m = la.load_model(tiny_base, dtype=torch.float32, device=device)
     torch.manual_seed(0)
     for name, k, layers in (("a", 4, 3), ("b", 6, 2), ("c", 4, 4)):
         a = m.add_adapter(name, la.AdapterConfig(prompt_length=k, layers=layers))
@@ -32,7 +32,8 @@ def model(tiny_base):
 
 def _reference(model, ids, adapter, n):
     """Plain greedy decoding without a cache: full forward over the growing sequence, one row."""
-    x = torch.tensor([ids])
+    dev = model.tok_embeddings.weight.device
+    x = torch.tensor([ids], device=dev)
     out = []
     with torch.no_grad():
         for _ in range(n):
@@ -40,7 +41,7 @@ def _reference(model, ids, adapter, n):
             if t in model.config.eos_token_ids:
                 break
             out.append(t)
-            x = torch.cat([x, torch.tensor([[t]])], dim=1)
+            x = torch.cat([x, torch.tensor([[t]], device=dev)], dim=1)
     return out
 
 
@@ -173,15 +174,21 @@ def test_merge_prompt_kv_and_images(model):
     assert float(merged[li].gate[1].abs().sum()) == 0.0
     # multi-modal plumbing: a visual projection attached by hand
     torch.manual_seed(1)
-    model.adapters["c"].visual_proj = nn.Linear(8, model.config.dim)
+    dev = model.tok_embeddings.weight.device
+    model.adapters["c"].visual_proj = nn.Linear(8, model.config.dim).to(dev)
     try:
-        feats = torch.randn(2, 8)
+        feats = torch.randn(2, 8).to(dev)
         with_img = generate(
             model, [PROMPTS[0]] * 2, adapter="c", image_features=feats, temperature=0.0, max_new_tokens=8
         )
         without = generate(model, [PROMPTS[0]], adapter="c", temperature=0.0, max_new_tokens=8)[0]
         zero = generate(
-            model, [PROMPTS[0]], adapter="c", image_features=torch.zeros(1, 8), temperature=0.0, max_new_tokens=8
+            model,
+            [PROMPTS[0]],
+            adapter="c",
+            image_features=torch.zeros(1, 8, device=dev),
+            temperature=0.0,
+            max_new_tokens=8,
         )[0]
         assert zero == without
         assert with_img[0] != without or with_img[1] != without
@@ -270,6 +277,7 @@ def test_cli_chat(tiny_base, monkeypatch, capsys):
     assert "no adapter named 'nope'" in out.out + out.err
 
 
+@pytest.mark.cpu_only
 def test_bf16_cpu_decode_path_computes_the_models_logits(tiny_base):
     """Decoding on a CPU (packed bf16 weights, fp32 cache and prompt K/V, token and gated prompt attention in
     one pass) gives the logits of a plain forward over the whole sequence; a fresh adapter changes nothing."""
@@ -331,3 +339,33 @@ def test_prompt_kv_projected_once_per_adapter_and_again_when_it_changes(tiny_bas
         m.layers[-1].attention.wqkv.weight.mul_(1.5)
     assert generate_tokens(m, [ids], adapter="a", max_new_tokens=6, temperature=0.0)[0] == _reference(m, ids, "a", 6)
     assert len(calls) == 3
+
+
+@pytest.mark.cuda
+def test_bf16_cuda_decode_computes_the_models_logits(tiny_base, device):
+    """On a GPU (the stock modules, a bf16 KV cache): decoding step by step through the cache gives the logits of
+    one forward over the whole sequence, and a fresh adapter generates exactly what the base does."""
+    m = la.load_model(tiny_base, dtype=torch.bfloat16, device=device)
+    torch.manual_seed(0)
+    a = m.add_adapter("a", la.AdapterConfig(prompt_length=4, layers=3))
+    m.add_adapter("fresh", la.AdapterConfig(prompt_length=5, layers=4))
+    with torch.no_grad():
+        a.gates.normal_(0, 2.0)
+    ids = torch.randint(3, m.config.vocab_size, (2, 9)).to(device)
+    pos = torch.arange(9, device=device)[None].expand(2, 9)
+    with torch.no_grad():
+        cache = m.new_cache(2, 16)
+        pkv = m.prompt_kv("a", 2)
+        steps = [m(ids[:, :5], input_pos=pos[:, :5], cache=cache, prompt_kv=pkv)[:, -1]]
+        steps += [
+            m(ids[:, t : t + 1], input_pos=pos[:, t : t + 1], cache=cache, prompt_kv=pkv)[:, -1] for t in range(5, 9)
+        ]
+        got = torch.stack(steps, 1).float()
+        full = m(ids, adapter="a")[:, 4:].float()
+        base = m(ids)[:, 4:].float()
+    assert (got - full).abs().max() <= 0.03 * full.abs().max()
+    assert (got - base).abs().max() > 0.1 * full.abs().max()
+    ids_list = ids.tolist()
+    assert generate_tokens(m, ids_list, adapter="fresh", max_new_tokens=6, temperature=0.0) == generate_tokens(
+        m, ids_list, adapter=None, max_new_tokens=6, temperature=0.0
+    )

@@ -42,13 +42,13 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return request.param, make_checkpoint(tmp_path_factory.mktemp(request.param), mtype, tokenizer=False, **kw)
 
 
-def test_logits_match_transformers(family: tuple[str, Path]) -> None:
+def test_logits_match_transformers(family: tuple[str, Path], device: torch.device) -> None:
     import transformers
 
     name, path = family
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = la.load_model(path, dtype=torch.float32)
-    ids = torch.randint(0, ours.config.vocab_size, (2, 40))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    ours = la.load_model(path, dtype=torch.float32, device=device)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40)).to(device)
     with torch.no_grad():
         diff = (ref(ids).logits - ours(ids)).abs().max().item()
     assert diff <= 1e-4, f"{name}: max abs diff {diff}"
@@ -58,6 +58,27 @@ def test_logits_match_transformers(family: tuple[str, Path]) -> None:
         assert ours.config.rope_scaling["rope_type"] == "llama3" and ours.config.eos_token_ids == [2, 3]
     if name == "mistral":
         assert ours.config.head_dim == 24
+
+
+def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(family: tuple[str, Path], device: torch.device) -> None:
+    """bf16 parity: two bf16 implementations round differently, so neither equals the other; ours must be no
+    further from the fp32 logits than transformers' own bf16 forward is (within 2x plus one bf16 step of the largest
+    logit), on the device under test."""
+    import transformers
+
+    name, path = family
+    ref32 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    ref16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    ours = la.load_model(path, dtype=torch.bfloat16, device=device)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        truth = ref32(ids).logits.float()
+        got = ours(ids)
+        assert got.dtype == torch.bfloat16
+        ours_err = (got.float() - truth).abs().max().item()
+        ref_err = (ref16(ids).logits.float() - truth).abs().max().item()
+    step = 2.0**-7 * truth.abs().max().item()
+    assert ours_err <= 2 * ref_err + step, f"{name}: ours {ours_err}, transformers bf16 {ref_err}"
 
 
 def test_config_reads_top_level_rope_fields(tmp_path: Path) -> None:
@@ -147,11 +168,11 @@ def test_meta_layout_round_trip(tiny_base: Path, tmp_path: Path, shards: int) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fresh_adapter_is_exactly_the_base(tiny_base: Path, dtype: torch.dtype) -> None:
-    model = la.load_model(tiny_base, dtype=dtype)
+def test_fresh_adapter_is_exactly_the_base(tiny_base: Path, dtype: torch.dtype, device: torch.device) -> None:
+    model = la.load_model(tiny_base, dtype=dtype, device=device)
     model.add_adapter("a", la.AdapterConfig(prompt_length=6, layers=3))
     model.add_adapter("lin", la.AdapterConfig(prompt_length=4, layers=4, gate="linear"))
-    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    ids = torch.randint(0, model.config.vocab_size, (3, 17)).to(device)
     with torch.no_grad():
         base = model(ids)
         assert base.dtype == dtype
@@ -161,15 +182,17 @@ def test_fresh_adapter_is_exactly_the_base(tiny_base: Path, dtype: torch.dtype) 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fresh_adapter_with_gradients_on(tiny_base: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fresh_adapter_with_gradients_on(
+    tiny_base: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:
     """Exactly what the README claims for a fresh adapter: bit for bit in inference mode; with gradients on, a
     CPU's training kernels sum in another order (within 16 x the dtype's epsilon x the largest logit), while the
     stock ops stay bit for bit in that mode too."""
     from llama_adapter.backends.cpu import kernels
 
-    model = la.load_model(tiny_base, dtype=dtype)
+    model = la.load_model(tiny_base, dtype=dtype, device=device)
     model.add_adapter("a", la.AdapterConfig(prompt_length=6, layers=3))
-    ids = torch.randint(0, model.config.vocab_size, (3, 33))
+    ids = torch.randint(0, model.config.vocab_size, (3, 33)).to(device)
     with torch.no_grad():
         base = model(ids)
     with torch.inference_mode():
@@ -224,26 +247,26 @@ def test_random_init_is_single_softmax(tiny_base: Path) -> None:
         model(ids, adapter=["r", None])
 
 
-def test_incremental_decoding_matches_full_forward(tiny_base: Path) -> None:
-    model = la.load_model(tiny_base, dtype=torch.float32)
+def test_incremental_decoding_matches_full_forward(tiny_base: Path, device: torch.device) -> None:
+    model = la.load_model(tiny_base, dtype=torch.float32, device=device)
     _random_adapter(model, "a", la.AdapterConfig(prompt_length=5, layers=3))
     _random_adapter(model, "b", la.AdapterConfig(prompt_length=3, layers=2, gate="linear"))
     V = model.config.vocab_size
     lengths = [9, 6, 12]  # rows at different positions: right-padded prefill, then per-row decode
-    seqs = [torch.randint(0, V, (n + 4,)) for n in lengths]
+    seqs = [torch.randint(0, V, (n + 4,)).to(device) for n in lengths]
     rows = ["a", "b", None]
     with torch.no_grad():
         cache = model.new_cache(3, 64)
         pkv = model.prompt_kv(rows, 3)
         T = max(lengths)
-        prefill = torch.zeros(3, T, dtype=torch.long)
+        prefill = torch.zeros(3, T, dtype=torch.long, device=device)
         for i, n in enumerate(lengths):
             prefill[i, :n] = seqs[i][:n]
-        out = model(prefill, input_pos=torch.arange(T)[None].expand(3, T), cache=cache, prompt_kv=pkv)
+        out = model(prefill, input_pos=torch.arange(T, device=device)[None].expand(3, T), cache=cache, prompt_kv=pkv)
         got = {i: [out[i, n - 1]] for i, n in enumerate(lengths)}
         for step in range(4):
             tok = torch.stack([seqs[i][n + step] for i, n in enumerate(lengths)])[:, None]
-            pos = torch.tensor(lengths)[:, None] + step
+            pos = torch.tensor(lengths, device=device)[:, None] + step
             o = model(tok, input_pos=pos, cache=cache, prompt_kv=pkv)
             for i in range(3):
                 got[i].append(o[i, 0])
@@ -252,12 +275,12 @@ def test_incremental_decoding_matches_full_forward(tiny_base: Path) -> None:
             assert (torch.stack(got[i]) - full).abs().max().item() <= 1e-5
 
 
-def test_mixed_batch_equals_rows_alone(tiny_base: Path) -> None:
-    model = la.load_model(tiny_base, dtype=torch.float32)
+def test_mixed_batch_equals_rows_alone(tiny_base: Path, device: torch.device) -> None:
+    model = la.load_model(tiny_base, dtype=torch.float32, device=device)
     _random_adapter(model, "a", la.AdapterConfig(prompt_length=5, layers=3))
     _random_adapter(model, "b", la.AdapterConfig(prompt_length=2, layers=4, gate="linear"))
     _random_adapter(model, "c", la.AdapterConfig(prompt_length=5, layers=1))
-    ids = torch.randint(0, model.config.vocab_size, (5, 10))
+    ids = torch.randint(0, model.config.vocab_size, (5, 10)).to(device)
     rows = ["a", None, "b", "c", "a"]
     with torch.no_grad():
         mixed = model(ids, adapter=rows)

@@ -63,8 +63,8 @@ class _Running:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_base, tmp_path_factory):
-    m = la.load_model(tiny_base, dtype=torch.float32)
+def model(tiny_base, tmp_path_factory, device):
+    m = la.load_model(tiny_base, dtype=torch.float32, device=device)
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("adapters")
     for name, k, layers, tmpl in (("alpaca", 4, 3, "alpaca"), ("math", 6, 2, None), ("extra", 5, 4, None)):

@@ -228,12 +228,7 @@ def instruct_checkpoint(cache_root: Path) -> Path:
     return final
 
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML_TEMPLATE = CHATML  # one ChatML template for every tiny chat checkpoint
 
 
 def make_chatml_checkpoint(

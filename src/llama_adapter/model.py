@@ -208,10 +208,13 @@ class Transformer(nn.Module):
         self.source: str | None = None
 
     # ---- adapters ------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, cfg: AdapterConfig | None = None) -> Adapter:
-        cfg = cfg or AdapterConfig()
+    def new_adapter(self, cfg: AdapterConfig) -> Adapter:
+        """A fresh adapter shaped for this base, on its device, not registered (see `adapter_file.build_adapter`)."""
         c = self.config
-        adapter = Adapter(cfg, c.n_layers, c.dim, c.n_heads, device=self.tok_embeddings.weight.device)
+        return Adapter(cfg, c.n_layers, c.dim, c.n_heads, device=self.tok_embeddings.weight.device)
+
+    def add_adapter(self, name: str, cfg: AdapterConfig | None = None) -> Adapter:
+        adapter = self.new_adapter(cfg or AdapterConfig())
         self.adapters[name] = adapter
         return adapter
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from llama_adapter.errors import UserError
 
@@ -83,15 +83,32 @@ def load_base(args: argparse.Namespace) -> Any:
     return model
 
 
-def load_adapter_file(model: Any, spec: str) -> str:
-    """Load `FILE` or `NAME=FILE`; returns the adapter's name."""
+def _exists(path: str) -> bool:
+    """Whether `path` exists; False where the OS refuses to look (a name too long, say)."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
 
-    name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
-    name = name or Path(path).stem
+
+@overload
+def load_adapter_file(model: Any, spec: str) -> str: ...
+@overload
+def load_adapter_file(model: Any, spec: str, with_path: Literal[True]) -> tuple[str, str]: ...
+def load_adapter_file(model: Any, spec: str, with_path: bool = False) -> str | tuple[str, str]:
+    """Load `FILE` or `NAME=FILE`; returns the adapter's name (and the file's path with `with_path`). The file is
+    checked whole before anything is registered, so a bad one is a one-line error (`AdapterError`)."""
+    from llama_adapter.adapter_file import check_adapter_name
+
+    name, _, path = spec.rpartition("=") if "=" in spec and not _exists(spec) else ("", "", spec)
+    try:
+        name = check_adapter_name(name or Path(path).stem)
+    except UserError as e:
+        raise UserError(f"{e}{'' if name else '; use NAME=FILE to name it'}") from None
     if name in model.adapters:
         raise UserError(f"two adapters named {name!r}; use NAME=FILE")
     model.load_adapter(path, name)
-    return name
+    return (name, path) if with_path else name
 
 
 TEMPLATE_HELP = (

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from llama_adapter.cli.common import add_model_args, load_adapter_file, load_base
+from llama_adapter.errors import UserError
+
+ENV_KEY = "LLAMA_ADAPTER_API_KEY"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,16 +27,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=FILE",
-        help="adapter to serve as model NAME (repeatable; FILE alone uses the file's stem)",
+        help="adapter to serve as model NAME (repeatable; FILE alone uses the file's stem). Names: 1-64 letters, "
+        "digits, '_' or '-', starting with a letter or digit",
+    )
+    p.add_argument(
+        "--adapter-dir",
+        default=None,
+        metavar="DIR",
+        help="serve every DIR/NAME.safetensors as model NAME, listed in /v1/models and loaded on its first request",
+    )
+    p.add_argument(
+        "--max-adapters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep at most N adapters loaded; past N the least recently used one not in use is unloaded "
+        "(and reloaded from its file when asked for again). Default: no limit",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("LLAMA_ADAPTER_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $LLAMA_ADAPTER_API_KEY); also enables "
-        "POST/DELETE /v1/adapters",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' (repeatable: each key is accepted; default: ${ENV_KEY}); "
+        "also enables POST/DELETE /v1/adapters",
     )
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="more API keys, one per line")
     p.add_argument("--base-name", default="base", help="model id of the base without adapter (default: base)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
@@ -47,30 +69,64 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The accepted keys: every --api-key (else $LLAMA_ADAPTER_API_KEY) and each non-empty line of
+    --api-key-file (keys stay out of the process list and shell history that way)."""
+    keys = list(args.api_key or ([os.environ[ENV_KEY]] if os.environ.get(ENV_KEY) else []))
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--api-key-file {args.api_key_file}: cannot be read ({e})") from None
+        found = [line.strip() for line in lines if line.strip()]
+        if not found:
+            raise UserError(f"--api-key-file {args.api_key_file}: no keys in it")
+        keys += found
+    if any(not k.strip() for k in keys):
+        raise UserError("an API key must not be empty")
+    return list(dict.fromkeys(keys))
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from llama_adapter.errors import UserError
+    from llama_adapter.errors import AdapterError
     from llama_adapter.prompting import resolve_template
     from llama_adapter.serving.app import create_app
 
     if args.max_batch_size < 1 or args.max_queue < 0:
         raise UserError("--max-batch-size must be >= 1 and --max-queue >= 0")
+    if args.max_adapters is not None and args.max_adapters < 1:
+        raise UserError("--max-adapters must be >= 1")
+    keys = api_keys(args)
+    if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
+        raise UserError(f"--adapter-dir {args.adapter_dir}: not a directory")
     model = load_base(args)
+    files = {}
     for spec in args.adapter:
-        name = load_adapter_file(model, spec)
+        name, path = load_adapter_file(model, spec, with_path=True)
         if name == args.base_name:
             raise UserError(f"adapter name {name!r} is the base's model id; pick another NAME=")
         resolve_template(model, name)  # its prompt format must be one this base can give, checked before serving
+        files[name] = path
     ctx = args.max_context or min(model.config.max_seq_len, 4096)
-    app = create_app(
-        model,
-        base_name=args.base_name,
-        api_key=args.api_key,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_context=ctx,
-        image_encoder=args.image_encoder,
-    )
+    try:
+        app = create_app(
+            model,
+            base_name=args.base_name,
+            api_key=keys,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            max_context=ctx,
+            image_encoder=args.image_encoder,
+            adapter_dir=args.adapter_dir,
+            max_adapters=args.max_adapters,
+        )
+        registry = app.state.server.registry
+        registry.check_directory()
+    except AdapterError as e:
+        raise UserError(str(e)) from None
+    for name, path in files.items():
+        registry.remember(name, path)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -5,12 +5,15 @@
                                     adapter's template, else the base's own chat template, else a plain
                                     transcript); SSE with "stream": true; image content parts (data: URLs) for
                                     multi-modal adapters
-    GET  /v1/models                 the base and every adapter, each with the prompt format its chats use
+    GET  /v1/models                 the base and every servable adapter (loaded or not: "loaded"), each with the
+                                    prompt format its chats use
     POST /v1/adapters               {"name": ..., "path": ...}  load an adapter file (needs --api-key)
-    DELETE /v1/adapters/{name}      unload it (requests already decoding finish normally)
+    DELETE /v1/adapters/{name}      unload it (requests already decoding finish normally; queued ones get 404)
     GET  /health
 
-The request's `model` names an adapter or the base. Extensions to the OpenAI parameters: `top_k`.
+The request's `model` names an adapter or the base; an adapter of the registry (`serving.registry`: an
+--adapter-dir file, or one evicted past --max-adapters) that is not resident is loaded on its first request.
+Extensions to the OpenAI parameters: `top_k`.
 Unspecified temperature/top_p default to the paper's 0.1/0.75. Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}}: 400 bad parameters or a prompt longer than the context,
 401 missing/wrong key, 404 unknown model, 429 queue full.
@@ -26,8 +29,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -53,8 +57,8 @@ from llama_adapter.serving.protocol import (
     parse_body,
     parse_chat_request,
     parse_completion_request,
-    parse_model,
 )
+from llama_adapter.serving.registry import AdapterRegistry
 from llama_adapter.serving.responses import Reply
 
 if TYPE_CHECKING:
@@ -71,33 +75,41 @@ class Server:
         self,
         model: Transformer,
         base_name: str = "base",
-        api_key: str | None = None,
+        api_key: str | Iterable[str] | None = None,
         max_batch_size: int = 8,
         max_queue: int = 64,
         max_context: int | None = None,
         image_encoder: str | None = None,
+        adapter_dir: str | Path | None = None,
+        max_adapters: int | None = None,
     ) -> None:
         if model.tokenizer is None:
             raise ValueError("the server needs a model with a tokenizer")
-        self.model, self.base_name, self.api_key = model, base_name, api_key
+        self.model, self.base_name = model, base_name
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
+        self.api_keys = [k.encode() for k in keys]
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("an API key must not be empty")
         self.engine = Engine(model, max_batch_size, max_queue, max_context)
+        self.registry = AdapterRegistry(model, self.engine, adapter_dir, max_adapters)
         self.image_encoder_dir = image_encoder
         self._encoders: dict[str, Any] = {}
         self.created = int(time.time())
 
     # ---- access --------------------------------------------------------------------------------------------
     def check_key(self, headers: Mapping[str, str]) -> None:
-        """401 unless the server has no key or `headers` carry it (Authorization: Bearer, or x-api-key)."""
-        if self.api_key is None:
+        """401 unless the server has no key or `headers` carry one of its keys (Authorization: Bearer, or
+        x-api-key); every key is compared, in constant time, so the answer's timing tells nothing of which."""
+        if not self.api_keys:
             return
         auth = headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-        if not secrets.compare_digest(token.encode(), self.api_key.encode()):
+        token = (auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")).encode()
+        if not sum(secrets.compare_digest(token, k) for k in self.api_keys):
             raise APIError(401, "missing or invalid API key", type="authentication_error", code="invalid_api_key")
 
     def require_admin(self) -> None:
         """403 unless adapters may be changed (only with an API key)."""
-        if self.api_key is None:
+        if not self.api_keys:
             raise APIError(
                 403,
                 "adapters can be changed at run time only when the server has an API key",
@@ -105,46 +117,58 @@ class Server:
             )
 
     # ---- adapters ------------------------------------------------------------------------------------------
-    def adapter_for(self, name: str) -> str | None:
-        """The adapter a request's `model` names (None: the base); 404 if there is none."""
-        if name == self.base_name:
-            return None
-        if name in self.model.adapters:
-            return name
-        raise APIError(
+    @staticmethod
+    def _not_found(name: str) -> APIError:
+        return APIError(
             404, f"the model {name!r} does not exist (see GET /v1/models)", param="model", code="model_not_found"
         )
 
+    async def acquire(self, name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base), held against eviction until `release`; one not
+        resident is loaded first, in a worker thread (this request waits, the others go on decoding)."""
+        if name == self.base_name:
+            return None
+        if self.registry.acquire(name):
+            if self.registry.over_limit():  # left over N while all were in use: now that one may be idle
+                await asyncio.to_thread(self.registry.evict_over_limit)
+            return name
+        try:
+            found = await asyncio.to_thread(self.registry.ensure, name)
+        except AdapterError as e:
+            log.error("adapter %r cannot be loaded: %s", name, e)
+            raise APIError(500, f"the adapter {name!r} cannot be loaded: {e}", type="server_error") from None
+        if not found:
+            raise self._not_found(name)
+        return name
+
+    def release(self, adapter: str | None) -> None:
+        """End `acquire`'s hold (the engine knows the adapters of the requests it was given)."""
+        if adapter is not None:
+            self.registry.release(adapter)
+
     def templates(self) -> dict[str | None, str | None]:
-        """The prompt format of each model's chats: None (the base) first, then each adapter by name ("chat": the
-        base's own chat template; None: a plain transcript)."""
+        """The prompt format of each model's chats: None (the base) first, then each servable adapter by name
+        ("chat": the base's own chat template; None: a plain transcript, or an adapter not loaded yet)."""
         out: dict[str | None, str | None] = {None: describe_template(self.model, None)}
-        out.update({name: describe_template(self.model, name) for name in list(self.model.adapters)})
+        for n in self.registry.names():
+            try:
+                out[n] = describe_template(self.model, n) if n in self.model.adapters else None
+            except KeyError:  # evicted by a worker thread just now
+                out[n] = None
         return out
 
     def load_adapter(self, name: str, path: str) -> None:
-        with self.engine.model_lock():
-            if name in self.model.adapters:
-                raise APIError(
-                    409, f"an adapter named {name!r} is already loaded; delete it first", code="adapter_exists"
-                )
-            try:
-                self.model.load_adapter(path, name)
-            except (AdapterError, ValueError, OSError) as e:
-                raise bad(str(e), param="path") from None
-            try:  # an adapter whose prompt format this base cannot give ("chat" without a chat template)
-                resolve_template(self.model, name)
-            except TemplateError as e:
-                self.model.remove_adapter(name)
-                raise bad(str(e), param="path") from None
-        self.engine.forget_adapter(name)
+        """Load file `path` as adapter `name` (blocking: call it in a worker thread); 409 if the name is taken."""
+        if name in self.model.adapters or self.registry.path_of(name) is not None:
+            raise APIError(409, f"an adapter named {name!r} exists; delete it first", code="adapter_exists")
+        try:
+            self.registry.load(name, path)
+        except (AdapterError, ValueError, OSError) as e:
+            raise bad(str(e), param="path") from None
 
     def remove_adapter(self, name: str) -> None:
-        with self.engine.model_lock():
-            if name not in self.model.adapters:
-                raise APIError(404, f"no adapter named {name!r}", code="model_not_found")
-            self.model.remove_adapter(name)
-            self.engine.forget_adapter(name)
+        if not self.registry.remove(name):
+            raise APIError(404, f"no adapter named {name!r} is loaded", code="model_not_found")
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, bos: bool = True) -> list[int]:
@@ -290,7 +314,8 @@ async def list_models(request: Request) -> dict[str, Any]:
     srv.check_key(request.headers)
     templates = srv.templates()
     base = templates.pop(None)
-    return responses.models_body(srv.base_name, srv.created, base, {k: v for k, v in templates.items() if k})
+    adapters = {k: v for k, v in templates.items() if k}
+    return responses.models_body(srv.base_name, srv.created, base, adapters, loaded=srv.registry.resident())
 
 
 async def add_adapter(request: Request) -> JSONResponse:
@@ -298,7 +323,7 @@ async def add_adapter(request: Request) -> JSONResponse:
     body = await read_body(request)
     srv.require_admin()
     name, path = parse_adapter_request(body, srv.base_name)
-    srv.load_adapter(name, path)
+    await asyncio.to_thread(srv.load_adapter, name, path)
     card = responses.model_card(name, srv.base_name, int(time.time()), parent=srv.base_name)
     return JSONResponse(card, status_code=201)
 
@@ -314,25 +339,31 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
 async def completions(request: Request) -> Any:
     srv = server_of(request)
     body = await read_body(request)
-    adapter = srv.adapter_for(parse_model(body))
     req = parse_completion_request(body)
     if len(req.prompts) > srv.engine.capacity:
         raise bad("too many prompts in one request", param="prompt")
-    seqs = [DecodeRequest(srv.encode(p), adapter, req.sampling, tag=i) for i, p in enumerate(req.prompts)]
-    return await srv.respond(request, Reply.new("completion", req.model), seqs, req.stream)
+    adapter = await srv.acquire(req.model)
+    try:
+        seqs = [DecodeRequest(srv.encode(p), adapter, req.sampling, tag=i) for i, p in enumerate(req.prompts)]
+        return await srv.respond(request, Reply.new("completion", req.model), seqs, req.stream)
+    finally:
+        srv.release(adapter)
 
 
 async def chat_completions(request: Request) -> Any:
     srv = server_of(request)
     body = await read_body(request)
-    adapter = srv.adapter_for(parse_model(body))
     req = parse_chat_request(body)
-    prompt = srv.render_chat(adapter, req.messages)
-    feats = await asyncio.to_thread(srv.image_features, adapter, req.images[0]) if req.images else None
-    ids = srv.encode(prompt.text, bos=prompt.bos)
-    seq = DecodeRequest(ids, adapter, req.sampling, image_features=feats, tag=0, strip_separator=prompt.strip_separator)
-    seqs = [seq]
-    return await srv.respond(request, Reply.new("chat", req.model), seqs, req.stream)
+    adapter = await srv.acquire(req.model)
+    try:
+        prompt = srv.render_chat(adapter, req.messages)
+        feats = await asyncio.to_thread(srv.image_features, adapter, req.images[0]) if req.images else None
+        ids = srv.encode(prompt.text, bos=prompt.bos)
+        sep = prompt.strip_separator
+        seq = DecodeRequest(ids, adapter, req.sampling, image_features=feats, tag=0, strip_separator=sep)
+        return await srv.respond(request, Reply.new("chat", req.model), [seq], req.stream)
+    finally:
+        srv.release(adapter)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
@@ -369,15 +400,19 @@ def create_app(
     model: Transformer,
     *,
     base_name: str = "base",
-    api_key: str | None = None,
+    api_key: str | Iterable[str] | None = None,
     max_batch_size: int = 8,
     max_queue: int = 64,
     max_context: int | None = None,
     image_encoder: str | None = None,
+    adapter_dir: str | Path | None = None,
+    max_adapters: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` and its adapters; `app.state.server` is its `Server`."""
     app = FastAPI(title="llama-adapter", lifespan=lifespan)
-    app.state.server = Server(model, base_name, api_key, max_batch_size, max_queue, max_context, image_encoder)
+    app.state.server = Server(
+        model, base_name, api_key, max_batch_size, max_queue, max_context, image_encoder, adapter_dir, max_adapters
+    )
     app.add_exception_handler(APIError, on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_internal_error)

@@ -104,6 +104,14 @@ class Engine:
         """The most sequences that can be decoding or waiting at once."""
         return self.max_queue + self.decoder.max_batch
 
+    def adapters_in_use(self) -> set[str]:
+        """The adapters of every queued or decoding request (cancelled ones too, until they leave): the ones an
+        adapter registry must not evict."""
+        with self._cond:
+            names = {s.adapter for s in self._pending}
+        names.update(s.adapter for s in list(self.decoder.seqs))
+        return {n for n in names if n is not None}
+
     def forget_adapter(self, name: str) -> None:
         """Drop the decoder's cached state of adapter `name` (after it was loaded, replaced or removed)."""
         with self._model_lock:
@@ -134,6 +142,10 @@ class Engine:
                 joining.append(self._pending.popleft())
         ready = []
         for s in joining:
+            if s.adapter is not None and s.adapter not in self.model.adapters:  # deleted while the request waited
+                s.finish_reason, s.error = "error", f"no adapter named {s.adapter!r}"
+                events.append(Event(s, "", True))
+                continue
             try:
                 s.pkv = dec.prompt_kv_for(s)
                 ready.append(s)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llama_adapter.adapter_file import check_adapter_name
+from llama_adapter.errors import AdapterError
 from llama_adapter.inference.decoder import DecodeRequest
 from llama_adapter.inference.sampling import SamplingParams
 
@@ -272,6 +274,9 @@ def parse_adapter_request(body: dict[str, Any], base_name: str) -> tuple[str, st
         raise bad("'path' must be the adapter file's path on the server", param="path")
     if name is None:
         name = Path(path).stem
-    if not isinstance(name, str) or not name or name == base_name or "." in name:
-        raise bad("'name' must be a non-empty string without '.', other than the base's name", param="name")
-    return name, path
+    if name == base_name:
+        raise bad(f"'name' must not be the base's model id {base_name!r}", param="name")
+    try:
+        return check_adapter_name(name), path
+    except AdapterError as e:
+        raise bad(str(e), param="name") from None

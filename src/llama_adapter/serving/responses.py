@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,11 +114,17 @@ def model_card(name: str, base_name: str, created: int, parent: str | None = Non
 
 
 def models_body(
-    base_name: str, created: int, base_template: str | None, templates: Mapping[str, str | None]
+    base_name: str,
+    created: int,
+    base_template: str | None,
+    templates: Mapping[str, str | None],
+    loaded: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """GET /v1/models: the base, then each adapter (`templates`: name -> its prompt format), each with the prompt
-    format its chats use ("chat": the base's own chat template; None: a plain transcript)."""
+    format its chats use ("chat": the base's own chat template; None: a plain transcript) and whether it is
+    resident (`loaded`; None: all are), since a registry's adapters are servable before they are loaded."""
     data = [{**model_card(base_name, base_name, created), "template": base_template}]
     for name, template in templates.items():
-        data.append({**model_card(name, base_name, created, parent=base_name), "template": template})
+        card = model_card(name, base_name, created, parent=base_name)
+        data.append({**card, "template": template, "loaded": loaded is None or name in loaded})
     return {"object": "list", "data": data}

@@ -298,3 +298,13 @@ def test_progress_in_a_log_is_plain_lines(tmp_path: Path, tiny_base: Path) -> No
     bar = [x for x in lines if x.startswith("finetune: ")]
     assert 5 <= len(bar) <= 12 and bar[-1].startswith("finetune: 20/20 steps (100%)"), bar
     assert "loss " in bar[-1] and "elapsed" in bar[-1]
+
+
+def test_resuming_from_the_final_checkpoint_keeps_the_final_loss(tmp_path: Path, base_model: la.Transformer) -> None:
+    """A resumed run with no step left still records the last training loss (it wrote `null` before)."""
+    recs = make_records(16)
+    first = train(small_cfg(tmp_path, Path("x"), epochs=1), model=base_model, records=recs)
+    assert first.final_train_loss is not None
+    again = train(small_cfg(tmp_path, Path("x"), epochs=1, resume=str(first.out_dir)), model=base_model, records=recs)
+    assert again.final_train_loss == first.final_train_loss
+    assert la.read_adapter(again.adapter_path)[0]["train_loss"] == str(first.final_train_loss)

@@ -170,6 +170,8 @@ def _plan(words: list[str], text: str, line: int, mark: str, unavailable: dict[s
         return Command(words, text, line, "skip", "installation / the whole suite: .ci/run runs it as written")
     elif words[0] == "curl":
         return Command(words, text, line, "skip", "a client of the server: the Python client example runs instead")
+    elif words[0] == "lm_eval":
+        return Command(words, text, line, "skip", "an evaluation client of the server: tests/test_lm_eval.py runs it")
     elif words[0] == "python" and words[1].startswith("benchmarks/"):
         assert (ROOT / words[1]).is_file(), f"README.md:{line}: {words[1]} does not exist"
         if words[1] in RUNNABLE_BENCHMARKS and not mark.startswith("skip"):

@@ -189,7 +189,7 @@ def test_errors(server):
         dict(temperature="hot"),
         dict(max_tokens="3"),
         dict(stop=5),
-        dict(n=2),
+        dict(n=0),
         dict(prompt="word " * 400),
         dict(prompt={"a": 1}),
         dict(prompt=[10**9]),
@@ -358,7 +358,7 @@ def test_parse_sampling():
         ({"max_tokens": -1}, "max_tokens"),
         ({"top_k": -1}, "top_k"),
         ({"stop": 5}, "stop"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"seed": 1.5}, "seed"),
         ({"temperature": -1}, "temperature"),
     ):
@@ -412,7 +412,7 @@ def test_routes_are_plain_functions(server):
 
     request = SimpleNamespace(app=server.app, headers={"authorization": f"Bearer {KEY}"})
     h = asyncio.run(app_module.health(request))
-    assert h["status"] == "ok" and h["adapters"] == list(server.app.state.server.model.adapters)
+    assert h["status"] == "ok" and h["adapters"] == len(server.app.state.server.model.adapters)
     models = asyncio.run(app_module.list_models(request))
     assert [m["id"] for m in models["data"]][:3] == ["base", "alpaca", "math"]
     assert models["data"][1]["template"] == "alpaca" and models["data"][0]["parent"] is None

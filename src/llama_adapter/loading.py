@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -79,7 +80,7 @@ def load_config(path: str | Path) -> tuple[ModelConfig, str]:
                     cfg.eos_token_ids.append(int(e))
         return cfg, layout
     shards = _meta_shards(p)
-    first = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    first = _torch_load(shards[0])
     vocab = int(first["tok_embeddings.weight"].shape[0]) if "tok_embeddings.weight" in first else None
     return ModelConfig.from_meta(p / "params.json", vocab_size=vocab), layout
 
@@ -157,8 +158,7 @@ def _hf_files(p: Path) -> list[Path]:
 
 def _read_tensors(f: Path) -> Iterator[tuple[str, Tensor]]:
     if f.suffix == ".bin":
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        yield from sd.items()
+        yield from _torch_load(f).items()
         return
     try:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
@@ -219,14 +219,30 @@ def _permute_rope(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
     return w.view(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
 
 
+def load_error_line(e: BaseException) -> str:
+    """One line for a failed `torch.load`: torch's refusal of an unsafe pickle is a paragraph of advice
+    (re-run with weights_only=False, ...), of which only the "WeightsUnpickler error: ..." line says what is
+    wrong; a CLI error must be one line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    found = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), None)
+    if found is not None:
+        return "unsafe pickle refused: " + found.removeprefix("WeightsUnpickler error:").strip()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _torch_load(f: Path) -> dict[str, Any]:
+    """A .pth/.bin state dict, read with weights_only=True; CheckpointError (one line) when it cannot be."""
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means an unusable file
+        raise CheckpointError(f"{f}: cannot load with weights_only=True ({load_error_line(e)})") from None
+
+
 def _meta_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path]]:
     shards = _meta_shards(p)
     sds = []
     for s in shards:
-        try:
-            sds.append(torch.load(s, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # noqa: BLE001 -- any unpickling failure means an unusable file
-            raise CheckpointError(f"{s}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+        sds.append(_torch_load(s))
     d, hd = cfg.dim, cfg.head_dim
     full_shapes = {
         "tok_embeddings.weight": (cfg.vocab_size, d),

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
+import socket
+import sys
 from pathlib import Path
 
 from llama_adapter.cli.common import add_model_args, load_adapter_file, load_base
@@ -65,7 +69,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokens per request, prompt + completion (default: the model's context, at most 4096)",
     )
     p.add_argument("--image-encoder", default=None, help="image encoder directory for multi-modal adapters")
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=8.0,
+        metavar="MB",
+        help="largest request body accepted; larger ones get 413 (default: 8)",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="access log: one line per request (adapter, status, tokens, latency), as key=value text or JSON",
+    )
     p.set_defaults(func=run)
 
 
@@ -87,6 +104,34 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def check_port(host: str, port: int) -> None:
+    """UserError (one line, exit 2) when host:port cannot be bound, checked before the model loads: uvicorn
+    would report it only after "Application startup complete", with a traceback."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot be resolved ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise UserError(f"cannot listen on {host}:{port}: {why}") from None
+
+
+def setup_access_log(level: str) -> None:
+    """The access log's lines go to stderr as they are (the line is already text or JSON)."""
+    log = logging.getLogger("llama_adapter.access")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -98,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-batch-size must be >= 1 and --max-queue >= 0")
     if args.max_adapters is not None and args.max_adapters < 1:
         raise UserError("--max-adapters must be >= 1")
+    if not args.max_body_mb > 0:
+        raise UserError("--max-body-mb must be > 0")
+    check_port(args.host, args.port)
     keys = api_keys(args)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise UserError(f"--adapter-dir {args.adapter_dir}: not a directory")
@@ -121,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
             image_encoder=args.image_encoder,
             adapter_dir=args.adapter_dir,
             max_adapters=args.max_adapters,
+            max_body_mb=args.max_body_mb,
+            log_format=args.log_format,
         )
         registry = app.state.server.registry
         registry.check_directory()
@@ -128,5 +178,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     for name, path in files.items():
         registry.remember(name, path)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    setup_access_log(args.log_level)
+    # our access log replaces uvicorn's (it knows the adapter and the tokens)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0

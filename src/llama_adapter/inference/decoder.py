@@ -35,6 +35,32 @@ _UNSET: Any = object()  # the fused prompts are worked out again at the next ste
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model and the `top` most likely tokens at its position.
+
+    These are the model's own: `log_softmax` of the logits before temperature, top-p and top-k (what OpenAI and
+    vLLM report), so they do not depend on how the token was sampled.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, tops: Sequence[int]) -> list[TokenLogprob]:
+    """Each row's `tokens` logprob and its `tops[row]` most likely alternatives, from logits [B, V]."""
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(-1, tokens[:, None].long())[:, 0].tolist()
+    k = min(max(tops, default=0), lp.shape[-1])
+    vals, idx = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+    vals_l, idx_l = vals.tolist(), idx.tolist()
+    return [
+        TokenLogprob(int(t), c, tuple(zip(idx_l[r][: tops[r]], vals_l[r][: tops[r]], strict=True)))
+        for r, (t, c) in enumerate(zip(tokens.tolist(), chosen, strict=True))
+    ]
+
+
 @dataclass(eq=False)
 class DecodeRequest:
     """One request in the decoder: prompt ids, adapter, sampling settings and the generated state."""
@@ -45,6 +71,9 @@ class DecodeRequest:
     image_features: Tensor | None = None  # [1, F]
     tag: Any = None  # caller's handle (row index, server request)
     strip_separator: bool = False  # the prompt ends with a response marker: drop one leading space of the answer
+    # None: no log-probabilities (no work at all); k >= 0: each generated token's logprob and k alternatives
+    logprobs: int | None = None
+    echo_logprobs: bool = False  # also the prompt's tokens' (from the prefill; needs `logprobs`), even at 0 tokens
     id: int = field(default_factory=lambda: next(_ids))
     # state
     pkv: PKV | None = None
@@ -54,6 +83,8 @@ class DecodeRequest:
     error: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    out_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per out_ids entry, with `logprobs`
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first None)
 
     @property
     def finished(self) -> bool:
@@ -65,6 +96,7 @@ class Event:
     seq: DecodeRequest
     text: str
     finished: bool
+    tokens: int | None = None  # len(seq.out_ids) when the event was made (the decoder thread runs ahead)
 
 
 def merge_prompt_kv(rows: Sequence[PKV | None]) -> PKV | None:
@@ -125,6 +157,7 @@ class BatchDecoder:
         self._pkv: PKV | None = None
         self._knobs: tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]] | None = None
         self._fused: Any = _UNSET  # the batch's prompts laid out for the backend's fused decode step (None: none)
+        self._lp_rows: bool | None = None  # whether any live row wants logprobs (None: work it out at the next step)
 
     # ---- membership ----------------------------------------------------------------------------------
     @property
@@ -157,6 +190,8 @@ class BatchDecoder:
         p = seq.params
         seq.stream = TextStream(self.tokenizer, p.stop, seq.strip_separator)
         seq.out_ids = []
+        seq.out_logprobs = []
+        seq.prompt_logprobs = None
         if p.seed is not None:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(p.seed % (1 << 64))  # any integer, negative or huge
@@ -167,7 +202,8 @@ class BatchDecoder:
         if len(seqs) > self.free:
             raise ValueError(f"{len(seqs)} sequences for {self.free} free slots")
         events: list[Event] = []
-        joining = []
+        joining: list[DecodeRequest] = []
+        scoring: list[DecodeRequest] = []  # nothing to generate, but the prompt's logprobs are wanted (echo)
         for s in seqs:
             if not s.prompt_ids:
                 raise ValueError("empty prompt")
@@ -178,35 +214,73 @@ class BatchDecoder:
             self._init_seq(s)
             if s.pkv is None:
                 s.pkv = self.prompt_kv_for(s)
-            if s.params.max_new_tokens == 0 or s.cancelled:
-                s.finish_reason = "cancelled" if s.cancelled else "length"
+            if s.cancelled:
+                s.finish_reason = "cancelled"
                 events.append(Event(s, s.stream.finish() if s.stream else "", True))
+            elif s.params.max_new_tokens == 0:
+                if s.echo_logprobs and s.logprobs is not None:
+                    scoring.append(s)
+                else:
+                    s.finish_reason = "length"
+                    events.append(Event(s, s.stream.finish() if s.stream else "", True))
             else:
                 joining.append(s)
-        if not joining:
+        if not joining and not scoring:
             return events
-        n, j = len(self.seqs), len(joining)
-        lens = [len(s.prompt_ids) for s in joining]
+        # one prefill for all; the scoring rows use free slots past the joining ones and never join the batch
+        batch = joining + scoring
+        n, j, b = len(self.seqs), len(joining), len(joining) + len(scoring)
+        lens = [len(s.prompt_ids) for s in batch]
         T = max(lens)
         pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
         ids = torch.tensor(
-            [s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in joining], dtype=torch.long, device=self.device
+            [s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in batch], dtype=torch.long, device=self.device
         )
-        pos = torch.arange(T, device=self.device)[None].expand(j, T)
-        view = KVCache([k[n : n + j] for k in self.cache.k], [v[n : n + j] for v in self.cache.v])
-        pkv = self._batch_prompt_kv(joining)
+        pos = torch.arange(T, device=self.device)[None].expand(b, T)
+        view = KVCache([k[n : n + b] for k in self.cache.k], [v[n : n + b] for v in self.cache.v])
+        pkv = self._batch_prompt_kv(batch)
         h = self.model(ids, input_pos=pos, cache=view, prompt_kv=pkv, return_hidden=True)
-        last = torch.tensor([x - 1 for x in lens], device=self.device)
+        for r, s in enumerate(batch):
+            if s.echo_logprobs and s.logprobs is not None:
+                self._score_prompt(s, h[r, : lens[r] - 1])
+        for s in scoring:
+            assert s.stream is not None
+            s.finish_reason = "length"
+            events.append(Event(s, s.stream.finish(), True, tokens=0))
+        if not joining:
+            return events
+        last = torch.tensor([x - 1 for x in lens[:j]], device=self.device)
         logits = self.backend.logits(h[torch.arange(j, device=self.device), last])
         temp, top_p, top_k, gens = self._make_knobs(joining)
         tokens = sample(logits.float(), temp, top_p, top_k, gens)
+        lps = self._logprobs(joining, logits, tokens)
         self.seqs.extend(joining)
         self._last = torch.cat([self._last, tokens[:, None]])
-        self._pos = torch.cat([self._pos, torch.tensor(lens, device=self.device)[:, None]])
-        self._pkv, self._knobs = (pkv, (temp, top_p, top_k, gens)) if n == 0 else (None, None)
+        self._pos = torch.cat([self._pos, torch.tensor(lens[:j], device=self.device)[:, None]])
+        self._pkv, self._knobs = (pkv, (temp, top_p, top_k, gens)) if n == 0 and not scoring else (None, None)
+        self._lp_rows = None
         self._fused = _UNSET
-        events += self._accept(tokens.tolist(), first_row=n)
+        events += self._accept(tokens.tolist(), first_row=n, lps=lps)
         return events
+
+    def _score_prompt(self, seq: DecodeRequest, hidden: Tensor) -> None:
+        """The prompt tokens' logprobs (the first has no context: None) from the prefill's hidden states [T-1, D]."""
+        k = seq.logprobs or 0
+        scored = []
+        if hidden.shape[0]:
+            targets = torch.tensor(seq.prompt_ids[1:], device=self.device)
+            scored = token_logprobs(self.backend.logits(hidden), targets, [k] * hidden.shape[0])
+        seq.prompt_logprobs = [None, *scored]
+
+    @staticmethod
+    def _logprobs(seqs: Sequence[DecodeRequest], logits: Tensor, tokens: Tensor) -> dict[int, TokenLogprob] | None:
+        """Row -> the sampled token's logprob, for the rows that asked (None, and no work, when none did)."""
+        rows = [r for r, s in enumerate(seqs) if s.logprobs is not None]
+        if not rows:
+            return None
+        idx = torch.tensor(rows, device=logits.device)
+        tops = [seqs[r].logprobs or 0 for r in rows]
+        return dict(zip(rows, token_logprobs(logits[idx], tokens[idx], tops), strict=True))
 
     def cancel(self, seq: DecodeRequest) -> None:
         """Mark a sequence cancelled; it leaves the batch at the next `step` (or `add`)."""
@@ -220,6 +294,7 @@ class BatchDecoder:
         self.seqs = []
         self._last, self._pos = self._last[:0], self._pos[:0]
         self._pkv = self._knobs = None
+        self._lp_rows = None
         self._fused = _UNSET
         return events
 
@@ -248,9 +323,12 @@ class BatchDecoder:
             h = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv, return_hidden=True)
             logits = self.backend.logits(h[:, -1])
         tokens = sample(logits.float(), *self._knobs)
+        if self._lp_rows is None:
+            self._lp_rows = any(s.logprobs is not None for s in self.seqs)
+        lps = self._logprobs(self.seqs, logits, tokens) if self._lp_rows else None
         self._last = tokens[:, None]
         self._pos = self._pos + 1
-        events += self._accept(tokens.tolist(), first_row=0)
+        events += self._accept(tokens.tolist(), first_row=0, lps=lps)
         return events
 
     @staticmethod
@@ -261,11 +339,13 @@ class BatchDecoder:
             return None
         return {li: replace(p, k=p.k.contiguous(), v=p.v.contiguous()) for li, p in pkv.items()}
 
-    def _accept(self, tokens: list[int], first_row: int) -> list[Event]:
-        """Record each row's new token (already written at its position), finish rows, compact."""
+    def _accept(self, tokens: list[int], first_row: int, lps: dict[int, TokenLogprob] | None = None) -> list[Event]:
+        """Record each row's new token (already written at its position) and its logprob (`lps`: by index into
+        `tokens`), finish rows, compact."""
         events = []
         done = []
-        for r, t in enumerate(tokens, start=first_row):
+        for i, t in enumerate(tokens):
+            r = first_row + i
             s = self.seqs[r]
             assert s.stream is not None
             p = s.params
@@ -273,20 +353,22 @@ class BatchDecoder:
                 s.finish_reason = "stop"
             else:
                 s.out_ids.append(t)
+                if lps is not None and i in lps:
+                    s.out_logprobs.append(lps[i])
                 text = s.stream.push(t)
                 if s.stream.stopped:
                     s.finish_reason = "stop"
                 elif len(s.out_ids) >= p.max_new_tokens or len(s.prompt_ids) + len(s.out_ids) >= self.max_len:
                     s.finish_reason = "length"
                 if text and not s.finished:
-                    events.append(Event(s, text, False))
+                    events.append(Event(s, text, False, tokens=len(s.out_ids)))
                     continue
                 if s.finished:
                     text += s.stream.finish()
-                    events.append(Event(s, text, True))
+                    events.append(Event(s, text, True, tokens=len(s.out_ids)))
                     done.append(r)
                 continue
-            events.append(Event(s, s.stream.finish(), True))
+            events.append(Event(s, s.stream.finish(), True, tokens=len(s.out_ids)))
             done.append(r)
         if done:
             self._remove(done)
@@ -318,4 +400,5 @@ class BatchDecoder:
             self._last, self._pos = self._last[:m], self._pos[:m]
         self.seqs = [self.seqs[i] for i in keep]
         self._pkv = self._knobs = None
+        self._lp_rows = None
         self._fused = _UNSET

@@ -9,6 +9,15 @@ import torch
 from torch import Tensor
 
 
+class SamplingError(ValueError):
+    """A bad decoding setting: `field` names it and `requirement` says what it must be, so that a caller speaking
+    another vocabulary (the server's `max_tokens` for `max_new_tokens`) can word the error its own way."""
+
+    def __init__(self, field: str, requirement: str, value: object) -> None:
+        super().__init__(f"{field} {requirement}, not {value!r}")
+        self.field, self.requirement, self.value = field, requirement, value
+
+
 @dataclass
 class SamplingParams:
     """Decoding settings of one sequence. temperature 0 means greedy; top_k 0 means no top-k cut.
@@ -33,18 +42,18 @@ class SamplingParams:
             return isinstance(x, (int, float)) and not isinstance(x, bool)
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, not {self.max_new_tokens!r}")
+            raise SamplingError("max_new_tokens", "must be an integer >= 0", self.max_new_tokens)
         if not is_num(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be a number >= 0, not {self.temperature!r}")
+            raise SamplingError("temperature", "must be a number >= 0", self.temperature)
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+            raise SamplingError("top_p", "must be in (0, 1]", self.top_p)
         if not is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, not {self.top_k!r}")
+            raise SamplingError("top_k", "must be an integer >= 0", self.top_k)
         if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an integer, not {self.seed!r}")
+            raise SamplingError("seed", "must be an integer", self.seed)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+            raise SamplingError("stop", "must be a non-empty string or a list of non-empty strings", self.stop)
         self.stop = stop
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         self.top_k = min(self.top_k, 1 << 31)  # beyond any vocabulary; keeps the int64 tensor sane

@@ -9,14 +9,21 @@
                                     prompt format its chats use
     POST /v1/adapters               {"name": ..., "path": ...}  load an adapter file (needs --api-key)
     DELETE /v1/adapters/{name}      unload it (requests already decoding finish normally; queued ones get 404)
-    GET  /health
+    GET  /health                    status and counts (no names: it needs no key)
+    GET  /metrics                   Prometheus metrics (`serving.metrics`)
 
 The request's `model` names an adapter or the base; an adapter of the registry (`serving.registry`: an
 --adapter-dir file, or one evicted past --max-adapters) that is not resident is loaded on its first request.
-Extensions to the OpenAI parameters: `top_k`.
+Extensions to the OpenAI parameters: `top_k`, image content parts. Completions take `n`, `best_of`, `echo` and
+`logprobs`, chats `n`, `logprobs` and `top_logprobs`: log-probabilities are the model's own (log_softmax of the
+logits before temperature/top-p/top-k). Bodies are `protocol.CompletionBody` / `ChatBody` (shown in /docs).
 Unspecified temperature/top_p default to the paper's 0.1/0.75. Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}}: 400 bad parameters or a prompt longer than the context,
-401 missing/wrong key, 404 unknown model, 429 queue full.
+401 missing/wrong key, 404 unknown model, 413 a body over --max-body-mb, 429 queue full.
+
+Hostile traffic: the body is read up to its limit, JSON is parsed, and prompts are tokenised and images decoded
+in worker threads, so one huge request never stalls the event loop (and /health) for the others; an image is
+decoded only for a model that takes images, and only when its header claims at most `max_image_pixels` pixels.
 
 This module holds `Server` (the model, its adapters, the key check, encoding, image features and the requests'
 way to and from the `Engine`), the routes (module-level functions that find the `Server` in `app.state`) and
@@ -31,28 +38,34 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
 from llama_adapter.errors import AdapterError, TemplateError
 from llama_adapter.inference.decoder import DecodeRequest, Event
+from llama_adapter.inference.sampling import SamplingParams
 from llama_adapter.model import Transformer
 from llama_adapter.prompting import RenderedPrompt, describe_template, render_chat, resolve_template
 from llama_adapter.serving import responses
 from llama_adapter.serving.engine import Engine, QueueFull
+from llama_adapter.serving.metrics import AccessMiddleware, Metrics, current_access, note_model
 from llama_adapter.serving.protocol import (
     APIError,
+    ChatBody,
+    CompletionBody,
     Message,
     Prompt,
     StreamOptions,
     bad,
     error_from_seq,
-    is_int,
+    openapi_request,
     parse_adapter_request,
     parse_body,
     parse_chat_request,
@@ -61,11 +74,14 @@ from llama_adapter.serving.protocol import (
 from llama_adapter.serving.registry import AdapterRegistry
 from llama_adapter.serving.responses import Reply
 
-if TYPE_CHECKING:
-    from PIL.Image import Image
-
 log = logging.getLogger("llama_adapter.serving.app")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DEFAULT_MAX_BODY_MB = 8.0
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_DEPTH = 64  # JSON nesting a request may have; deeper is refused before anything walks it recursively
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 class Server:
@@ -82,6 +98,8 @@ class Server:
         image_encoder: str | None = None,
         adapter_dir: str | Path | None = None,
         max_adapters: int | None = None,
+        max_body_mb: float = DEFAULT_MAX_BODY_MB,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if model.tokenizer is None:
             raise ValueError("the server needs a model with a tokenizer")
@@ -92,6 +110,12 @@ class Server:
             raise ValueError("an API key must not be empty")
         self.engine = Engine(model, max_batch_size, max_queue, max_context)
         self.registry = AdapterRegistry(model, self.engine, adapter_dir, max_adapters)
+        if max_body_mb <= 0 or max_image_pixels < 1:
+            raise ValueError("max_body_mb and max_image_pixels must be positive")
+        self.max_body_bytes = int(max_body_mb * 1024 * 1024)
+        self.max_image_pixels = max_image_pixels
+        self.metrics = Metrics(self.engine, self.registry)
+        self.engine.observer = self.metrics
         self.image_encoder_dir = image_encoder
         self._encoders: dict[str, Any] = {}
         self.created = int(time.time())
@@ -126,6 +150,7 @@ class Server:
     async def acquire(self, name: str) -> str | None:
         """The adapter a request's `model` names (None: the base), held against eviction until `release`; one not
         resident is loaded first, in a worker thread (this request waits, the others go on decoding)."""
+        note_model(name)
         if name == self.base_name:
             return None
         if self.registry.acquire(name):
@@ -177,6 +202,10 @@ class Server:
         tok = self.model.tokenizer
         assert tok is not None
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: no text the tokenizer can take
+                raise bad("the prompt is not valid Unicode text (a lone UTF-16 surrogate)", param="prompt") from None
             ids = tok.encode(prompt, bos=bos)
         else:
             vocab = self.model.config.vocab_size
@@ -211,14 +240,56 @@ class Server:
         except ValueError as e:
             raise APIError(500, f"the model's prompt template cannot be used: {e}", type="server_error") from None
 
-    def image_features(self, adapter: str | None, image: Image) -> Tensor:
-        """Features of `image` from the adapter's image encoder (loaded once per directory)."""
-        a = self.model.adapters[adapter] if adapter is not None else None
+    async def encode_async(self, prompt: Prompt, bos: bool = True) -> list[int]:
+        """`encode` in a worker thread: tokenising a prompt of megabytes takes seconds the event loop (every other
+        request, /health) must not wait."""
+        return await asyncio.to_thread(self.encode, prompt, bos)
+
+    def takes_images(self, name: str) -> bool | None:
+        """Whether model `name` takes images: None when that is not known yet (an adapter not resident)."""
+        if name == self.base_name:
+            return False
+        a = self.model.adapters[name] if name in self.model.adapters else None
+        return None if a is None else a.visual_proj is not None
+
+    def check_images(self, body: dict[str, Any]) -> None:
+        """Before any image of a chat body is decoded: 400 when its model does not take images, or when an
+        image's header claims more than `max_image_pixels` pixels (or is a decompression bomb by Pillow's
+        measure). Only headers are read here (`Image.open` decodes no pixels)."""
+        msgs = body.get("messages")
+        urls: list[str] = []
+        for m in msgs if isinstance(msgs, list) else []:
+            parts = m.get("content") if isinstance(m, dict) else None
+            for p in parts if isinstance(parts, list) else []:
+                if isinstance(p, dict) and p.get("type") == "image_url":
+                    iu = p.get("image_url")
+                    url = iu.get("url") if isinstance(iu, dict) else iu
+                    if isinstance(url, str) and url.startswith("data:") and ";base64," in url:
+                        urls.append(url)
+        if not urls:
+            return
+        model = body.get("model")
+        if isinstance(model, str) and self.takes_images(model) is False:
+            raise bad("this model does not take images", param="messages")
+        for url in urls:
+            open_image(url, self.max_image_pixels)
+
+    def image_features(self, adapter: str | None, image: str | Image) -> Tensor:
+        """Features of `image` (a data URL, decoded here once the model is known to take images, or an image)
+        from the adapter's image encoder (loaded once per directory). Blocking: call it in a worker thread."""
+        a = self.model.adapters[adapter] if adapter is not None and adapter in self.model.adapters else None
         if a is None or a.visual_proj is None:
             raise bad("this model does not take images", param="messages")
         enc_dir = a.meta.get("image_encoder") or self.image_encoder_dir
         if not enc_dir:
             raise bad("no image encoder is configured for this adapter (serve --image-encoder DIR)")
+        if isinstance(image, str):
+            img = open_image(image, self.max_image_pixels)
+            try:
+                img.load()
+                image = img.convert("RGB")
+            except (OSError, ValueError) as e:
+                raise bad(f"image_url is not a readable image ({e})", param="messages") from None
         if enc_dir not in self._encoders:
             from llama_adapter.multimodal.encoder import ImageEncoder
 
@@ -230,8 +301,12 @@ class Server:
         """Queue `seqs` on the engine; their events arrive on the returned queue (call from the event loop)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
+        rec = current_access.get()
 
         def sink(ev: Event) -> None:  # called from the engine thread
+            if ev.finished and rec is not None:  # the access log's token counts
+                rec.prompt_tokens += len(ev.seq.prompt_ids)
+                rec.completion_tokens += len(ev.seq.out_ids)
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
         try:
@@ -269,27 +344,93 @@ class Server:
         finally:
             self.cancel(seqs)
 
-    def stream(self, reply: Reply, seqs: list[DecodeRequest], include_usage: bool) -> StreamingResponse:
-        """The SSE response of `seqs`; they are cancelled when the stream ends or the client goes away."""
+    def token_text(self, token: int) -> str:
+        """A token's text, for logprobs (special tokens are empty, as in the generated text)."""
+        tok = self.model.tokenizer
+        assert tok is not None
+        return tok.decode([token])
+
+    def stream(
+        self,
+        reply: Reply,
+        seqs: list[DecodeRequest],
+        include_usage: bool,
+        echo: Sequence[str] = (),
+        n: int = 1,
+    ) -> StreamingResponse:
+        """The SSE response of `seqs` (`echo`: each one's prompt text, sent first; `n` in a row share a prompt);
+        they are cancelled when the stream ends or the client goes away."""
         q = self.submit(seqs)
+        lp = responses.StreamLogprobs(self.token_text, echo)
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for line in responses.sse_events(reply, q, seqs, include_usage):
+                async for line in responses.sse_events(reply, q, seqs, include_usage, lp, n):
                     yield line
             finally:
                 self.cancel(seqs)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def respond(self, request: Request, reply: Reply, seqs: list[DecodeRequest], opts: StreamOptions) -> Any:
-        """Stream `seqs`, or wait for them and answer the whole body."""
+    async def respond(
+        self,
+        request: Request,
+        reply: Reply,
+        seqs: list[DecodeRequest],
+        opts: StreamOptions,
+        echo: Sequence[str] = (),
+        n: int = 1,
+        best_of: int = 1,
+        show_logprobs: bool = True,
+    ) -> Any:
+        """Stream `seqs`, or wait for them and answer the whole body. Completions: `echo` is each sequence's prompt
+        text to put first; `best_of` sequences in a row share a prompt, of which the `n` with the highest
+        total logprob are returned (their logprobs shown only when `show_logprobs`)."""
         if opts.stream:
-            return self.stream(reply, seqs, opts.include_usage)
+            return self.stream(reply, seqs, opts.include_usage, echo, n)
         texts = await self.collect(seqs, request.is_disconnected)
         if reply.kind == "chat":
-            return responses.chat_body(reply, texts[0], seqs[0])
-        return responses.completion_body(reply, texts, seqs)
+            return responses.chat_body(reply, texts, seqs, self.token_text)
+        if echo:
+            texts = [e + t for e, t in zip(echo, texts, strict=True)]
+        if best_of == n:
+            return responses.completion_body(reply, texts, seqs, self.token_text, bool(echo), n=n)
+        keep = []
+        for start in range(0, len(seqs), best_of):
+            group = range(start, start + best_of)
+            keep += sorted(group, key=lambda i: -sum(e.logprob for e in seqs[i].out_logprobs))[:n]
+        body = responses.completion_body(
+            reply, [texts[i] for i in keep], [seqs[i] for i in keep], self.token_text, bool(echo), seqs, best_of
+        )
+        if not show_logprobs:  # logprobs were only wanted for the ranking
+            for c in body["choices"]:
+                c["logprobs"] = None
+        return body
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def open_image(url: str, max_pixels: int) -> Image:
+    """The image of a base64 data URL, its header read and its pixels not yet decoded; 400 when it is no image,
+    claims more than `max_pixels` pixels, or is a decompression bomb by Pillow's own measure."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image as PILImage
+
+    if not url.startswith("data:") or ";base64," not in url:
+        raise bad("image_url must be a base64 data URL (data:image/...;base64,...)", param="messages")
+    try:
+        img = PILImage.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
+    except (binascii.Error, ValueError, OSError, PILImage.DecompressionBombError) as e:
+        raise bad(f"image_url is not a readable image ({e})", param="messages") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise bad(f"the image is {w}x{h}; at most {max_pixels} pixels are accepted", param="messages")
+    return img
 
 
 # ---- routes -------------------------------------------------------------------------------------------------
@@ -297,16 +438,76 @@ def server_of(request: Request) -> Server:
     return request.app.state.server
 
 
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over the server's limit of {limit} bytes", code="request_too_large")
+
+
+async def read_raw(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes: 413 as soon as Content-Length or the bytes read so far pass it (a client
+    cannot make the server hold more than the limit in memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_body(request: Request) -> dict[str, Any]:
-    """The checked key, then the JSON object body."""
-    server_of(request).check_key(request.headers)
-    return parse_body(await request.body())
+    """The checked key, then the JSON object body (size-limited; parsed in a worker thread)."""
+    srv = server_of(request)
+    srv.check_key(request.headers)
+    raw = await read_raw(request, srv.max_body_bytes)
+    return await asyncio.to_thread(load_body, srv, raw)
+
+
+def check_json_value(body: Any) -> None:
+    """400 for JSON nested deeper than MAX_DEPTH or a string with a lone surrogate ("\\ud800" is valid JSON but
+    no UTF-8 text: the tokenizer, templates and logs would fail on it later, as a 500). Iterative, so the check
+    itself cannot overflow the stack."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad("the request has a string with a lone UTF-16 surrogate (not valid Unicode text)") from None
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            stack.extend((x, depth + 1) for x in items)
+
+
+def load_body(srv: Server, raw: bytes) -> dict[str, Any]:
+    """`parse_body`, with the hostile cases made 400s (deep nesting, lone surrogates) and a chat's images
+    checked before anything decodes them (`Server.check_images`). CPU-bound on a big body: a worker thread's."""
+    try:
+        body = parse_body(raw)
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+    check_json_value(body)
+    srv.check_images(body)
+    return body
 
 
 async def health(request: Request) -> dict[str, Any]:
+    """Liveness and load, without adapter names: it answers without a key, and names are what /v1/models
+    guards."""
     srv = server_of(request)
     e = srv.engine
-    return {"status": "ok", "running": e.running, "queued": e.queued, "adapters": list(srv.model.adapters)}
+    return {"status": "ok", "running": e.running, "queued": e.queued, "adapters": len(srv.model.adapters)}
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; needs no key (like /health), and tells only counts and timings."""
+    body = generate_latest(server_of(request).metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def list_models(request: Request) -> dict[str, Any]:
@@ -336,16 +537,40 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     return {"id": name, "object": "model", "deleted": True}
 
 
+def choice_params(sampling: SamplingParams, j: int) -> SamplingParams:
+    """Choice `j`'s settings: with a seed, choice j samples with seed + j (reproducible, yet not n copies)."""
+    return sampling if j == 0 or sampling.seed is None else replace(sampling, seed=sampling.seed + j)
+
+
 async def completions(request: Request) -> Any:
+    """POST /v1/completions (body: `protocol.CompletionBody`): `best_of` sequences per prompt (the `n` with the
+    highest total logprob returned), `echo`, legacy `logprobs`."""
     srv = server_of(request)
     body = await read_body(request)
     req = parse_completion_request(body)
-    if len(req.prompts) > srv.engine.capacity:
-        raise bad("too many prompts in one request", param="prompt")
+    k = req.best_of
+    if len(req.prompts) * k > srv.engine.capacity:
+        raise bad("too many prompts (times n or best_of) in one request", param="prompt")
+    # best_of > n ranks by logprob: record it (for the ranking only, when not asked for)
+    lp = req.logprobs if req.logprobs is not None else (0 if k > req.n else None)
     adapter = await srv.acquire(req.model)
     try:
-        seqs = [DecodeRequest(srv.encode(p), adapter, req.sampling, tag=i) for i, p in enumerate(req.prompts)]
-        return await srv.respond(request, Reply.new("completion", req.model), seqs, req.stream)
+        ids = [await srv.encode_async(p) for p in req.prompts]
+        tok = srv.model.tokenizer
+        assert tok is not None
+        seqs = [
+            DecodeRequest(
+                x, adapter, choice_params(req.sampling, j), tag=i * k + j, logprobs=lp, echo_logprobs=req.echo
+            )
+            for i, x in enumerate(ids)
+            for j in range(k)
+        ]
+        echo: list[str] = []
+        if req.echo:
+            texts = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts]
+            echo = [texts[i] for i in range(len(req.prompts)) for _ in range(k)]
+        reply = Reply.new("completion", req.model)
+        return await srv.respond(request, reply, seqs, req.stream, echo, req.n, k, req.logprobs is not None)
     finally:
         srv.release(adapter)
 
@@ -356,12 +581,23 @@ async def chat_completions(request: Request) -> Any:
     req = parse_chat_request(body)
     adapter = await srv.acquire(req.model)
     try:
-        prompt = srv.render_chat(adapter, req.messages)
+        prompt = await asyncio.to_thread(srv.render_chat, adapter, req.messages)
         feats = await asyncio.to_thread(srv.image_features, adapter, req.images[0]) if req.images else None
-        ids = srv.encode(prompt.text, bos=prompt.bos)
+        ids = await srv.encode_async(prompt.text, bos=prompt.bos)
         sep = prompt.strip_separator
-        seq = DecodeRequest(ids, adapter, req.sampling, image_features=feats, tag=0, strip_separator=sep)
-        return await srv.respond(request, Reply.new("chat", req.model), [seq], req.stream)
+        seqs = [
+            DecodeRequest(
+                ids,
+                adapter,
+                choice_params(req.sampling, j),
+                image_features=feats,
+                tag=j,
+                strip_separator=sep,
+                logprobs=req.logprobs,
+            )
+            for j in range(req.n)
+        ]
+        return await srv.respond(request, Reply.new("chat", req.model), seqs, req.stream, n=req.n)
     finally:
         srv.release(adapter)
 
@@ -407,19 +643,38 @@ def create_app(
     image_encoder: str | None = None,
     adapter_dir: str | Path | None = None,
     max_adapters: int | None = None,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    log_format: str = "text",
 ) -> FastAPI:
-    """The FastAPI app serving `model` and its adapters; `app.state.server` is its `Server`."""
+    """The FastAPI app serving `model` and its adapters; `app.state.server` is its `Server`. Every request goes
+    through `AccessMiddleware` (one log line, the request counter of /metrics)."""
     app = FastAPI(title="llama-adapter", lifespan=lifespan)
-    app.state.server = Server(
-        model, base_name, api_key, max_batch_size, max_queue, max_context, image_encoder, adapter_dir, max_adapters
+    srv = Server(
+        model,
+        base_name,
+        api_key,
+        max_batch_size,
+        max_queue,
+        max_context,
+        image_encoder,
+        adapter_dir,
+        max_adapters,
+        max_body_mb,
+        max_image_pixels,
     )
+    app.state.server = srv
+    app.add_middleware(AccessMiddleware, metrics=srv.metrics, log_format=log_format)
     app.add_exception_handler(APIError, on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_internal_error)
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/adapters", add_adapter, methods=["POST"])
     app.add_api_route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"], openapi_extra=openapi_request(CompletionBody))
+    app.add_api_route(
+        "/v1/chat/completions", chat_completions, methods=["POST"], openapi_extra=openapi_request(ChatBody)
+    )
     return app

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,6 +26,14 @@ from llama_adapter.model import Transformer
 
 log = logging.getLogger("llama_adapter.serving.engine")
 Sink = Callable[[Event], None]
+
+
+class EngineObserver(Protocol):
+    """What the engine reports per sequence (`serving.metrics.Metrics`); called from the engine thread."""
+
+    def on_first_token(self, seconds: float) -> None: ...
+
+    def on_finish(self, adapter: str | None, prompt_tokens: int, generated: int, per_token_s: float | None) -> None: ...
 
 
 class QueueFull(Exception):
@@ -51,6 +60,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.peak_batch = 0  # most requests decoded together so far
+        self.observer: EngineObserver | None = None  # set by the server for its metrics
+        self._times: dict[int, list[float]] = {}  # seq id -> [queued at, first token at] (monotonic seconds)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -79,10 +90,15 @@ class Engine:
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is stopped")
-            if len(self._pending) + len(seqs) > self.max_queue + self.decoder.free:
-                raise QueueFull(f"{len(self._pending)} requests waiting (limit {self.max_queue})")
+            free = self.decoder.free
+            if len(self._pending) + len(seqs) > self.max_queue + free:
+                # pending requests up to the free slots join the batch at the next step: they are not waiting
+                waiting = max(0, len(self._pending) - free)
+                raise QueueFull(f"{waiting} requests waiting (limit {self.max_queue})")
+            now = time.monotonic()
             for s in seqs:
                 self._sinks[s.id] = sink
+                self._times[s.id] = [now]
                 self._pending.append(s)
             self._cond.notify_all()
 
@@ -118,8 +134,30 @@ class Engine:
             self.decoder.forget_adapter(name)
 
     # ---- the loop -------------------------------------------------------------------------------------
+    def _observe(self, ev: Event) -> None:
+        """Time to first token when the sequence's first token shows, tokens and time per token when it ends."""
+        obs, s = self.observer, ev.seq
+        times = self._times.get(s.id)
+        if obs is None or times is None:
+            if ev.finished:
+                self._times.pop(s.id, None)
+            return
+        now = time.monotonic()
+        if len(times) == 1 and s.out_ids:
+            times.append(now)
+            obs.on_first_token(now - times[0])
+        if ev.finished:
+            self._times.pop(s.id, None)
+            n = len(s.out_ids)
+            per_token = (now - times[1]) / (n - 1) if len(times) > 1 and n > 1 else None
+            obs.on_finish(s.adapter, len(s.prompt_ids), n, per_token)
+
     def _emit(self, events: Sequence[Event]) -> None:
         for ev in events:
+            try:
+                self._observe(ev)
+            except Exception:  # noqa: BLE001 -- metrics must never stop the loop
+                log.exception("engine observer failed")
             sink = self._sinks.get(ev.seq.id)
             if ev.finished:
                 self._sinks.pop(ev.seq.id, None)

@@ -1,33 +1,38 @@
-"""The server's wire protocol on the way in: `APIError` (OpenAI-shaped error bodies) and request parsing.
+"""The server's wire protocol on the way in: request bodies as pydantic models, `APIError` (OpenAI-shaped errors).
 
-Request bodies (already decoded JSON objects) are checked by hand and turned into plain typed values:
-`SamplingParams`, the prompts of a completion, the messages and images of a chat, the stream options and the
-name/path of an adapter to load. Every rejection is an `APIError` whose message, status and `param` are what
-clients see. (A later change replaces the hand-written checks with pydantic models.)
+`CompletionBody` and `ChatBody` are what FastAPI validates the JSON against (and what `/docs` and `/openapi.json`
+show, our extensions `top_k` and image content parts included); a validation error becomes an OpenAI 400 naming
+the parameter (`validation_error`). The bodies are then turned into plain typed values (`CompletionRequest`,
+`ChatRequest`): `SamplingParams`, which stays the one judge of sampling values (its `SamplingError` becomes a 400
+on the request's own parameter name), the prompts, the messages and decoded images, the stream options.
+Types are checked strictly (`"3"` is not an integer, `true` not a number), as the hand-written checks did.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llama_adapter.adapter_file import check_adapter_name
 from llama_adapter.errors import AdapterError
 from llama_adapter.inference.decoder import DecodeRequest
-from llama_adapter.inference.sampling import SamplingParams
+from llama_adapter.inference.sampling import SamplingError, SamplingParams
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
+    pass
 
 ROLES = ("system", "user", "assistant", "developer")
 Prompt = str | list[int]
 Message = tuple[str, str]
+MAX_N = 16  # choices (n, best_of) per prompt: each is a sequence in the batch
+MAX_LOGPROBS = 20  # OpenAI's limit on alternatives per token
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -66,7 +71,184 @@ def error_from_seq(seq: DecodeRequest) -> APIError:
     return APIError(500, msg, type="server_error")
 
 
-# ---- typed values ---------------------------------------------------------------------------------------------
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ---- request bodies ----------------------------------------------------------------------------------------
+class Strict(BaseModel):
+    """Strict types (no "3" for 3, no true for 1); unknown fields are ignored, as OpenAI's own clients send some."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptionsBody(BaseModel):
+    """`stream_options` (lax: `include_usage: 1` counts as true, as before)."""
+
+    include_usage: bool = False
+
+
+class StreamFields(Strict):
+    stream: bool | None = Field(False, description="answer with server-sent events")
+    stream_options: StreamOptionsBody | None = None
+
+
+NonNegative = Annotated[int, Field(ge=0)]
+Choices = Annotated[int, Field(ge=1, le=MAX_N)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+
+class SamplingFields(Strict):
+    """The sampling parameters both endpoints share. Only types are checked here; the values' ranges are
+    `SamplingParams`'s to judge (see `sampling_params`)."""
+
+    max_tokens: int | None = Field(None, description="tokens to generate (completions: 16, chat: 256)")
+    max_completion_tokens: int | None = Field(None, description="the same; `max_tokens` wins when both are set")
+    temperature: float | None = Field(None, description="0: greedy; unspecified: the paper's 0.1")
+    top_p: float | None = Field(None, description="nucleus sampling in (0, 1]; unspecified: the paper's 0.75")
+    top_k: int | None = Field(None, description="extension: keep the k most likely tokens (0: no cut)")
+    stop: str | list[str] | None = Field(None, description="strings that end the text (not included)")
+    seed: int | None = Field(None, description="reproducible sampling, whatever else is in the batch")
+    n: Choices | None = Field(None, description="independent choices per prompt (choice i uses seed + i)")
+
+
+class PromptField(Strict):
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description="a string, token ids, or a list of either (one choice per prompt)"
+    )
+
+
+class CompletionBody(SamplingFields, StreamFields, PromptField):
+    """POST /v1/completions."""
+
+    model: str
+    echo: bool | None = Field(False, description="return the prompt before the completion")
+    logprobs: TopLogprobs | None = Field(
+        None, description="each token's logprob and this many alternatives (the model's own, before sampling)"
+    )
+    best_of: Choices | None = Field(None, description="sample this many per prompt, return the n most likely")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(Strict):
+    url: str = Field(description="a base64 data URL: data:image/...;base64,...")
+    detail: str | None = None
+
+
+class ImagePart(Strict):
+    """Extension: an image for a multi-modal adapter (at most one per request)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class MessagesField(Strict):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ChatBody(SamplingFields, StreamFields, MessagesField):
+    """POST /v1/chat/completions."""
+
+    model: str
+    logprobs: bool | None = Field(False, description="each generated token's logprob (the model's own)")
+    top_logprobs: TopLogprobs | None = Field(None, description="alternatives per token (needs logprobs)")
+
+
+class AdapterBody(Strict):
+    """POST /v1/adapters."""
+
+    path: str = Field(description="the adapter file's path on the server")
+    name: str | None = Field(None, description="default: the file's stem")
+
+
+# ---- validation errors ------------------------------------------------------------------------------------
+TYPE_NAMES = {
+    "float_type": "a number",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "a boolean",
+    "string_type": "a string",
+    "model_type": "an object",
+    "dict_type": "an object",
+    "list_type": "a list",
+}
+FIELD_MESSAGES = {
+    "prompt": "'prompt' must be a string, a list of strings, or token ids",
+    "stop": "'stop' must be a string or a list of strings",
+    "path": "'path' must be the adapter file's path on the server",
+}
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """The 400 for pydantic's (or FastAPI's) validation errors: the first one, named by its top-level field."""
+    e = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    loc = list(e.get("loc", ()))
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    param = loc[0] if loc and isinstance(loc[0], str) else None
+    kind = str(e.get("type", ""))
+    if kind == "json_invalid":
+        return bad("the request body is not valid JSON")
+    if param is None:
+        return bad("the request body must be a JSON object")
+    if param in FIELD_MESSAGES:
+        return bad(FIELD_MESSAGES[param], param=param)
+    if kind == "missing":
+        return bad(f"'{param}' is required", param=param)
+    if kind in TYPE_NAMES and len(loc) == 1:
+        try:
+            got = json.dumps(e.get("input"))[:60]
+        except (TypeError, ValueError):
+            got = type(e.get("input")).__name__
+        return bad(f"'{param}' must be {TYPE_NAMES[kind]}, got {got}", param=param)
+    where = ".".join(str(x) for x in loc)
+    return bad(f"'{where}': {e.get('msg', 'invalid value')}", param=param)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def openapi_request(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting `model` as a route's JSON body, its `$defs` inlined. The routes read and
+    validate their bodies themselves (after the key check and the size limit), so FastAPI cannot see the model."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(x: Any) -> Any:
+        if isinstance(x, dict):
+            ref = x.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in x.items() if k != "discriminator"}  # its mapping names $defs
+        if isinstance(x, list):
+            return [inline(v) for v in x]
+        return x
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def validate(model: type[M], body: Any) -> M:
+    """`body` (decoded JSON) as `model`, or the 400 naming the parameter."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e.errors(include_url=False)) from None
+
+
+# ---- typed values -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StreamOptions:
     """`stream` and `stream_options.include_usage` of a request."""
@@ -77,44 +259,34 @@ class StreamOptions:
 
 @dataclass
 class CompletionRequest:
-    """A /v1/completions request: one or more prompts (text or token ids)."""
+    """A /v1/completions request: one or more prompts (text or token ids), `n` choices each (the best `n` of
+    `best_of` samples), the prompt text before each (`echo`), `logprobs` alternatives per token (None: none)."""
 
     model: str
     sampling: SamplingParams
     stream: StreamOptions
     prompts: list[Prompt]
+    n: int = 1
+    best_of: int = 1
+    echo: bool = False
+    logprobs: int | None = None
 
 
 @dataclass
 class ChatRequest:
-    """A /v1/chat/completions request: (role, text) messages ending with the user's, and at most one image."""
+    """A /v1/chat/completions request: (role, text) messages ending with the user's, at most one image, `n`
+    choices, `logprobs` alternatives per token (None: no logprobs)."""
 
     model: str
     sampling: SamplingParams
     stream: StreamOptions
     messages: list[Message]
-    images: list[Image] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # data URLs, decoded only for a model that takes images
+    n: int = 1
+    logprobs: int | None = None
 
 
-# ---- checks -----------------------------------------------------------------------------------------------------
-def is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def optional(body: dict[str, Any], key: str, check: Callable[[Any], bool], what: str, default: Any = None) -> Any:
-    """body[key] if present and not null (rejected unless `check` passes), else `default`."""
-    v = body.get(key)
-    if v is None:
-        return default
-    if not check(v):
-        raise bad(f"'{key}' must be {what}, got {json.dumps(v)[:60]}", param=key)
-    return v
-
-
+# ---- conversion ---------------------------------------------------------------------------------------------
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object."""
     try:
@@ -126,140 +298,144 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_model(body: dict[str, Any]) -> str:
-    """The requested model's name (an adapter or the base)."""
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise bad("'model' must be a string", param="model")
-    return name
-
-
-def parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise bad("'stop' must be a string or a list of strings", param="stop")
-    return tuple(s for s in stop if s)
-
-
-def parse_sampling(body: dict[str, Any], default_max: int) -> SamplingParams:
-    """Sampling parameters; unspecified temperature/top_p are the paper's 0.1/0.75. `top_k` is an extension."""
-    max_tokens = optional(body, "max_completion_tokens", is_int, "an integer", None)
-    max_tokens = optional(body, "max_tokens", is_int, "an integer", max_tokens)
-    if max_tokens is not None and max_tokens < 0:
-        raise bad("'max_tokens' must be >= 0", param="max_tokens")
-    temperature = optional(body, "temperature", is_number, "a number", 0.1)
-    if temperature < 0:
-        raise bad("'temperature' must be >= 0", param="temperature")
-    top_p = optional(body, "top_p", is_number, "a number", 0.75)
-    if not 0 < top_p <= 1:
-        raise bad("'top_p' must be in (0, 1]", param="top_p")
-    top_k = optional(body, "top_k", is_int, "an integer", 0)
-    if top_k < 0:
-        raise bad("'top_k' must be >= 0", param="top_k")
-    seed = optional(body, "seed", is_int, "an integer", None)
-    stop = parse_stop(body)
-    if optional(body, "n", is_int, "an integer", 1) != 1:
-        raise bad("only n=1 is supported", param="n")
-    max_new = default_max if max_tokens is None else max_tokens
+def sampling_params(f: SamplingFields, default_max: int) -> SamplingParams:
+    """`SamplingParams` of a request; unspecified temperature/top_p are the paper's 0.1/0.75. Its
+    `SamplingError` becomes a 400 on the request's own name of the setting."""
+    max_tokens = f.max_tokens if f.max_tokens is not None else f.max_completion_tokens
+    stop = (f.stop,) if isinstance(f.stop, str) else tuple(f.stop or ())
     try:
         return SamplingParams(
-            max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed
+            max_new_tokens=default_max if max_tokens is None else max_tokens,
+            temperature=0.1 if f.temperature is None else f.temperature,
+            top_p=0.75 if f.top_p is None else f.top_p,
+            top_k=f.top_k or 0,
+            stop=tuple(s for s in stop if s),
+            seed=f.seed,
         )
-    except ValueError as e:
-        raise bad(str(e)) from None
+    except SamplingError as e:
+        param = e.field
+        if param == "max_new_tokens":
+            param = "max_tokens" if f.max_tokens is not None else "max_completion_tokens"
+        raise bad(f"'{param}' {e.requirement}", param=param) from None
+
+
+def stream_options(f: StreamFields) -> StreamOptions:
+    return StreamOptions(bool(f.stream), bool(f.stream_options and f.stream_options.include_usage))
+
+
+def prompts_of(f: PromptField) -> list[Prompt]:
+    """`prompt` as a list of prompts: a string or token ids is one."""
+    p = f.prompt
+    if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
+        return [p]  # type: ignore[list-item]
+    if not p:
+        raise bad(FIELD_MESSAGES["prompt"], param="prompt")
+    return list(p)  # type: ignore[arg-type]
+
+
+def completion_request(body: CompletionBody) -> CompletionRequest:
+    n = body.n or 1
+    best_of = body.best_of if body.best_of is not None else n
+    if best_of < n:
+        raise bad("'best_of' must be >= n", param="best_of")
+    if best_of > n and body.stream:
+        raise bad("'best_of' other than n cannot be streamed", param="best_of")
+    if n * best_of > MAX_N * MAX_N // 4:
+        raise bad("too many choices", param="n")
+    return CompletionRequest(
+        body.model,
+        sampling_params(body, default_max=16),
+        stream_options(body),
+        prompts_of(body),
+        n=n,
+        best_of=best_of,
+        echo=bool(body.echo),
+        logprobs=body.logprobs,
+    )
+
+
+def chat_request(body: ChatBody) -> ChatRequest:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    messages, images = messages_of(body)
+    return ChatRequest(
+        body.model,
+        sampling_params(body, default_max=256),
+        stream_options(body),
+        messages,
+        images,
+        n=body.n or 1,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+
+
+# dict-taking forms (the same checks, for callers and tests that hold decoded JSON)
+def parse_sampling(body: dict[str, Any], default_max: int) -> SamplingParams:
+    return sampling_params(validate(SamplingFields, body), default_max)
 
 
 def parse_stream_options(body: dict[str, Any]) -> StreamOptions:
-    stream = optional(body, "stream", lambda x: isinstance(x, bool), "a boolean", False)
-    opts = optional(body, "stream_options", lambda x: isinstance(x, dict), "an object", {})
-    return StreamOptions(stream, bool(opts.get("include_usage")))
+    return stream_options(validate(StreamFields, body))
 
 
 def parse_prompts(body: dict[str, Any]) -> list[Prompt]:
-    """`prompt`: a string, token ids, or a list of either."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        return prompt
-    raise bad("'prompt' must be a string, a list of strings, or token ids", param="prompt")
+    return prompts_of(validate(PromptField, body))
 
 
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    model = parse_model(body)
-    sampling = parse_sampling(body, default_max=16)
-    stream = parse_stream_options(body)
-    return CompletionRequest(model, sampling, stream, parse_prompts(body))
+    return completion_request(validate(CompletionBody, body))
 
 
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
-    model = parse_model(body)
-    sampling = parse_sampling(body, default_max=256)
-    stream = parse_stream_options(body)
-    messages, images = parse_messages(body)
-    return ChatRequest(model, sampling, stream, messages, images)
+    return chat_request(validate(ChatBody, body))
 
 
-def decode_data_url_image(url: str) -> Image:
-    """An RGB image from a `data:image/...;base64,...` URL."""
+def parse_messages(body: dict[str, Any]) -> tuple[list[Message], list[str]]:
+    return messages_of(validate(MessagesField, body))
+
+
+IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def check_data_url(url: str) -> str:
+    """`url` if it is a base64 data URL whose first bytes look like an image (PNG, JPEG, GIF, WebP, BMP, TIFF);
+    only its head is decoded here: the image itself is decoded later, for a model that takes images."""
     if not url.startswith("data:") or ";base64," not in url:
         raise bad("image_url must be a base64 data URL (data:image/...;base64,...)", param="messages")
     try:
-        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-        return img.convert("RGB")
-    except (binascii.Error, ValueError, OSError) as e:
-        raise bad(f"image_url is not a readable image ({e})", param="messages") from None
+        head = base64.b64decode(url.split(";base64,", 1)[1][:16], validate=True)
+    except (binascii.Error, ValueError):
+        head = b""
+    if not head.startswith(IMAGE_SIGNATURES):
+        raise bad("image_url is not a readable image (no image header)", param="messages")
+    return url
 
 
-def parse_content(content: list[Any], images: list[Image]) -> str:
-    """The text of a list of content parts; image parts are decoded into `images`."""
+def content_text(content: list[TextPart | ImagePart], images: list[str]) -> str:
+    """The text of a message's content parts; the data URLs of image parts go to `images` (not decoded yet)."""
     texts = []
     for part in content:
-        if not isinstance(part, dict):
-            raise bad("content parts must be objects", param="messages")
-        if part.get("type") == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif part.get("type") == "image_url":
-            iu = part.get("image_url")
-            url = iu.get("url") if isinstance(iu, dict) else iu
-            if not isinstance(url, str):
-                raise bad("image_url needs a url", param="messages")
-            images.append(decode_data_url_image(url))
+        if isinstance(part, TextPart):
+            texts.append(part.text)
         else:
-            raise bad(f"unsupported content part {str(part.get('type'))[:40]!r}", param="messages")
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+            images.append(check_data_url(url))
     return "\n".join(texts)
 
 
-def parse_message(m: Any, images: list[Image]) -> Message:
-    """One message as (role, text); "developer" is a system message."""
-    if not isinstance(m, dict) or m.get("role") not in ROLES:
-        raise bad("each message needs a role of system, user or assistant", param="messages")
-    role = "system" if m["role"] == "developer" else m["role"]
-    content = m.get("content")
-    if content is None and role == "assistant":
-        content = ""
-    if isinstance(content, str):
-        return role, content
-    if not isinstance(content, list):
-        raise bad("message content must be a string or a list of parts", param="messages")
-    return role, parse_content(content, images)
-
-
-def parse_messages(body: dict[str, Any]) -> tuple[list[Message], list[Image]]:
-    """`messages` as [(role, text)] ending with a user turn, and the images of their content parts (at most 1)."""
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad("'messages' must be a non-empty list", param="messages")
-    images: list[Image] = []
-    out = [parse_message(m, images) for m in msgs]
+def messages_of(f: MessagesField) -> tuple[list[Message], list[str]]:
+    """`messages` as [(role, text)] ending with a user turn ("developer" is a system message), and the data URLs
+    of their image parts (at most 1)."""
+    images: list[str] = []
+    out: list[Message] = []
+    for m in f.messages:
+        role = "system" if m.role == "developer" else m.role
+        content = m.content
+        if content is None and role == "assistant":
+            content = ""
+        if content is None:
+            raise bad("message content must be a string or a list of parts", param="messages")
+        out.append((role, content if isinstance(content, str) else content_text(content, images)))
     if out[-1][0] != "user":
         raise bad("the last message must be from the user", param="messages")
     if len(images) > 1:
@@ -269,14 +445,13 @@ def parse_messages(body: dict[str, Any]) -> tuple[list[Message], list[Image]]:
 
 def parse_adapter_request(body: dict[str, Any], base_name: str) -> tuple[str, str]:
     """(name, path) of POST /v1/adapters; the name defaults to the file's stem."""
-    name, path = body.get("name"), body.get("path")
-    if not isinstance(path, str) or not path:
-        raise bad("'path' must be the adapter file's path on the server", param="path")
-    if name is None:
-        name = Path(path).stem
+    req = validate(AdapterBody, body)
+    if not req.path:
+        raise bad(FIELD_MESSAGES["path"], param="path")
+    name = Path(req.path).stem if req.name is None else req.name
     if name == base_name:
         raise bad(f"'name' must not be the base's model id {base_name!r}", param="name")
     try:
-        return check_adapter_name(name), path
+        return check_adapter_name(name), req.path
     except AdapterError as e:
         raise bad(str(e), param="name") from None

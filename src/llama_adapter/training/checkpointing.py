@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llama_adapter.errors import TrainingError
+from llama_adapter.loading import load_error_line
 from llama_adapter.training.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -81,7 +82,7 @@ def load_checkpoint(path: str) -> tuple[dict[str, Any], Path]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unpickling failure means an unusable file
-        raise TrainingError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+        raise TrainingError(f"{p}: cannot read checkpoint ({load_error_line(e)})") from None
     return ckpt, p
 
 

@@ -101,6 +101,8 @@ def _parse_file(path: Path) -> list[tuple[str, Any]]:
     if path.suffix != ".jsonl":
         try:
             whole = json.loads(text)
+        except RecursionError:  # nested past the interpreter's stack: no record is that deep
+            raise DataError(f"{path}: JSON nested too deeply to be a training record") from None
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("["):
                 raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
@@ -114,6 +116,8 @@ def _parse_file(path: Path) -> list[tuple[str, Any]]:
             continue
         try:
             out.append((f"record {len(out) + 1} (line {n})", json.loads(line)))
+        except RecursionError:
+            raise DataError(f"{path}: line {n} is JSON nested too deeply to be a training record") from None
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}: line {n} is not valid JSON ({e.msg}); expected a JSON list or JSONL (one object per line)"

@@ -491,7 +491,8 @@ def run_loop(run: Run, mfile: IO[str] | None, bar: Progress | None) -> tuple[flo
     lengths = [len(e.ids) for e in run.train_ex]
     plan: list[list[list[int]]] = []
     plan_epoch = -1
-    last_loss: float | None = None
+    # resumed at the end (nothing left to run): the last loss is the checkpoint's, not None in the metadata
+    last_loss: float | None = next((m["loss"] for m in reversed(run.metrics) if "loss" in m), None)
     last_val: float | None = next((m["val_loss"] for m in reversed(run.metrics) if "val_loss" in m), None)
     for step in range(run.start, run.run_steps):
         epoch = step // spe
@@ -531,7 +532,7 @@ def _save_outputs(run: Run, adapter_path: Path, last_loss: float | None, train_t
         run.model,
         run.name,
         adapter_path,
-        extra={"trained_steps": str(run.run_steps), "train_loss": f"{last_loss}" if last_loss else ""},
+        extra={"trained_steps": str(run.run_steps), "train_loss": f"{last_loss}" if last_loss is not None else ""},
     )
     plot_losses(run.metrics, run.out / "loss.png")
     run.log(f"saved {adapter_path} ({run.n_trainable:,} trainable parameters, {train_time:.1f}s)")

@@ -332,7 +332,8 @@ def test_sse_events():
     failed = _seq([1], [], finish="error")
     failed.error = "no adapter named 'x'"
     lines = _drain(Reply("cmpl-1", "completion", 1, "m"), [Event(failed, "", True)], [failed], include_usage=True)
-    assert len(lines) == 1 and json.loads(lines[0][6:])["error"]["code"] == "model_not_found"
+    assert len(lines) == 2 and json.loads(lines[0][6:])["error"]["code"] == "model_not_found"
+    assert lines[1] == "data: [DONE]\n\n"  # a failed stream ends as every stream does
 
 
 def _rejects(fn, *args) -> APIError:

@@ -76,6 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MB",
         help="largest request body accepted; larger ones get 413 (default: 8)",
     )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="on SIGTERM, let requests in flight finish for S seconds, then end them with a final event "
+        "(an SSE error event then [DONE], or a 503) and exit 0 (default: 5)",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument(
         "--log-format",
@@ -137,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llama_adapter.errors import AdapterError
     from llama_adapter.prompting import resolve_template
-    from llama_adapter.serving.app import create_app
+    from llama_adapter.serving.app import GracefulServer, create_app
 
     if args.max_batch_size < 1 or args.max_queue < 0:
         raise UserError("--max-batch-size must be >= 1 and --max-queue >= 0")
@@ -145,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-adapters must be >= 1")
     if not args.max_body_mb > 0:
         raise UserError("--max-body-mb must be > 0")
+    if not args.shutdown_grace >= 0:
+        raise UserError("--shutdown-grace must be >= 0")
     check_port(args.host, args.port)
     keys = api_keys(args)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
@@ -180,5 +190,7 @@ def run(args: argparse.Namespace) -> int:
         registry.remember(name, path)
     setup_access_log(args.log_level)
     # our access log replaces uvicorn's (it knows the adapter and the tokens)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    return 0
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    server = GracefulServer(config, grace_s=args.shutdown_grace)
+    server.run()
+    return 0 if server.started else 1

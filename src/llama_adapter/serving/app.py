@@ -19,7 +19,11 @@ Extensions to the OpenAI parameters: `top_k`, image content parts. Completions t
 logits before temperature/top-p/top-k). Bodies are `protocol.CompletionBody` / `ChatBody` (shown in /docs).
 Unspecified temperature/top_p default to the paper's 0.1/0.75. Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}}: 400 bad parameters or a prompt longer than the context,
-401 missing/wrong key, 404 unknown model, 413 a body over --max-body-mb, 429 queue full.
+401 missing/wrong key, 404 unknown model, 413 a body over --max-body-mb, 429 queue full, 503 shutting down.
+
+Shutdown (`GracefulServer`, what `serve` runs): on SIGTERM the server stops accepting connections, lets requests in
+flight finish for a grace period, then ends the rest with a final event (an SSE error event, then [DONE]; a 503
+for a non-streaming request) and exits 0.
 
 Hostile traffic: the body is read up to its limit, JSON is parsed, and prompts are tokenised and images decoded
 in worker threads, so one huge request never stalls the event loop (and /health) for the others; an image is
@@ -33,15 +37,19 @@ way to and from the `Engine`), the routes (module-level functions that find the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -54,7 +62,7 @@ from llama_adapter.inference.sampling import SamplingParams
 from llama_adapter.model import Transformer
 from llama_adapter.prompting import RenderedPrompt, describe_template, render_chat, resolve_template
 from llama_adapter.serving import responses
-from llama_adapter.serving.engine import Engine, QueueFull
+from llama_adapter.serving.engine import Engine, EngineStopped, QueueFull
 from llama_adapter.serving.metrics import AccessMiddleware, Metrics, current_access, note_model
 from llama_adapter.serving.protocol import (
     APIError,
@@ -315,6 +323,8 @@ class Server:
             raise APIError(
                 429, f"the server is busy ({e}); retry later", type="rate_limit_exceeded", code="queue_full"
             ) from None
+        except EngineStopped as e:  # a kept-alive connection's request after shutdown began
+            raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
         return q
 
     def cancel(self, seqs: Sequence[DecodeRequest]) -> None:
@@ -630,6 +640,37 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         engine.stop()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a shutdown that never tears a stream: uvicorn alone waits, without limit, for every
+    response to end before the app's lifespan shutdown stops the engine (a stream of 4000 tokens keeps the process
+    alive for minutes), and after a SIGTERM it re-raises the signal, so the process dies by it (exit -15).
+
+    Here shutdown closes the listening sockets, then drains the engine (`Engine.drain`: requests in flight finish
+    for `grace_s` seconds, the rest end with a final event), then lets uvicorn close the now-finished connections;
+    SIGTERM, handled so, is not re-raised: `serve` exits 0. SIGINT keeps uvicorn's behaviour.
+    """
+
+    def __init__(self, config: uvicorn.Config, grace_s: float = 5.0) -> None:
+        super().__init__(config)
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting first (closing again in super().shutdown is harmless)
+            server.close()
+        srv = getattr(getattr(self.config.app, "state", None), "server", None)
+        if isinstance(srv, Server):
+            await asyncio.to_thread(srv.engine.drain, self.grace_s)
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:  # a SIGTERM was a request to stop, and stopping went well: do not die by it afterwards
+                self._captured_signals[:] = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def create_app(

@@ -36,8 +36,15 @@ class EngineObserver(Protocol):
     def on_finish(self, adapter: str | None, prompt_tokens: int, generated: int, per_token_s: float | None) -> None: ...
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit (the server answers 429)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped (the server is shutting down: it answers 503, never a 500)."""
 
 
 class Engine:
@@ -78,6 +85,19 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def drain(self, grace_s: float) -> None:
+        """Stop after letting the requests in flight finish for at most `grace_s` seconds: a graceful shutdown.
+        Those still queued or decoding then end with finish_reason "error" ("the server is shutting down"), which
+        the server sends as a final event (streams) or a 503, so no client sees a torn connection."""
+        deadline = time.monotonic() + max(0.0, grace_s)
+        with self._cond:
+            while (self._pending or self.decoder.seqs) and self._thread is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(timeout=min(left, 0.1))
+        self.stop()
+
     @contextmanager
     def model_lock(self) -> Any:
         """Hold while changing the model's adapters (never during a step)."""
@@ -89,7 +109,7 @@ class Engine:
         """Queue sequences (all or none); raises QueueFull when the queue cannot take them."""
         with self._cond:
             if self._stop:
-                raise RuntimeError("the engine is stopped")
+                raise EngineStopped(SHUTTING_DOWN)
             free = self.decoder.free
             if len(self._pending) + len(seqs) > self.max_queue + free:
                 # pending requests up to the free slots join the batch at the next step: they are not waiting
@@ -203,11 +223,11 @@ class Engine:
                 with self._model_lock:
                     self._tick()
         with self._model_lock:
-            self._emit(self.decoder.fail_all("the server is shutting down"))
+            self._emit(self.decoder.fail_all(SHUTTING_DOWN))
             with self._cond:
                 pending, self._pending = list(self._pending), deque()
             for s in pending:
-                s.finish_reason, s.error = "error", "the server is shutting down"
+                s.finish_reason, s.error = "error", SHUTTING_DOWN
             self._emit([Event(s, "", True) for s in pending])
 
     def _tick(self) -> None:

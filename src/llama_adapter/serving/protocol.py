@@ -24,6 +24,7 @@ from llama_adapter.adapter_file import check_adapter_name
 from llama_adapter.errors import AdapterError
 from llama_adapter.inference.decoder import DecodeRequest
 from llama_adapter.inference.sampling import SamplingError, SamplingParams
+from llama_adapter.serving.engine import SHUTTING_DOWN
 
 if TYPE_CHECKING:
     pass
@@ -64,10 +65,13 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 
 
 def error_from_seq(seq: DecodeRequest) -> APIError:
-    """The error of a sequence that finished with finish_reason "error" (404 when its adapter went away)."""
+    """The error of a sequence that finished with finish_reason "error" (404 when its adapter went away, 503 when
+    the server cut it short to shut down: the client may retry elsewhere)."""
     msg = seq.error or "generation failed"
     if "no adapter named" in msg:
         return APIError(404, f"the model was removed: {msg}", code="model_not_found")
+    if msg == SHUTTING_DOWN:
+        return APIError(503, msg, type="server_error", code="server_shutting_down")
     return APIError(500, msg, type="server_error")
 
 

@@ -169,7 +169,8 @@ async def sse_events(
     logprobs: StreamLogprobs | None = None,
     n: int = 1,
 ) -> AsyncIterator[str]:
-    """The SSE stream of a request until all its sequences finish; a failed sequence ends it with an error event.
+    """The SSE stream of a request until all its sequences finish; a failed sequence ends it with an error event
+    (then [DONE], as every stream ends).
     `logprobs` adds the echo'd prompts and the tokens' logprobs; `n` sequences in a row share a prompt."""
     lp = logprobs or StreamLogprobs()
     if reply.kind == "chat":
@@ -184,6 +185,7 @@ async def sse_events(
             if s.finish_reason == "error":
                 err = error_from_seq(s)
                 yield sse(err.body())
+                yield SSE_DONE  # every stream ends with [DONE]: clients that wait for it stop cleanly
                 return
         if ev.text or ev.finished:
             prefix, logprobs_ = lp.take(reply, ev)

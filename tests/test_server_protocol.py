@@ -7,15 +7,12 @@ temperature, top-p or top-k.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from test_server import _Running
 
 import llama_adapter as la
 from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest
@@ -24,29 +21,6 @@ from llama_adapter.serving.app import create_app
 from llama_adapter.serving.protocol import APIError, parse_chat_request, parse_completion_request
 
 PROMPT = "the quick brown fox"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Running:
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

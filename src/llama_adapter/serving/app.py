@@ -260,44 +260,30 @@ class Server:
         a = self.model.adapters[name] if name in self.model.adapters else None
         return None if a is None else a.visual_proj is not None
 
-    def check_images(self, body: dict[str, Any]) -> None:
-        """Before any image of a chat body is decoded: 400 when its model does not take images, or when an
-        image's header claims more than `max_image_pixels` pixels (or is a decompression bomb by Pillow's
-        measure). Only headers are read here (`Image.open` decodes no pixels)."""
-        msgs = body.get("messages")
-        urls: list[str] = []
-        for m in msgs if isinstance(msgs, list) else []:
-            parts = m.get("content") if isinstance(m, dict) else None
-            for p in parts if isinstance(parts, list) else []:
-                if isinstance(p, dict) and p.get("type") == "image_url":
-                    iu = p.get("image_url")
-                    url = iu.get("url") if isinstance(iu, dict) else iu
-                    if isinstance(url, str) and url.startswith("data:") and ";base64," in url:
-                        urls.append(url)
-        if not urls:
-            return
-        model = body.get("model")
-        if isinstance(model, str) and self.takes_images(model) is False:
+    def open_images(self, model: str, urls: Sequence[str]) -> list[Image]:
+        """A chat's images (data URLs, from its parsed messages) with only their headers read: 400 when the model
+        does not take images, or when an image claims more than `max_image_pixels` pixels (or is a decompression
+        bomb by Pillow's measure). Their pixels are decoded later, by `image_features`, for a model that takes
+        them. Blocking (base64 decoding): call it in a worker thread."""
+        if urls and self.takes_images(model) is False:
             raise bad("this model does not take images", param="messages")
-        for url in urls:
-            open_image(url, self.max_image_pixels)
+        return [open_image(url, self.max_image_pixels) for url in urls]
 
-    def image_features(self, adapter: str | None, image: str | Image) -> Tensor:
-        """Features of `image` (a data URL, decoded here once the model is known to take images, or an image)
-        from the adapter's image encoder (loaded once per directory). Blocking: call it in a worker thread."""
+    def image_features(self, adapter: str | None, image: Image) -> Tensor:
+        """Features of `image` (from `open_images`: its pixels are decoded here, once the model is known to take
+        images) from the adapter's image encoder (loaded once per directory). Blocking: call it in a worker
+        thread."""
         a = self.model.adapters[adapter] if adapter is not None and adapter in self.model.adapters else None
         if a is None or a.visual_proj is None:
             raise bad("this model does not take images", param="messages")
         enc_dir = a.meta.get("image_encoder") or self.image_encoder_dir
         if not enc_dir:
             raise bad("no image encoder is configured for this adapter (serve --image-encoder DIR)")
-        if isinstance(image, str):
-            img = open_image(image, self.max_image_pixels)
-            try:
-                img.load()
-                image = img.convert("RGB")
-            except (OSError, ValueError) as e:
-                raise bad(f"image_url is not a readable image ({e})", param="messages") from None
+        try:
+            image.load()
+            image = image.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise bad(f"image_url is not a readable image ({e})", param="messages") from None
         if enc_dir not in self._encoders:
             from llama_adapter.multimodal.encoder import ImageEncoder
 
@@ -472,7 +458,7 @@ async def read_body(request: Request) -> dict[str, Any]:
     srv = server_of(request)
     srv.check_key(request.headers)
     raw = await read_raw(request, srv.max_body_bytes)
-    return await asyncio.to_thread(load_body, srv, raw)
+    return await asyncio.to_thread(load_body, raw)
 
 
 def check_json_value(body: Any) -> None:
@@ -494,15 +480,14 @@ def check_json_value(body: Any) -> None:
             stack.extend((x, depth + 1) for x in items)
 
 
-def load_body(srv: Server, raw: bytes) -> dict[str, Any]:
-    """`parse_body`, with the hostile cases made 400s (deep nesting, lone surrogates) and a chat's images
-    checked before anything decodes them (`Server.check_images`). CPU-bound on a big body: a worker thread's."""
+def load_body(raw: bytes) -> dict[str, Any]:
+    """`parse_body`, with the hostile cases made 400s (deep nesting, lone surrogates). CPU-bound on a big body: a
+    worker thread's."""
     try:
         body = parse_body(raw)
     except RecursionError:  # nesting deeper than the interpreter's stack
         raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
     check_json_value(body)
-    srv.check_images(body)
     return body
 
 
@@ -589,10 +574,11 @@ async def chat_completions(request: Request) -> Any:
     srv = server_of(request)
     body = await read_body(request)
     req = parse_chat_request(body)
+    images = await asyncio.to_thread(srv.open_images, req.model, req.images) if req.images else []
     adapter = await srv.acquire(req.model)
     try:
         prompt = await asyncio.to_thread(srv.render_chat, adapter, req.messages)
-        feats = await asyncio.to_thread(srv.image_features, adapter, req.images[0]) if req.images else None
+        feats = await asyncio.to_thread(srv.image_features, adapter, images[0]) if images else None
         ids = await srv.encode_async(prompt.text, bos=prompt.bos)
         sep = prompt.strip_separator
         seqs = [

@@ -369,3 +369,22 @@ def test_bf16_cuda_decode_computes_the_models_logits(tiny_base, device):
     assert generate_tokens(m, ids_list, adapter="fresh", max_new_tokens=6, temperature=0.0) == generate_tokens(
         m, ids_list, adapter=None, max_new_tokens=6, temperature=0.0
     )
+
+
+def test_rand_init_requests_with_their_own_projections_share_a_batch() -> None:
+    """Requests of one rand-init adapter each carry their own prompt K/V (an image changes it): they may fill a
+    batch together, but not beside a base row or another adapter."""
+    from llama_adapter.adapter_batch import batch_prompt_kv
+
+    def pkv(fill: float, random_init: bool = True) -> PromptKV:
+        return PromptKV(
+            torch.full((1, 2, 3, 4), fill), torch.full((1, 2, 3, 4), -fill), torch.zeros(1, 4), random_init=random_init
+        )
+
+    rows = [torch.tensor([0]), torch.tensor([1, 2])]
+    out = batch_prompt_kv([(pkv(1.0), rows[0]), (pkv(2.0), rows[1])], 3)
+    assert out.random_init and out.k[:, 0, 0, 0].tolist() == [1.0, 2.0, 2.0] and out.v[2, 0, 0, 0] == -2.0
+    with pytest.raises(ValueError, match="rand-init"):
+        batch_prompt_kv([(pkv(1.0), rows[0]), (pkv(2.0), rows[1])], 4)  # a base row
+    with pytest.raises(ValueError, match="rand-init"):
+        batch_prompt_kv([(pkv(1.0), rows[0]), (pkv(2.0, random_init=False), rows[1])], 3)

@@ -364,3 +364,11 @@ def test_one_vocabulary_for_the_two_attentions() -> None:
     assert TrainConfig(attention="random").attention == "rand-init" and TrainConfig().attention == "zero-init"
     with pytest.raises(ValueError):
         la.AdapterConfig(init="ones")  # type: ignore[arg-type]
+
+
+def test_the_clis_dtype_names_are_the_configs() -> None:
+    """The CLI spells the dtype names out (so that `--help` does not import torch): the same names as config."""
+    from llama_adapter.cli.common import DTYPE_NAMES
+    from llama_adapter.config import DTYPES
+
+    assert list(DTYPE_NAMES) == list(DTYPES)

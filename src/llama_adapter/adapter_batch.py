@@ -40,17 +40,20 @@ def batch_prompt_kv(groups: Sequence[tuple[PromptKV, Tensor]], batch_size: int) 
 
     groups: (prompt K/V with one row or one row per listed batch row, the batch rows [n] that use it). One group
     over every row is expanded without a copy; otherwise unlisted rows get zero K/V and gate 0, and shorter
-    prompts are padded and masked. Differentiable (training batches may mix adapters).
+    prompts are padded and masked. Rand-init groups (one adapter; its requests with images project their own) must
+    cover every row with one prompt length. Differentiable (training batches may mix adapters).
     """
     first, rows0 = groups[0]
-    if first.random_init or len(groups) == 1 and len(rows0) == batch_size:
-        if len(groups) > 1 or len(rows0) != batch_size:
+    random_init = first.random_init
+    if any(p.random_init for p, _ in groups):  # one softmax over [prompts; tokens]: no gate to switch a row off
+        every_row = sum(len(rows) for _, rows in groups) == batch_size
+        one_length = len({p.k.shape[2] for p, _ in groups}) == 1
+        if not (all(p.random_init for p, _ in groups) and every_row and one_length):
             raise ValueError("a rand-init adapter cannot share a batch with other adapters or base rows")
+    if len(groups) == 1 and len(rows0) == batch_size:
         ex = (batch_size, -1, -1, -1)
         mask = None if first.mask is None else first.mask.expand(batch_size, -1, -1, -1)
-        return PromptKV(
-            first.k.expand(ex), first.v.expand(ex), first.gate.expand(batch_size, -1), first.random_init, mask
-        )
+        return PromptKV(first.k.expand(ex), first.v.expand(ex), first.gate.expand(batch_size, -1), random_init, mask)
     kmax = max(p.k.shape[2] for p, _ in groups)
     _, n_kv, _, hd = first.k.shape
     k = first.k.new_zeros(batch_size, n_kv, kmax, hd)
@@ -59,8 +62,6 @@ def batch_prompt_kv(groups: Sequence[tuple[PromptKV, Tensor]], batch_size: int) 
     need_mask = any(p.k.shape[2] < kmax or p.mask is not None for p, _ in groups)
     mask = torch.ones(batch_size, 1, 1, kmax, dtype=torch.bool, device=k.device) if need_mask else None
     for p, rows in groups:
-        if p.random_init:
-            raise ValueError("a rand-init adapter cannot share a batch with other adapters or base rows")
         n, K = len(rows), p.k.shape[2]
         pad = (0, 0, 0, kmax - K)
         k = k.index_copy(0, rows, F.pad(p.k.to(k.dtype), pad).expand(n, -1, -1, -1))
@@ -69,7 +70,7 @@ def batch_prompt_kv(groups: Sequence[tuple[PromptKV, Tensor]], batch_size: int) 
         if mask is not None:
             m = F.pad(p.mask[:1] if p.mask is not None else mask.new_ones(1, 1, 1, K), (0, kmax - K), value=False)
             mask = mask.index_copy(0, rows, m.expand(n, -1, -1, -1))
-    return PromptKV(k, v, gate, random_init=False, mask=mask)
+    return PromptKV(k, v, gate, random_init=random_init, mask=mask)
 
 
 @dataclass

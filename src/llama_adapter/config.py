@@ -25,7 +25,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "float32": torch.float32,
 }
-DTYPE_CHOICES = ("bf16", "fp16", "fp32")  # the names shown in help; the aliases are accepted too
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

@@ -9,7 +9,6 @@ either one (in place or not) is seen, and a removed or replaced adapter's entry 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -35,9 +34,7 @@ class PromptKVCache:
             weakref.WeakKeyDictionary()
         )
 
-    def get(
-        self, model: Transformer, name: str, dtype: torch.dtype, project: Callable[[], PKV | None] | None = None
-    ) -> PKV | None:
+    def get(self, model: Transformer, name: str, dtype: torch.dtype) -> PKV | None:
         """Adapter `name`'s prompt K/V ([1, ...] per layer, in `dtype`), projected now only if anything changed."""
         adapter = model.adapters[name]
         layers = model.layers[adapter.first_layer :]
@@ -45,8 +42,7 @@ class PromptKVCache:
         key = (id(model), dtype, *((t.data_ptr(), t._version) for t in tensors))
         hit = self._entries.get(adapter)
         if hit is None or hit[0] != key:
-            pkv = project() if project is not None else model.prompt_kv(name, 1)
-            hit = self._entries[adapter] = (key, to_dtype(pkv, dtype))
+            hit = self._entries[adapter] = (key, to_dtype(model.prompt_kv(name, 1), dtype))
         return hit[1]
 
     def forget(self, model: Transformer, name: str) -> None:

@@ -14,7 +14,7 @@ import sys
 
 from llama_adapter.errors import UserError
 
-COMMANDS = ["finetune", "generate", "chat", "serve", "eval", "demo", "pretrain", "info", "convert"]
+COMMANDS = ["finetune", "generate", "chat", "serve", "eval", "demo", "pretrain", "info", "convert", "encoder"]
 
 
 def build_parser() -> argparse.ArgumentParser:

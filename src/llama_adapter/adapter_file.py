@@ -1,6 +1,7 @@
 """Adapter files: safetensors with a JSON header that describes the adapter and the base it fits.
 
-Tensors: `prompts` [L, K, dim], `gates` [L, n_heads], and `visual_proj.*` for multi-modal adapters.
+Tensors: `prompts` [L, K, dim], `gates` [L, n_heads], and `visual_proj.*` for multi-modal adapters (one
+projection for images; `visual_proj.parts.<modality>.*` for audio, video or several modalities).
 Metadata (all strings, as safetensors requires): format, format_version, adapter (JSON AdapterConfig),
 base (JSON fingerprint), dtype, and free-form extras such as the prompt template.
 """
@@ -19,7 +20,13 @@ from safetensors.torch import save_file
 
 from llama_adapter.config import ModelConfig
 from llama_adapter.errors import AdapterError
-from llama_adapter.zero_init_attention import Adapter, AdapterConfig, VisualProjection
+from llama_adapter.zero_init_attention import (
+    Adapter,
+    AdapterConfig,
+    ConditionProjection,
+    VisualProjection,
+    projection_from_config,
+)
 
 FORMAT = "llama-adapter"
 FORMAT_VERSION = "1"
@@ -70,7 +77,7 @@ def save_adapter(
             "dtype": str(dtype).removeprefix("torch."),
         }
     )
-    if isinstance(a.visual_proj, VisualProjection):
+    if isinstance(a.visual_proj, (VisualProjection, ConditionProjection)):
         meta["visual"] = json.dumps(a.visual_proj.config_dict())
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -187,7 +194,10 @@ def build_adapter(model: AdaptableModel, path: str | Path) -> Adapter:
         adapter.gates.copy_(tensors["gates"])
     visual = {k.removeprefix("visual_proj."): v for k, v in tensors.items() if k.startswith("visual_proj.")}
     if visual:
-        proj = VisualProjection.from_config(_json_meta(path, meta, "visual"), model.config.dim)
+        try:
+            proj = projection_from_config(_json_meta(path, meta, "visual"), model.config.dim)
+        except ValueError as e:  # a config the projections refuse (AdapterError is one too)
+            raise AdapterError(f"{path}: {e}") from None
         try:
             proj.load_state_dict(visual)
         except RuntimeError as e:  # missing/unexpected keys or shapes that contradict the recorded config

@@ -80,7 +80,7 @@ class Adapter(nn.Module):
         self.first_layer = n_layers - cfg.layers
         self.prompts = nn.Parameter(torch.randn(cfg.layers, cfg.prompt_length, dim, device=device))
         self.gates = nn.Parameter(torch.zeros(cfg.layers, n_heads, device=device))  # zero-init: the method's point
-        self.visual_proj: VisualProjection | None = None
+        self.visual_proj: VisualProjection | ConditionProjection | None = None
         self.meta: dict[str, str] = {}  # free-form extras recorded in the adapter file (e.g. template)
 
     def gate_values(self) -> Tensor:
@@ -130,6 +130,78 @@ class VisualProjection(nn.Module):
         if int(config.get("dim", dim)) != dim:
             raise AdapterError(f"visual projection outputs {config['dim']} channels, the base has dim {dim}")
         return cls(int(config["in_features"]), dim, hidden=int(config.get("hidden", 64)), groups=config.get("groups"))
+
+
+MODALITIES = ("image", "audio", "video")  # the order of the modalities' feature blocks in a condition vector
+
+
+class ConditionProjection(nn.Module):
+    """Eq. 10 for other modalities and for several at once: one `VisualProjection` per modality, summed.
+
+    Input: the modalities' global features side by side in `modalities` order ([B, sum of their F]); a block
+    that is all zero means the row has no input of that modality, and its projection adds nothing, so one record
+    may carry an image, a clip and a video, another only one of them. Each modality has its own projection
+    because the features of different encoders differ in scale and meaning; the tokens are summed, as the paper
+    adds its one visual token to every adapted layer's prompts. (A projection for images alone stays a plain
+    `VisualProjection`, so image adapter files are unchanged.)
+    """
+
+    def __init__(self, parts: dict[str, VisualProjection]) -> None:
+        super().__init__()
+        unknown = [m for m in parts if m not in MODALITIES]
+        if unknown or not parts:
+            raise ValueError(f"modalities {list(parts)}: expected some of {list(MODALITIES)}")
+        dims = {p.dim for p in parts.values()}
+        if len(dims) != 1:
+            raise ValueError(f"projections to different widths {sorted(dims)}")
+        self.modalities = [m for m in MODALITIES if m in parts]
+        self.parts = nn.ModuleDict({m: parts[m] for m in self.modalities})  # registered: saved as parts.<m>.*
+        self.projections = {m: parts[m] for m in self.modalities}  # the same modules, typed
+        self.widths = [parts[m].in_features for m in self.modalities]
+        self.in_features, self.dim = sum(self.widths), dims.pop()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor | None = None
+        for m, block in zip(self.modalities, x.float().split(self.widths, dim=-1), strict=True):
+            present = (block != 0).any(-1, keepdim=True)
+            token = self.projections[m](block) * present
+            out = token if out is None else out + token
+        assert out is not None  # at least one modality (checked in __init__)
+        return out
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "type": "multi",
+            "dim": self.dim,
+            "parts": [{"modality": m, **self.projections[m].config_dict()} for m in self.modalities],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], dim: int) -> ConditionProjection:
+        parts = config.get("parts")
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+            raise AdapterError(f"condition projection config without a list of parts: {config!r}")
+        built: dict[str, VisualProjection] = {}
+        for part in parts:
+            m = part.get("modality")
+            if m not in MODALITIES or m in built:
+                raise AdapterError(f"condition projection part with modality {m!r} (one each of {list(MODALITIES)})")
+            built[str(m)] = VisualProjection.from_config({k: v for k, v in part.items() if k != "modality"}, dim)
+        return cls(built)
+
+
+def projection_from_config(config: dict[str, Any], dim: int) -> VisualProjection | ConditionProjection:
+    """The projection an adapter file's `visual` metadata describes: one for images, or one per modality."""
+    if config.get("type") == "multi":
+        return ConditionProjection.from_config(config, dim)
+    return VisualProjection.from_config(config, dim)
+
+
+def projection_modalities(proj: VisualProjection | ConditionProjection | None) -> list[str]:
+    """The modalities a projection takes, in the order of their feature blocks (images alone: ["image"])."""
+    if proj is None:
+        return []
+    return list(proj.modalities) if isinstance(proj, ConditionProjection) else ["image"]
 
 
 def projection_parameter_count(in_features: int = 4 * 1024 + 768, dim: int = 4096, hidden: int = 64) -> int:

@@ -1,5 +1,9 @@
 """`llama-adapter eval scienceqa ...`: ScienceQA accuracy in the layout of the paper's Table 2.
 
+`llama-adapter eval caption | mme | open-qa ...`: the multi-modal benchmarks people report (COCO Caption's
+BLEU / METEOR / ROUGE-L / CIDEr, MME's yes/no scores, free-form answers' BLEU / ROUGE-L / METEOR / BERTScore /
+VQA accuracy), each from the benchmark's official layout, with the adapter's own encoders.
+
 `llama-adapter eval scienceqa-data ...` converts a ScienceQA split into training records (Alpaca fields plus
 "image") for `llama-adapter finetune --image-encoder DIR`.
 """
@@ -11,6 +15,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from llama_adapter.cli.common import DTYPE_NAMES
 
@@ -18,7 +23,7 @@ from llama_adapter.cli.common import DTYPE_NAMES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="benchmarks: ScienceQA (paper Table 2)",
+        help="benchmarks: ScienceQA (paper Table 2), COCO Caption, MME, open-ended QA",
         description="Evaluate adapters on benchmarks, or prepare benchmark training data.",
     )
     bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
@@ -95,6 +100,100 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--out", required=True, help="output JSONL file")
     d.set_defaults(func=run_export)
+
+    c = bench.add_parser(
+        "caption",
+        help="COCO Caption: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)",
+        description="Caption every annotated image (greedy) and score the captions against the references with "
+        "the COCO caption tool's scorers (pycocoevalcap): BLEU-1..4, ROUGE-L, CIDEr, and METEOR where Java and its "
+        "resources are present. --annotations: a COCO captions JSON (annotations/captions_val2014.json); "
+        "--images: the folder of the images it names (val2014/).",
+    )
+    c.add_argument("--annotations", required=True, help="COCO caption annotations JSON ('images' + 'annotations')")
+    c.add_argument("--images", required=True, help="folder of the images the annotations name")
+    c.add_argument(
+        "--prompt",
+        default=None,
+        help="the instruction asked for each image (default: 'Generate a caption for this image.')",
+    )
+    _add_meteor(c)
+    _add_common(c, "caption", max_new_tokens=30)
+    c.set_defaults(func=run_caption)
+
+    m = bench.add_parser(
+        "mme",
+        help="MME: yes/no accuracy and accuracy+ per subtask, perception and cognition totals",
+        description="Answer MME's yes/no questions (greedy) and score them as the MME tool does: per subtask acc "
+        "(questions right), acc+ (images with both questions right) and their sum; perception = the sum of the 10 "
+        "perception subtasks, cognition of the 4 cognition subtasks. --data: the MME_Benchmark_release_version "
+        "folder (one folder per subtask: image + question .txt side by side, or images/ + questions_answers_YN/).",
+    )
+    m.add_argument("--data", required=True, help="MME folder (one subfolder per subtask)")
+    m.add_argument("--subtasks", nargs="+", default=None, metavar="NAME", help="only these subtasks (default: all)")
+    m.add_argument(
+        "--suffix",
+        default=" Please answer yes or no.",
+        help="text appended to each question, unless it is already there (default: ' Please answer yes or no.')",
+    )
+    _add_common(m, "mme", max_new_tokens=8)
+    m.set_defaults(func=run_mme)
+
+    q = bench.add_parser(
+        "open-qa",
+        help="free-form answers (MusicQA / VQA style): BLEU, METEOR, ROUGE-L, BERTScore, VQA accuracy",
+        description="Answer free-form questions (each with an image, an audio clip or a video, or none; greedy) and "
+        "score the answers against the references: BLEU (sacrebleu), ROUGE-L (rouge-score), METEOR where Java and "
+        "its resources are present, BERTScore with a local model (--bertscore-model), VQA accuracy. --data: a "
+        "JSONL / JSON list of records (question / answer(s) / image, audio or audio_name, video; MusicQA and VQA "
+        "field names are understood).",
+    )
+    q.add_argument("--data", required=True, help="questions JSONL or JSON list")
+    q.add_argument("--media-root", default=None, help="folder relative input paths start from (default: the file's)")
+    q.add_argument("--bertscore-model", default=None, metavar="DIR", help="local model directory for BERTScore")
+    q.add_argument("--bertscore-layers", type=int, default=None, help="its layer to use (default: the last)")
+    _add_meteor(q)
+    _add_common(q, "open-qa", max_new_tokens=64)
+    q.set_defaults(func=run_open_qa)
+
+
+def _add_meteor(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--meteor",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="METEOR (Java): auto = where Java and its resources are present (default), on = required, off",
+    )
+
+
+def _add_common(p: argparse.ArgumentParser, benchmark: str, max_new_tokens: int) -> None:
+    """The options every generative benchmark shares: the model, its encoders, decoding, output."""
+    p.add_argument("--base", required=True, help="base checkpoint directory or 'builtin'")
+    p.add_argument("--adapter", default=None, help="adapter .safetensors (omit to evaluate the base alone)")
+    p.add_argument("--image-encoder", default=None, help="CLIP directory (default: the one the adapter records)")
+    p.add_argument("--audio-encoder", default=None, help="audio encoder directory (default: the adapter's)")
+    p.add_argument(
+        "--no-media", action="store_true", help="ignore images / audio / video even for a multi-modal adapter"
+    )
+    p.add_argument("--template", default=None, help="prompt template (default: the adapter's, else alpaca)")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"predictions JSONL (default: runs/eval/{benchmark}-<name>.jsonl; runs/ is git-ignored)",
+    )
+    p.add_argument("--name", default=None, help="row label in the table (default: the adapter file name)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="fp32",
+        metavar="{bf16,fp16,fp32}",
+        help="base weight dtype (default: fp32)",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def _problems(args: argparse.Namespace) -> list:
@@ -201,4 +300,157 @@ def run_scienceqa(args: argparse.Namespace) -> int:
             f"{len(results)} problems; predictions written to {out}"
             + (f"; {n_cut} prompts shortened to fit the context" if n_cut else "")
         )
+    return 0
+
+
+# ---- the generative benchmarks ---------------------------------------------------------------------------------
+def _model_and_adapter(args: argparse.Namespace) -> tuple[Any, str | None, str, Any, str]:
+    """(model, adapter name or None, template, encoders or None, row label) for the benchmark commands."""
+    import torch
+
+    from llama_adapter.config import DTYPES
+    from llama_adapter.errors import UserError
+    from llama_adapter.loading import load_model
+    from llama_adapter.multimodal.modalities import AdapterEncoders
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserError("--max-samples must be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
+    if model.tokenizer is None:
+        raise UserError(f"{args.base}: no tokenizer next to the checkpoint")
+    name, encoders, template = None, None, args.template or "alpaca"
+    if args.adapter:
+        name = "evaluated"  # not "eval": an adapter's name becomes a module attribute, and Module.eval exists
+        adapter = model.load_adapter(args.adapter, name)
+        template = args.template or adapter.meta.get("template") or "alpaca"
+        if adapter.visual_proj is not None and not args.no_media:
+            encoders = AdapterEncoders(device, {"image": args.image_encoder, "audio": args.audio_encoder})
+    label = args.name or "base"
+    if args.adapter and not args.name:
+        a = Path(args.adapter)
+        label = a.parent.name if a.stem == "adapter" and a.parent.name else a.stem
+    return model, name, template, encoders, label
+
+
+def _answer(args: argparse.Namespace, model: Any, name: str | None, template: str, encoders: Any, items: list) -> list:
+    from llama_adapter.eval.answering import answer_items
+
+    if not args.quiet:
+        print(
+            f"answering {len(items)} questions ({'with' if encoders else 'without'} media, template {template})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return answer_items(
+        model,
+        name,
+        items,
+        template=template,
+        encoders=encoders,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet,
+        label=args.benchmark,
+    )
+
+
+def _meteor_choice(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.meteor]
+
+
+def _report(
+    args: argparse.Namespace, label: str, scores: dict, columns: Any, notes: list[str], out: Path, n: int
+) -> None:
+    from llama_adapter.eval.answering import format_metric_table
+
+    if args.json:
+        print(json.dumps({"name": label, "scores": scores, "notes": notes, "predictions": str(out)}, indent=2))
+        return
+    print(format_metric_table({label: scores}, columns))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"{n} items; predictions written to {out}")
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from llama_adapter.eval.answering import predictions_path, write_jsonl
+    from llama_adapter.eval.caption import (
+        CAPTION_COLUMNS,
+        DEFAULT_PROMPT,
+        caption_items,
+        load_coco_captions,
+        score_captions,
+    )
+
+    images = load_coco_captions(args.annotations, args.images)[: args.max_samples]
+    model, name, template, encoders, label = _model_and_adapter(args)
+    answers = _answer(args, model, name, template, encoders, caption_items(images, args.prompt or DEFAULT_PROMPT))
+    scores, notes = score_captions(
+        {im.image_id: im.references for im in images},
+        {im.image_id: a for im, a in zip(images, answers, strict=True)},
+        meteor=_meteor_choice(args),
+    )
+    rows = [
+        {"image_id": im.image_id, "image": str(im.path), "caption": a, "references": im.references}
+        for im, a in zip(images, answers, strict=True)
+    ]
+    out = write_jsonl(args.out or predictions_path("caption", label), rows)
+    _report(args, label, scores, CAPTION_COLUMNS, notes, out, len(rows))
+    return 0
+
+
+def run_mme(args: argparse.Namespace) -> int:
+    from llama_adapter.eval.answering import Item, predictions_path, write_jsonl
+    from llama_adapter.eval.mme import format_mme_table, load_mme, mme_items, mme_scores, parse_yes_no
+
+    questions = load_mme(args.data, args.subtasks)[: args.max_samples]
+    model, name, template, encoders, label = _model_and_adapter(args)
+    items = [
+        Item(it.id, it.question if it.question.endswith(args.suffix.strip()) else it.question + args.suffix, it.inputs)
+        for it in mme_items(questions)
+    ]
+    answers = _answer(args, model, name, template, encoders, items)
+    scores = mme_scores(questions, answers)
+    rows = [
+        {
+            "subtask": q.subtask,
+            "image": str(q.image),
+            "question": q.question,
+            "answer": q.answer,
+            "prediction": a,
+            "parsed": parse_yes_no(a),
+            "correct": parse_yes_no(a) == q.answer,
+        }
+        for q, a in zip(questions, answers, strict=True)
+    ]
+    out = write_jsonl(args.out or predictions_path("mme", label), rows)
+    if args.json:
+        print(json.dumps({"name": label, "scores": scores, "predictions": str(out)}, indent=2))
+    else:
+        print(format_mme_table(label, scores))
+        print(f"{len(rows)} questions; predictions written to {out}")
+    return 0
+
+
+def run_open_qa(args: argparse.Namespace) -> int:
+    from llama_adapter.eval.answering import predictions_path, write_jsonl
+    from llama_adapter.eval.open_qa import OPEN_QA_COLUMNS, load_open_qa, open_qa_items, open_qa_scores
+
+    questions = load_open_qa(args.data, args.media_root)[: args.max_samples]
+    model, name, template, encoders, label = _model_and_adapter(args)
+    answers = _answer(args, model, name, template, encoders, open_qa_items(questions))
+    scores, vqa, notes = open_qa_scores(
+        questions,
+        answers,
+        meteor=_meteor_choice(args),
+        bertscore_model=args.bertscore_model,
+        bertscore_layers=args.bertscore_layers,
+    )
+    rows = [
+        {"id": q.id, "question": q.question, "prediction": a, "answers": q.answers, "vqa_accuracy": v, **q.inputs}
+        for q, a, v in zip(questions, answers, vqa, strict=True)
+    ]
+    out = write_jsonl(args.out or predictions_path("open-qa", label), rows)
+    _report(args, label, scores, OPEN_QA_COLUMNS, notes, out, len(rows))
     return 0

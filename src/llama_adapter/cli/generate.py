@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from llama_adapter.cli.common import (
     add_model_args,
     add_sampling_args,
     add_template_args,
-    image_features,
     load_adapter_file,
     load_base,
     sampling_kwargs,
@@ -34,9 +34,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_template_args(p, raw_help="send the text as is, without any template")
     p.add_argument("--image", default=None, help="image file (multi-modal adapters)")
     p.add_argument("--image-encoder", default=None, help="image encoder directory (default: the adapter's)")
+    p.add_argument("--audio", default=None, help="audio file: WAV, FLAC, OGG, ... (adapters trained with audio)")
+    p.add_argument("--audio-encoder", default=None, help="audio encoder directory (default: the adapter's)")
+    p.add_argument(
+        "--video", default=None, help="video file, frames through the image encoder (adapters trained with video)"
+    )
     p.add_argument("--no-stream", action="store_true", help="print the response only when complete")
     add_sampling_args(p)
     p.set_defaults(func=run)
+
+
+def _condition(model: Any, name: str | None, args: argparse.Namespace) -> Any:
+    """The condition features of --image / --audio / --video (None without any), from the adapter's encoders."""
+    inputs = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
+    if not inputs:
+        return None
+    if name is None:
+        raise UserError(f"--{next(iter(inputs))} needs a multi-modal adapter (--adapter FILE)")
+    from llama_adapter.multimodal.modalities import AdapterEncoders
+
+    encoders = AdapterEncoders(
+        model.tok_embeddings.weight.device, {"image": args.image_encoder, "audio": args.audio_encoder}
+    )
+    return encoders.features(model.adapters[name], inputs, adapter_label=f"adapter {args.adapter}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     ids = prompt.encode(model.tokenizer)
-    feats = image_features(model, name, args.image, args.image_encoder) if args.image else None
+    feats = _condition(model, name, args)
     answer = ""
     try:
         if args.no_stream:

@@ -143,6 +143,8 @@ class ImageEncoder:
     ([B, projection_dim]; the pooled, post-layernormed class token when the checkpoint has no projection).
     """
 
+    modality = "image"
+
     def __init__(
         self,
         model: nn.Module,
@@ -162,6 +164,10 @@ class ImageEncoder:
         self.feature_dim = len(layers) * self.hidden_size + self.final_dim
         self.groups = [self.hidden_size] * len(layers) + [self.final_dim]
         self._fp: dict[str, Any] | None = None
+
+    @staticmethod
+    def load_input(src: Any) -> Image.Image:
+        return load_image(src)
 
     @property
     def vision_config(self) -> Any:

@@ -14,7 +14,8 @@
 
 The request's `model` names an adapter or the base; an adapter of the registry (`serving.registry`: an
 --adapter-dir file, or one evicted past --max-adapters) that is not resident is loaded on its first request.
-Extensions to the OpenAI parameters: `top_k`, image content parts. Completions take `n`, `best_of`, `echo` and
+Extensions to the OpenAI parameters: `top_k`, image content parts (and OpenAI's `input_audio` parts for adapters
+trained with audio). Completions take `n`, `best_of`, `echo` and
 `logprobs`, chats `n`, `logprobs` and `top_logprobs`: log-probabilities are the model's own (log_softmax of the
 logits before temperature/top-p/top-k). Bodies are `protocol.CompletionBody` / `ChatBody` (shown in /docs).
 Unspecified temperature/top_p default to the paper's 0.1/0.75. Errors use OpenAI's body
@@ -47,7 +48,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -56,7 +57,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
-from llama_adapter.errors import AdapterError, TemplateError
+from llama_adapter.errors import AdapterError, TemplateError, UserError
 from llama_adapter.inference.decoder import DecodeRequest, Event
 from llama_adapter.inference.sampling import SamplingParams
 from llama_adapter.model import Transformer
@@ -81,6 +82,7 @@ from llama_adapter.serving.protocol import (
 )
 from llama_adapter.serving.registry import AdapterRegistry
 from llama_adapter.serving.responses import Reply
+from llama_adapter.zero_init_attention import VisualProjection
 
 log = logging.getLogger("llama_adapter.serving.app")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -108,6 +110,7 @@ class Server:
         max_adapters: int | None = None,
         max_body_mb: float = DEFAULT_MAX_BODY_MB,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        audio_encoder: str | None = None,
     ) -> None:
         if model.tokenizer is None:
             raise ValueError("the server needs a model with a tokenizer")
@@ -125,7 +128,9 @@ class Server:
         self.metrics = Metrics(self.engine, self.registry)
         self.engine.observer = self.metrics
         self.image_encoder_dir = image_encoder
+        self.audio_encoder_dir = audio_encoder
         self._encoders: dict[str, Any] = {}
+        self._media: Any = None  # multimodal.modalities.AdapterEncoders, made on the first audio/multi request
         self.created = int(time.time())
 
     # ---- access --------------------------------------------------------------------------------------------
@@ -289,6 +294,36 @@ class Server:
 
             self._encoders[enc_dir] = ImageEncoder.load(enc_dir, device=self.model.tok_embeddings.weight.device)
         return self._encoders[enc_dir].encode([image])
+
+    def condition_features(self, adapter: str | None, images: Sequence[Image], audios: Sequence[str]) -> Tensor:
+        """The condition vector of a chat's image (from `open_images`) and audio clip (a data URL) for the
+        adapter's projection, each through the adapter's own encoder for its modality (the one it records, else
+        `--image-encoder` / `--audio-encoder`). 400 when the model does not take one of them, or a clip cannot be
+        decoded. Blocking: call it in a worker thread."""
+        a = self.model.adapters[adapter] if adapter is not None and adapter in self.model.adapters else None
+        if not audios and a is not None and isinstance(a.visual_proj, VisualProjection):
+            return self.image_features(adapter, images[0])  # an image adapter as before eq. 10 was widened
+        if a is None or a.visual_proj is None:
+            what = "audio" if audios else "images"
+            raise bad(f"this model does not take {what}", param="messages")
+        from llama_adapter.multimodal.modalities import AdapterEncoders
+
+        if self._media is None:
+            dirs = {"image": self.image_encoder_dir, "audio": self.audio_encoder_dir}
+            self._media = AdapterEncoders(self.model.tok_embeddings.weight.device, defaults=dirs)
+        inputs: dict[str, Any] = {}
+        if images:
+            try:
+                images[0].load()
+                inputs["image"] = images[0].convert("RGB")
+            except (OSError, ValueError) as e:
+                raise bad(f"image_url is not a readable image ({e})", param="messages") from None
+        if audios:
+            inputs["audio"] = audios[0]
+        try:
+            return cast(Tensor, self._media.features(a, inputs, adapter_label="this model"))
+        except UserError as e:
+            raise bad(str(e), param="messages") from None
 
     # ---- decoding ------------------------------------------------------------------------------------------
     def submit(self, seqs: list[DecodeRequest]) -> asyncio.Queue[Event]:
@@ -578,7 +613,8 @@ async def chat_completions(request: Request) -> Any:
     adapter = await srv.acquire(req.model)
     try:
         prompt = await asyncio.to_thread(srv.render_chat, adapter, req.messages)
-        feats = await asyncio.to_thread(srv.image_features, adapter, images[0]) if images else None
+        media = images or req.audios
+        feats = await asyncio.to_thread(srv.condition_features, adapter, images, req.audios) if media else None
         ids = await srv.encode_async(prompt.text, bos=prompt.bos)
         sep = prompt.strip_separator
         seqs = [
@@ -673,6 +709,7 @@ def create_app(
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     log_format: str = "text",
+    audio_encoder: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` and its adapters; `app.state.server` is its `Server`. Every request goes
     through `AccessMiddleware` (one log line, the request counter of /metrics)."""
@@ -689,6 +726,7 @@ def create_app(
         max_adapters,
         max_body_mb,
         max_image_pixels,
+        audio_encoder,
     )
     app.state.server = srv
     app.add_middleware(AccessMiddleware, metrics=srv.metrics, log_format=log_format)

@@ -150,7 +150,19 @@ class ImagePart(Strict):
     image_url: ImageURL | str
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class InputAudio(Strict):
+    data: str = Field(description="the clip, base64-encoded")
+    format: Literal["wav", "mp3", "flac", "ogg"] = Field(description="its container format")
+
+
+class AudioPart(Strict):
+    """OpenAI's audio input part: a clip for an adapter trained with audio (at most one per request)."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):
@@ -287,6 +299,7 @@ class ChatRequest:
     messages: list[Message]
     images: list[str] = field(default_factory=list)  # data URLs, decoded only for a model that takes images
     n: int = 1
+    audios: list[str] = field(default_factory=list)  # data URLs of input_audio parts (at most one)
     logprobs: int | None = None
 
 
@@ -361,7 +374,8 @@ def completion_request(body: CompletionBody) -> CompletionRequest:
 def chat_request(body: ChatBody) -> ChatRequest:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    messages, images = messages_of(body)
+    audios: list[str] = []
+    messages, images = messages_of(body, audios)
     return ChatRequest(
         body.model,
         sampling_params(body, default_max=256),
@@ -370,6 +384,7 @@ def chat_request(body: ChatBody) -> ChatRequest:
         images,
         n=body.n or 1,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        audios=audios,
     )
 
 
@@ -415,21 +430,43 @@ def check_data_url(url: str) -> str:
     return url
 
 
-def content_text(content: list[TextPart | ImagePart], images: list[str]) -> str:
-    """The text of a message's content parts; the data URLs of image parts go to `images` (not decoded yet)."""
+AUDIO_SIGNATURES = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+
+def check_audio(part: InputAudio) -> str:
+    """The clip of an input_audio part as a data URL, if its base64 decodes and its first bytes look like audio
+    (WAV, FLAC, OGG, MP3); the samples are decoded later, for a model that takes audio."""
+    try:
+        head = base64.b64decode(part.data[:16], validate=True)
+    except (binascii.Error, ValueError):
+        head = b""
+    if not head.startswith(AUDIO_SIGNATURES):
+        raise bad("input_audio data is not base64 audio (no WAV, FLAC, OGG or MP3 header)", param="messages")
+    return f"data:audio/{part.format};base64,{part.data}"
+
+
+def content_text(
+    content: list[TextPart | ImagePart | AudioPart], images: list[str], audios: list[str] | None = None
+) -> str:
+    """The text of a message's content parts; the data URLs of image parts go to `images`, those of audio parts to
+    `audios` (not decoded yet; an audio part is refused where `audios` is None)."""
     texts = []
     for part in content:
         if isinstance(part, TextPart):
             texts.append(part.text)
+        elif isinstance(part, AudioPart):
+            if audios is None:
+                raise bad("input_audio parts are not accepted here", param="messages")
+            audios.append(check_audio(part.input_audio))
         else:
             url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
             images.append(check_data_url(url))
     return "\n".join(texts)
 
 
-def messages_of(f: MessagesField) -> tuple[list[Message], list[str]]:
+def messages_of(f: MessagesField, audios: list[str] | None = None) -> tuple[list[Message], list[str]]:
     """`messages` as [(role, text)] ending with a user turn ("developer" is a system message), and the data URLs
-    of their image parts (at most 1)."""
+    of their image parts (at most 1); those of their audio parts (at most 1) go to `audios`."""
     images: list[str] = []
     out: list[Message] = []
     for m in f.messages:
@@ -439,11 +476,13 @@ def messages_of(f: MessagesField) -> tuple[list[Message], list[str]]:
             content = ""
         if content is None:
             raise bad("message content must be a string or a list of parts", param="messages")
-        out.append((role, content if isinstance(content, str) else content_text(content, images)))
+        out.append((role, content if isinstance(content, str) else content_text(content, images, audios)))
     if out[-1][0] != "user":
         raise bad("the last message must be from the user", param="messages")
     if len(images) > 1:
         raise bad("at most one image per request", param="messages")
+    if audios is not None and len(audios) > 1:
+        raise bad("at most one audio clip per request", param="messages")
     return out, images
 
 

@@ -4,13 +4,16 @@ Accepted inputs: a JSON list of records, a JSONL file (one record per line), or 
 (`*.json`, `*.jsonl`, sorted by name). A record is one of:
 - Alpaca: `{"instruction": str, "input": str (optional), "output": str}`; the self-instruct shape
   `{"instruction", "instances": [{"input", "output"}, ...]}` is flattened into one record per instance. An
-  optional `"image"` string (a relative path, for multi-modal adapters) is allowed; any other field is kept.
+  optional `"image"`, `"audio"` or `"video"` string (a relative path or a data URL, for multi-modal adapters; one
+  record may carry several) is allowed; any other field is kept.
 - OpenAI chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": str | [parts]}, ...]}`, parts
-  being `{"type": "text", "text": ...}` or one `{"type": "image_url", "image_url": {"url": path | data URL}}`.
+  being `{"type": "text", "text": ...}`, one `{"type": "image_url", "image_url": {"url": path | data URL}}` and
+  one `{"type": "input_audio", "input_audio": {"data": base64, "format": "wav"}}` (OpenAI's audio part).
 - ShareGPT: `{"conversations": [{"from": "system" | "human" | "gpt", "value": ...}, ...]}`. With an `"image"` it
   is a LLaVA record: its first exchange becomes an Alpaca record, as in the paper's single-turn setting.
-Conversations are normalised to `{"messages": [{"role", "content": str}], "image"?: str}` (an image part moves to
-`"image"`, where the multi-modal code looks; one image per record) and must end with an assistant turn.
+Conversations are normalised to `{"messages": [{"role", "content": str}], "image"?: str, "audio"?: str}` (an
+image part moves to `"image"`, an audio part to `"audio"` as a data URL, where the multi-modal code looks; one of
+each per record) and must end with an assistant turn.
 
 Alpaca records: sequence = BOS + prompt + output + EOS, truncated to `max_length`; the loss covers output + EOS
 only. Conversations: rendered with the base's chat template (`--template chat`, the default for them) or turn by
@@ -40,7 +43,8 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 TEXT_FIELDS = ("instruction", "input", "output")
-OPTIONAL_STRING_FIELDS = ("input", "image")
+OPTIONAL_STRING_FIELDS = ("input", "image", "audio", "video")
+MEDIA_FIELDS = ("image", "audio", "video")
 AUTO = "auto"  # the template option's default: alpaca for Alpaca records, chat for conversations
 CHAT = "chat"  # the template option's name for the base's own chat template
 
@@ -174,7 +178,7 @@ def _flatten(rec: Any) -> list[Any] | str:
         if "messages" in rec:
             chat = _chat_record(rec, OPENAI)
             return chat if isinstance(chat, str) else [chat]
-        if "conversations" in rec and not rec.get("image"):
+        if "conversations" in rec and not any(rec.get(m) for m in MEDIA_FIELDS):
             chat = _chat_record(rec, SHAREGPT)
             return chat if isinstance(chat, str) else [chat]
     if isinstance(rec, dict) and "conversations" in rec and "instruction" not in rec:
@@ -198,15 +202,16 @@ def _flatten(rec: Any) -> list[Any] | str:
     return out
 
 
-def _content(value: Any, name: str) -> tuple[str, str | None] | str:
-    """(text, image URL or None) of a turn's content: a string, or a list of text parts and at most one image
-    part (text parts joined by newlines, as the server does); or the problem with it."""
+def _content(value: Any, name: str) -> tuple[str, dict[str, str]] | str:
+    """(text, {"image"?: URL, "audio"?: data URL}) of a turn's content: a string, or a list of text parts and at
+    most one image and one audio part (text parts joined by newlines, as the server does); or the problem with it."""
     if isinstance(value, str):
-        return value, None
+        return value, {}
     if not isinstance(value, list):
         return f"field {name!r} is a {type(value).__name__}, not a string or a list of text/image_url parts"
     texts: list[str] = []
     image: str | None = None
+    media: dict[str, str] = {}
     for k, part in enumerate(value):
         at = f"{name}[{k}]"
         if not isinstance(part, dict):
@@ -226,9 +231,19 @@ def _content(value: Any, name: str) -> tuple[str, str | None] | str:
             if image is not None:
                 return f"{at}: a second image (one image per record)"
             image = url.removeprefix("file://")
+            media["image"] = image
+        elif kind == "input_audio":
+            ia = part.get("input_audio")
+            data = ia.get("data") if isinstance(ia, dict) else None
+            fmt = ia.get("format", "wav") if isinstance(ia, dict) else None
+            if not isinstance(data, str) or not data or not isinstance(fmt, str):
+                return f"{at}: 'input_audio' needs a base64 'data' string and a 'format' (wav, mp3, ...)"
+            if "audio" in media:
+                return f"{at}: a second audio clip (one per record)"
+            media["audio"] = f"data:audio/{fmt};base64,{data}"
         else:
-            return f"{at}: unknown part type {kind!r} (expected text or image_url)"
-    return "\n".join(texts), image
+            return f"{at}: unknown part type {kind!r} (expected text, image_url or input_audio)"
+    return "\n".join(texts), media
 
 
 def _a(role: str) -> str:
@@ -242,9 +257,13 @@ def _chat_record(rec: dict[str, Any], fmt: _ChatFormat) -> dict[str, Any] | str:
     turns = rec[fmt.key]
     if not isinstance(turns, list) or not turns:
         return f"field {fmt.key!r} is not a non-empty list"
-    image = rec.get("image")
-    if image is not None and not isinstance(image, str):
-        return f"field 'image' is a {type(image).__name__}, not a string"
+    media: dict[str, str] = {}
+    for m in MEDIA_FIELDS:
+        value = rec.get(m)
+        if value is not None and not isinstance(value, str):
+            return f"field {m!r} is a {type(value).__name__}, not a string"
+        if value:
+            media[m] = value
     messages: list[dict[str, str]] = []
     for j, turn in enumerate(turns):
         at = f"{fmt.key}[{j}]"
@@ -259,14 +278,15 @@ def _chat_record(rec: dict[str, Any], fmt: _ChatFormat) -> dict[str, Any] | str:
         content = _content(turn[fmt.content], fmt.content)
         if isinstance(content, str):
             return f"{at}: {content}"
-        text, url = content
-        if url is not None:
+        text, parts = content
+        for m, url in parts.items():
+            what = "an image" if m == "image" else "an audio clip"
             if fmt.roles[role] != "user":
-                return f"{at}: an image is only allowed in {_a(fmt.user)} turn"
-            if image:
-                return f"{at}: a second image (one image per record)"
-            image = url
-        if not text.strip() and url is None:
+                return f"{at}: {what} is only allowed in {_a(fmt.user)} turn"
+            if m in media:
+                return f"{at}: a second {'image' if m == 'image' else 'audio clip'} (one {m} per record)"
+            media[m] = url
+        if not text.strip() and not parts:
             return f"{at}: empty {fmt.content!r}"
         messages.append({"role": fmt.roles[role], "content": text})
     if not any(m["role"] == "assistant" for m in messages):
@@ -274,10 +294,9 @@ def _chat_record(rec: dict[str, Any], fmt: _ChatFormat) -> dict[str, Any] | str:
     if messages[-1]["role"] != "assistant":
         last = turns[-1][fmt.role]
         return f"the conversation ends with {_a(last)} turn; it must end with {_a(fmt.assistant)} turn"
-    out = {k: v for k, v in rec.items() if k not in (fmt.key, "image")}
+    out = {k: v for k, v in rec.items() if k not in (fmt.key, *MEDIA_FIELDS)}
     out["messages"] = messages
-    if image:
-        out["image"] = image
+    out.update(media)
     return out
 
 

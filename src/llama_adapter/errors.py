@@ -28,12 +28,32 @@ class DataError(UserError, ValueError):
     """Training data that cannot be used (unreadable file, malformed record)."""
 
 
-class ImageError(UserError, ValueError):
+class MediaError(UserError, ValueError):
+    """An input of a multi-modal adapter (image, audio, video) that cannot be read; the message names it."""
+
+
+class ImageError(MediaError):
     """An image that cannot be read (missing file, not an image, bad data URL)."""
+
+
+class AudioError(MediaError):
+    """An audio clip that cannot be read (missing file, not a sound file soundfile reads, bad data URL)."""
+
+
+class VideoError(MediaError):
+    """A video that cannot be read (missing file, no video stream, no decodable frame, bad data URL)."""
+
+
+class EvalError(UserError, ValueError):
+    """A benchmark file or directory (COCO Caption, MME, open-ended QA) that cannot be read."""
 
 
 class TrainingError(UserError):
     """Training cannot continue (bad configuration, non-finite loss, incompatible checkpoint)."""
+
+
+class QuantizeError(UserError, ValueError):
+    """A `--quantize` request that cannot run here (unknown mode, a GPU, FSDP, torchao not installed)."""
 
 
 class ScienceQAError(UserError, ValueError):

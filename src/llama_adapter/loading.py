@@ -91,10 +91,17 @@ def load_model(
     device: str | torch.device = "cpu",
     tokenizer: bool = True,
     chat_template: str | None = None,
+    quantize: str | None = None,
 ) -> Transformer:
     """The frozen base: weights in `dtype` on `device`, every parameter requires_grad=False.
 
-    `chat_template` names one of the checkpoint's named chat templates (default: the one called "default")."""
+    `chat_template` names one of the checkpoint's named chat templates (default: the one called "default").
+    `quantize` ("int8", "int4"; `llama_adapter.quantize`) quantizes the base's projections as they are read, so
+    a full-precision copy of the weights never exists at once."""
+    if quantize is not None:  # refused (one line) before anything is read
+        from llama_adapter.quantize import check_quantize
+
+        check_quantize(quantize, device)
     p = resolve_base(path)
     cfg, layout = load_config(p)
     with torch.device("meta"):
@@ -103,7 +110,8 @@ def load_model(
         gguf_extras = (gguf_tokenizer(p, cfg), gguf_chat_template(p, chat_template)) if tokenizer else (None, None)
         weights = gguf_weights(p, cfg)  # dequantized there, cast to dtype below
     else:
-        weights = _hf_weights(p, cfg) if layout == "hf" else _meta_weights(p, cfg)
+        # quantizing: read without a memory map, so the full-precision pages do not all stay resident
+        weights = _hf_weights(p, cfg, unmapped=quantize is not None) if layout == "hf" else _meta_weights(p, cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     for name, t, src in weights:
@@ -114,6 +122,11 @@ def load_model(
                 f"{src}: {name} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}"
             )
         state[name] = t.to(device=device, dtype=dtype)
+        if quantize is not None:
+            from llama_adapter.quantize import mode_for, quantize_weight, quantizes
+
+            if quantizes(name):
+                state[name] = quantize_weight(state[name], mode_for(name, quantize))
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(
@@ -124,6 +137,10 @@ def load_model(
     del state
     model.freeze_base()
     model.eval()
+    if quantize is not None:  # the quantized projections' modules (llama_adapter.quantize)
+        from llama_adapter.quantize import quantize_model
+
+        quantize_model(model, quantize)
     install_backend(model)  # the compute backend for this device, chosen once (llama_adapter.backends)
     model.source = str(p)
     if layout == "gguf":  # the vocabulary and the chat template are metadata of the same file
@@ -156,9 +173,49 @@ def _hf_files(p: Path) -> list[Path]:
     raise CheckpointError(f"{p}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def _read_tensors(f: Path) -> Iterator[tuple[str, Tensor]]:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors_unmapped(f: Path) -> Iterator[tuple[str, Tensor]]:
+    """A safetensors file one tensor at a time with plain reads into fresh memory, no memory map.
+
+    A map keeps every page it has touched in the process's resident memory until it is closed, so a base that is
+    quantized as it is read would peak at the whole file plus its quantized copy; read this way it peaks at the
+    quantized weights plus one full-precision tensor (`load_model(..., quantize=)`)."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            for k, info in header.items():
+                if k == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                buf = torch.empty(end - start, dtype=torch.uint8)
+                fh.seek(8 + n + start)
+                if fh.readinto(buf.numpy().data) != end - start:
+                    raise OSError(f"{k} is cut short")
+                yield k, buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
+
+
+def _read_tensors(f: Path, unmapped: bool = False) -> Iterator[tuple[str, Tensor]]:
     if f.suffix == ".bin":
         yield from _torch_load(f).items()
+        return
+    if unmapped:
+        yield from _read_safetensors_unmapped(f)
         return
     try:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
@@ -168,7 +225,7 @@ def _read_tensors(f: Path) -> Iterator[tuple[str, Tensor]]:
         raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
 
 
-def _hf_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path]]:
+def _hf_weights(p: Path, cfg: ModelConfig, unmapped: bool = False) -> Iterator[tuple[str, Tensor, Path]]:
     """Yield (our name, tensor, file); q/k/v and gate/up are fused as soon as all parts of a layer arrive."""
     pending: dict[str, dict[str, Tensor]] = {}
     fuse = {
@@ -180,7 +237,7 @@ def _hf_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path]]
     }
     pat = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
     for f in _hf_files(p):
-        for k, t in _read_tensors(f):
+        for k, t in _read_tensors(f, unmapped):
             if k == "model.embed_tokens.weight":
                 yield "tok_embeddings.weight", t, f
             elif k == "model.norm.weight":

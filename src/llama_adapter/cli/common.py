@@ -10,6 +10,7 @@ from llama_adapter.errors import UserError
 
 # llama_adapter.config.DTYPES's names, spelled out so that `--help` does not import torch
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+QUANTIZE_NAMES = ("int8", "int4")  # llama_adapter.quantize.QUANTIZE_MODES (torchao is imported only when used)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="weight dtype of the base (default: bf16)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_NAMES,
+        default=None,
+        help="weight-only quantize the base's projections to int8 or int4 (CPU; needs torchao: "
+        "pip install 'llama-adapter[quant]')",
+    )
     p.add_argument(
         "--chat-template",
         default=None,
@@ -76,8 +84,11 @@ def load_base(args: argparse.Namespace) -> Any:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device, chat_template=args.chat_template)
+    quantize = getattr(args, "quantize", None)
+    device = args.device or ("cpu" if quantize or not torch.cuda.is_available() else "cuda")
+    model = load_model(
+        args.base, dtype=DTYPES[args.dtype], device=device, chat_template=args.chat_template, quantize=quantize
+    )
     if model.tokenizer is None:
         raise UserError(f"{args.base}: no tokenizer.json or tokenizer.model next to the checkpoint")
     return model

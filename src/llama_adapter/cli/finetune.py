@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llama_adapter.cli.common import DTYPE_NAMES
+from llama_adapter.cli.common import DTYPE_NAMES, QUANTIZE_NAMES
 
 HELP = {
     "base": "base checkpoint: a directory (Hugging Face or Meta layout), a .gguf file, or 'builtin'",
@@ -40,6 +40,7 @@ HELP = {
     "gate": "gate function: tanh or linear",
     "attention": "zero-init (gated, the method) or rand-init (Table-5 baseline)",
     "dtype": "dtype of the frozen base: bf16, fp16 or fp32 (adapter and optimiser are fp32)",
+    "quantize": "weight-only quantize the frozen base's projections: int8 or int4 (CPU; needs torchao)",
     "seed": "random seed (adapter init, data order, validation split)",
     "save_every": "write checkpoint.pt every N steps (0: only at the end)",
     "resume": "continue the run in this directory (or from this checkpoint.pt)",
@@ -49,9 +50,14 @@ HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "fsdp": "shard the frozen base's layers across processes with FSDP2 (GPUs: saves memory per GPU)",
     "compile": "torch.compile each transformer block",
-    "image_encoder": "image encoder for multi-modal records (needs llama_adapter.multimodal.features)",
-    "image_root": "directory that record 'image' paths are relative to",
-    "feature_cache": "directory to cache image features in",
+    "image_encoder": "CLIP vision checkpoint directory: conditions records with an 'image' (and, frame by frame, "
+    "those with a 'video') on it",
+    "image_root": "directory that record 'image' / 'audio' / 'video' paths are relative to",
+    "feature_cache": "directory to cache encoder features in (images, audio, video)",
+    "audio_encoder": "audio encoder checkpoint directory (Whisper or CLAP, with its preprocessor_config.json): "
+    "conditions records with an 'audio' clip on it",
+    "video_frames": "frames sampled uniformly from each video, each through --image-encoder",
+    "video_pool": "pooling of the video frames' features over time: mean, or mean+max",
     "progress": "show a progress bar",
     "adapter_name": "name of the adapter inside the model while training",
     "loss_chunk": "supervised positions per logits chunk in the loss",
@@ -62,7 +68,9 @@ CHOICES = {
     "gate": ["tanh", "linear"],
     "attention": ["zero-init", "rand-init"],
     "dtype": list(DTYPE_NAMES),
+    "quantize": list(QUANTIZE_NAMES),
     "train_on": ["all", "last"],
+    "video_pool": ["mean", "mean+max"],
 }
 
 

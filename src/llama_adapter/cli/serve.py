@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-encoder", default=None, help="image encoder directory for multi-modal adapters")
     p.add_argument(
+        "--audio-encoder", default=None, help="audio encoder directory for adapters that do not record theirs"
+    )
+    p.add_argument(
         "--max-body-mb",
         type=float,
         default=8.0,
@@ -177,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_context=ctx,
             image_encoder=args.image_encoder,
+            audio_encoder=args.audio_encoder,
             adapter_dir=args.adapter_dir,
             max_adapters=args.max_adapters,
             max_body_mb=args.max_body_mb,

@@ -52,6 +52,7 @@ class TrainConfig:
     gate: str = "tanh"  # gate function: tanh or linear
     attention: str = "zero-init"  # or "rand-init" (Table-5 baseline)
     dtype: str = "bf16"  # dtype of the frozen base (adapter and optimiser state are fp32)
+    quantize: str | None = None  # int8 / int4: weight-only quantized frozen base (llama_adapter.quantize)
     seed: int = 0  # adapter init, data order and validation split
     save_every: int = 0  # write checkpoint.pt every N steps (0: only at the end)
     resume: str | None = None  # continue the run in this directory (or from this checkpoint.pt)
@@ -62,8 +63,11 @@ class TrainConfig:
     fsdp: bool = False  # shard the frozen base's blocks across processes (FSDP2)
     compile: bool = False  # torch.compile each transformer block
     image_encoder: str | None = None  # image encoder directory for multi-modal records
-    image_root: str | None = None  # directory that record "image" paths are relative to
-    feature_cache: str | None = None  # directory to cache image features in
+    image_root: str | None = None  # directory that record "image" / "audio" / "video" paths are relative to
+    feature_cache: str | None = None  # directory to cache encoder features in (every modality)
+    audio_encoder: str | None = None  # audio encoder directory (Whisper or CLAP) for records with "audio"
+    video_frames: int = 8  # frames sampled uniformly from each video (through --image-encoder)
+    video_pool: str = "mean"  # pooling of the frames' features over time: mean, or mean+max
     progress: bool = True  # show a progress bar
     adapter_name: str = ADAPTER_NAME  # name of the adapter inside the model while training
     loss_chunk: int = 256  # supervised positions per logits chunk
@@ -105,8 +109,11 @@ class TrainConfig:
             (self.attention in ATTENTION_NAMES, "--attention must be zero-init or rand-init"),
             (self.gate in ("tanh", "linear"), "--gate must be tanh or linear"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
+            (self.quantize in (None, "int8", "int4"), "--quantize must be int8 or int4"),
             (self.loss_chunk >= 1, "--loss-chunk must be >= 1"),
             (self.train_on in ("all", "last"), "--train-on must be all or last"),
+            (self.video_frames >= 1, "--video-frames must be >= 1"),
+            (self.video_pool in ("mean", "mean+max"), "--video-pool must be mean or mean+max"),
         ]
         for ok, msg in checks:
             if not ok:

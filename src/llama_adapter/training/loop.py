@@ -160,7 +160,7 @@ def load_base(cfg: TrainConfig, model: Transformer | None, device: torch.device,
     if model is None:
         from llama_adapter.loading import load_model
 
-        model = load_model(cfg.base, dtype=DTYPES[cfg.dtype], device=device)
+        model = load_model(cfg.base, dtype=DTYPES[cfg.dtype], device=device, quantize=cfg.quantize)
     backend_of(model)  # a model built by hand gets its device's backend here (load_model installed it already)
     if model.tokenizer is None:
         raise TrainingError(f"{cfg.base}: the base has no tokenizer (tokenizer.json or tokenizer.model)")
@@ -187,8 +187,8 @@ def build_adapter(
     cfg: TrainConfig, model: Transformer, recs: list[dict], vrecs: list[dict], device: torch.device, topo: Topology
 ) -> tuple[Adapter, list[dict], list[dict]]:
     """A fresh adapter `cfg.adapter_name` on `model` (replacing one of that name), initialised from `--seed` and
-    identical on every rank. With `--image-encoder` it gets a visual projection and the records their image
-    features, hence the records are returned too."""
+    identical on every rank. With `--image-encoder` / `--audio-encoder` it gets a projection and the records their
+    image / video / audio features, hence the records are returned too."""
     name = cfg.adapter_name
     if name in model.adapters:
         model.remove_adapter(name)
@@ -196,7 +196,7 @@ def build_adapter(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     adapter = model.add_adapter(name, acfg)
-    if cfg.image_encoder:
+    if cfg.image_encoder or cfg.audio_encoder:
         from llama_adapter.multimodal.features import prepare_multimodal
 
         recs, maybe_vrecs = prepare_multimodal(model, name, recs, vrecs, cfg)
@@ -280,6 +280,11 @@ def prepare(
         check_out_dir(cfg)
     log = _logger(topo.main)
     device = resolve_device(cfg.device, topo) if model is None else output_weight(model).device
+    if cfg.quantize is not None and model is None:  # refused (one line) before any data or weight is read
+        from llama_adapter.quantize import check_quantize
+
+        check_quantize(cfg.quantize, "cpu" if cfg.device == "auto" else device, cfg.fsdp)
+        device = torch.device("cpu")
     init_process_group(topo, device)
     ckpt = None
     if cfg.resume:
@@ -521,9 +526,11 @@ def _progress_bar(run: Run) -> Progress | None:
 
 def _save_outputs(run: Run, adapter_path: Path, last_loss: float | None, train_time: float) -> None:
     from llama_adapter.adapter_file import save_adapter
+    from llama_adapter.quantize import base_weights
 
     meta = run.adapter.meta
     meta["template"] = run.template
+    meta["base_weights"] = base_weights(run.model)  # what it was trained on; the file loads on any of them
     meta.pop("chat_template_digest", None)
     if run.template == CHAT:  # inference can tell whether the base's template is still the one trained with
         assert run.model.chat_template is not None  # run_template refuses a base without one

@@ -69,7 +69,12 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, chunk: int =
 
 
 def output_weight(model: Transformer) -> Tensor:
-    return model.tok_embeddings.weight if model.output is None else model.output.weight
+    """The output head's matrix; a quantized head (`llama_adapter.quantize`) gives its dequantized weight, since
+    the loss multiplies by it and by its transpose."""
+    if model.output is None:
+        return model.tok_embeddings.weight
+    dequantized = getattr(model.output, "dequantized", None)
+    return dequantized() if dequantized is not None else model.output.weight
 
 
 def batch_loss(model: Transformer, adapter: str, batch: dict[str, Tensor], chunk: int = 256) -> tuple[Tensor, int]:

@@ -44,7 +44,10 @@ class FusedPrompts:
 
 
 def _linear(x: Tensor, m: nn.Linear) -> Tensor:
-    return cpu_kernels.linear(x, m.weight, m.bias, getattr(m, "packed", None))  # packed: backends.cpu.PackedLinear
+    packed = getattr(m, "packed", None)  # backends.cpu.PackedLinear
+    if packed is None:  # not packed, or a projection with its own product (llama_adapter.quantize): its forward
+        return m(x)
+    return cpu_kernels.linear(x, m.weight, m.bias, packed)
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ def native() -> Any | None:
                 file=sys.stderr,
             )
         _native["ext"], _native["bf16_dot"] = ext, bool(ext.has_bf16_dot())
+        _native["int8"] = bool(getattr(ext, "has_int8_linear", lambda: False)())
     except Exception as e:  # no compiler, no headers, unsupported platform: the PyTorch paths still work
         lines = str(e).strip().splitlines()
         _native["why"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
@@ -134,8 +135,10 @@ def available_memory() -> int | None:
 
 
 def can_pack(weight: Tensor) -> bool:
+    """A plain frozen bf16 matrix on the CPU (not a quantized tensor subclass, which reports its original dtype)."""
     return (
-        weight.device.type == "cpu"
+        type(weight) in (Tensor, torch.nn.Parameter)
+        and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and weight.dim() == 2
         and not weight.is_inference()
@@ -185,6 +188,28 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight 
     assert ext is not None  # a "blocked" pack is only ever made by the compiled kernels
     out = ext.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed.packed, weight.shape[0], bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x (q * scale)^T in bf16 for int8 weights q [N, K] with one fp32 scale per row (torchao's `Int8Tensor`, read
+    in place) through the C++ kernel; None where it does not apply (no kernels or AVX-512, gradients, not bf16,
+    K % 16, more than BLOCKED_MAX_ROWS rows), and the caller takes torchao's product."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (
+        torch.is_grad_enabled()
+        or x.dtype != torch.bfloat16
+        or x.shape[-1] % 16 != 0
+        or not 0 < rows <= BLOCKED_MAX_ROWS
+        or qdata.dtype != torch.int8
+    ):
+        return None
+    ext = native()
+    if ext is None or not _native.get("int8", False):
+        return None
+    xf = x.reshape(rows, x.shape[-1]).float()
+    b = None if bias is None else bias.float()
+    out = ext.linear_int8(xf, qdata.contiguous(), scale.reshape(-1).float().contiguous(), b)
+    return out.view(*x.shape[:-1], qdata.shape[0])
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -113,6 +113,81 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
   return y;
 }
 
+// ---- y = (x Q^T) * scale: int8 weights with one scale per output row (torchao's Int8Tensor, read in place) ---
+// Batch-1 decoding reads every weight once per token, so int8 weights halve the bytes a bf16 step reads. ATen's
+// int8 weight-only product and torchao's eager one (which widens the whole weight first) are slower than the bf16
+// kernel above on the machines we measured; this one streams the torchao weight as it is stored ([N, K] row-major,
+// four rows at a time), widens 16 weights at a time to fp32 and multiplies by fp32 inputs: each product is exact
+// (bf16 x int8), sums are fp32, and the row's scale (and bias) are applied once to the sum before rounding to bf16.
+#if defined(__x86_64__)
+template <int MB>
+__attribute__((target("avx512f"))) static inline void int8_block(const float* x, int64_t K, const int8_t* q,
+                                                                 const float* scale, const float* bias, bf16* y,
+                                                                 int64_t N, int64_t n0) {
+  constexpr int NR = 4;
+  const int8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = q + std::min<int64_t>(n0 + r, N - 1) * K;  // past N: repeat, not stored
+  __m512 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r)
+      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k))));
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const int64_t row = n0 + r;
+      if (row < N) y[m * N + row] = b(_mm512_reduce_add_ps(acc[m][r]) * scale[row] + (bias ? bias[row] : 0.f));
+    }
+}
+
+using Int8BlockFn = void (*)(const float*, int64_t, const int8_t*, const float*, const float*, bf16*, int64_t,
+                             int64_t);
+static const Int8BlockFn kInt8Fns[4] = {int8_block<1>, int8_block<2>, int8_block<3>, int8_block<4>};
+static const bool kInt8Avx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+#else
+static const bool kInt8Avx512 = false;
+#endif
+
+bool has_int8_linear() { return kInt8Avx512; }
+
+// x [M, K] fp32 contiguous (K % 16 == 0), q [N, K] int8 contiguous, scale [N] fp32, bias [N] fp32 or None
+// -> [M, N] bf16
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(kInt8Avx512, "linear_int8: needs a CPU with AVX-512");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) % 16 == 0,
+              "linear_int8: x");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
+              "linear_int8: q");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "linear_int8: scale");
+  auto bc = bias.has_value() ? bias->contiguous() : torch::Tensor();
+  TORCH_CHECK(!bc.defined() || (bc.numel() == N && bc.scalar_type() == at::kFloat), "linear_int8: bias");
+  auto y = torch::empty({M, N}, x.options().dtype(at::kBFloat16));
+#if defined(__x86_64__)
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  bf16* yp = y.data_ptr<bf16>();
+  const int64_t blocks = (N + 3) / 4;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (4 * K)), [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        kInt8Fns[mb - 1](xp + m0 * K, K, qp, sp, bp, yp + m0 * N, N, blk * 4);
+      }
+  });
+#endif
+  return y;
+}
+
 // ---- RMSNorm, optionally after a residual add ------------------------------------------------------------
 static void rms_row(const bf16* h, const bf16* w, bf16* out, int64_t D, float eps) {
   float ss = 0.f;
@@ -362,6 +437,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_dot", &has_bf16_dot);
   m.def("pack", &pack);
   m.def("linear", &linear);
+  m.def("has_int8_linear", &has_int8_linear);
+  m.def("linear_int8", &linear_int8);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);

@@ -1,0 +1,253 @@
+"""8-bit and 4-bit frozen bases (`--quantize int8|int4`): weight-only quantisation by torchao, swapped in from outside.
+
+As gpt-fast's quantiser does, this module replaces the frozen base's `nn.Linear` weights after the model is built;
+`model.py` stays plain PyTorch with no quantisation branch. What changes:
+- the four projections of every block (wqkv, wo, w13, w2) get a torchao weight: int8: `Int8WeightOnlyConfig`
+  (symmetric, one scale per output row); int4: torchao's CPU int4 tensor (`Int4OpaqueTensor`, under
+  `torchao.prototype` in 0.18: its stable `Int4WeightOnlyConfig` packs for GPU kernels only; asymmetric, one scale
+  and zero per group of `INT4_GROUP_SIZE` inputs, the layout of ATen's `_weight_int4pack_mm_for_cpu`);
+- an untied output head gets int8 in both modes (as llama.cpp keeps its 4-bit files' output head at 6 bits): every
+  logit goes through it, and the training loss reads it whole (`dequantized()`), which int8 gives cheaply;
+- the token embedding stays in the base dtype: it is a lookup (and, when tied, the output head too), so quantizing
+  it saves no time and would move every logit;
+- their modules become `Int8Linear` / `Int4Linear` (same parameters): the CPU backend only swaps exact `nn.Linear`s,
+  so it neither re-packs nor re-wraps them, and its fused decode step calls them like any projection;
+- every `Attention` becomes `QuantizedAttention`, whose `kv_weights()` hands the prompts (eq. 2-4) the dequantized
+  key/value rows of the same quantized projection the tokens go through.
+The adapter (prompts, gates, projections) and its gradients stay in fp32 as before: gradients flow through the
+frozen quantized projections to the prompts, nothing of the base is trained. A fresh adapter still leaves the
+quantized base's outputs unchanged bit for bit (its gates are zero).
+
+torchao is an optional dependency (`pip install 'llama-adapter[quant]'`); without it `--quantize` is a one-line
+`QuantizeError`. Quantised bases run on the CPU (the int4 kernel is a CPU kernel), and not under FSDP (which would
+have to shard torchao's tensor subclasses).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llama_adapter.adapter_batch import KVWeights
+from llama_adapter.backends.cpu import kernels
+from llama_adapter.errors import QuantizeError
+from llama_adapter.model import Attention, Transformer
+
+QUANTIZE_MODES = ("int8", "int4")
+# inputs per int4 scale/zero group: 32, as llama.cpp's Q4_1 (5 bits a weight: 4 + 16 + 16 bits per 32). Measured
+# (benchmarks/quantized_quality.py, issue 15's notes): on SmolLM2-135M read from its Q4_1 GGUF, groups of 32 keep
+# the perplexity of the dequantized base (133.79 vs 133.75; they fall on the file's own blocks), 64 and 128 raise
+# it to 186 and 153; 64 would save half a bit a weight. A projection whose input width is not a multiple of the
+# group stays unquantized, as does one whose output width is not a multiple of INT4_ROWS (the kernel's packing).
+INT4_GROUP_SIZE = 32
+INT4_ROWS = 16
+INT4_GROUP_SIZES = (INT4_GROUP_SIZE,)
+# int8 inputs of up to this many rows (decoding) that the C++ kernel does not take go to ATen's int8 weight-only
+# product; more rows (a prefill) to torchao's, which widens the weight once and runs one GEMM
+INT8_PACK_MAX_ROWS = 32
+
+# the frozen projections that are quantized (state-dict names); the embedding and the norms are not
+_QUANTIZED = re.compile(r"(layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w13|w2))|output)\.weight")
+
+
+def check_quantize(mode: str | None, device: str | torch.device | None = None, fsdp: bool = False) -> None:
+    """QuantizeError (one line) for a combination that cannot run: an unknown mode, a non-CPU device, FSDP, or no
+    torchao. Called before anything is loaded, so the error comes first."""
+    if mode is None:
+        return
+    if mode not in QUANTIZE_MODES:
+        raise QuantizeError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, not {mode!r}")
+    if fsdp:
+        raise QuantizeError(f"--quantize {mode} cannot be combined with --fsdp (FSDP does not shard quantized weights)")
+    if device is not None and torch.device(device).type != "cpu":
+        raise QuantizeError(f"--quantize {mode} runs on the CPU only (the base was asked for on {device})")
+    _torchao(mode)
+
+
+def _torchao(mode: str) -> Any:
+    """The torchao config for `mode`; QuantizeError when torchao (or its CPU int4 tensor) cannot be imported."""
+    try:
+        if mode == "int8":
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            return Int8WeightOnlyConfig()
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+        return Int4OpaqueTensor
+    except ImportError as e:
+        raise QuantizeError(
+            f"--quantize {mode} needs torchao ({e}): pip install 'llama-adapter[quant]' (or: pip install torchao)"
+        ) from None
+
+
+def is_quantized(t: Tensor) -> bool:
+    """Whether `t` is a quantized weight (a tensor subclass of torchao's) rather than a plain tensor."""
+    return type(t) not in (Tensor, nn.Parameter)
+
+
+def quantizes(name: str) -> bool:
+    """Whether the base weight called `name` (a state-dict key) is one that `--quantize` quantizes."""
+    return _QUANTIZED.fullmatch(name) is not None
+
+
+def mode_for(name: str, mode: str) -> str:
+    """The mode the weight called `name` is quantized to under `--quantize mode` (the output head: int8)."""
+    return "int8" if name == "output.weight" else mode
+
+
+def quantize_weight(w: Tensor, mode: str) -> Tensor:
+    """`w` [out, in] as torchao's quantized tensor for `mode` (int4: `w` itself where the kernel cannot take its
+    shape: no group size divides `in`, or `out` is not a multiple of INT4_ROWS)."""
+    config = _torchao(mode)
+    w = w.detach()
+    if mode == "int8":
+        from torchao.quantization.quant_api import _int8_weight_only_quantize_tensor
+
+        return _int8_weight_only_quantize_tensor(w, config)
+    group = next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), None)
+    if group is None or w.shape[0] % INT4_ROWS != 0:
+        return w
+    # bf16 scales whatever the base dtype: ATen's int4 kernel is vectorised for bf16 only (its fp32 path is a
+    # scalar reference, ~100x slower on a 2048 x 5632 projection), so int4 products run in bf16 (`Int4Linear`)
+    return config.from_hp(w.to(torch.bfloat16), [1, group])
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen base projection whose weight is a torchao quantized tensor (what `dequantized()` gives back)."""
+
+    base_dtype: torch.dtype = torch.bfloat16  # the dtype of the base it belongs to (set by `quantize_model`)
+
+    def dequantized(self) -> Tensor:
+        """The weight as the quantized product sees it, [out, in] in the base dtype."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights, one scale per output row (torchao `Int8Tensor`).
+
+    Decode-sized inputs without gradients take the CPU backend's int8 kernel (bf16, where it is built), else ATen's
+    int8 weight-only kernel (torchao's own eager path widens the whole weight to the activation dtype on every
+    call, ~20x slower at one row); anything else takes torchao's differentiable product."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w: Any = self.weight
+        y = kernels.linear_int8(x, w.qdata, w.scale, self.bias)  # the C++ product for decode-sized bf16 inputs
+        if y is not None:
+            return y
+        rows = x.numel() // x.shape[-1]
+        if (torch.is_grad_enabled() and x.requires_grad) or rows > INT8_PACK_MAX_ROWS or rows == 0:
+            return F.linear(x, w, self.bias)
+        scale = w.scale.reshape(-1).to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), w.qdata, scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    def dequantized(self) -> Tensor:
+        return self.weight.dequantize()  # torchao's
+
+
+class _Int4Product(torch.autograd.Function):
+    """x W^T through the int4 kernel; the input's gradient through the dequantized weight (the kernel has none)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: Int4Linear, bias: Tensor | None) -> Tensor:
+        ctx.module = module
+        return module.product(x, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        w = ctx.module.dequantized()
+        return grad @ w.to(grad.dtype), None, None
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weights in groups along the input (torchao `Int4OpaqueTensor`, ATen's CPU int4 kernel).
+
+    The product runs in bf16 (the kernel's fast path) and comes back in the input's dtype. The kernel has no
+    backward and torchao's tensor no dequantize or slicing, so `dequantized()` asks the kernel itself: the product
+    of the identity with W^T is W, exactly as the kernel expands it. That costs one GEMM as wide as the input (once
+    per backward of the projection, or per prompt projection), not a copy kept around."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Int4Product.apply(x, self, self.bias)
+        return self.product(x, self.bias)
+
+    def product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y if bias is None else y + bias
+
+    def dequantized(self) -> Tensor:
+        w = self.weight
+        dtype = self.bias.dtype if self.bias is not None else self.base_dtype
+        with torch.no_grad():
+            eye = torch.eye(w.shape[1], dtype=torch.bfloat16, device=w.device)
+            return F.linear(eye, w).t().to(dtype)
+
+
+class QuantizedAttention(Attention):
+    """Attention whose prompts (eq. 2-4) go through the dequantized key/value rows of its quantized wqkv: the
+    projection the tokens' keys and values come from, without slicing a quantized tensor."""
+
+    def kv_weights(self) -> KVWeights:
+        wqkv = self.wqkv
+        if not isinstance(wqkv, QuantizedLinear):
+            return super().kv_weights()
+        w, b, q, kv = wqkv.dequantized(), wqkv.bias, self.q_size, self.kv_size
+        if b is None:
+            return w[q : q + kv], w[q + kv :], None, None
+        return w[q : q + kv], w[q + kv :], b[q : q + kv], b[q + kv :]
+
+
+_LINEARS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def quantize_model(model: Transformer, mode: str) -> Transformer:
+    """Quantize the frozen base of `model` in place (weights already quantized at load time are kept) and reinstall
+    its backend; returns the model. QuantizeError where `mode` cannot run (see `check_quantize`)."""
+    check_quantize(mode, model.tok_embeddings.weight.device)
+    current = quantization_of(model)
+    if current not in (None, mode):
+        raise QuantizeError(f"the base is already quantized to {current}; load it again for {mode}")
+    backend = model.backend
+    if backend is not None:
+        backend.uninstall()  # give the stock classes back first (PackedLinear -> nn.Linear)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and quantizes(name + ".weight"):
+            cls = _LINEARS[mode_for(name + ".weight", mode)]
+            if not is_quantized(m.weight):
+                q = quantize_weight(m.weight, mode_for(name + ".weight", mode))
+                if not is_quantized(q):
+                    continue  # int4: no group size divides its input width; it stays as it is
+                m.weight = nn.Parameter(q, requires_grad=False)
+            m.__class__ = cls
+            assert isinstance(m, QuantizedLinear)
+            m.base_dtype = model.tok_embeddings.weight.dtype
+        elif type(m) is Attention:
+            m.__class__ = QuantizedAttention
+    if backend is not None:
+        from llama_adapter.backends import install
+
+        install(model)
+    return model
+
+
+def quantization_of(model: nn.Module) -> str | None:
+    """The mode of a base quantized by this module ("int8", "int4"), None for a plain one."""
+    kinds = {type(m) for m in model.modules()}
+    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
+
+
+def base_weights(model: Transformer) -> str:
+    """What an adapter was trained on, for its file's metadata: "int8", "int4" or the base dtype ("bf16", ...)."""
+    q = quantization_of(model)
+    if q is not None:
+        return q
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    dtype = model.tok_embeddings.weight.dtype
+    return names.get(dtype, str(dtype).removeprefix("torch."))

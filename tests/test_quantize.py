@@ -1,0 +1,245 @@
+"""An 8-bit or 4-bit frozen base (`--quantize int8|int4`, `llama_adapter.quantize`): the method holds on it exactly
+(a fresh adapter changes nothing, bit for bit), adapters train on it and move freely between precisions, and what
+cannot run is a one-line error."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import llama_adapter as la
+from llama_adapter.backends.cpu import CpuBackend, PackedLinear
+from llama_adapter.errors import QuantizeError, UserError
+
+pytest.importorskip("torchao")
+pytestmark = pytest.mark.cpu_only  # the quantized bases run on the CPU only
+
+from llama_adapter.quantize import (  # noqa: E402
+    Int4Linear,
+    Int8Linear,
+    QuantizedAttention,
+    check_quantize,
+    is_quantized,
+    quantization_of,
+    quantize_model,
+)
+
+MODES = ("int8", "int4")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread: None) -> None:
+    """Tiny models on a shared machine."""
+
+
+def _ids(model: la.Transformer, rows: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantize_replaces_the_projections_and_keeps_the_rest(tiny_base: Path, mode: str) -> None:
+    """Every block projection is the mode's quantized module with a torchao weight; the untied head is int8; the
+    embedding and the norms keep the base dtype; the CPU backend neither packs nor re-wraps quantized layers."""
+    m = la.load_model(tiny_base, dtype=torch.bfloat16, quantize=mode)
+    cls = Int8Linear if mode == "int8" else Int4Linear
+    for layer in m.layers:
+        a, ff = layer.attention, layer.feed_forward
+        assert type(a) is QuantizedAttention
+        for lin in (a.wqkv, a.wo, ff.w13, ff.w2):
+            assert type(lin) is cls and is_quantized(lin.weight) and not lin.weight.requires_grad
+            assert getattr(lin, "packed", None) is None
+    assert type(m.output) is Int8Linear
+    assert not is_quantized(m.tok_embeddings.weight) and m.tok_embeddings.weight.dtype == torch.bfloat16
+    assert quantization_of(m) == mode and isinstance(m.backend, CpuBackend)
+    m.backend.prepare_decoding()  # packs nothing quantized
+    assert not any(isinstance(x, PackedLinear) for x in m.layers.modules())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_base_is_close_to_the_full_precision_one(tiny_base: Path, mode: str) -> None:
+    """Weight-only quantization moves the logits a little (int4 more than int8), not to something else."""
+    ref = la.load_model(tiny_base, dtype=torch.float32)
+    q = la.load_model(tiny_base, dtype=torch.float32, quantize=mode)
+    ids = _ids(ref)
+    with torch.no_grad():
+        a, b = ref(ids), q(ids)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < (0.02 if mode == "int8" else 0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_fresh_adapter_leaves_the_quantized_base_bit_for_bit_unchanged(
+    tiny_base: Path, mode: str, dtype: torch.dtype
+) -> None:
+    """Zero-init on a quantized base: logits with a fresh adapter equal the base's exactly, in a full forward, in
+    a cached prefill + decode steps, and in the CPU backend's fused decode step."""
+    m = la.load_model(tiny_base, dtype=dtype, quantize=mode)
+    m.add_adapter("a", la.AdapterConfig(prompt_length=4, layers=3))
+    ids = _ids(m)
+    with torch.no_grad():
+        assert torch.equal(m(ids), m(ids, adapter="a"))
+        outs = []
+        for adapter in (None, "a"):
+            cache = m.new_cache(2, 16, dtype=m.backend.kv_cache_dtype)
+            pkv = m.prompt_kv(adapter, 2)
+            pos = torch.arange(9)[None].expand(2, 9)
+            steps = [m(ids, input_pos=pos, cache=cache, prompt_kv=pkv)[:, -1]]
+            tok = steps[-1].argmax(-1)
+            for t in range(9, 12):
+                p = torch.full((2,), t)
+                steps.append(m(tok[:, None], input_pos=p[:, None], cache=cache, prompt_kv=pkv)[:, -1])
+                if dtype == torch.bfloat16 and m.backend.fused_prompts(pkv) is not None:
+                    steps.append(m.backend.decode_step(tok, p, cache, m.backend.fused_prompts(pkv)))
+                tok = steps[-1].argmax(-1)
+            outs.append(torch.stack(steps))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_reach_the_adapter_through_the_quantized_base(tiny_base: Path, mode: str) -> None:
+    """The base stays frozen and quantized; prompts and gates get fp32 gradients equal (to quantization
+    rounding) to those through the dequantized weights."""
+    q = la.load_model(tiny_base, dtype=torch.float32, quantize=mode)
+    deq = la.load_model(tiny_base, dtype=torch.float32)
+    for mq, md in zip(q.modules(), deq.modules(), strict=True):
+        if isinstance(mq, (Int8Linear, Int4Linear)):
+            md.weight = nn.Parameter(mq.dequantized().clone(), requires_grad=False)
+    grads = []
+    for m in (q, deq):
+        torch.manual_seed(0)
+        a = m.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=3))
+        with torch.no_grad():
+            a.gates.fill_(0.5)  # past zero-init, so the prompts get gradients too
+        m(_ids(m), adapter="a").float().logsumexp(-1).mean().backward()
+        assert a.prompts.grad is not None and a.gates.grad is not None
+        assert a.prompts.grad.dtype == torch.float32 and a.prompts.grad.abs().sum() > 0
+        grads.append(torch.cat([a.prompts.grad.flatten(), a.gates.grad.flatten()]))
+    assert not any(p.requires_grad for n, p in q.named_parameters() if not n.startswith("adapters."))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_adapter_trains_on_a_quantized_builtin_base(tmp_path: Path, mode: str) -> None:
+    """A short run of the demo's recipe on the quantized built-in base lowers the loss as it does in fp32, and the
+    file records what it was trained on. (Held-out accuracy per precision: benchmarks/quantized_quality.py.)"""
+    from llama_adapter.builtin import corpus
+    from llama_adapter.builtin.demo import demo_train_config
+    from llama_adapter.training.loop import train
+
+    recs = corpus.instruction_data("train", seed=0, n_per_task=20)
+    losses = {}
+    for q in (None, mode):
+        cfg = demo_train_config(tmp_path / str(q), len(recs), 4, steps=12, progress=False, batch_size=16)
+        cfg.quantize = q
+        res = train(cfg, records=recs)
+        first, last = res.metrics[0]["loss"], res.final_train_loss
+        assert last is not None and last < 0.8 * first, (q, first, last)
+        losses[q] = last
+        with safe_open(str(res.adapter_path), "pt") as f:
+            assert f.metadata()["base_weights"] == (q or "fp32")
+    assert abs(losses[mode] - losses[None]) < 0.25 * losses[None]
+
+
+def test_adapter_files_move_between_precisions(tiny_base: Path, tmp_path: Path) -> None:
+    """The fingerprint ignores quantization: an adapter saved on a bf16 base loads on its int8 and int4 versions
+    and back, with the same tensors, and its metadata says what it was saved from."""
+    from llama_adapter.quantize import base_weights
+
+    bf16 = la.load_model(tiny_base, dtype=torch.bfloat16)
+    a = bf16.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+    a.meta["base_weights"] = base_weights(bf16)
+    la.save_adapter(bf16, "a", tmp_path / "bf16.safetensors")
+    for mode in MODES:
+        q = la.load_model(tiny_base, dtype=torch.bfloat16, quantize=mode)
+        b = q.load_adapter(tmp_path / "bf16.safetensors", "a")
+        assert torch.equal(b.prompts, a.prompts) and b.meta["base_weights"] == "bf16"
+        b.meta["base_weights"] = base_weights(q)
+        la.save_adapter(q, "a", tmp_path / f"{mode}.safetensors")
+        c = bf16.load_adapter(tmp_path / f"{mode}.safetensors", f"from_{mode}")
+        assert torch.equal(c.prompts, a.prompts) and c.meta["base_weights"] == mode
+
+
+def test_unsupported_combinations_are_one_line_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(QuantizeError, match="--fsdp"):
+        check_quantize("int4", "cpu", fsdp=True)
+    with pytest.raises(QuantizeError, match="CPU only"):
+        check_quantize("int8", "cuda")
+    with pytest.raises(QuantizeError, match="int8 or int4|one of"):
+        check_quantize("int3")
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    monkeypatch.setitem(sys.modules, "torchao.prototype.quantization.int4", None)
+    for mode in MODES:
+        with pytest.raises(QuantizeError, match=r"pip install 'llama-adapter\[quant\]'") as e:
+            check_quantize(mode, "cpu")
+        assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+def test_quantize_errors_come_before_loading(tmp_path: Path) -> None:
+    """`load_model` and `finetune` refuse first (nothing is read): a GPU device, FSDP."""
+    from llama_adapter.training.config import TrainConfig
+    from llama_adapter.training.loop import train
+
+    with pytest.raises(QuantizeError, match="CPU only"):
+        la.load_model(tmp_path / "nothing-here", device="cuda", quantize="int8")
+    cfg = TrainConfig(base=str(tmp_path / "nothing-here"), data=[], out=str(tmp_path / "o"), quantize="int4")
+    cfg.fsdp = True
+    with pytest.raises(QuantizeError, match="--fsdp"):
+        train(cfg, records=[{"instruction": "a", "output": "b"}])
+
+
+def test_cli_quantize_flag(tiny_base: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--quantize` on generate (shared with chat and serve) and finetune; a bad value is argparse's error."""
+    from llama_adapter.cli import main
+
+    rc = main(["generate", "--base", str(tiny_base), "--quantize", "int4", "--max-new-tokens", "3", "hello"])
+    assert rc == 0
+    with pytest.raises(SystemExit):
+        main(["generate", "--base", str(tiny_base), "--quantize", "int2", "hello"])
+    assert "invalid choice" in capsys.readouterr().err
+    rc = main(["generate", "--base", str(tiny_base), "--quantize", "int8", "--device", "cuda", "hello"])
+    assert rc == 2 and "CPU only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--quantize", "fp8"])
+    assert e.value.code == 2 and "--quantize: invalid choice" in capsys.readouterr().err
+
+
+def test_quantize_model_after_loading_matches_quantizing_while_loading(tiny_base: Path) -> None:
+    """`quantize_model` on a loaded base gives the same model as `load_model(..., quantize=)` (same torchao calls)."""
+    for mode in MODES:
+        a = la.load_model(tiny_base, dtype=torch.bfloat16, quantize=mode)
+        b = quantize_model(la.load_model(tiny_base, dtype=torch.bfloat16), mode)
+        ids = _ids(a)
+        with torch.no_grad():
+            assert torch.equal(a(ids), b(ids))
+        with pytest.raises(QuantizeError, match="already quantized"):
+            quantize_model(a, "int8" if mode == "int4" else "int4")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_int8_kernel_computes_the_int8_product(rows: int) -> None:
+    """The CPU backend's int8 product (decode-sized bf16 inputs) is x (q * scale)^T + bias, rounded once to bf16,
+    on torchao's own int8 data; where the kernels are unavailable the layer takes torchao's product instead."""
+    from llama_adapter.backends.cpu import kernels
+    from llama_adapter.quantize import quantize_weight
+
+    torch.manual_seed(0)
+    w, bias = torch.randn(37, 96) * 0.05, torch.randn(37)
+    q = quantize_weight(w.bfloat16(), "int8")
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    ref = x.double() @ (q.qdata.double() * q.scale.double()).t() + bias.double()
+    with torch.no_grad():
+        y = kernels.linear_int8(x, q.qdata, q.scale, bias)
+        if kernels.native() is None or not kernels._native.get("int8"):
+            assert y is None
+            pytest.skip(f"no int8 kernel here ({kernels.native_unavailable()})")
+        assert y is not None and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), ref.to(torch.bfloat16).double(), rtol=2**-7, atol=1e-6)
+        assert kernels.linear_int8(x.float(), q.qdata, q.scale, bias) is None  # not bf16: torchao's product
+    assert kernels.linear_int8(x.requires_grad_(), q.qdata, q.scale, bias) is None  # gradients: torchao's product

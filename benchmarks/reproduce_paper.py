@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import reproduction_doc  # benchmarks/ (a script's own folder is on sys.path)
 import torch
 
 import llama_adapter as la
@@ -363,9 +364,7 @@ def report(res: dict[str, Any], figs: dict[str, str], path: Path, wall: float) -
         "",
     ]
     lines += ["## Where the miniature does not reproduce", ""] + honest_notes(res) + [""]
-    mm = ROOT / "docs" / "parts" / "reproduction_multimodal.md"  # written by benchmarks/multimodal_demo.py runs
-    if mm.is_file():
-        lines += [mm.read_text().rstrip(), ""]
+    lines += [reproduction_doc.parts()]  # the other benchmarks' sections (docs/parts/reproduction_*.md)
     path.write_text("\n".join(lines))
 
 

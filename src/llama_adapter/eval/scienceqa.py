@@ -294,17 +294,6 @@ def format_table(rows: dict[str, dict[str, dict[str, float]] | list[float | None
     return "\n".join(lines)
 
 
-def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(p)
-    return p
-
-
 # ---- evaluation ----------------------------------------------------------------------------------------------------
 def greedy_generate(
     model: Any,

@@ -97,13 +97,30 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
-def _json_meta(path: Path, meta: dict[str, str], key: str) -> dict[str, Any]:
+def json_metadata(path: Path, meta: dict[str, str], key: str) -> Any:
+    """A JSON field of a file's metadata, decoded; AdapterError when it is missing or not JSON."""
     if key not in meta:
         raise AdapterError(f"{path}: metadata {key!r} missing")
     try:
-        value = json.loads(meta[key])
+        return json.loads(meta[key])
     except ValueError:
         raise AdapterError(f"{path}: metadata {key!r} is not JSON") from None
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a whole safetensors file (never unpickled); AdapterError, naming `what` the file
+    should be, when it is missing or unreadable."""
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"{path}: not a {what} ({e})") from None
+
+
+def _json_meta(path: Path, meta: dict[str, str], key: str) -> dict[str, Any]:
+    value = json_metadata(path, meta, key)
     if not isinstance(value, dict):
         raise AdapterError(f"{path}: metadata {key!r} is not a JSON object")
     return value
@@ -145,14 +162,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tens
     config, dtypes, finite values, prompts and gates consistent with the config): `info` refuses what `load`
     would."""
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter file not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise AdapterError(f"{path}: not a safetensors adapter file ({e})") from None
+    meta, tensors = read_safetensors(path, "safetensors adapter file")
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path}: not a llama-adapter file (use `llama-adapter convert` for other formats)")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from llama_adapter.adapter_file import json_metadata, read_safetensors
 from llama_adapter.encoders.heads import METHODS, TASKS, TaskModel
 from llama_adapter.encoders.prompts import GatedPrompts, PromptConfig
 from llama_adapter.errors import AdapterError
@@ -81,26 +81,10 @@ def save_encoder_adapter(
     return path
 
 
-def _json(path: Path, meta: dict[str, str], key: str) -> Any:
-    if key not in meta:
-        raise AdapterError(f"{path}: metadata {key!r} missing")
-    try:
-        return json.loads(meta[key])
-    except ValueError:
-        raise AdapterError(f"{path}: metadata {key!r} is not JSON") from None
-
-
 def read_encoder_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata with its JSON fields decoded, tensors), checked for everything that needs no encoder."""
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter file not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            raw = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise AdapterError(f"{path}: not a safetensors file ({e})") from None
+    raw, tensors = read_safetensors(path, "safetensors file")
     if raw.get("format") != FORMAT:
         raise AdapterError(f"{path}: not an encoder adapter (format {raw.get('format')!r}, expected {FORMAT!r})")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -110,11 +94,11 @@ def read_encoder_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, to
         raise AdapterError(f"{path}: unknown task {meta.get('task')!r} (known: {', '.join(TASKS)})")
     if meta.get("method") not in METHODS:
         raise AdapterError(f"{path}: unknown method {meta.get('method')!r} (known: {', '.join(METHODS)})")
-    labels = _json(path, raw, "labels")
+    labels = json_metadata(path, raw, "labels")
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise AdapterError(f"{path}: metadata 'labels' must be a JSON list of strings")
     meta["labels"] = labels
-    prompts = _json(path, raw, "prompts")
+    prompts = json_metadata(path, raw, "prompts")
     if prompts is not None:
         try:
             meta["prompts"] = PromptConfig(**prompts)
@@ -122,7 +106,7 @@ def read_encoder_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, to
             raise AdapterError(f"{path}: bad prompt config: {e}") from None
     else:
         meta["prompts"] = None
-    meta["encoder"] = _json(path, raw, "encoder")
+    meta["encoder"] = json_metadata(path, raw, "encoder")
     for k, t in tensors.items():
         if not t.is_floating_point():
             raise AdapterError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected floating point")

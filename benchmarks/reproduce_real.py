@@ -60,7 +60,7 @@ from llama_adapter.prompting import render_instruction
 from llama_adapter.training.config import TrainConfig
 from llama_adapter.training.data import IGNORE_INDEX, collate, encode_record, tokenize_records
 from llama_adapter.training.loop import train
-from llama_adapter.training.loss import batch_loss
+from llama_adapter.training.loss import batch_loss, output_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 SQA = ROOT.parent / "shared" / "data" / "scienceqa" / "llava_test_CQM-A.json"
@@ -239,16 +239,15 @@ def greedy_texts(model: Any, adapter: str | None, instructions: list[str], max_n
 @torch.no_grad()
 def likelihood_accuracy(model: Any, adapter: str | None, problems: list[Problem], rows: int = 24) -> float:
     """Accuracy when each option's answer sentence is scored by its summed log-likelihood after the prompt."""
-    recs, owner = [], []
-    for i, p in enumerate(problems):
-        for c in p.choices:
-            recs.append({"instruction": build_instruction(p), "input": "", "output": ANSWER.format(text=c)})
-            owner.append(i)
+    recs = []  # each problem's options, one after another
+    for p in problems:
+        instruction = build_instruction(p)
+        recs += [{"instruction": instruction, "input": "", "output": ANSWER.format(text=c)} for c in p.choices]
     n_ctx = min(1024, int(model.config.max_seq_len))  # (only a tiny test model's context is ever this short)
     ex = [encode_record(model.tokenizer, r, "chat", n_ctx, model.chat_template) for r in recs]
     scores = torch.full((len(ex),), -math.inf)  # an answer cut off by the context scores nothing
     order = sorted((j for j in range(len(ex)) if ex[j].n_supervised > 0), key=lambda j: len(ex[j].ids))
-    w = model.tok_embeddings.weight if model.output is None else model.output.weight
+    w = output_weight(model)
     for s in range(0, len(order), rows):
         idx = order[s : s + rows]
         b = collate([ex[j] for j in idx], model.tokenizer.pad_id)
@@ -258,10 +257,10 @@ def likelihood_accuracy(model: Any, adapter: str | None, problems: list[Problem]
         lp = torch.log_softmax((h[mask] @ w.t()).float(), dim=-1).gather(1, tgt[mask][:, None])[:, 0]
         row = torch.arange(len(idx))[:, None].expand_as(mask)[mask]
         scores[idx] = torch.zeros(len(idx)).index_add_(0, row, lp)
-    right = 0
-    for i, p in enumerate(problems):
-        mine = [j for j, o in enumerate(owner) if o == i]
-        right += int(max(range(len(mine)), key=lambda k: float(scores[mine[k]])) == p.answer)
+    right, start = 0, 0
+    for p in problems:
+        right += int(scores[start : start + len(p.choices)].argmax()) == p.answer  # ties: the first option
+        start += len(p.choices)
     return right / len(problems)
 
 

@@ -309,6 +309,8 @@ class Transformer(nn.Module):
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is beyond the cache length {cache.max_len}")
             mask = (torch.arange(kv_len, device=input_ids.device) <= input_pos[:, :, None])[:, None]
+            if T > 1 and kv_len == T and bool((input_pos == torch.arange(T, device=input_ids.device)).all()):
+                mask = None  # a prefill from position 0: plain causal attention (SDPA's causal kernel is faster)
         x = self.tok_embeddings(input_ids)
         if plan is not None:
             first_adapted = plan.first

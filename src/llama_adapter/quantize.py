@@ -150,6 +150,11 @@ class Int8Linear(QuantizedLinear):
     def dequantized(self) -> Tensor:
         return self.weight.dequantize()  # torchao's
 
+    def decode_projection(self) -> kernels.Projection | None:
+        """This projection for the C++ decode plan: the same kernel `forward` takes for decode-sized bf16 inputs."""
+        w: Any = self.weight
+        return kernels.int8_projection(w.qdata, w.scale, self.bias)
+
 
 class _Int4Product(torch.autograd.Function):
     """x W^T through the int4 kernel; the input's gradient through the dequantized weight (the kernel has none)."""
@@ -181,6 +186,13 @@ class Int4Linear(QuantizedLinear):
     def product(self, x: Tensor, bias: Tensor | None) -> Tensor:
         y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         return y if bias is None else y + bias
+
+    def decode_projection(self) -> kernels.Projection | None:
+        """This projection for the C++ decode plan: ATen's int4 kernel on torchao's pack, as `product` calls it."""
+        w: Any = self.weight
+        if getattr(w, "act_pre_scale", None) is not None or getattr(w, "act_mapping_type", None) is not None:
+            return None
+        return kernels.Projection(2, w.qdata, w.scale_and_zero, self.bias, w.shape[0], int(w.block_size[1]))
 
     def dequantized(self) -> Tensor:
         w = self.weight

@@ -39,8 +39,12 @@ class CpuZeroInitAttention(ZeroInitAttention):
     def token_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         if q.shape[2] == 1 and mask is not None:  # one new token per row (rand-init's [prompts; tokens] too)
             return kernels.decode_attention(q, k, v, mask)
-        if mask is None and q.shape[2] > 1 and kernels.use_cpu_training_kernels(q):
-            return kernels.causal_attention(q, k, v)
+        if mask is None and q.shape[2] > 1:
+            if kernels.use_cpu_training_kernels(q):
+                return kernels.causal_attention(q, k, v)
+            y = kernels.prefill_attention(q, k, v)  # a prefill (no gradients), where the C++ kernel applies
+            if y is not None:
+                return y
         return super().token_attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # (an fp32 cache feeding a prefill)
 
     def few_keys_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -56,6 +60,9 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.linear(x, self.weight, self.bias, self.packed)
+
+    def decode_projection(self) -> kernels.Projection | None:
+        return kernels.blocked_projection(self.weight, self.bias, self.packed)
 
 
 class CpuBackend(TorchBackend):

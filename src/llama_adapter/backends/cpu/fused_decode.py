@@ -1,15 +1,18 @@
 """A fused decode step for bf16 models on CPUs, on the C++ kernels of `cpu_kernels.native()`.
 
 At one new token per row the eager forward runs ~80 small PyTorch ops per layer whose fixed cost outweighs their
-arithmetic. The step below makes seven calls per layer: RMSNorm (fused with the residual add), the four
+arithmetic. The step below makes seven kernel calls per layer: RMSNorm (fused with the residual add), the four
 projections (through the packed weights), SwiGLU, and one attention kernel that rotates q/k, writes the cache and
-adds the gated prompt attention of zero-init adapters (equation 8). Where the kernels are unavailable, decoding
-takes the model's forward, which computes the same thing.
+adds the gated prompt attention of zero-init adapters (equation 8). Where every projection has a C++ kernel (bf16
+packs, int8 and int4 bases) the loop over layers runs in C++ too (`DecodePlan`, built once per batch: the same calls
+in the same order, without the interpreter between them); otherwise it runs here. Where the kernels are
+unavailable, decoding takes the model's forward, which computes the same thing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +34,11 @@ def supported(model: Transformer) -> bool:
 
 
 class FusedPrompts:
-    """A batch's prompt K/V laid out once for the kernel: per layer (k, v, gate fp32 [B, H], mask [B, K] | None)."""
+    """A batch's prompt K/V laid out once for the kernel: per layer (k, v, gate fp32 [B, H], mask [B, K] | None),
+    and the C++ plan of the batch's steps once the first step made it (for one cache)."""
 
     def __init__(self, pkv: dict[int, PromptKV] | None) -> None:
+        self.plan: tuple[KVCache, Any] | None = None  # (the cache it writes, the plan or None: the Python loop)
         self.layers: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
         for li, p in (pkv or {}).items():
             if p.random_init:
@@ -48,6 +53,41 @@ def _linear(x: Tensor, m: nn.Linear) -> Tensor:
     if packed is None:  # not packed, or a projection with its own product (llama_adapter.quantize): its forward
         return m(x)
     return cpu_kernels.linear(x, m.weight, m.bias, packed)
+
+
+def _plan(model: Transformer, rows: int, cache: KVCache, prompts: FusedPrompts) -> Any | None:
+    """The C++ plan of this batch's steps, or None where a projection has no C++ kernel (an unpacked weight, another
+    quantization) or the batch is larger than the kernels' decode-sized inputs (the Python loop then takes F.linear)."""
+    if prompts.plan is not None and prompts.plan[0] is cache:
+        return prompts.plan[1]
+    ext = cpu_kernels.native()
+    plan = None
+    projections = [
+        getattr(m, "decode_projection", lambda: None)()
+        for layer in model.layers
+        for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
+    ]
+    if ext is not None and hasattr(ext, "DecodePlan") and rows <= cpu_kernels.BLOCKED_MAX_ROWS:
+        if all(p is not None for p in projections):
+            ps: list[cpu_kernels.Projection] = projections  # type: ignore[assignment]
+            norms = [n.weight for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
+            per_layer = [prompts.layers.get(i, (None, None, None, None)) for i in range(len(model.layers))]
+            plan = ext.DecodePlan(
+                [p.kind for p in ps],
+                [p.n for p in ps],
+                [p.group for p in ps],
+                [p.a for p in ps],
+                [p.b for p in ps],
+                [p.bias for p in ps],
+                [*norms, model.norm.weight],
+                model.norm.eps,
+                model.layers[0].attention.n_heads,
+                list(cache.k),
+                list(cache.v),
+                *([lp[j] for lp in per_layer] for j in range(4)),
+            )
+    prompts.plan = (cache, plan)
+    return plan
 
 
 @torch.no_grad()
@@ -67,6 +107,9 @@ def decode_step(
     cos, sin = model.rope(pos)
     cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
     x = model.tok_embeddings(tokens)  # [B, dim], the residual stream, updated in place
+    plan = _plan(model, x.shape[0], cache, prompts)
+    if plan is not None:
+        return (head or model.logits)(plan.run(x, cos, sin, pos))
     eps = model.norm.eps
     h = ext.rms_norm(x, layers[0].attention_norm.weight, eps)
     for i, layer in enumerate(layers):

@@ -172,6 +172,20 @@ def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
     return None
 
 
+@dataclass
+class Projection:
+    """One frozen projection as the C++ decode plan (`fused_decode`) runs it: `kind` 0: a "blocked" bf16 pack (`a`);
+    1: int8 rows `a` [N, K] with fp32 row scales `b` (`linear_int8`); 2: ATen's CPU int4 pack `a` with its
+    scale_and_zero `b`, groups of `group` inputs. `bias` in the dtype the kernel adds it in; `n` output features."""
+
+    kind: int
+    a: Tensor
+    b: Tensor
+    bias: Tensor | None
+    n: int
+    group: int = 0
+
+
 BLOCKED_MAX_ROWS = 32  # measured on the SmolLM2-135M shape: the blocked kernel wins up to here, F.linear beyond
 
 
@@ -188,6 +202,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight 
     assert ext is not None  # a "blocked" pack is only ever made by the compiled kernels
     out = ext.linear(x.reshape(rows, x.shape[-1]).contiguous(), packed.packed, weight.shape[0], bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def blocked_projection(weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Projection | None:
+    """The decode plan's projection for a weight with a valid "blocked" pack, else None."""
+    if packed is None or packed.kind != "blocked" or not packed.valid_for(weight):
+        return None
+    return Projection(0, packed.packed, torch.empty(0), bias, weight.shape[0])
+
+
+def int8_projection(qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Projection | None:
+    """The decode plan's projection for int8 rows with one scale each, where `linear_int8`'s kernel takes them."""
+    if qdata.dtype != torch.int8 or qdata.shape[1] % 16 != 0 or native() is None or not _native.get("int8", False):
+        return None
+    b = None if bias is None else bias.detach().float().contiguous()
+    return Projection(1, qdata.contiguous(), scale.detach().reshape(-1).float().contiguous(), b, qdata.shape[0])
 
 
 def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -263,6 +292,21 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         bias.expand(B * n_kv, -1, -1), qg, k.reshape(B * n_kv, T, d).transpose(1, 2), alpha=1.0 / math.sqrt(d)
     )
     return torch.bmm(torch.softmax(scores, -1), v.reshape(B * n_kv, T, d)).view(B, H, T, d)
+
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """Causal attention of a decoder's bf16 prefill (q [B, H, T, d]) against its fp32 cache (k/v [B, n_kv, T, d]) by
+    the C++ kernel, in fp32 as the decode steps that follow; None where it does not apply (gradients, no kernels, not
+    bf16 queries with fp32 keys, d % 16), and the caller takes SDPA (so a forward without a cache is unchanged)."""
+    d = q.shape[-1]
+    if torch.is_grad_enabled() or q.dtype != torch.bfloat16 or d % 16 != 0 or d > 256 or q.device.type != "cpu":
+        return None
+    ext = native()
+    if k.dtype != torch.float32 or v.dtype != torch.float32 or ext is None or not hasattr(ext, "prefill_attention"):
+        return None
+    if k.stride(-1) != 1 or k.stride(-2) != d or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return ext.prefill_attention(q, k, v)
 
 
 def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

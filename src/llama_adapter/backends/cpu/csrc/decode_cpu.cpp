@@ -22,6 +22,20 @@ using bf16 = at::BFloat16;
 static inline float f(bf16 x) { return static_cast<float>(x); }
 static inline bf16 b(float x) { return bf16(x); }  // round to nearest even, as torch does
 
+// Runs fn(b0, b1) over [0, n) in chunks of about `min_chunk`..n/(8 threads) items, handed out as threads come free
+// (OpenMP's dynamic schedule, on the same thread pool as at::parallel_for). An even static split, as parallel_for
+// makes, leaves every thread waiting for the slowest at the end of each of the ~120 products of a step; on a shared
+// machine one thread is often late or shares its core, and a measured 20 % of the main thread's step went there.
+template <typename F>
+static void for_chunks(int64_t n, int64_t min_chunk, const F& fn) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(min_chunk, n / (8 * threads));
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  if (threads <= 1 || chunks <= 1) return fn(0, n);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min(threads, chunks)))
+  for (int64_t c = 0; c < chunks; ++c) fn(c * chunk, std::min(n, (c + 1) * chunk));
+}
+
 // ---- y = x W^T: fp32 sums of bf16 products (AVX512-BF16 dot products) over a blocked weight ----------------
 // The weight is stored as [ceil(N/4), K/32, 4, 32]: each group of 4 output rows is one sequential stream, which
 // memory prefetchers follow at close to full speed (a row-major weight read row by row, or oneDNN's layout at one
@@ -102,7 +116,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
   const __m512i* wbase = reinterpret_cast<const __m512i*>(wp.data_ptr<bf16>());
   bf16* yp = y.data_ptr<bf16>();
   const int64_t per_block = K / kDepth * kRows;  // 64-byte vectors per block
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / per_block), [&](int64_t b0, int64_t b1) {
+  for_chunks(blocks, std::max<int64_t>(1, 2048 / per_block), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mb = std::min<int64_t>(4, M - m0);
@@ -130,7 +144,12 @@ __attribute__((target("avx512f"))) static inline void int8_block(const float* x,
   __m512 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  // the block's 4 rows are one contiguous stretch of 4 K bytes read 64 bytes a step, which the hardware prefetcher
+  // follows poorly (9 GB/s a core measured, 29 with this): the stretch two blocks ahead is prefetched, a line a step
+  const char* ahead = reinterpret_cast<const char*>(q + std::min<int64_t>(n0 + 8, N - 1) * K);
+  const char* ahead_end = reinterpret_cast<const char*>(q + N * K);
   for (int64_t k = 0; k < K; k += 16) {
+    if (ahead + 4 * k < ahead_end) _mm_prefetch(ahead + 4 * k, _MM_HINT_T0);
     __m512 wv[NR];
     for (int r = 0; r < NR; ++r)
       wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k))));
@@ -177,7 +196,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
   bf16* yp = y.data_ptr<bf16>();
   const int64_t blocks = (N + 3) / 4;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (4 * K)), [&](int64_t b0, int64_t b1) {
+  for_chunks(blocks, std::max<int64_t>(1, 8192 / (4 * K)), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mb = std::min<int64_t>(4, M - m0);
@@ -433,6 +452,104 @@ torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, cons
   return y;
 }
 
+// causal softmax(q k^T / sqrt(d)) v of a prefill without gradients: q [B, H, T, d] bf16, k/v [B, n_kv, T, d] fp32
+// (rows of d contiguous; a cache's slices do) -> [B, H, T, d] bf16. Query t attends to keys 0..t, one query at a
+// time by the decode step's kernel (fp32 arithmetic, as the decode step's), queries handed to threads in chunks.
+// SDPA's CPU kernels took 2-3x longer at T = 512, d = 64 (40 % of a 512-token prefill of SmolLM2-135M).
+torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.scalar_type() == at::kBFloat16, "prefill_attention: q");
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.sizes() == v.sizes() &&
+                  k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3) &&
+                  k.stride(1) == v.stride(1) && k.stride(0) == v.stride(0), "prefill_attention: k/v");
+  const auto q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), n_kv = k.size(1);
+  TORCH_CHECK(k.size(0) == B && k.size(2) == T && k.size(3) == d && H % n_kv == 0, "prefill_attention: shapes");
+  const int64_t rep = H / n_kv, sb = k.stride(0), sh = k.stride(1);
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  auto y = torch::empty_like(q);
+  const bf16* qp = q.data_ptr<bf16>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  bf16* yp = y.data_ptr<bf16>();
+  for_chunks(B * H * T, 16, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qf(d), o(d), scores(T);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = w / (H * T), h = w / T % H, t = w % T, head = i * sb + h / rep * sh;
+      for (int64_t c = 0; c < d; ++c) qf[c] = f(qp[w * d + c]) * scale;
+      softmax_attend(qf.data(), kp + head, vp + head, t + 1, d, d, nullptr, scores.data(), o.data());
+      for (int64_t c = 0; c < d; ++c) yp[w * d + c] = b(o[c]);
+    }
+  });
+  return y;
+}
+
+// ---- the layer stack of one decode step in one call ------------------------------------------------------
+// Called from Python, the step is ~7 calls a layer (200 for a 30-layer model) whose interpreter and argument
+// conversion cost ~1.5 ms a token on the machines we measured, a sixth of the step. The plan below is built once
+// per batch (weights, caches and the batch's prompts do not change between its steps) and runs the same kernels,
+// in the same order and with the same roundings, as fused_decode.decode_step's Python loop.
+
+// one frozen projection: kind 0: bf16 weight packed for `linear` (a); 1: int8 rows (a) and fp32 row scales (b) for
+// `linear_int8` (bias fp32); 2: ATen's CPU int4 pack (a) and its scale_and_zero (b), groups of `group` inputs
+struct Projection {
+  int64_t kind, n, group;
+  torch::Tensor a, b;
+  c10::optional<torch::Tensor> bias;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (kind == 0) return linear(x, a, n, bias);
+    if (kind == 1) return linear_int8(x.to(at::kFloat), a, b, bias);
+    TORCH_CHECK(kind == 2, "decode plan: unknown projection kind");
+    auto y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16).contiguous(), a, group, b);
+    if (y.size(1) != n) y = y.narrow(1, 0, n).contiguous();
+    y = y.to(x.scalar_type());
+    return bias.has_value() ? y + *bias : y;
+  }
+};
+
+class DecodePlan {
+ public:
+  // per layer i: projections 4i..4i+3 (wqkv, wo, w13, w2), norms 2i, 2i+1 (attention, feed-forward) and the final
+  // norm last; caches kc/vc [rows, n_kv, L, d] fp32; prompts (pk, pv, gate, pmask) per layer or None
+  DecodePlan(std::vector<int64_t> kinds, std::vector<int64_t> ns, std::vector<int64_t> groups,
+             std::vector<torch::Tensor> a, std::vector<torch::Tensor> b, std::vector<c10::optional<torch::Tensor>> bias,
+             std::vector<torch::Tensor> norms, double eps, int64_t n_heads, std::vector<torch::Tensor> kc,
+             std::vector<torch::Tensor> vc, std::vector<c10::optional<torch::Tensor>> pk,
+             std::vector<c10::optional<torch::Tensor>> pv, std::vector<c10::optional<torch::Tensor>> gate,
+             std::vector<c10::optional<torch::Tensor>> pmask)
+      : norms_(std::move(norms)), eps_(eps), n_heads_(n_heads), kc_(std::move(kc)), vc_(std::move(vc)),
+        pk_(std::move(pk)), pv_(std::move(pv)), gate_(std::move(gate)), pmask_(std::move(pmask)) {
+    const size_t L = kc_.size();
+    TORCH_CHECK(kinds.size() == 4 * L && ns.size() == 4 * L && groups.size() == 4 * L && a.size() == 4 * L &&
+                    b.size() == 4 * L && bias.size() == 4 * L, "decode plan: four projections a layer");
+    TORCH_CHECK(vc_.size() == L && norms_.size() == 2 * L + 1 && pk_.size() == L && pv_.size() == L &&
+                    gate_.size() == L && pmask_.size() == L, "decode plan: per-layer lists");
+    for (size_t i = 0; i < 4 * L; ++i) proj_.push_back({kinds[i], ns[i], groups[i], a[i], b[i], bias[i]});
+  }
+
+  // x [B, dim] bf16: the token embeddings, used as the residual stream (updated in place); cos/sin [B, d] bf16;
+  // pos [B] int64 -> the final norm's output [B, dim] bf16
+  torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& pos) {
+    auto h = rms_norm(x, norms_[0], eps_);
+    const size_t L = kc_.size();
+    for (size_t i = 0; i < L; ++i) {
+      const Projection* p = &proj_[4 * i];
+      auto y = attention(p[0](h), cos, sin, kc_[i], vc_[i], pos, n_heads_, pk_[i], pv_[i], gate_[i], pmask_[i]);
+      h = add_rms_norm(x, p[1](y), norms_[2 * i + 1], eps_);
+      y = p[3](silu_mul(p[2](h)));
+      h = add_rms_norm(x, y, norms_[i + 1 < L ? 2 * i + 2 : 2 * L], eps_);
+    }
+    return h;
+  }
+
+ private:
+  std::vector<Projection> proj_;
+  std::vector<torch::Tensor> norms_;
+  double eps_;
+  int64_t n_heads_;
+  std::vector<torch::Tensor> kc_, vc_;
+  std::vector<c10::optional<torch::Tensor>> pk_, pv_, gate_, pmask_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_dot", &has_bf16_dot);
   m.def("pack", &pack);
@@ -443,4 +560,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);
   m.def("attention", &attention);
+  m.def("prefill_attention", &prefill_attention);
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>,
+                    double, int64_t, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>,
+                    std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>>())
+      .def("run", &DecodePlan::run);
 }

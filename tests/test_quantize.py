@@ -243,3 +243,28 @@ def test_int8_kernel_computes_the_int8_product(rows: int) -> None:
         torch.testing.assert_close(y.double(), ref.to(torch.bfloat16).double(), rtol=2**-7, atol=1e-6)
         assert kernels.linear_int8(x.float(), q.qdata, q.scale, bias) is None  # not bf16: torchao's product
     assert kernels.linear_int8(x.requires_grad_(), q.qdata, q.scale, bias) is None  # gradients: torchao's product
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tied_head_decodes_from_an_int8_copy(tmp_path: Path, mode: str) -> None:
+    """A quantized base with tied embeddings takes decoding's logits from an int8 copy of the embedding matrix (as
+    llama.cpp's 8- and 4-bit files do), not its full-precision pack; lookups and the training loss keep the matrix."""
+    from tiny import make_checkpoint
+
+    m = la.load_model(make_checkpoint(tmp_path, "qwen2", tie_word_embeddings=True), dtype=torch.bfloat16, quantize=mode)
+    backend = m.backend
+    assert isinstance(backend, CpuBackend) and m.output is None and m.int8_head is not None
+    qdata, scale = m.int8_head
+    w = m.tok_embeddings.weight
+    assert qdata.dtype == torch.int8 and qdata.shape == w.shape and not is_quantized(w)
+    backend.prepare_decoding()
+    assert backend.packed_head is None  # no second full-precision copy of the head
+    h = torch.randn(3, w.shape[1]).bfloat16()
+    with torch.no_grad():
+        got = backend.logits(h).float()
+        want = (h.float() @ (qdata.float() * scale[:, None]).T).bfloat16().float()
+        full = h.float() @ w.float().T
+    assert torch.allclose(got, want, atol=1e-2, rtol=1e-2)  # the int8 product (fp32 sums, rounded to bf16)
+    assert 0 < ((got - full).norm() / full.norm()).item() < 0.02  # close to the bf16 head's, not equal
+    with torch.enable_grad():
+        assert torch.equal(backend.logits(h), torch.nn.functional.linear(h, w))  # training: the full matrix

@@ -205,6 +205,9 @@ class Transformer(nn.Module):
         self.tokenizer: Tokenizer | None = None  # set by load_model
         self.chat_template: ChatTemplate | None = None  # the base's own chat template, if it has one (load_model)
         self.backend: Any = None  # the compute backend, set once by llama_adapter.backends.install
+        # a quantized base's tied output head as int8 rows and fp32 row scales, for decoding's logits (set by
+        # llama_adapter.quantize; the CPU backend's `logits` takes it where no gradient is wanted)
+        self.int8_head: tuple[Tensor, Tensor] | None = None
         self.source: str | None = None
 
     # ---- adapters ------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ As gpt-fast's quantiser does, this module replaces the frozen base's `nn.Linear`
   and zero per group of `INT4_GROUP_SIZE` inputs, the layout of ATen's `_weight_int4pack_mm_for_cpu`);
 - an untied output head gets int8 in both modes (as llama.cpp keeps its 4-bit files' output head at 6 bits): every
   logit goes through it, and the training loss reads it whole (`dequantized()`), which int8 gives cheaply;
-- the token embedding stays in the base dtype: it is a lookup (and, when tied, the output head too), so quantizing
-  it saves no time and would move every logit;
+- the token embedding stays in the base dtype: it is a lookup, and the training loss reads a tied head whole; but
+  decoding on the CPU takes the logits of a tied head from an int8 copy (`Transformer.int8_head`, 1 byte a weight
+  more in memory): it is the largest single read of a step (a fifth of SmolLM2-135M), and llama.cpp's 8- and
+  4-bit files quantize it too;
 - their modules become `Int8Linear` / `Int4Linear` (same parameters): the CPU backend only swaps exact `nn.Linear`s,
   so it neither re-packs nor re-wraps them, and its fused decode step calls them like any projection;
 - every `Attention` becomes `QuantizedAttention`, whose `kv_weights()` hands the prompts (eq. 2-4) the dequantized
@@ -242,6 +244,9 @@ def quantize_model(model: Transformer, mode: str) -> Transformer:
             m.base_dtype = model.tok_embeddings.weight.dtype
         elif type(m) is Attention:
             m.__class__ = QuantizedAttention
+    if model.output is None and model.int8_head is None:  # a tied head: an int8 copy for decoding's logits
+        head: Any = quantize_weight(model.tok_embeddings.weight, "int8")
+        model.int8_head = (head.qdata.contiguous(), head.scale.reshape(-1).float().contiguous())
     if backend is not None:
         from llama_adapter.backends import install
 

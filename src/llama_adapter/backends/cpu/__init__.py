@@ -122,7 +122,13 @@ class CpuBackend(TorchBackend):
             and (m.packed is None or not m.packed.valid_for(m.weight))
         ]
         w, p = model.tok_embeddings.weight, self.packed_head
-        if model.output is None and not w.requires_grad and kernels.can_pack(w) and (p is None or not p.valid_for(w)):
+        if (
+            model.output is None
+            and model.int8_head is None
+            and not w.requires_grad
+            and kernels.can_pack(w)
+            and (p is None or not p.valid_for(w))
+        ):
             todo.append((None, w))
         need = sum(t.numel() * t.element_size() for _, t in todo)
         free = kernels.available_memory()
@@ -144,6 +150,11 @@ class CpuBackend(TorchBackend):
     def logits(self, hidden: Tensor) -> Tensor:
         if self.model.output is not None:
             return self.model.output(hidden)
+        if self.model.int8_head is not None:  # a quantized base's tied head: as llama.cpp's 8- and 4-bit files do,
+            # decoding's logits come from an 8-bit copy (lookups and the training loss keep the full matrix)
+            y = kernels.linear_int8(hidden, *self.model.int8_head, None)  # None: gradients on, or no int8 kernel
+            if y is not None:
+                return y
         return kernels.linear(hidden, self.model.tok_embeddings.weight, None, self.packed_head)
 
     def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> fused_decode.FusedPrompts | None:

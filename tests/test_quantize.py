@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from llama_adapter.backends.cpu import CpuBackend, PackedLinear
 from llama_adapter.errors import QuantizeError, UserError
 
 pytest.importorskip("torchao")
+from torchao.prototype.quantization.int4 import Int4OpaqueTensor  # noqa: E402
+
 pytestmark = pytest.mark.cpu_only  # the quantized bases run on the CPU only
 
 from llama_adapter.quantize import (  # noqa: E402
@@ -268,3 +271,42 @@ def test_a_tied_head_decodes_from_an_int8_copy(tmp_path: Path, mode: str) -> Non
     assert 0 < ((got - full).norm() / full.norm()).item() < 0.02  # close to the bf16 head's, not equal
     with torch.enable_grad():
         assert torch.equal(backend.logits(h), torch.nn.functional.linear(h, w))  # training: the full matrix
+
+
+def test_int4_quantizes_blocks_of_rows_into_the_pack_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 weights are quantized a block of rows at a time (so loading never holds torchao's temporaries for a
+    whole fused projection); the result is torchao's pack of the whole weight, bit for bit, including a short
+    last block."""
+    import llama_adapter.quantize as q
+
+    monkeypatch.setattr(q, "INT4_CHUNK_ROWS", 128)
+    w = torch.randn(128 * 3 + 48, 96).bfloat16()
+    whole = Int4OpaqueTensor.from_hp(w, [1, q.INT4_GROUP_SIZE])
+    blocks: Any = q.quantize_weight(w, "int4")
+    assert isinstance(blocks, Int4OpaqueTensor) and blocks.shape == w.shape
+    assert torch.equal(blocks.qdata, whole.qdata) and torch.equal(blocks.scale_and_zero, whole.scale_and_zero)
+    x = torch.randn(3, 96).bfloat16()
+    assert torch.equal(torch.nn.functional.linear(x, blocks), torch.nn.functional.linear(x, whole))
+
+
+def test_int4_loading_quantizes_q_k_v_and_gate_up_as_they_arrive(tmp_path: Path) -> None:
+    """Where every part of a fused projection is a multiple of 64 rows, loading quantizes each part as it is read
+    and joins the packs (the full-precision fused weight is never made): the same weights as quantizing the fused
+    one, bit for bit."""
+    from tiny import make_checkpoint
+
+    import llama_adapter.quantize as q
+
+    path = make_checkpoint(tmp_path, tokenizer=False, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    cfg = la.load_model(path, dtype=torch.bfloat16).config
+    assert all(r % q.INT4_PACK_ROWS == 0 for n in ("x.wqkv.weight", "x.w13.weight") for r in q._parts_rows(n, cfg))
+    a = la.load_model(path, dtype=torch.bfloat16, quantize="int4")
+    b = quantize_model(la.load_model(path, dtype=torch.bfloat16), "int4")
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if isinstance(wa, Int4OpaqueTensor):
+            assert torch.equal(wa.qdata, wb.qdata) and torch.equal(wa.scale_and_zero, wb.scale_and_zero), name
+        elif is_quantized(wa):  # the int8 output head
+            assert torch.equal(wa.qdata, wb.qdata) and torch.equal(wa.scale, wb.scale), name
+        else:
+            assert torch.equal(wa, wb), name
+    assert sum(isinstance(w, Int4OpaqueTensor) for w in a.state_dict().values()) == 4 * cfg.n_layers

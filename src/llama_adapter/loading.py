@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,11 @@ def load_model(
         weights = gguf_weights(p, cfg)  # dequantized there, cast to dtype below
     else:
         # quantizing: read without a memory map, so the full-precision pages do not all stay resident
-        weights = _hf_weights(p, cfg, unmapped=quantize is not None) if layout == "hf" else _meta_weights(p, cfg)
+        weights = (
+            _hf_weights(p, cfg, unmapped=quantize is not None, quantize=quantize)
+            if layout == "hf"
+            else _meta_weights(p, cfg)
+        )
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     for name, t, src in weights:
@@ -121,12 +126,15 @@ def load_model(
             raise CheckpointError(
                 f"{src}: {name} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}"
             )
-        state[name] = t.to(device=device, dtype=dtype)
         if quantize is not None:
-            from llama_adapter.quantize import mode_for, quantize_weight, quantizes
+            from llama_adapter.quantize import is_quantized, mode_for, quantize_weight, quantizes
 
-            if quantizes(name):
-                state[name] = quantize_weight(state[name], mode_for(name, quantize))
+            if is_quantized(t):  # quantized by the reader, part by part
+                state[name] = t
+                continue
+        state[name] = t.to(device=device, dtype=dtype)
+        if quantize is not None and quantizes(name):
+            state[name] = quantize_weight(state[name], mode_for(name, quantize))
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(
@@ -205,7 +213,9 @@ def _read_safetensors_unmapped(f: Path) -> Iterator[tuple[str, Tensor]]:
                 fh.seek(8 + n + start)
                 if fh.readinto(buf.numpy().data) != end - start:
                     raise OSError(f"{k} is cut short")
-                yield k, buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+                held = [buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])]
+                del buf
+                yield k, held.pop()  # this frame keeps no reference: the reader may free it while we wait
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
 
@@ -225,9 +235,19 @@ def _read_tensors(f: Path, unmapped: bool = False) -> Iterator[tuple[str, Tensor
         raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
 
 
-def _hf_weights(p: Path, cfg: ModelConfig, unmapped: bool = False) -> Iterator[tuple[str, Tensor, Path]]:
-    """Yield (our name, tensor, file); q/k/v and gate/up are fused as soon as all parts of a layer arrive."""
+def _hf_weights(
+    p: Path, cfg: ModelConfig, unmapped: bool = False, quantize: str | None = None
+) -> Iterator[tuple[str, Tensor, Path]]:
+    """Yield (our name, tensor, file); q/k/v and gate/up are fused as soon as all parts of a layer arrive. With
+    `quantize`, parts that can be quantized on their own are, on arrival (`quantize.quantize_part`), and their
+    packs joined: the full-precision copy of a fused projection is then never made."""
     pending: dict[str, dict[str, Tensor]] = {}
+    prepare: Callable[[str, Tensor], Tensor] = lambda key, t: t  # noqa: E731
+    join: Callable[[list[Tensor]], Tensor] = torch.cat
+    if quantize is not None:
+        from llama_adapter.quantize import join_rows, quantize_part
+
+        prepare, join = partial(quantize_part, cfg=cfg, mode=quantize), join_rows
     fuse = {
         "q_proj": ("wqkv", 0),
         "k_proj": ("wqkv", 1),
@@ -251,9 +271,10 @@ def _hf_weights(p: Path, cfg: ModelConfig, unmapped: bool = False) -> Iterator[t
                 parent = "attention" if fused == "wqkv" else "feed_forward"
                 key = f"layers.{i}.{parent}.{fused}.{kind}"
                 parts = pending.setdefault(key, {})
-                parts[str(slot)] = t
+                parts[str(slot)] = prepare(key, t)
+                del t
                 if len(parts) == (3 if fused == "wqkv" else 2):
-                    yield key, torch.cat([parts[str(j)] for j in range(len(parts))]), f
+                    yield key, join([parts[str(j)] for j in range(len(parts))]), f
                     del pending[key]
             elif k.startswith("model.layers."):
                 i, rest = k[len("model.layers.") :].split(".", 1)

@@ -27,6 +27,8 @@ have to shard torchao's tensor subclasses).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import re
 from typing import Any
 
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 
 from llama_adapter.adapter_batch import KVWeights
 from llama_adapter.backends.cpu import kernels
+from llama_adapter.config import ModelConfig
 from llama_adapter.errors import QuantizeError
 from llama_adapter.model import Attention, Transformer
 
@@ -47,6 +50,10 @@ QUANTIZE_MODES = ("int8", "int4")
 # group stays unquantized, as does one whose output width is not a multiple of INT4_ROWS (the kernel's packing).
 INT4_GROUP_SIZE = 32
 INT4_ROWS = 16
+# rows quantized at a time (`quantize_weight`): a multiple of 64, the rows torchao's CPU int4 pack lays out together,
+# so packing blocks of rows gives the pack of the whole (tests/test_quantize.py)
+INT4_PACK_ROWS = 64
+INT4_CHUNK_ROWS = 2 * INT4_PACK_ROWS
 INT4_GROUP_SIZES = (INT4_GROUP_SIZE,)
 # int8 inputs of up to this many rows (decoding) that the C++ kernel does not take go to ATen's int8 weight-only
 # product; more rows (a prefill) to torchao's, which widens the weight once and runs one GEMM
@@ -109,13 +116,78 @@ def quantize_weight(w: Tensor, mode: str) -> Tensor:
     if mode == "int8":
         from torchao.quantization.quant_api import _int8_weight_only_quantize_tensor
 
-        return _int8_weight_only_quantize_tensor(w, config)
+        q = _int8_weight_only_quantize_tensor(w, config)
+        trim_heap()
+        return q
     group = next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), None)
     if group is None or w.shape[0] % INT4_ROWS != 0:
         return w
     # bf16 scales whatever the base dtype: ATen's int4 kernel is vectorised for bf16 only (its fp32 path is a
     # scalar reference, ~100x slower on a 2048 x 5632 projection), so int4 products run in bf16 (`Int4Linear`)
-    return config.from_hp(w.to(torch.bfloat16), [1, group])
+    n, rows = w.shape[0], INT4_CHUNK_ROWS
+    if n <= rows:
+        return config.from_hp(w.to(torch.bfloat16), [1, group])
+    # a block of rows at a time, into the final tensors: torchao's temporaries (int32 codes, fp32 statistics: ~10
+    # bytes a weight) then stay those of one block, not of a whole fused projection (the peak of a loading base)
+    first = config.from_hp(w[:rows].to(torch.bfloat16), [1, group])
+    qdata = first.qdata.new_empty((n, *first.qdata.shape[1:]))
+    scale_and_zero = first.scale_and_zero.new_empty((first.scale_and_zero.shape[0], n, 2))
+    for i in range(0, n, rows):
+        part = first if i == 0 else config.from_hp(w[i : i + rows].to(torch.bfloat16), [1, group])
+        qdata[i : i + rows] = part.qdata
+        scale_and_zero[:, i : i + rows] = part.scale_and_zero
+        del part
+        trim_heap()
+    return config(qdata, scale_and_zero, [1, group], w.shape)
+
+
+def _parts_rows(name: str, cfg: ModelConfig) -> list[int]:
+    """The row counts of the parts a fused projection is read in (q, k, v; gate, up)."""
+    if ".wqkv." in name:
+        return [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2
+    return [cfg.hidden_dim] * 2
+
+
+def quantize_part(name: str, t: Tensor, *, cfg: ModelConfig, mode: str) -> Tensor:
+    """A part of the fused projection `name` (q, k or v of wqkv; gate or up of w13) quantized on its own where the
+    packs of the parts, joined (`join_rows`), are the pack of the fused weight: int4, every part a multiple of 64
+    rows (the rows torchao's CPU pack lays out together) and its width of the group size. Else `t` unchanged, and
+    the fused weight is quantized whole. Loading then never holds a fused projection in full precision."""
+    if mode != "int4" or not name.endswith(".weight") or not quantizes(name) or t.shape[1] % INT4_GROUP_SIZE:
+        return t
+    if any(rows % INT4_PACK_ROWS for rows in _parts_rows(name, cfg)):
+        return t
+    return quantize_weight(t, "int4")
+
+
+def join_rows(parts: list[Tensor]) -> Tensor:
+    """Parts stacked along their rows: plain tensors by torch.cat, int4 parts (`quantize_part`) by their packs."""
+    if not any(is_quantized(p) for p in parts):
+        return torch.cat(parts)
+    config = _torchao("int4")
+    qs: list[Any] = parts
+    block = qs[0].block_size
+    shape = (sum(q.shape[0] for q in qs), qs[0].shape[1])
+    return config(torch.cat([q.qdata for q in qs]), torch.cat([q.scale_and_zero for q in qs], 1), block, shape)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give the pages of freed temporaries back to the system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    glibc keeps freed blocks smaller than its mmap threshold (up to 32 MB) in its heap, and the quantized tensors
+    allocated between them stop the heap from shrinking: loading a 1B base in int4 ended at 1.5x its quantized size
+    in resident memory without this."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class QuantizedLinear(nn.Linear):

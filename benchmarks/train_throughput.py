@@ -66,6 +66,36 @@ def build_ours(dtype: torch.dtype):  # noqa: ANN201
     return model
 
 
+def step_flops(batch: int, seq: int) -> float:
+    """Matmul FLOPs of one training step of ours (the adapter's own few are left out): the forward through every
+    layer and the tied head, and the backward's input gradients through the head and the layers from the lowest
+    adapted one up (the base is frozen: no weight gradients). Attention counts its causal half."""
+    d, n, hd = SHAPE["dim"], SHAPE["n_layers"], SHAPE["dim"] // SHAPE["n_heads"]
+    q, kv, f, v = SHAPE["n_heads"] * hd, SHAPE["n_kv_heads"] * hd, SHAPE["hidden_dim"], SHAPE["vocab_size"]
+    tokens = batch * seq
+    layer = 2 * tokens * (d * (q + 2 * kv) + q * d + 3 * d * f)  # projections
+    layer += 2 * 2 * batch * SHAPE["n_heads"] * hd * seq * seq / 2  # q k^T and p v, causal half
+    head = 2 * tokens * d * v
+    return n * layer + head + L * layer + head  # forward + backward (input gradients of the top L layers, head)
+
+
+def bf16_peak_gflops() -> float:
+    """The CPU's bf16 matmul rate on this step's products (x W^T at batch x seq rows), best of each, same threads:
+    the peak the step is measured against."""
+    rows = 4 * 256
+    d, f, v = SHAPE["dim"], SHAPE["hidden_dim"], SHAPE["vocab_size"]
+    best = 0.0
+    for n, k in ((3 * d, d), (2 * f, d), (d, f), (v, d)):
+        x, w = torch.randn(rows, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+        torch.nn.functional.linear(x, w)
+        reps = max(3, int(2e10 / (2 * rows * n * k)))
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.linear(x, w)
+        best = max(best, 2 * rows * n * k * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def run_ours(args: argparse.Namespace) -> dict:
     from llama_adapter.training.data import IGNORE_INDEX
     from llama_adapter.training.loss import batch_loss
@@ -89,7 +119,12 @@ def run_ours(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss.detach()) / n
 
-    return _time(step, args)
+    res = _time(step, args)
+    peak = bf16_peak_gflops()
+    gflops = step_flops(args.batch, args.seq) / res["step_time_s"] / 1e9
+    res.update(model_gflop_per_step=round(step_flops(args.batch, args.seq) / 1e9, 1), achieved_gflop_s=round(gflops, 1))
+    res.update(bf16_peak_gflop_s=round(peak, 1), fraction_of_bf16_peak=round(gflops / peak, 3))
+    return res
 
 
 def run_peft(args: argparse.Namespace, autocast: bool) -> dict:

@@ -70,9 +70,11 @@ def test_norm_residual_and_swiglu_kernels_match_the_model_ops(ext) -> None:  # t
         normed = ext.add_rms_norm(h, y, norm.weight, norm.eps)
         assert torch.equal(h, x + y)  # the residual stream is updated in place, rounded once like `x + y`
         _close(normed, norm(x + y))
-        g = torch.randn(3, 2 * 48).bfloat16() * 3
-        gate, up = g.split(48, dim=-1)
-        assert torch.equal(ext.silu_mul(g), F.silu(gate) * up)
+        # SwiGLU bit for bit (ATen's exp in runs of 64, std::exp on a row's rest): rows, widths with and without a rest
+        for rows, width, scale in ((3, 48, 3), (1, 1536, 1), (2, 100, 10), (4, 130, 30), (1, 5632, 3)):
+            g = torch.randn(rows, 2 * width).bfloat16() * scale
+            gate, up = g.split(width, dim=-1)
+            assert torch.equal(ext.silu_mul(g), F.silu(gate) * up), (rows, width)
 
 
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2)])

@@ -24,18 +24,21 @@ using bf16 = at::BFloat16;
 static inline float f(bf16 x) { return static_cast<float>(x); }
 static inline bf16 b(float x) { return bf16(x); }  // round to nearest even, as torch does
 
-// Runs fn(b0, b1) over [0, n) in chunks of about `min_chunk`..n/(8 threads) items, handed out as threads come free
-// (OpenMP's dynamic schedule, on the same thread pool as at::parallel_for). An even static split, as parallel_for
-// makes, leaves every thread waiting for the slowest at the end of each of the ~120 products of a step; on a shared
-// machine one thread is often late or shares its core, and a measured 20 % of the main thread's step went there.
+// Runs fn(b0, b1) over [0, n) in pieces of `piece` items, handed to threads by OpenMP's guided schedule (long runs
+// of pieces first, shorter ones as the work runs out; the same thread pool as at::parallel_for). An even static
+// split, as parallel_for makes, leaves every thread waiting for the slowest at the end of each of the ~120 products
+// of a step; on a shared machine one thread is often late or shares its core, and a measured 20 % of the main
+// thread's step went there. Handing out fixed chunks one at a time (OpenMP's dynamic schedule) fixed that but pays
+// a shared counter per chunk; guided claims far fewer runs: +3 % on a bf16 step and +23 % on an int8 one (whose
+// pieces are smaller) in alternating runs on this machine.
 template <typename F>
-static void for_chunks(int64_t n, int64_t min_chunk, const F& fn) {
+static void for_chunks(int64_t n, int64_t piece, const F& fn) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t chunk = std::max<int64_t>(min_chunk, n / (8 * threads));
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  if (threads <= 1 || chunks <= 1) return fn(0, n);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min(threads, chunks)))
-  for (int64_t c = 0; c < chunks; ++c) fn(c * chunk, std::min(n, (c + 1) * chunk));
+  piece = std::max<int64_t>(1, piece);
+  const int64_t pieces = (n + piece - 1) / piece;
+  if (threads <= 1 || pieces <= 1) return fn(0, n);
+#pragma omp parallel for schedule(guided, 1) num_threads(static_cast<int>(std::min(threads, pieces)))
+  for (int64_t c = 0; c < pieces; ++c) fn(c * piece, std::min(n, (c + 1) * piece));
 }
 
 // ---- y = x W^T: fp32 sums of bf16 products (AVX512-BF16 dot products) over a blocked weight ----------------

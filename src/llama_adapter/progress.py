@@ -8,8 +8,10 @@ seconds have passed (whichever comes first), and a last line at the end, never a
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import IO, Any
 
 LINE_EVERY_FRACTION = 0.1  # a line per tenth of the work...
@@ -21,6 +23,24 @@ def is_terminal(stream: IO[str]) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars silenced while a checkpoint loads, then restored as they were: the
+    unused task head of a *For... checkpoint is not news here, and a bar for loading a few tensors would interleave
+    with our own progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _fmt_time(s: float) -> str:

@@ -31,7 +31,7 @@ from llama_adapter.encoders.heads import METHODS, PROMPT_METHODS, TASKS, TaskMod
 from llama_adapter.encoders.prompts import PromptConfig
 from llama_adapter.encoders.squad_metric import score as squad_score
 from llama_adapter.errors import CheckpointError, TrainingError
-from llama_adapter.progress import Progress
+from llama_adapter.progress import Progress, quiet_transformers
 from llama_adapter.training.plot import plot_losses
 
 DEFAULT_LR = {"zero-init": 1e-2, "rand-init": 1e-2, "linear-probe": 1e-2, "full": 1e-3}
@@ -93,20 +93,13 @@ def load_encoder(model_dir: str | Path) -> Any:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a transformers checkpoint directory (no config.json)")
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the unused task head of a *For... checkpoint is not news here
-    hf_logging.disable_progress_bar()  # a bar for loading a few tensors; our own progress comes next
     try:
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).float()
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).float()
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot load ({first})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     return model.eval()
 
 

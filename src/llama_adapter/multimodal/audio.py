@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from llama_adapter.errors import AudioError, UserError
 from llama_adapter.multimodal.encoder import default_layers
 from llama_adapter.multimodal.media import digest_dir, read_media
+from llama_adapter.progress import quiet_transformers
 
 AUDIO_KINDS = ("whisper", "clap")
 
@@ -135,7 +136,6 @@ class AudioEncoder:
     ) -> AudioEncoder:
         try:
             from transformers import AutoFeatureExtractor, ClapModel, WhisperModel
-            from transformers.utils import logging as hf_logging
         except ImportError as e:
             raise UserError(f"audio encoders need transformers: pip install 'llama-adapter[media]' ({e})") from None
         p = Path(path).expanduser()
@@ -148,31 +148,25 @@ class AudioEncoder:
         except (OSError, ValueError) as e:
             raise UserError(f"{p}: cannot read config.json ({e})") from None
         kind = audio_kind(raw)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         try:
-            extractor = AutoFeatureExtractor.from_pretrained(p)
-            projection: nn.Module | None = None
-            if kind == "whisper":
-                full = WhisperModel.from_pretrained(p)
-                model: nn.Module = cast(nn.Module, full.get_encoder())
-                n = int(full.config.encoder_layers)
-                width = int(full.config.d_model)
-            else:
-                clap = ClapModel.from_pretrained(p)
-                model, projection = clap.audio_model, clap.audio_projection
-                acfg: Any = clap.config.audio_config
-                n = len(acfg.depths)
-                base = int(acfg.patch_embeds_hidden_size)
-                widths = [base * 2 ** min(i, n - 1) for i in range(1, n + 1)]  # stage i's width, 1-based
-                width = int(clap.config.projection_dim)
+            with quiet_transformers():
+                extractor = AutoFeatureExtractor.from_pretrained(p)
+                projection: nn.Module | None = None
+                if kind == "whisper":
+                    full = WhisperModel.from_pretrained(p)
+                    model: nn.Module = cast(nn.Module, full.get_encoder())
+                    n = int(full.config.encoder_layers)
+                    width = int(full.config.d_model)
+                else:
+                    clap = ClapModel.from_pretrained(p)
+                    model, projection = clap.audio_model, clap.audio_projection
+                    acfg: Any = clap.config.audio_config
+                    n = len(acfg.depths)
+                    base = int(acfg.patch_embeds_hidden_size)
+                    widths = [base * 2 ** min(i, n - 1) for i in range(1, n + 1)]  # stage i's width, 1-based
+                    width = int(clap.config.projection_dim)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"{p}: cannot load the {kind} audio encoder ({str(e).splitlines()[0]})") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
         chosen = list(layers) if layers else default_layers(n)
         if any(not 1 <= i <= n for i in chosen):
             raise UserError(f"{p}: layers {chosen} out of range 1..{n}")

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from llama_adapter.errors import ImageError, UserError
+from llama_adapter.progress import quiet_transformers
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -183,7 +184,6 @@ class ImageEncoder:
     ) -> ImageEncoder:
         try:
             from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
-            from transformers.utils import logging as hf_logging
         except ImportError as e:
             raise UserError(f"image encoders need transformers: pip install 'llama-adapter[vision]' ({e})") from None
 
@@ -197,29 +197,23 @@ class ImageEncoder:
                 vcfg.projection_dim = int(raw["projection_dim"])
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{p}: cannot read the CLIP vision config ({e})") from None
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         try:
-            model: nn.Module
-            info: dict[str, Any]
-            # with output_loading_info=True, from_pretrained returns (model, loading info), not the model alone
-            model, info = cast(
-                tuple[nn.Module, dict[str, Any]],
-                CLIPVisionModelWithProjection.from_pretrained(p, config=vcfg, output_loading_info=True),
-            )
-            missing = set(info.get("missing_keys", []))
-            has_projection = not any("visual_projection" in k for k in missing)
-            if not has_projection:  # a CLIPVisionModel checkpoint: use its pooled output instead
-                model = CLIPVisionModel.from_pretrained(p, config=vcfg)
-            elif missing:
-                raise UserError(f"{p}: checkpoint lacks weights: {', '.join(sorted(missing)[:5])}")
+            with quiet_transformers():
+                model: nn.Module
+                info: dict[str, Any]
+                # with output_loading_info=True, from_pretrained returns (model, loading info), not the model alone
+                model, info = cast(
+                    tuple[nn.Module, dict[str, Any]],
+                    CLIPVisionModelWithProjection.from_pretrained(p, config=vcfg, output_loading_info=True),
+                )
+                missing = set(info.get("missing_keys", []))
+                has_projection = not any("visual_projection" in k for k in missing)
+                if not has_projection:  # a CLIPVisionModel checkpoint: use its pooled output instead
+                    model = CLIPVisionModel.from_pretrained(p, config=vcfg)
+                elif missing:
+                    raise UserError(f"{p}: checkpoint lacks weights: {', '.join(sorted(missing)[:5])}")
         except (OSError, RuntimeError, ValueError) as e:
             raise UserError(f"{p}: cannot load CLIP vision weights ({str(e).splitlines()[0]})") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         pre_file = p / "preprocessor_config.json"
         pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}

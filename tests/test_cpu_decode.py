@@ -108,8 +108,8 @@ def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n
     _close(y.view(B, n_heads, 1, d), ref)
 
 
-def _bf16_model(path, adapters=(("a", 4, 3), ("b", 2, 4), ("fresh", 5, 4))) -> la.Transformer:  # type: ignore[no-untyped-def]
-    m = la.load_model(path, dtype=torch.bfloat16)
+def _bf16_model(path, adapters=(("a", 4, 3), ("b", 2, 4), ("fresh", 5, 4)), quantize=None) -> la.Transformer:  # type: ignore[no-untyped-def]
+    m = la.load_model(path, dtype=torch.bfloat16, quantize=quantize)
     torch.manual_seed(0)
     for name, k, layers in adapters:
         a = m.add_adapter(name, la.AdapterConfig(prompt_length=k, layers=layers))
@@ -120,12 +120,17 @@ def _bf16_model(path, adapters=(("a", 4, 3), ("b", 2, 4), ("fresh", 5, 4))) -> l
     return m
 
 
+def _fp32_prompts(m: la.Transformer, rows: list[str | None]) -> dict[int, PromptKV] | None:
+    """The rows' prompt K/V merged for one batch, in fp32 as the CPU decoder keeps them."""
+    pkv = merge_prompt_kv([m.prompt_kv(r, 1) if r else None for r in rows])
+    return pkv and {li: PromptKV(p.k.float(), p.v.float(), p.gate, mask=p.mask) for li, p in pkv.items()}
+
+
 def _step_both_ways(m: la.Transformer, rows: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill rows of different lengths, then one decode step: (eager forward logits, fused step logits)."""
     B, T = len(rows), 9
     ids = torch.randint(3, m.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
-    pkv = merge_prompt_kv([m.prompt_kv(r, 1) if r else None for r in rows])
-    pkv = pkv and {li: PromptKV(p.k.float(), p.v.float(), p.gate, mask=p.mask) for li, p in pkv.items()}
+    pkv = _fp32_prompts(m, rows)
     pos = torch.tensor([[8], [5], [2]])[:B]
     caches = [m.new_cache(B, 16, dtype=torch.float32) for _ in range(2)]
     with torch.no_grad():
@@ -189,15 +194,9 @@ def test_decode_plan_runs_the_python_loops_kernels_bit_for_bit(ext, tiny_base, q
     order, so logits and the cache it writes are identical, with mixed adapters in the batch and on a quantized base."""
     if quantize is not None:
         pytest.importorskip("torchao")
-    m = la.load_model(tiny_base, dtype=torch.bfloat16, quantize=quantize)
-    torch.manual_seed(0)
-    for name, k, layers in (("a", 4, 3), ("b", 2, 4)):
-        with torch.no_grad():
-            m.add_adapter(name, la.AdapterConfig(prompt_length=k, layers=layers)).gates.normal_(0, 2.0)
-    backend_of(m).prepare_decoding()
-    pkv = merge_prompt_kv([m.prompt_kv(r, 1) if r else None for r in ("a", "b", None)])
+    m = _bf16_model(tiny_base, quantize=quantize)
+    pkv = _fp32_prompts(m, ["a", "b", None])
     assert pkv is not None
-    pkv = {li: PromptKV(p.k.float(), p.v.float(), p.gate, mask=p.mask) for li, p in pkv.items()}
     ids = torch.randint(3, m.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
     caches = [m.new_cache(3, 16, dtype=torch.float32) for _ in range(2)]
     pos = torch.tensor([8, 5, 2])

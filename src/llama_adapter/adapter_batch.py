@@ -123,6 +123,10 @@ class PromptPlan:
     def first(self) -> int:
         return min(a.first_layer for a in self.adapters.values())
 
+    # Kept out of torch.compile'd blocks (`finetune --compile`): traced, the layer index and the adapters' first
+    # layers became guards of each block's graph, so every adapted layer recompiled until dynamo's limit (8) and
+    # the rest ran uncompiled. Outside, one graph serves every block; this is a few K-row products, run eagerly.
+    @torch.compiler.disable
     def layer(self, li: int, kv_weights: KVWeights) -> PromptKV | None:
         wk, wv, bk, bv = kv_weights
         c = self.config

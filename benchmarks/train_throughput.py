@@ -5,6 +5,8 @@ Batch 4 x 256 tokens, every position supervised, one AdamW step per batch (no ac
 
     python benchmarks/train_throughput.py                 # ours only
     python benchmarks/train_throughput.py --peer peft     # + transformers/PEFT AdaptionPrompt, fp32 and bf16 autocast
+    python benchmarks/train_throughput.py --peer all --litgpt-python VENV/bin/python   # + litgpt's adapter (bf16 true
+                                                          # and mixed), from a venv that has `pip install litgpt`
 
 Each measurement runs in its own subprocess so peak RSS (ru_maxrss) belongs to that configuration alone.
 Prints one JSON object. PEFT is the optional `bench` extra (`pip install -e .[bench]`).
@@ -33,6 +35,9 @@ SHAPE = dict(
     rope_theta=100000.0,
 )
 K, L = 10, 28
+
+
+RUNS = ["ours", "peft-bf16-autocast", "peft-fp32", "litgpt-bf16-true", "litgpt-bf16-mixed"]
 
 
 def _batch(batch: int, seq: int) -> torch.Tensor:
@@ -162,6 +167,65 @@ def run_peft(args: argparse.Namespace, autocast: bool) -> dict:
     return _time(step, args)
 
 
+def run_litgpt(args: argparse.Namespace, precision: str) -> dict:
+    """litgpt's LLaMA-Adapter (`litgpt.adapter`) on the same shape, trained as its `finetune/adapter.py` trains:
+    logits with `lm_head_chunk_size=128`, `chunked_cross_entropy`; `precision` "bf16-true" (weights in bf16) or
+    "bf16-mixed" (its default without a GPU: fp32 weights under bf16 autocast)."""
+    from litgpt.adapter import GPT, Config, mark_only_adapter_as_trainable
+    from litgpt.utils import chunked_cross_entropy
+
+    cfg = Config(
+        n_layer=SHAPE["n_layers"],
+        n_embd=SHAPE["dim"],
+        n_head=SHAPE["n_heads"],
+        n_query_groups=SHAPE["n_kv_heads"],
+        intermediate_size=SHAPE["hidden_dim"],
+        vocab_size=SHAPE["vocab_size"],
+        padded_vocab_size=SHAPE["vocab_size"],
+        block_size=SHAPE["max_seq_len"],
+        rope_base=int(SHAPE["rope_theta"]),
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        parallel_residual=False,
+        adapter_prompt_length=K,
+        adapter_start_layer=SHAPE["n_layers"] - L,
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as the shape's
+    with torch.no_grad():  # initialised as ours and PEFT's (a loss of ln(vocab) at the start)
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # the norms (no biases in this shape)
+            elif "gating_factor" not in n:  # (zero-init gates stay zero)
+                p.normal_(0.0, 0.02)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    mark_only_adapter_as_trainable(model)
+    ids = _batch(args.batch, args.seq)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02
+    )
+    model.train()
+
+    cached = [m for m in model.modules() if hasattr(m, "adapter_kv_cache")]
+
+    def step() -> float:
+        for m in cached:  # litgpt keeps the prompts' K/V from the first forward even while training, so a second
+            m.adapter_kv_cache = None  # backward fails (Lightning-AI/litgpt#1287, fix open in #2327): recomputed
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(ids, lm_head_chunk_size=128)
+            logits[-1] = logits[-1][..., :-1, :]
+            loss = chunked_cross_entropy(logits, ids[..., 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return _time(step, args)
+
+
 def _time(step, args: argparse.Namespace) -> dict:  # noqa: ANN001
     for _ in range(args.warmup):
         step()
@@ -189,7 +253,12 @@ def _time(step, args: argparse.Namespace) -> dict:  # noqa: ANN001
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peer", choices=["none", "peft"], default="none")
+    ap.add_argument("--peer", choices=["none", "peft", "litgpt", "all"], default="none")
+    ap.add_argument(
+        "--litgpt-python",
+        default=sys.executable,
+        help="the Python that has litgpt (it pins huggingface-hub<1.4, so it usually lives in a venv of its own)",
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
@@ -197,34 +266,46 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="our frozen base's dtype")
     ap.add_argument("--compile", action="store_true", help="torch.compile our transformer blocks")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--only", choices=["ours", "peft-bf16-autocast", "peft-fp32"], help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=RUNS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only:
-        res = run_ours(args) if args.only == "ours" else run_peft(args, autocast=args.only == "peft-bf16-autocast")
+        if args.only == "ours":
+            res = run_ours(args)
+        elif args.only.startswith("litgpt-"):
+            res = run_litgpt(args, args.only.removeprefix("litgpt-"))
+        else:
+            res = run_peft(args, autocast=args.only == "peft-bf16-autocast")
         print(json.dumps(res))
         return
-    passthrough = [a for a in sys.argv[1:] if a not in ("--peer", "peft", "none")]
-    runs = ["ours"] + (["peft-bf16-autocast", "peft-fp32"] if args.peer == "peft" else [])
+    passthrough = [a for a in sys.argv[1:] if a not in ("--peer", "peft", "litgpt", "all", "none")]
+    runs = ["ours"]
+    if args.peer in ("peft", "all"):
+        runs += ["peft-bf16-autocast", "peft-fp32"]
+    if args.peer in ("litgpt", "all"):
+        runs += ["litgpt-bf16-true", "litgpt-bf16-mixed"]
     out: dict = {
         "shape": SHAPE | {"K": K, "L": L, "batch": args.batch, "seq": args.seq},
         "ours_config": {"dtype": args.dtype, "compile": args.compile},
     }
     for r in runs:
-        p = subprocess.run([sys.executable, __file__, *passthrough, "--only", r], capture_output=True, text=True)
+        python = args.litgpt_python if r.startswith("litgpt-") else sys.executable
+        p = subprocess.run([python, __file__, *passthrough, "--only", r], capture_output=True, text=True)
         if p.returncode != 0:
             out[r] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
             continue
         out[r] = json.loads(p.stdout.strip().splitlines()[-1])
         print(f"{r}: {out[r]}", file=sys.stderr, flush=True)
-    peers = [out[r] for r in runs[1:] if "tokens_per_s" in out.get(r, {})]
-    if peers and "tokens_per_s" in out["ours"]:
-        best = max(peers, key=lambda x: x["tokens_per_s"])
-        out["speedup_vs_peft_best"] = round(out["ours"]["tokens_per_s"] / best["tokens_per_s"], 2)
-        best_cpu = max(peers, key=lambda x: x["tokens_per_cpu_s"])
-        out["cpu_speedup_vs_peft_best"] = round(out["ours"]["tokens_per_cpu_s"] / best_cpu["tokens_per_cpu_s"], 2)
-        out["peak_rss_ratio_vs_peft_best"] = round(out["ours"]["peak_rss_mib"] / best["peak_rss_mib"], 2)
+    for peer in ("peft", "litgpt"):
+        peers = [out[r] for r in runs if r.startswith(peer + "-") and "tokens_per_s" in out.get(r, {})]
+        if peers and "tokens_per_s" in out["ours"]:
+            best = max(peers, key=lambda x: x["tokens_per_s"])
+            out[f"speedup_vs_{peer}_best"] = round(out["ours"]["tokens_per_s"] / best["tokens_per_s"], 2)
+            best_cpu = max(peers, key=lambda x: x["tokens_per_cpu_s"])
+            cpu_ratio = out["ours"]["tokens_per_cpu_s"] / best_cpu["tokens_per_cpu_s"]
+            out[f"cpu_speedup_vs_{peer}_best"] = round(cpu_ratio, 2)
+            out[f"peak_rss_ratio_vs_{peer}_best"] = round(out["ours"]["peak_rss_mib"] / best["peak_rss_mib"], 2)
     print(json.dumps(out, indent=2))
 
 

@@ -1,4 +1,4 @@
-"""Adapter fine-tuning throughput on the SmolLM2-135M shape (random weights), optionally against PEFT.
+"""Adapter fine-tuning throughput on the SmolLM2-135M shape (random weights), optionally against PEFT and litgpt.
 
 Shape: vocab 49152, dim 576, 30 layers, 9 heads (3 KV), MLP 1536, tied embeddings. Adapter K=10, L=28.
 Batch 4 x 256 tokens, every position supervised, one AdamW step per batch (no accumulation).
@@ -291,7 +291,12 @@ def main() -> None:
     }
     for r in runs:
         python = args.litgpt_python if r.startswith("litgpt-") else sys.executable
-        p = subprocess.run([python, __file__, *passthrough, "--only", r], capture_output=True, text=True)
+        try:
+            p = subprocess.run([python, __file__, *passthrough, "--only", r], capture_output=True, text=True)
+        except OSError as e:  # a --litgpt-python that is not there
+            out[r] = {"error": f"cannot run {python}: {e.strerror}"}
+            print(f"{r}: {out[r]}", file=sys.stderr, flush=True)
+            continue
         if p.returncode != 0:
             out[r] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
             continue

@@ -233,3 +233,64 @@ def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer() ->
     assert compiled[1].abs().sum() > 0
     for e, c in zip(eager, compiled, strict=True):
         assert torch.allclose(e, c, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    kernels.native() is None or not kernels.native().has_ce_grad(), reason="needs the C++ kernels on AVX512-BF16"
+)
+def test_fused_cross_entropy_is_atens_fp32_softmax_rounded_to_bf16() -> None:
+    """The loss's one-pass softmax: each row's CE and, over the logits, softmax - onehot, as the fp32 ATen ops give
+    them (the loss to fp32 rounding, the gradient to 1 bf16 unit in the last place: the sum runs in another
+    order); a vocabulary that is not a multiple of the vector width takes the scalar tail."""
+    torch.manual_seed(0)
+    for n, V in ((7, 1000), (3, 49152), (5, 37)):
+        logits = (torch.randn(n, V) * 4).bfloat16()
+        y = torch.randint(0, V, (n,))
+        p = logits.float()
+        mx = p.amax(-1, keepdim=True)
+        z = (p - mx).exp().sum(-1, keepdim=True)
+        want_loss = (mx + z.log()).squeeze(1) - p.gather(1, y[:, None]).squeeze(1)
+        want = (p - mx).exp() / z
+        want[torch.arange(n), y] -= 1
+        got = logits.clone()
+        loss = kernels.cross_entropy_grad_(got, y)
+        assert loss is not None
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+        ulp = want.bfloat16().float().abs().clamp_min(2.0**-126) * 2.0**-7  # one bf16 step at each value
+        assert ((got.float() - want.bfloat16().float()).abs() <= ulp).all()
+    assert kernels.cross_entropy_grad_(torch.randn(2, 8), torch.zeros(2, dtype=torch.long)) is None  # fp32: ATen
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.cross_entropy_grad_(torch.zeros(2, 8, dtype=torch.bfloat16), torch.tensor([0, 8]))
+
+
+def test_bf16_training_loss_takes_the_fused_softmax_and_agrees_with_aten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`linear_cross_entropy` on bf16 hidden states: the same loss and hidden-state gradient with the fused kernel
+    as with the ATen softmax it replaces (to bf16 rounding)."""
+    from llama_adapter.training.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(40, 32).bfloat16().requires_grad_()
+    w = (torch.randn(300, 32) * 0.3).bfloat16()
+    y = torch.randint(0, 300, (40,))
+
+    def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        loss = linear_cross_entropy(h, w, y, chunk=16)
+        (g,) = torch.autograd.grad(loss, h)
+        return loss.detach(), g
+
+    taken: list[bool] = []  # per chunk: whether the kernel applied
+    fused = kernels.cross_entropy_grad_
+
+    def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        out = fused(x, t)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "cross_entropy_grad_", spy)
+    fast = loss_and_grad()
+    ext = kernels.native()
+    assert taken == [ext is not None and bool(ext.has_ce_grad())] * 3  # 40 rows in chunks of 16
+    monkeypatch.setattr(kernels, "cross_entropy_grad_", lambda x, t: None)
+    aten = loss_and_grad()
+    torch.testing.assert_close(fast[0], aten[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast[1].float(), aten[1].float(), rtol=2e-2, atol=2e-3)

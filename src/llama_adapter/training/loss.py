@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llama_adapter.backends.cpu import kernels
 from llama_adapter.training.data import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -34,13 +35,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # more in page faults (CPU) or allocator churn than the softmax itself
         c = min(chunk, n_rows)
         logits_buf = h.new_empty(c, vocab)
-        probs_buf = logits_buf if h.dtype == torch.float32 else torch.empty(c, vocab, device=h.device)
+        probs_buf = logits_buf if h.dtype == torch.float32 else None  # an fp32 buffer, made when first needed
         wt = weight.t()
         for s in range(0, n_rows, chunk):
             y = target[s : s + chunk]
             n = len(y)
-            logits, p = logits_buf[:n], probs_buf[:n]
+            logits = logits_buf[:n]
             torch.mm(h[s : s + n], wt, out=logits)
+            row_loss = kernels.cross_entropy_grad_(logits, y)  # the steps below in one pass (bf16 on a CPU)
+            if row_loss is not None:
+                total += row_loss.sum()
+                if grad is not None:
+                    torch.mm(logits, weight, out=grad[s : s + n])
+                continue
+            if probs_buf is None:
+                probs_buf = torch.empty(c, vocab, device=h.device)
+            p = probs_buf[:n]
             if p is not logits:
                 p.copy_(logits)  # fp32 softmax
             picked = p.gather(1, y[:, None]).squeeze(1)

@@ -241,6 +241,22 @@ def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) ->
     return out.view(*x.shape[:-1], qdata.shape[0])
 
 
+def cross_entropy_grad_(logits: Tensor, target: Tensor) -> Tensor | None:
+    """Each row's cross-entropy (fp32 [n]) of bf16 `logits` [n, V] against `target` [n], with `logits` overwritten by
+    its gradient softmax - onehot (bf16), in one C++ pass per row; None where the kernel does not apply (not a
+    contiguous bf16 CPU matrix, no AVX512-BF16, no kernels), and `logits` is then untouched. Equal to the fp32 ATen
+    softmax rounded to bf16 to 1 bf16 unit in the last place (the sum of exponentials is taken in another order)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16 or logits.dim() != 2:
+        return None
+    if not logits.is_contiguous():
+        return None
+    ext = native()
+    if ext is None or not getattr(ext, "has_ce_grad", lambda: False)():
+        return None
+    with torch.no_grad():
+        return ext.cross_entropy_grad_(logits, target.to(torch.long))
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = w * cast(x * rsqrt(mean(x^2) + eps)), statistics in fp32 (as Llama's reference does)."""
 

@@ -264,21 +264,20 @@ def test_fused_cross_entropy_is_atens_fp32_softmax_rounded_to_bf16() -> None:
 
 
 def test_bf16_training_loss_takes_the_fused_softmax_and_agrees_with_aten(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`linear_cross_entropy` on bf16 hidden states: the same loss and hidden-state gradient with the fused kernel
-    as with the ATen softmax it replaces (to bf16 rounding)."""
-    from llama_adapter.training.loss import linear_cross_entropy
+    """The training loss (`batch_loss`) of a bf16 base on the CPU backend takes the backend's one-pass softmax for
+    every chunk of logits, and gives the loss and the hidden-state gradient of the ATen softmax it replaces (to bf16
+    rounding)."""
+    from llama_adapter.backends import install
+    from llama_adapter.training.loss import batch_loss, linear_cross_entropy
 
+    cfg = la.ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
     torch.manual_seed(0)
-    h = torch.randn(40, 32).bfloat16().requires_grad_()
-    w = (torch.randn(300, 32) * 0.3).bfloat16()
-    y = torch.randint(0, 300, (40,))
-
-    def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
-        loss = linear_cross_entropy(h, w, y, chunk=16)
-        (g,) = torch.autograd.grad(loss, h)
-        return loss.detach(), g
-
-    taken: list[bool] = []  # per chunk: whether the kernel applied
+    model = la.Transformer(cfg).to(torch.bfloat16)
+    model.freeze_base()
+    install(model)
+    model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+    ids = torch.randint(0, cfg.vocab_size, (2, 21))
+    taken: list[bool] = []  # per chunk of logits: whether the kernel applied
     fused = kernels.cross_entropy_grad_
 
     def spy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
@@ -287,10 +286,16 @@ def test_bf16_training_loss_takes_the_fused_softmax_and_agrees_with_aten(monkeyp
         return out
 
     monkeypatch.setattr(kernels, "cross_entropy_grad_", spy)
-    fast = loss_and_grad()
+    batch_loss(model, "a", {"input_ids": ids, "labels": ids}, chunk=16)
     ext = kernels.native()
-    assert taken == [ext is not None and bool(ext.has_ce_grad())] * 3  # 40 rows in chunks of 16
-    monkeypatch.setattr(kernels, "cross_entropy_grad_", lambda x, t: None)
-    aten = loss_and_grad()
-    torch.testing.assert_close(fast[0], aten[0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(fast[1].float(), aten[1].float(), rtol=2e-2, atol=2e-3)
+    assert taken == [ext is not None and bool(ext.has_ce_grad())] * 3  # 40 supervised rows in chunks of 16
+
+    h = torch.randn(40, 32).bfloat16().requires_grad_()
+    w = (torch.randn(300, 32) * 0.3).bfloat16()
+    y = torch.randint(0, 300, (40,))
+    got, want = [], []
+    for out, f in ((got, spy), (want, None)):
+        loss = linear_cross_entropy(h, w, y, chunk=16, fused=f)
+        out += [loss.detach(), torch.autograd.grad(loss, h)[0].float()]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-3)

@@ -39,6 +39,12 @@ class TorchBackend:
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 
+    def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
+        """The training loss's softmax in one step: each row's cross-entropy (fp32), with `logits` [n, vocab]
+        overwritten by softmax - onehot; None (logits untouched) where the backend has none and the loss takes
+        PyTorch's ops (`training.loss`)."""
+        return None
+
     def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> Any | None:
         """The batch's prompt K/V laid out for `decode_step`, or None where there is no fused step."""
         return None

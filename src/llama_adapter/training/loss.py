@@ -9,13 +9,13 @@ The caller divides by the step's supervised-token count (a token-level mean over
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama_adapter.backends.cpu import kernels
 from llama_adapter.training.data import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     the forward pass chunk by chunk, so neither logits nor probabilities are kept for backward."""
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, chunk: int) -> Tensor:
+    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, chunk: int, fused: FusedSoftmax | None) -> Tensor:
         n_rows, vocab = h.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -42,7 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = len(y)
             logits = logits_buf[:n]
             torch.mm(h[s : s + n], wt, out=logits)
-            row_loss = kernels.cross_entropy_grad_(logits, y)  # the steps below in one pass (bf16 on a CPU)
+            row_loss = fused(logits, y) if fused is not None else None  # the steps below at once (a backend's)
             if row_loss is not None:
                 total += row_loss.sum()
                 if grad is not None:
@@ -66,16 +66,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None
+        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, chunk: int = 256) -> Tensor:
-    """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result."""
+# (logits [n, vocab], target [n]) -> each row's CE, logits overwritten by softmax - onehot; or None: not applicable
+FusedSoftmax = Callable[[Tensor, Tensor], Tensor | None]
+
+
+def linear_cross_entropy(
+    h: Tensor, weight: Tensor, target: Tensor, chunk: int = 256, fused: FusedSoftmax | None = None
+) -> Tensor:
+    """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result. `fused`: a backend's
+    one-step softmax (`TorchBackend.cross_entropy_grad_`), tried on each chunk of logits."""
     if weight.requires_grad:  # a trainable head: plain autograd
         return F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
-    return _LinearCrossEntropy.apply(h, weight, target, chunk)
+    return _LinearCrossEntropy.apply(h, weight, target, chunk, fused)
 
 
 def output_weight(model: Transformer) -> Tensor:
@@ -97,4 +104,5 @@ def batch_loss(model: Transformer, adapter: str, batch: dict[str, Tensor], chunk
     tgt = labels[:, 1:]
     mask = tgt != IGNORE_INDEX
     sel = h[:, :-1][mask]
-    return linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk), int(mask.sum())
+    fused = model.backend.cross_entropy_grad_ if model.backend is not None else None
+    return linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk, fused), int(mask.sum())

@@ -157,6 +157,9 @@ class CpuBackend(TorchBackend):
                 return y
         return kernels.linear(hidden, self.model.tok_embeddings.weight, None, self.packed_head)
 
+    def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
+        return kernels.cross_entropy_grad_(logits, target)  # one C++ pass per row for bf16 logits
+
     def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> fused_decode.FusedPrompts | None:
         if not fused_decode.supported(self.model) or any(p.random_init for p in (pkv or {}).values()):
             return None

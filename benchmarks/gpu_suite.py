@@ -145,31 +145,10 @@ def build_peft(shape: dict[str, Any], device: torch.device):  # noqa: ANN201
 
 
 def build_litgpt(shape: dict[str, Any], device: torch.device):  # noqa: ANN201
-    """litgpt's adapter GPT (LLaMA layout: RMSNorm, SwiGLU, GQA) with the adapter on the same layers."""
-    from litgpt.adapter import GPT, Config, mark_only_adapter_as_trainable
+    """litgpt's adapter GPT (LLaMA layout: RMSNorm, SwiGLU, GQA) in bf16 with the adapter on the same layers."""
+    from litgpt_peer import build_litgpt as build
 
-    cfg = Config(
-        block_size=2048,
-        vocab_size=shape["vocab_size"],
-        padded_vocab_size=shape["vocab_size"],
-        n_layer=shape["n_layers"],
-        n_head=shape["n_heads"],
-        n_embd=shape["dim"],
-        n_query_groups=shape["n_kv_heads"],
-        intermediate_size=shape["hidden_dim"],
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        adapter_prompt_length=PROMPT_LENGTH,
-        adapter_start_layer=shape["n_layers"] - adapter_layers(shape),
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(cfg).to(torch.bfloat16)
-    mark_only_adapter_as_trainable(model)
-    return model
+    return build(shape, PROMPT_LENGTH, adapter_layers(shape), device)
 
 
 # ---------------------------------------------------------------------------------------------- the measurements
@@ -195,10 +174,13 @@ def train(impl: str, shape: dict[str, Any], device: torch.device, batch: int, se
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn = lambda: model(input_ids=ids, labels=ids).loss
     elif impl == "litgpt":
+        from litgpt_peer import fresh_prompt_kv
+
         model = build_litgpt(shape, device)
         params = [p for p in model.parameters() if p.requires_grad]
 
         def loss_fn() -> torch.Tensor:
+            fresh_prompt_kv(model)  # (litgpt keeps them from the first forward otherwise)
             logits = model(ids)
             return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 

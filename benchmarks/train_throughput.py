@@ -171,49 +171,24 @@ def run_litgpt(args: argparse.Namespace, precision: str) -> dict:
     """litgpt's LLaMA-Adapter (`litgpt.adapter`) on the same shape, trained as its `finetune/adapter.py` trains:
     logits with `lm_head_chunk_size=128`, `chunked_cross_entropy`; `precision` "bf16-true" (weights in bf16) or
     "bf16-mixed" (its default without a GPU: fp32 weights under bf16 autocast)."""
-    from litgpt.adapter import GPT, Config, mark_only_adapter_as_trainable
     from litgpt.utils import chunked_cross_entropy
+    from litgpt_peer import build_litgpt, fresh_prompt_kv
 
-    cfg = Config(
-        n_layer=SHAPE["n_layers"],
-        n_embd=SHAPE["dim"],
-        n_head=SHAPE["n_heads"],
-        n_query_groups=SHAPE["n_kv_heads"],
-        intermediate_size=SHAPE["hidden_dim"],
-        vocab_size=SHAPE["vocab_size"],
-        padded_vocab_size=SHAPE["vocab_size"],
-        block_size=SHAPE["max_seq_len"],
-        rope_base=int(SHAPE["rope_theta"]),
-        bias=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        parallel_residual=False,
-        adapter_prompt_length=K,
-        adapter_start_layer=SHAPE["n_layers"] - L,
-    )
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.lm_head.weight = model.transformer.wte.weight  # tied, as the shape's
+    model = build_litgpt(SHAPE, K, L, bf16=precision == "bf16-true")
     with torch.no_grad():  # initialised as ours and PEFT's (a loss of ln(vocab) at the start)
         for n, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)  # the norms (no biases in this shape)
             elif "gating_factor" not in n:  # (zero-init gates stay zero)
                 p.normal_(0.0, 0.02)
-    if precision == "bf16-true":
-        model = model.to(torch.bfloat16)
-    mark_only_adapter_as_trainable(model)
     ids = _batch(args.batch, args.seq)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02
     )
     model.train()
 
-    cached = [m for m in model.modules() if hasattr(m, "adapter_kv_cache")]
-
     def step() -> float:
-        for m in cached:  # litgpt keeps the prompts' K/V from the first forward even while training, so a second
-            m.adapter_kv_cache = None  # backward fails (Lightning-AI/litgpt#1287, fix open in #2327): recomputed
+        fresh_prompt_kv(model)  # recomputed each step (litgpt keeps them from the first forward otherwise)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             logits = model(ids, lm_head_chunk_size=128)
             logits[-1] = logits[-1][..., :-1, :]

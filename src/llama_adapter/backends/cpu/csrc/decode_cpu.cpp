@@ -279,6 +279,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void silu
 }
 #endif
 
+// libtorch exports SLEEF's 16-wide expf and the CPU has AVX512-BF16 (the SwiGLU and the loss's softmax use both)
 bool has_exact_silu() {
 #if defined(__x86_64__)
   return kSleefExp != nullptr && kInt8Avx512 && __builtin_cpu_supports("avx512bf16");
@@ -337,13 +338,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float ce_
 }
 #endif
 
-bool has_ce_grad() {
-#if defined(__x86_64__)
-  return kSleefExp != nullptr && kInt8Avx512 && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
+bool has_ce_grad() { return has_exact_silu(); }  // the same needs: SLEEF's vector expf and AVX512-BF16
 
 // logits [n, V] bf16 contiguous (overwritten with softmax - onehot), target [n] int64 in [0, V) -> loss [n] fp32
 torch::Tensor cross_entropy_grad_(torch::Tensor& logits, const torch::Tensor& target) {

@@ -299,3 +299,38 @@ def test_bf16_training_loss_takes_the_fused_softmax_and_agrees_with_aten(monkeyp
         out += [loss.detach(), torch.autograd.grad(loss, h)[0].float()]
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.skipif(not kernels._onednn_bf16(), reason="needs oneDNN's bf16 linear")
+def test_frozen_bf16_weights_train_through_onednn_packs_with_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen bf16 projection in training (>= TRAINING_PACK_MIN_ROWS rows) goes through oneDNN packs of W and W^T
+    where they were timed faster: here always (the gain threshold raised), so both directions are exercised. The
+    output and the input's gradient equal F.linear's to bf16 rounding; no gradient reaches the frozen weight; a
+    changed weight gets new packs; without gradients or for short inputs the plain path runs."""
+    from llama_adapter.backends.cpu import PackedLinear
+
+    monkeypatch.setattr(kernels, "_PACK_GAIN", 1e9)  # keep every pack
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=True).bfloat16().requires_grad_(False)
+    lin.__class__ = PackedLinear
+    x = torch.randn(4, 80, 64).bfloat16().requires_grad_()
+    y = lin(x)
+    pack = lin.training_pack
+    assert pack is not None and pack.fwd is not None and pack.bwd is not None
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    x_ref = x.detach().float().requires_grad_()
+    y_ref = F.linear(x_ref, lin.weight.float(), lin.bias.float())
+    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, g.float())
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx.float(), dx_ref, rtol=2e-2, atol=2e-2)
+    assert lin.weight.grad is None
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    lin(x)
+    assert lin.training_pack is not pack and lin.training_pack.valid_for(lin.weight)
+    short = PackedLinear(64, 8).bfloat16().requires_grad_(False)
+    short(x[:1, :10])
+    with torch.no_grad():
+        short(x)
+    assert short.training_pack is None

@@ -54,12 +54,28 @@ class CpuZeroInitAttention(ZeroInitAttention):
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear that, once `CpuBackend.prepare_decoding` packed its frozen weight, decodes through the pack."""
+    """nn.Linear that, once `CpuBackend.prepare_decoding` packed its frozen weight, decodes through the pack; and that
+    trains through oneDNN packs of its frozen bf16 weight where they were measured faster (`kernels.training_pack`)."""
 
     packed: kernels.PackedWeight | None = None
+    training_pack: kernels.TrainingPack | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.linear(x, self.weight, self.bias, self.packed)
+        w = self.weight
+        if (
+            kernels.use_cpu_training_kernels(x)
+            and w.dtype == torch.bfloat16
+            and x.dtype == w.dtype
+            and not w.requires_grad
+            and x.numel() >= kernels.TRAINING_PACK_MIN_ROWS * x.shape[-1]
+            and kernels.can_pack(w)
+        ):
+            pack = self.training_pack
+            if pack is None or not pack.valid_for(w):
+                pack = self.training_pack = kernels.training_pack(x, w, self.bias)
+            if pack.fwd is not None or pack.bwd is not None:
+                return kernels.frozen_linear(x, w, self.bias, pack)
+        return kernels.linear(x, w, self.bias, self.packed)
 
     def decode_projection(self) -> kernels.Projection | None:
         return kernels.blocked_projection(self.weight, self.bias, self.packed)
@@ -91,6 +107,7 @@ class CpuBackend(TorchBackend):
             old = stock.get(type(m))
             if old is not None:
                 m.__dict__.pop("packed", None)
+                m.__dict__.pop("training_pack", None)
                 m.__class__ = old
         self.packed_head = None
 

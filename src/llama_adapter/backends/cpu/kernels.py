@@ -241,6 +241,91 @@ def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) ->
     return out.view(*x.shape[:-1], qdata.shape[0])
 
 
+# ---- training: a frozen bf16 weight's products through oneDNN's pre-packed layout, where measured faster ----------
+# An adapter's backward multiplies every frozen weight of the adapted layers by the output gradient (x's gradient
+# = g W). On the Xeon with AMX we measured, oneDNN's GEMM with an unpacked weight ran the products with 576-wide
+# outputs (g W for q/k/v, o and gate/up on the SmolLM2-135M shape) at 1.0-1.4 TFLOP/s, with W^T pre-packed
+# (`mkldnn._reorder_linear_weight`) at 2.0-2.8: -10 % of the step. Elsewhere the unpacked GEMM can be as fast, so each
+# direction of each weight is timed once, at its first training call, and packed only where that is >= 10 % faster;
+# the packs cost a copy of those weights, so they are made only while they take < 1/4 of the available memory.
+
+TRAINING_PACK_MIN_ROWS = 256  # a training batch; decoding and short calls keep the plain products
+_PACK_GAIN = 0.9  # a pack is kept where it takes <= 90 % of the plain product's time
+
+
+@dataclass
+class TrainingPack:
+    """The oneDNN packs a frozen weight trains with: `fwd` of W for x W^T, `bwd` of W^T for g W; None where the plain
+    product was as fast (or memory too short). Valid while the weight tensor is the one it was made from."""
+
+    fwd: Tensor | None
+    bwd: Tensor | None
+    source: Tensor
+    version: int
+
+    def valid_for(self, weight: Tensor) -> bool:
+        return weight is self.source and weight._version == self.version
+
+
+def _best_of(fn: Any, reps: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def training_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> TrainingPack:
+    """Time the plain and the packed products of `weight` for rows like `x` (forward and backward) and keep the
+    packs that win; an empty pack where oneDNN's bf16 path is missing or memory is short."""
+    empty = TrainingPack(None, None, weight, weight._version)
+    free = available_memory()
+    if not _onednn_bf16() or (free is not None and 2 * weight.numel() * weight.element_size() > free // 4):
+        return empty
+    mk = torch.ops.mkldnn
+    with torch.no_grad():
+        w = weight.detach()
+        rows = x.detach().reshape(-1, x.shape[-1])[:1024].contiguous()
+        g = torch.randn(rows.shape[0], w.shape[0], dtype=w.dtype)
+        fwd = mk._reorder_linear_weight(w, 1)
+        plain = _best_of(lambda: F.linear(rows, w, bias))
+        packed = _best_of(lambda: mk._linear_pointwise(rows, fwd, bias, "none", [], ""))
+        keep_fwd = fwd if packed <= _PACK_GAIN * plain else None
+        wt = w.t().contiguous()
+        bwd = mk._reorder_linear_weight(wt, 1)
+        plain = _best_of(lambda: torch.mm(g, w))
+        packed = _best_of(lambda: mk._linear_pointwise(g, bwd, None, "none", [], ""))
+        keep_bwd = bwd if packed <= _PACK_GAIN * plain else None
+    return TrainingPack(keep_fwd, keep_bwd, weight, weight._version)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T + b for a frozen W (no gradient for W or b), each direction through its oneDNN pack where it has one."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, pack: TrainingPack) -> Tensor:
+        ctx.weight, ctx.pack = weight, pack
+        if pack.fwd is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), pack.fwd, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if ctx.pack.bwd is not None:
+            dx = torch.ops.mkldnn._linear_pointwise(g.contiguous(), ctx.pack.bwd, None, "none", [], "")
+        else:
+            dx = g @ ctx.weight
+        return dx, None, None, None
+
+
+def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pack: TrainingPack) -> Tensor:
+    return _FrozenLinear.apply(x, weight, bias, pack)
+
+
 def cross_entropy_grad_(logits: Tensor, target: Tensor) -> Tensor | None:
     """Each row's cross-entropy (fp32 [n]) of bf16 `logits` [n, V] against `target` [n], with `logits` overwritten by
     its gradient softmax - onehot (bf16), in one C++ pass per row; None where the kernel does not apply (not a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -329,6 +331,16 @@ def test_frozen_bf16_weights_train_through_onednn_packs_with_the_same_values(mon
         lin.weight.mul_(2)
     lin(x)
     assert lin.training_pack is not pack and lin.training_pack.valid_for(lin.weight)
+    twin = copy.deepcopy(lin)  # (the packs are opaque tensors: a copy makes its own)
+    assert twin.training_pack is None and pickle.loads(pickle.dumps(lin)).training_pack is None
+    torch.testing.assert_close(twin(x), lin(x))
+    for _ in range(kernels.MAX_TRAINING_PACKS):  # a weight that keeps changing (FSDP's gathered copies): given up
+        with torch.no_grad():
+            lin.weight.mul_(0.5)
+        lin(x)
+    assert not lin.training_pack.valid_for(lin.weight) and lin.training_packs_made > kernels.MAX_TRAINING_PACKS
+    want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+    torch.testing.assert_close(lin(x).float(), want, atol=2e-2, rtol=2e-2)
     short = PackedLinear(64, 8).bfloat16().requires_grad_(False)
     short(x[:1, :10])
     with torch.no_grad():

@@ -59,6 +59,7 @@ class PackedLinear(nn.Linear):
 
     packed: kernels.PackedWeight | None = None
     training_pack: kernels.TrainingPack | None = None
+    training_packs_made = 0
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -72,6 +73,11 @@ class PackedLinear(nn.Linear):
         ):
             pack = self.training_pack
             if pack is None or not pack.valid_for(w):
+                self.training_packs_made += 1
+                if self.training_packs_made > kernels.MAX_TRAINING_PACKS:  # a weight that is a new tensor at every
+                    # call (FSDP's gathered copies) or keeps changing: timing and packing it again each time would
+                    # cost more than the packs save
+                    return kernels.linear(x, w, self.bias, self.packed)
                 pack = self.training_pack = kernels.training_pack(x, w, self.bias)
             if pack.fwd is not None or pack.bwd is not None:
                 return kernels.frozen_linear(x, w, self.bias, pack)
@@ -108,6 +114,7 @@ class CpuBackend(TorchBackend):
             if old is not None:
                 m.__dict__.pop("packed", None)
                 m.__dict__.pop("training_pack", None)
+                m.__dict__.pop("training_packs_made", None)
                 m.__class__ = old
         self.packed_head = None
 

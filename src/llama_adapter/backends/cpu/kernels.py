@@ -251,6 +251,7 @@ def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) ->
 
 TRAINING_PACK_MIN_ROWS = 256  # a training batch; decoding and short calls keep the plain products
 _PACK_GAIN = 0.9  # a pack is kept where it takes <= 90 % of the plain product's time
+MAX_TRAINING_PACKS = 3  # per module: a weight replaced more often than this trains with the plain products
 
 
 @dataclass
@@ -265,6 +266,18 @@ class TrainingPack:
 
     def valid_for(self, weight: Tensor) -> bool:
         return weight is self.source and weight._version == self.version
+
+    # oneDNN's packs are opaque tensors that cannot be copied or pickled: a copied model (copy.deepcopy, pickle) has
+    # no packs and makes its own at its first training call
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _no_pack, ()
+
+
+def _no_pack() -> None:
+    return None
 
 
 def _best_of(fn: Any, reps: int = 3) -> float:

@@ -200,15 +200,20 @@ def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path: Path, capsys: 
     assert not kernels.clear_stale_build_lock(tmp_path)  # nothing to remove
 
 
-def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torch.compile'd blocks (`finetune --compile`, `train_throughput.py --compile`) give eager's loss and adapter
     gradients, and the adapted layers share their graphs (the prompt projection runs outside them, so the layer
-    index is no guard): with dynamo's recompile limit below the number of adapted layers, per-layer graphs fail."""
+    index is no guard): with dynamo's recompile limit below the number of adapted layers, per-layer graphs fail.
+    In bf16 eager runs through the frozen weights' oneDNN training packs, the compiled blocks leave them out."""
     from llama_adapter.backends import install
 
+    monkeypatch.setattr(kernels, "TRAINING_PACK_MIN_ROWS", 1)  # (this batch is small)
     cfg = la.ModelConfig(vocab_size=64, dim=32, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
     torch.manual_seed(0)
-    model = la.Transformer(cfg)
+    model = la.Transformer(cfg).to(dtype)
     model.freeze_base()
     install(model)
     a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=6))
@@ -233,8 +238,9 @@ def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer() ->
     finally:
         torch._dynamo.reset()
     assert compiled[1].abs().sum() > 0
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # (bf16: the two paths round in different places)
     for e, c in zip(eager, compiled, strict=True):
-        assert torch.allclose(e, c, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(e, c, atol=tol, rtol=tol * 10)
 
 
 @pytest.mark.skipif(

@@ -64,7 +64,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if (
-            kernels.use_cpu_training_kernels(x)
+            not torch.compiler.is_compiling()  # (first: a compiled block leaves its products to inductor, unbroken)
+            and kernels.use_cpu_training_kernels(x)
             and w.dtype == torch.bfloat16
             and x.dtype == w.dtype
             and not w.requires_grad

@@ -4,7 +4,8 @@ Each subclass computes what its parent computes (tests compare values and gradie
 - `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`);
 - `CpuZeroInitAttention`: batched causal and few-keys attention while training, and token + gated prompt
   attention in one pass when decoding one token per row against the cache (`kernels.decode_attention`);
-- `PackedLinear`: once `prepare_decoding` packed its frozen bf16 weight, decodes through the pack.
+- `PackedLinear`: once `prepare_decoding` packed its frozen bf16 weight, decodes through the pack; trains a frozen
+  bf16 weight through oneDNN packs where they were timed faster (`kernels.training_pack`).
 The subclasses add no parameters, so swapping a module's class keeps its weights, hooks and wrappers.
 `fused_decode` holds the C++ decode step used for bf16 models where the kernels could be built.
 """

@@ -2,6 +2,7 @@
 
 Each subclass computes what its parent computes (tests compare values and gradients) and differs only in how:
 - `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`);
+- `CpuFeedForward`: the SwiGLU in bf16 training, forward and backward one C++ pass each (`kernels.swiglu`);
 - `CpuZeroInitAttention`: batched causal and few-keys attention while training, and token + gated prompt
   attention in one pass when decoding one token per row against the cache (`kernels.decode_attention`);
 - `PackedLinear`: once `prepare_decoding` packed its frozen bf16 weight, decodes through the pack; trains a frozen
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from llama_adapter.backends.cpu import fused_decode, kernels
 from llama_adapter.backends.reference import TorchBackend
-from llama_adapter.model import KVCache, RMSNorm
+from llama_adapter.model import FeedForward, KVCache, RMSNorm
 from llama_adapter.zero_init_attention import PromptKV, ZeroInitAttention
 
 
@@ -28,6 +29,15 @@ class CpuRMSNorm(RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         if kernels.use_cpu_training_kernels(x):
             return kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class CpuFeedForward(FeedForward):
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.use_cpu_training_kernels(x) and not torch.compiler.is_compiling():
+            y = kernels.swiglu(self.w13(x))
+            if y is not None:
+                return self.w2(y)
         return super().forward(x)
 
 
@@ -99,6 +109,7 @@ class CpuBackend(TorchBackend):
 
     SWAPS: dict[type[nn.Module], type[nn.Module]] = {
         RMSNorm: CpuRMSNorm,
+        FeedForward: CpuFeedForward,
         ZeroInitAttention: CpuZeroInitAttention,
         nn.Linear: PackedLinear,
     }

@@ -241,6 +241,33 @@ def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) ->
     return out.view(*x.shape[:-1], qdata.shape[0])
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of h = [gate | up] [rows, 2F] bf16, forward and backward one C++ pass each."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor) -> Tensor:
+        ctx.save_for_backward(h)
+        return native().silu_mul(h)  # type: ignore[union-attr]  # (swiglu checked the kernels are there)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        return native().silu_mul_backward(h, g.contiguous())  # type: ignore[union-attr]
+
+
+def swiglu(h: Tensor) -> Tensor | None:
+    """silu(gate) * up for h = [gate | up] (..., 2F) in bf16 on a CPU, with a backward of one pass instead of
+    autograd's five kernels; values and gradients are ATen's bit for bit (`silu_mul_backward` rounds where ATen's
+    mul and silu_backward round). None where it does not apply (no AVX512-BF16 or SLEEF, not bf16)."""
+    if h.device.type != "cpu" or h.dtype != torch.bfloat16 or h.shape[-1] % 2:
+        return None
+    ext = native()
+    if ext is None or not hasattr(ext, "silu_mul_backward") or not ext.has_exact_silu():
+        return None
+    rows = h.reshape(-1, h.shape[-1]).contiguous()
+    return _SwiGLU.apply(rows).view(*h.shape[:-1], h.shape[-1] // 2)
+
+
 # ---- training: a frozen bf16 weight's products through oneDNN's pre-packed layout, where measured faster ----------
 # An adapter's backward multiplies every frozen weight of the adapted layers by the output gradient (x's gradient
 # = g W). On the Xeon with AMX we measured, oneDNN's GEMM with an unpacked weight ran the products with 576-wide

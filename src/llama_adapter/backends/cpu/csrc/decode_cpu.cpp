@@ -261,16 +261,29 @@ torch::Tensor add_rms_norm(torch::Tensor& x, const torch::Tensor& y, const torch
 using ExpF16 = __m512 (*)(__m512);
 static const ExpF16 kSleefExp = reinterpret_cast<ExpF16>(dlsym(RTLD_DEFAULT, "Sleef_expf16_u10"));
 
+// 16 bf16 values widened to fp32 (exactly: a bf16 is the top half of an fp32)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __m512 widen16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// 16 fp32 values rounded to bf16 (to nearest even, as c10::BFloat16) and widened back
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline void store_bf16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void silu_mul_row(const bf16* g, const bf16* u,
                                                                                         bf16* out, int64_t F) {
   const __m512 one = _mm512_set1_ps(1.f);
   int64_t i = 0;
   for (const int64_t runs = F / 64 * 64; i < runs; i += 16) {
-    const __m512 x = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i))), 16));
-    alignas(64) float s[16];
-    _mm512_store_ps(s, _mm512_div_ps(x, _mm512_add_ps(one, kSleefExp(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
-    for (int j = 0; j < 16; ++j) out[i + j] = b(f(b(s[j])) * f(u[i + j]));
+    const __m512 x = widen16(g + i);
+    const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(one, kSleefExp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    store_bf16(out + i, _mm512_mul_ps(round_bf16(silu), widen16(u + i)));  // silu rounded, the product rounded
   }
   for (; i < F; ++i) {
     const float x = f(g[i]);
@@ -295,12 +308,61 @@ torch::Tensor silu_mul(const torch::Tensor& h) {
     auto out = torch::empty({B, F}, h.options());
     const bf16* hp = h.data_ptr<bf16>();
     bf16* op = out.data_ptr<bf16>();
-    for (int64_t r = 0; r < B; ++r) silu_mul_row(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
+    for_chunks(B, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {  // (a decode step's few rows: one)
+      for (int64_t r = r0; r < r1; ++r) silu_mul_row(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
+    });
     return out;
   }
 #endif
   auto parts = h.chunk(2, -1);
   return at::silu(parts[0]) * parts[1];
+}
+
+// The backward of silu(gate) * up for training, one pass over a row: d_up = g silu(gate) with silu(gate) rounded
+// to bf16 as the forward's product saw it, and d_gate = (g up) s (1 + gate (1 - s)), s = sigmoid(gate), in fp32 from
+// the bf16 product g up, as ATen's mul and silu_backward round them (its e^x: SLEEF's expf over runs of 64, std::exp
+// on the rest, as the forward). Autograd's graph for the same is five kernels and two [rows, F] temporaries.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void silu_mul_backward_row(
+    const bf16* gt, const bf16* u, const bf16* g, bf16* dgate, bf16* dup, int64_t F) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  int64_t i = 0;
+  for (const int64_t runs = F / 64 * 64; i < runs; i += 16) {
+    const __m512 x = widen16(gt + i), gv = widen16(g + i);
+    const __m512 d = _mm512_add_ps(one, kSleefExp(_mm512_sub_ps(_mm512_setzero_ps(), x)));  // 1 + e^-x
+    const __m512 sg = _mm512_div_ps(one, d);
+    store_bf16(dup + i, _mm512_mul_ps(gv, round_bf16(_mm512_div_ps(x, d))));  // g * silu(gate), as mul's backward
+    const __m512 ds = round_bf16(_mm512_mul_ps(gv, widen16(u + i)));           // g * up, rounded: silu's gradient in
+    store_bf16(dgate + i, _mm512_mul_ps(_mm512_mul_ps(ds, sg), _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, sg)))));
+  }
+  for (; i < F; ++i) {
+    const float x = f(gt[i]), gj = f(g[i]);
+    const float sg = 1.f / (1.f + std::exp(-x));
+    dup[i] = b(gj * f(b(x / (1.f + std::exp(-x)))));
+    dgate[i] = b(f(b(gj * f(u[i]))) * sg * (1.f + x * (1.f - sg)));
+  }
+}
+#endif
+
+// h [R, 2F] (gate | up) and g [R, F] bf16 contiguous -> dh [R, 2F] (d_gate | d_up); needs has_exact_silu()
+torch::Tensor silu_mul_backward(const torch::Tensor& h, const torch::Tensor& g) {
+  TORCH_CHECK(has_exact_silu(), "silu_mul_backward: needs AVX512-BF16 and libtorch's SLEEF");
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kBFloat16 && h.size(1) % 2 == 0,
+              "silu_mul_backward: h");
+  const int64_t R = h.size(0), F = h.size(1) / 2;
+  TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.scalar_type() == at::kBFloat16 && g.size(0) == R &&
+                  g.size(1) == F, "silu_mul_backward: g");
+  auto dh = torch::empty_like(h);
+#if defined(__x86_64__)
+  const bf16* hp = h.data_ptr<bf16>();
+  const bf16* gp = g.data_ptr<bf16>();
+  bf16* dp = dh.data_ptr<bf16>();
+  for_chunks(R, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      silu_mul_backward_row(hp + r * 2 * F, hp + r * 2 * F + F, gp + r * F, dp + r * 2 * F, dp + r * 2 * F + F, F);
+  });
+#endif
+  return dh;
 }
 
 // ---- the training loss's softmax: cross-entropy and its logits gradient, in place, one row at a time -------
@@ -310,11 +372,6 @@ torch::Tensor silu_mul(const torch::Tensor& h) {
 // e^(x - max) (SLEEF's expf, as ATen's exp), then softmax - onehot written back over the logits in bf16. Returns
 // each row's loss, max + log(sum) - logit of the target, in fp32.
 #if defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __m512 widen16(const bf16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float ce_row(bf16* x, int64_t V, int64_t y) {
   const float picked = f(x[y]);
   const int64_t vec = V / 16 * 16;
@@ -678,6 +735,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);
+  m.def("silu_mul_backward", &silu_mul_backward);
   m.def("has_exact_silu", &has_exact_silu);
   m.def("has_ce_grad", &has_ce_grad);
   m.def("cross_entropy_grad_", &cross_entropy_grad_);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,35 @@ def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path: Path, capsys: 
     assert not kernels.clear_stale_build_lock(tmp_path)  # nothing to remove
 
 
+def _adapted_training_step(
+    dtype: torch.dtype, n_layers: int, adapted: int, hidden_dim: int, seq: int
+) -> tuple[la.Transformer, Callable[[], tuple[torch.Tensor, ...]]]:
+    """A tiny base on the CPU backend with an adapter (non-zero gates) on its top `adapted` layers, and a function
+    running one training step on a fixed batch: (loss, prompt gradient, gate gradient)."""
+    from llama_adapter.backends import install
+
+    cfg = la.ModelConfig(
+        vocab_size=64, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=hidden_dim, max_seq_len=32
+    )
+    torch.manual_seed(0)
+    model = la.Transformer(cfg).to(dtype)
+    model.freeze_base()
+    install(model)
+    a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=adapted))
+    with torch.no_grad():
+        a.gates.normal_(0, 0.5)
+    ids = torch.randint(0, cfg.vocab_size, (2, seq))
+
+    def step() -> tuple[torch.Tensor, ...]:
+        a.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(ids[:, :-1], adapter="a").flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        assert a.prompts.grad is not None and a.gates.grad is not None
+        return loss.detach(), a.prompts.grad.clone(), a.gates.grad.clone()
+
+    return model, step
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
@@ -208,26 +238,8 @@ def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer(
     gradients, and the adapted layers share their graphs (the prompt projection runs outside them, so the layer
     index is no guard): with dynamo's recompile limit below the number of adapted layers, per-layer graphs fail.
     In bf16 eager runs through the frozen weights' oneDNN training packs, the compiled blocks leave them out."""
-    from llama_adapter.backends import install
-
     monkeypatch.setattr(kernels, "TRAINING_PACK_MIN_ROWS", 1)  # (this batch is small)
-    cfg = la.ModelConfig(vocab_size=64, dim=32, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
-    torch.manual_seed(0)
-    model = la.Transformer(cfg).to(dtype)
-    model.freeze_base()
-    install(model)
-    a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=6))
-    with torch.no_grad():
-        a.gates.normal_(0, 0.5)
-    ids = torch.randint(0, cfg.vocab_size, (2, 12))
-
-    def step() -> tuple[torch.Tensor, ...]:
-        a.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(ids[:, :-1], adapter="a").flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        assert a.prompts.grad is not None and a.gates.grad is not None
-        return loss.detach(), a.prompts.grad.clone(), a.gates.grad.clone()
-
+    model, step = _adapted_training_step(dtype, n_layers=8, adapted=6, hidden_dim=64, seq=12)
     eager = step()
     torch._dynamo.reset()
     try:
@@ -361,27 +373,9 @@ def test_bf16_training_swiglu_is_autograds_bit_for_bit(monkeypatch: pytest.Monke
     """The SwiGLU of bf16 training on the CPU backend (`CpuFeedForward`, one C++ pass forward and one backward) gives
     autograd's silu(gate) * up bit for bit: the loss and every adapter gradient of a training step are equal with and
     without it, and the kernel itself matches on odd widths (the scalar tail) too."""
-    from llama_adapter.backends import install
-
-    cfg = la.ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=200, max_seq_len=32)
-    torch.manual_seed(0)
-    model = la.Transformer(cfg).to(torch.bfloat16)
-    model.freeze_base()
-    install(model)
-    a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
-    with torch.no_grad():
-        a.gates.normal_(0, 0.5)
-    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=200, seq=17)
     calls: list[int] = []
     fused = kernels.swiglu
-
-    def step() -> tuple[torch.Tensor, ...]:
-        a.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(ids[:, :-1], adapter="a").flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        assert a.prompts.grad is not None and a.gates.grad is not None
-        return loss.detach(), a.prompts.grad.clone(), a.gates.grad.clone()
-
     monkeypatch.setattr(kernels, "swiglu", lambda h: calls.append(1) or fused(h))
     fast = step()
     assert len(calls) == 2  # the two adapted layers (below them no gradient is wanted)

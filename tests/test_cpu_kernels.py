@@ -395,3 +395,31 @@ def test_bf16_training_swiglu_is_autograds_bit_for_bit(monkeypatch: pytest.Monke
         assert got is not None
         (dh,) = torch.autograd.grad(got, hh, g)
         assert torch.equal(got, want) and torch.equal(dh, dh_want)
+
+
+@pytest.mark.skipif(
+    kernels.native() is None or not kernels.native().has_rms_norm_train(), reason="needs the C++ kernels on AVX512-BF16"
+)
+def test_bf16_rms_norm_with_a_frozen_weight_takes_one_pass_each_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 training's RMSNorm of a frozen weight (forward and input gradient in C++) agrees with the fp64 formula to
+    bf16 rounding and with the PyTorch version it replaces to one bf16 step (the sums run in another order)."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 64) * 2).bfloat16().requires_grad_()
+    w = (torch.rand(64) + 0.5).bfloat16()  # frozen
+    g = torch.randn(3, 7, 64).bfloat16()
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        y = kernels.rms_norm(x, w, 1e-5)
+        (dx,) = torch.autograd.grad(y, x, g)
+        return y.float(), dx.float()
+
+    fast = run()
+    xd = x.detach().double().requires_grad_()
+    ref = w.double() * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
+    (dref,) = torch.autograd.grad(ref, xd, g.double())
+    assert (fast[0].double() - ref).abs().max() <= 3e-2 and (fast[1].double() - dref).abs().max() <= 3e-2
+    monkeypatch.setattr(kernels, "_rms_ext", lambda x, w: None)
+    slow = run()
+    for f, s in zip(fast, slow, strict=True):
+        step = s.abs().clamp_min(2.0**-100) * 2.0**-7  # one bf16 step at each value
+        assert ((f - s).abs() <= step + 1e-6).all()

@@ -387,6 +387,11 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        ext = _rms_ext(x, weight)
+        if ext is not None:  # bf16 rows: one C++ pass (the same formula; the sum of squares in another order)
+            y, r = ext.rms_norm_train(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps)
+            ctx.save_for_backward(x, weight, r.view(*x.shape[:-1], 1))
+            return y.view(x.shape)
         xf = x.float()
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, r)
@@ -395,6 +400,11 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight, r = ctx.saved_tensors
+        ext = _rms_ext(x, weight)
+        if ext is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:  # a frozen weight
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            dx = ext.rms_norm_train_backward(rows, weight, r.reshape(-1), dy.reshape(rows.shape).contiguous())
+            return dx.view(x.shape), None, None
         xhat = x.float() * r  # (not in place: .float() of an fp32 tensor is the tensor itself)
         dxhat = dy.float() * weight.float()
         dw = None
@@ -403,6 +413,14 @@ class _RMSNorm(torch.autograd.Function):
         proj = (dxhat * xhat).mean(-1, keepdim=True)
         dx = dxhat.sub_(xhat.mul_(proj)).mul_(r).to(x.dtype) if ctx.needs_input_grad[0] else None
         return dx, dw, None
+
+
+def _rms_ext(x: Tensor, weight: Tensor) -> Any | None:
+    """The C++ kernels where they take this RMSNorm (bf16 rows of a width divisible by 16 on AVX512-BF16), else None."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[-1] % 16 or x.device.type != "cpu":
+        return None
+    ext = native()
+    return ext if ext is not None and getattr(ext, "has_rms_norm_train", lambda: False)() else None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

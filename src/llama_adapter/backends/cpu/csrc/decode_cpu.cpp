@@ -318,6 +318,94 @@ torch::Tensor silu_mul(const torch::Tensor& h) {
   return at::silu(parts[0]) * parts[1];
 }
 
+// ---- RMSNorm of bf16 training rows, forward and backward one pass each (kernels._RMSNorm) -----------------------
+// forward: r = rsqrt(mean(x^2) + eps) in fp32, y = w * bf16(x r) (rounded twice, as the reference); backward (the
+// weight frozen): dx = (dy w - xhat mean(dy w xhat)) r with xhat = x r, in fp32, rounded once. Autograd's graph of
+// the Python version was six kernels forward and eight backward over [rows, D] temporaries.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float rms_train_row(const bf16* x, const bf16* w,
+                                                                                         bf16* y, int64_t D, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    const __m512 v = widen16(x + i);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps);
+  const __m512 rv = _mm512_set1_ps(r);
+  for (int64_t i = 0; i < D; i += 16)
+    store_bf16(y + i, _mm512_mul_ps(widen16(w + i), round_bf16(_mm512_mul_ps(widen16(x + i), rv))));
+  return r;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void rms_train_backward_row(
+    const bf16* x, const bf16* w, float r, const bf16* dy, bf16* dx, int64_t D) {
+  const __m512 rv = _mm512_set1_ps(r);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(widen16(dy + i), widen16(w + i)), _mm512_mul_ps(widen16(x + i), rv), acc);
+  const __m512 proj = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(D));
+  for (int64_t i = 0; i < D; i += 16) {
+    const __m512 dxhat = _mm512_mul_ps(widen16(dy + i), widen16(w + i));
+    const __m512 xhat = _mm512_mul_ps(widen16(x + i), rv);
+    store_bf16(dx + i, _mm512_mul_ps(_mm512_sub_ps(dxhat, _mm512_mul_ps(xhat, proj)), rv));
+  }
+}
+#endif
+
+bool has_rms_norm_train() {
+#if defined(__x86_64__)
+  return kInt8Avx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// x [R, D] bf16 contiguous (D % 16 == 0), w [D] bf16 -> (y [R, D] bf16, r [R] fp32)
+std::vector<torch::Tensor> rms_norm_train(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(has_rms_norm_train(), "rms_norm_train: needs AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
+              "rms_norm_train: x");
+  const int64_t R = x.size(0), D = x.size(1);
+  auto wc = w.contiguous();
+  TORCH_CHECK(wc.numel() == D && wc.scalar_type() == at::kBFloat16, "rms_norm_train: w");
+  auto y = torch::empty_like(x);
+  auto r = torch::empty({R}, x.options().dtype(at::kFloat));
+#if defined(__x86_64__)
+  const bf16 *xp = x.data_ptr<bf16>(), *wp = wc.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  float* rp = r.data_ptr<float>();
+  for_chunks(R, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) rp[i] = rms_train_row(xp + i * D, wp, yp + i * D, D, static_cast<float>(eps));
+  });
+#endif
+  return {y, r};
+}
+
+// the input gradient of rms_norm_train for a frozen w: x, dy [R, D] bf16, r [R] fp32 -> dx [R, D] bf16
+torch::Tensor rms_norm_train_backward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& r,
+                                      const torch::Tensor& dy) {
+  TORCH_CHECK(has_rms_norm_train(), "rms_norm_train_backward: needs AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
+              "rms_norm_train_backward: x");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == at::kBFloat16,
+              "rms_norm_train_backward: dy");
+  const int64_t R = x.size(0), D = x.size(1);
+  auto wc = w.contiguous();
+  auto rc = r.contiguous();
+  TORCH_CHECK(wc.numel() == D && wc.scalar_type() == at::kBFloat16, "rms_norm_train_backward: w");
+  TORCH_CHECK(rc.numel() == R && rc.scalar_type() == at::kFloat, "rms_norm_train_backward: r");
+  auto dx = torch::empty_like(x);
+#if defined(__x86_64__)
+  const bf16 *xp = x.data_ptr<bf16>(), *wp = wc.data_ptr<bf16>(), *gp = dy.data_ptr<bf16>();
+  const float* rp = rc.data_ptr<float>();
+  bf16* dp = dx.data_ptr<bf16>();
+  for_chunks(R, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) rms_train_backward_row(xp + i * D, wp, rp[i], gp + i * D, dp + i * D, D);
+  });
+#endif
+  return dx;
+}
+
 // The backward of silu(gate) * up for training, one pass over a row: d_up = g silu(gate) with silu(gate) rounded
 // to bf16 as the forward's product saw it, and d_gate = (g up) s (1 + gate (1 - s)), s = sigmoid(gate), in fp32 from
 // the bf16 product g up, as ATen's mul and silu_backward round them (its e^x: SLEEF's expf over runs of 64, std::exp
@@ -736,6 +824,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);
   m.def("silu_mul_backward", &silu_mul_backward);
+  m.def("has_rms_norm_train", &has_rms_norm_train);
+  m.def("rms_norm_train", &rms_norm_train);
+  m.def("rms_norm_train_backward", &rms_norm_train_backward);
   m.def("has_exact_silu", &has_exact_silu);
   m.def("has_ce_grad", &has_ce_grad);
   m.def("cross_entropy_grad_", &cross_entropy_grad_);

@@ -125,9 +125,9 @@ def run_ours(args: argparse.Namespace) -> dict:
         return float(loss.detach()) / n
 
     res = _time(step, args)
-    peak = bf16_peak_gflops()
-    gflops = step_flops(args.batch, args.seq) / res["step_time_s"] / 1e9
-    res.update(model_gflop_per_step=round(step_flops(args.batch, args.seq) / 1e9, 1), achieved_gflop_s=round(gflops, 1))
+    peak, flops = bf16_peak_gflops(), step_flops(args.batch, args.seq)
+    gflops = flops / res["step_time_s"] / 1e9
+    res.update(model_gflop_per_step=round(flops / 1e9, 1), achieved_gflop_s=round(gflops, 1))
     res.update(bf16_peak_gflop_s=round(peak, 1), fraction_of_bf16_peak=round(gflops / peak, 3))
     return res
 

@@ -256,7 +256,7 @@ def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer(
 
 
 @pytest.mark.skipif(
-    kernels.native() is None or not kernels.native().has_ce_grad(), reason="needs the C++ kernels on AVX512-BF16"
+    kernels.native() is None or not kernels.native().has_exact_silu(), reason="needs the C++ kernels on AVX512-BF16"
 )
 def test_fused_cross_entropy_is_atens_fp32_softmax_rounded_to_bf16() -> None:
     """The loss's one-pass softmax: each row's CE and, over the logits, softmax - onehot, as the fp32 ATen ops give
@@ -308,7 +308,7 @@ def test_bf16_training_loss_takes_the_fused_softmax_and_agrees_with_aten(monkeyp
     monkeypatch.setattr(kernels, "cross_entropy_grad_", spy)
     batch_loss(model, "a", {"input_ids": ids, "labels": ids}, chunk=16)
     ext = kernels.native()
-    assert taken == [ext is not None and bool(ext.has_ce_grad())] * 3  # 40 supervised rows in chunks of 16
+    assert taken == [ext is not None and bool(ext.has_exact_silu())] * 3  # 40 supervised rows in chunks of 16
 
     h = torch.randn(40, 32).bfloat16().requires_grad_()
     w = (torch.randn(300, 32) * 0.3).bfloat16()
@@ -398,7 +398,7 @@ def test_bf16_training_swiglu_is_autograds_bit_for_bit(monkeypatch: pytest.Monke
 
 
 @pytest.mark.skipif(
-    kernels.native() is None or not kernels.native().has_rms_norm_train(), reason="needs the C++ kernels on AVX512-BF16"
+    kernels.native() is None or not kernels.native().has_bf16_dot(), reason="needs the C++ kernels on AVX512-BF16"
 )
 def test_bf16_rms_norm_with_a_frozen_weight_takes_one_pass_each_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 training's RMSNorm of a frozen weight (forward and input gradient in C++) agrees with the fp64 formula to

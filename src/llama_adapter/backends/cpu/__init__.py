@@ -77,11 +77,10 @@ class PackedLinear(nn.Linear):
         if (
             not torch.compiler.is_compiling()  # (first: a compiled block leaves its products to inductor, unbroken)
             and kernels.use_cpu_training_kernels(x)
-            and w.dtype == torch.bfloat16
             and x.dtype == w.dtype
             and not w.requires_grad
             and x.numel() >= kernels.TRAINING_PACK_MIN_ROWS * x.shape[-1]
-            and kernels.can_pack(w)
+            and kernels.can_pack(w)  # (a plain bf16 CPU matrix)
         ):
             pack = self.training_pack
             if pack is None or not pack.valid_for(w):

@@ -76,6 +76,9 @@ def native() -> Any | None:
             )
         _native["ext"], _native["bf16_dot"] = ext, bool(ext.has_bf16_dot())
         _native["int8"] = bool(getattr(ext, "has_int8_linear", lambda: False)())
+        # SLEEF's vector expf as libtorch exports it, and AVX512-BF16: the exact SwiGLU (decoding's and training's)
+        # and the training loss's softmax
+        _native["exact_silu"] = bool(getattr(ext, "has_exact_silu", lambda: False)())
     except Exception as e:  # no compiler, no headers, unsupported platform: the PyTorch paths still work
         lines = str(e).strip().splitlines()
         _native["why"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
@@ -261,8 +264,7 @@ def swiglu(h: Tensor) -> Tensor | None:
     mul and silu_backward round). None where it does not apply (no AVX512-BF16 or SLEEF, not bf16)."""
     if h.device.type != "cpu" or h.dtype != torch.bfloat16 or h.shape[-1] % 2:
         return None
-    ext = native()
-    if ext is None or not hasattr(ext, "silu_mul_backward") or not ext.has_exact_silu():
+    if native() is None or not _native["exact_silu"]:
         return None
     rows = h.reshape(-1, h.shape[-1]).contiguous()
     return _SwiGLU.apply(rows).view(*h.shape[:-1], h.shape[-1] // 2)
@@ -371,12 +373,10 @@ def cross_entropy_grad_(logits: Tensor, target: Tensor) -> Tensor | None:
     its gradient softmax - onehot (bf16), in one C++ pass per row; None where the kernel does not apply (not a
     contiguous bf16 CPU matrix, no AVX512-BF16, no kernels), and `logits` is then untouched. Equal to the fp32 ATen
     softmax rounded to bf16 to 1 bf16 unit in the last place (the sum of exponentials is taken in another order)."""
-    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16 or logits.dim() != 2:
-        return None
-    if not logits.is_contiguous():
+    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16 or logits.dim() != 2 or not logits.is_contiguous():
         return None
     ext = native()
-    if ext is None or not getattr(ext, "has_ce_grad", lambda: False)():
+    if ext is None or not _native["exact_silu"]:
         return None
     with torch.no_grad():
         return ext.cross_entropy_grad_(logits, target.to(torch.long))
@@ -420,7 +420,7 @@ def _rms_ext(x: Tensor, weight: Tensor) -> Any | None:
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[-1] % 16 or x.device.type != "cpu":
         return None
     ext = native()
-    return ext if ext is not None and getattr(ext, "has_rms_norm_train", lambda: False)() else None
+    return ext if ext is not None and _native["bf16_dot"] else None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

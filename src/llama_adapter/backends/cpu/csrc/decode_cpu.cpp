@@ -31,6 +31,10 @@ static inline bf16 b(float x) { return bf16(x); }  // round to nearest even, as 
 // thread's step went there. Handing out fixed chunks one at a time (OpenMP's dynamic schedule) fixed that but pays
 // a shared counter per chunk; guided claims far fewer runs: +3 % on a bf16 step and +23 % on an int8 one (whose
 // pieces are smaller) in alternating runs on this machine.
+// the row-wise kernels (SwiGLU, RMSNorm) hand out about this many elements of rows a piece (a decode step's few
+// rows: one piece, run on the calling thread)
+constexpr int64_t kRowPiece = 16384;
+
 template <typename F>
 static void for_chunks(int64_t n, int64_t piece, const F& fn) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -292,10 +296,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void silu
 }
 #endif
 
-// libtorch exports SLEEF's 16-wide expf and the CPU has AVX512-BF16 (the SwiGLU and the loss's softmax use both)
+// libtorch exports SLEEF's 16-wide expf and the CPU has AVX512-BF16: what the SwiGLU, its training backward and
+// the training loss's softmax need
 bool has_exact_silu() {
 #if defined(__x86_64__)
-  return kSleefExp != nullptr && kInt8Avx512 && __builtin_cpu_supports("avx512bf16");
+  return kSleefExp != nullptr && kBf16Dot;
 #else
   return false;
 #endif
@@ -308,7 +313,7 @@ torch::Tensor silu_mul(const torch::Tensor& h) {
     auto out = torch::empty({B, F}, h.options());
     const bf16* hp = h.data_ptr<bf16>();
     bf16* op = out.data_ptr<bf16>();
-    for_chunks(B, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {  // (a decode step's few rows: one)
+    for_chunks(B, kRowPiece / F, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) silu_mul_row(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
     });
     return out;
@@ -352,17 +357,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void rms_
 }
 #endif
 
-bool has_rms_norm_train() {
-#if defined(__x86_64__)
-  return kInt8Avx512 && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
 // x [R, D] bf16 contiguous (D % 16 == 0), w [D] bf16 -> (y [R, D] bf16, r [R] fp32)
 std::vector<torch::Tensor> rms_norm_train(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  TORCH_CHECK(has_rms_norm_train(), "rms_norm_train: needs AVX512-BF16");
+  TORCH_CHECK(kBf16Dot, "rms_norm_train: needs AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
               "rms_norm_train: x");
   const int64_t R = x.size(0), D = x.size(1);
@@ -374,7 +371,7 @@ std::vector<torch::Tensor> rms_norm_train(const torch::Tensor& x, const torch::T
   const bf16 *xp = x.data_ptr<bf16>(), *wp = wc.data_ptr<bf16>();
   bf16* yp = y.data_ptr<bf16>();
   float* rp = r.data_ptr<float>();
-  for_chunks(R, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+  for_chunks(R, kRowPiece / D, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) rp[i] = rms_train_row(xp + i * D, wp, yp + i * D, D, static_cast<float>(eps));
   });
 #endif
@@ -384,7 +381,7 @@ std::vector<torch::Tensor> rms_norm_train(const torch::Tensor& x, const torch::T
 // the input gradient of rms_norm_train for a frozen w: x, dy [R, D] bf16, r [R] fp32 -> dx [R, D] bf16
 torch::Tensor rms_norm_train_backward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& r,
                                       const torch::Tensor& dy) {
-  TORCH_CHECK(has_rms_norm_train(), "rms_norm_train_backward: needs AVX512-BF16");
+  TORCH_CHECK(kBf16Dot, "rms_norm_train_backward: needs AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
               "rms_norm_train_backward: x");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == at::kBFloat16,
@@ -399,7 +396,7 @@ torch::Tensor rms_norm_train_backward(const torch::Tensor& x, const torch::Tenso
   const bf16 *xp = x.data_ptr<bf16>(), *wp = wc.data_ptr<bf16>(), *gp = dy.data_ptr<bf16>();
   const float* rp = rc.data_ptr<float>();
   bf16* dp = dx.data_ptr<bf16>();
-  for_chunks(R, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+  for_chunks(R, kRowPiece / D, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) rms_train_backward_row(xp + i * D, wp, rp[i], gp + i * D, dp + i * D, D);
   });
 #endif
@@ -424,9 +421,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void silu
     store_bf16(dgate + i, _mm512_mul_ps(_mm512_mul_ps(ds, sg), _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, sg)))));
   }
   for (; i < F; ++i) {
-    const float x = f(gt[i]), gj = f(g[i]);
-    const float sg = 1.f / (1.f + std::exp(-x));
-    dup[i] = b(gj * f(b(x / (1.f + std::exp(-x)))));
+    const float x = f(gt[i]), gj = f(g[i]), d = 1.f + std::exp(-x);
+    const float sg = 1.f / d;
+    dup[i] = b(gj * f(b(x / d)));
     dgate[i] = b(f(b(gj * f(u[i]))) * sg * (1.f + x * (1.f - sg)));
   }
 }
@@ -445,7 +442,7 @@ torch::Tensor silu_mul_backward(const torch::Tensor& h, const torch::Tensor& g) 
   const bf16* hp = h.data_ptr<bf16>();
   const bf16* gp = g.data_ptr<bf16>();
   bf16* dp = dh.data_ptr<bf16>();
-  for_chunks(R, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {
+  for_chunks(R, kRowPiece / F, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       silu_mul_backward_row(hp + r * 2 * F, hp + r * 2 * F + F, gp + r * F, dp + r * 2 * F, dp + r * 2 * F + F, F);
   });
@@ -474,8 +471,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float ce_
   for (int64_t i = vec; i < V; ++i) z += std::exp(f(x[i]) - m);
   const __m512 inv = _mm512_set1_ps(1.f / z);
   for (int64_t i = 0; i < vec; i += 16) {
-    const __m512 pr = _mm512_mul_ps(kSleefExp(_mm512_sub_ps(widen16(x + i), mb)), inv);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), (__m256i)_mm512_cvtneps_pbh(pr));
+    store_bf16(x + i, _mm512_mul_ps(kSleefExp(_mm512_sub_ps(widen16(x + i), mb)), inv));
   }
   for (int64_t i = vec; i < V; ++i) x[i] = b(std::exp(f(x[i]) - m) / z);
   x[y] = b(f(x[y]) - 1.f);
@@ -483,11 +479,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float ce_
 }
 #endif
 
-bool has_ce_grad() { return has_exact_silu(); }  // the same needs: SLEEF's vector expf and AVX512-BF16
-
 // logits [n, V] bf16 contiguous (overwritten with softmax - onehot), target [n] int64 in [0, V) -> loss [n] fp32
 torch::Tensor cross_entropy_grad_(torch::Tensor& logits, const torch::Tensor& target) {
-  TORCH_CHECK(has_ce_grad(), "cross_entropy_grad_: needs AVX512-BF16 and libtorch's SLEEF");
+  TORCH_CHECK(has_exact_silu(), "cross_entropy_grad_: needs AVX512-BF16 and libtorch's SLEEF");
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kBFloat16,
               "cross_entropy_grad_: logits");
   const int64_t n = logits.size(0), V = logits.size(1);
@@ -824,11 +818,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);
   m.def("silu_mul_backward", &silu_mul_backward);
-  m.def("has_rms_norm_train", &has_rms_norm_train);
   m.def("rms_norm_train", &rms_norm_train);
   m.def("rms_norm_train_backward", &rms_norm_train_backward);
   m.def("has_exact_silu", &has_exact_silu);
-  m.def("has_ce_grad", &has_ce_grad);
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
   m.def("attention", &attention);
   m.def("prefill_attention", &prefill_attention);

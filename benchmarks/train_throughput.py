@@ -116,6 +116,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     params = model.trainable_parameters("default")
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
     model.train()
+    model.backend.prepare_training()  # as training.loop.train does
 
     def step() -> float:
         loss, n = batch_loss(model, "default", batch)

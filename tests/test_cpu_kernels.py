@@ -202,14 +202,14 @@ def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path: Path, capsys: 
 
 
 def _adapted_training_step(
-    dtype: torch.dtype, n_layers: int, adapted: int, hidden_dim: int, seq: int
+    dtype: torch.dtype, n_layers: int, adapted: int, hidden_dim: int, seq: int, dim: int = 32
 ) -> tuple[la.Transformer, Callable[[], tuple[torch.Tensor, ...]]]:
     """A tiny base on the CPU backend with an adapter (non-zero gates) on its top `adapted` layers, and a function
     running one training step on a fixed batch: (loss, prompt gradient, gate gradient)."""
     from llama_adapter.backends import install
 
     cfg = la.ModelConfig(
-        vocab_size=64, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=hidden_dim, max_seq_len=32
+        vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=hidden_dim, max_seq_len=32
     )
     torch.manual_seed(0)
     model = la.Transformer(cfg).to(dtype)
@@ -423,3 +423,95 @@ def test_bf16_rms_norm_with_a_frozen_weight_takes_one_pass_each_way(monkeypatch:
     for f, s in zip(fast, slow, strict=True):
         step = s.abs().clamp_min(2.0**-100) * 2.0**-7  # one bf16 step at each value
         assert ((f - s).abs() <= step + 1e-6).all()
+
+
+needs_bf16_kernels = pytest.mark.skipif(
+    kernels.native() is None or not kernels._native["exact_silu"], reason="needs the C++ kernels on AVX512-BF16"
+)
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("T", [5, 37])
+def test_bf16_causal_attention_softmax_one_pass_each_way(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 training's causal attention (two products around the C++ softmax, `causal_softmax_` and its backward)
+    agrees with the fp64 formula as closely as the ATen version it replaces: values and the three gradients, over
+    a row length below one vector (T=5) and one with a tail (T=37), grouped-query heads stacked."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, T, 64).bfloat16().requires_grad_() for h in (6, 2, 2))
+    g = torch.randn(2, 6, T, 64).bfloat16()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd, kd.repeat_interleave(3, 1), vd.repeat_interleave(3, 1), is_causal=True)
+    want = (ref, *torch.autograd.grad(ref, (qd, kd, vd), g.double()))
+
+    def errors() -> list[float]:
+        out = kernels.causal_attention(q, k, v)
+        got = (out, *torch.autograd.grad(out, (q, k, v), g))
+        return [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want, strict=True)]
+
+    calls: list[int] = []
+    fused = kernels._CausalAttention.apply
+    monkeypatch.setattr(kernels._CausalAttention, "apply", lambda *a: calls.append(1) or fused(*a))
+    fast = errors()
+    assert calls == [1]
+    monkeypatch.setitem(kernels._native, "exact_silu", False)  # the ATen path: baddbmm, softmax, bmm
+    stock = errors()
+    assert calls == [1]
+    for f, s in zip(fast, stock, strict=True):
+        assert f <= max(2 * s, 1e-2), (fast, stock)
+
+
+@needs_bf16_kernels
+def test_bf16_training_rotary_embedding_is_apply_ropes_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotation and head split of bf16 training (`CpuAttention.heads`, one C++ pass each way) round as
+    `model.apply_rope` does: a training step's loss and adapter gradients are equal with and without it."""
+    _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
+    calls: list[int] = []
+    fused = kernels.rope_qkv
+    monkeypatch.setattr(kernels, "rope_qkv", lambda *a: calls.append(1) or fused(*a))
+    fast = step()
+    assert len(calls) == 2  # the adapted layers (below them no gradient is wanted)
+    monkeypatch.setattr(kernels, "rope_qkv", lambda *a: None)
+    stock = step()
+    assert fast[1].abs().sum() > 0
+    for s, f in zip(stock, fast, strict=True):
+        assert torch.equal(s, f)
+
+
+_FAULTS = """
+import resource, sys, torch
+from llama_adapter.backends.cpu import allocator
+
+def faults():  # page faults of allocating, touching and freeing a 48 MB buffer 10 times (above glibc's 32 MB cap)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.empty(48 << 20, dtype=torch.uint8).fill_(1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+before = faults()
+print(before, allocator.keep_freed_memory(), faults(), allocator.why_not_tuned())
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_training_keeps_freed_buffers_instead_of_page_faulting_them_in_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`CpuBackend.prepare_training` (allocator.keep_freed_memory) raises glibc's mmap and trim thresholds, so a
+    buffer freed and allocated again every step is reused rather than mapped afresh and faulted in page by page;
+    LLAMA_ADAPTER_MALLOC_TUNING=0, the user's own MALLOC_* settings or a preloaded allocator leave it alone."""
+    import os
+    import subprocess
+    import sys
+
+    from llama_adapter.backends.cpu import allocator
+
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
+    }
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    before, tuned, after, _ = out.stdout.split(maxsplit=3)
+    pages = 10 * (48 << 20) // 4096
+    assert int(before) > pages // 2  # each allocation mapped afresh
+    assert tuned == "True" and int(after) < pages // 5  # the first one grows the heap; the other nine reuse it
+    for name, value in (("LLAMA_ADAPTER_MALLOC_TUNING", "0"), ("MALLOC_ARENA_MAX", "2"), ("LD_PRELOAD", "x.so")):
+        monkeypatch.setattr(os, "environ", {**env, name: value})
+        assert name in (allocator.why_not_tuned() or "")

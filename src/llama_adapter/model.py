@@ -116,11 +116,7 @@ class Attention(nn.Module):
         if callable(pkv):
             pkv = pkv(self.kv_weights())
         B, T, _ = x.shape
-        qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # one rotation for queries and keys together: [B, H + n_kv, T, d]
-        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
-        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.heads(self.wqkv(x), cos, sin)
         if cache is not None:  # write this step's k/v at each row's positions, read back the prefix
             kc, vc, (rows, pos), kv_len = cache
             kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
@@ -128,6 +124,16 @@ class Attention(nn.Module):
             k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
         y = self.attend(q, k, v, mask, pkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+    def heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused projection's output [B, T, (H + 2 n_kv) d] -> queries [B, H, T, d], keys and values
+        [B, n_kv, T, d]; queries and keys rotated (a backend may swap in a fused version)."""
+        B, T, _ = qkv.shape
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # one rotation for queries and keys together: [B, H + n_kv, T, d]
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        return q, k, v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
 
 
 class FeedForward(nn.Module):

@@ -36,6 +36,9 @@ class TorchBackend:
     def prepare_decoding(self) -> None:
         """Lay weights out for decoding, once per decoder (the reference keeps them as they are)."""
 
+    def prepare_training(self) -> None:
+        """Ready the process for training steps, once per run (the reference changes nothing)."""
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 

@@ -563,6 +563,7 @@ def train(
     bar = _progress_bar(run)
     t_train = time.perf_counter()
     run.model.train()
+    backend_of(run.model).prepare_training()
     try:
         last_loss, last_val = run_loop(run, mfile, bar)
     finally:

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llama_adapter.backends.cpu import fused_decode, kernels
+from llama_adapter.backends.cpu import allocator, fused_decode, kernels
 from llama_adapter.backends.reference import TorchBackend
-from llama_adapter.model import FeedForward, KVCache, RMSNorm
+from llama_adapter.model import Attention, FeedForward, KVCache, RMSNorm
 from llama_adapter.zero_init_attention import PromptKV, ZeroInitAttention
 
 
 class CpuRMSNorm(RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
-        if kernels.use_cpu_training_kernels(x):
+        if kernels.use_cpu_training_kernels(x) and not torch.compiler.is_compiling():
             return kernels.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -39,6 +39,15 @@ class CpuFeedForward(FeedForward):
             if y is not None:
                 return self.w2(y)
         return super().forward(x)
+
+
+class CpuAttention(Attention):
+    def heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if kernels.use_cpu_training_kernels(qkv) and not torch.compiler.is_compiling():
+            heads = kernels.rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv)
+            if heads is not None:
+                return heads
+        return super().heads(qkv, cos, sin)
 
 
 class CpuZeroInitAttention(ZeroInitAttention):
@@ -108,6 +117,7 @@ class CpuBackend(TorchBackend):
 
     SWAPS: dict[type[nn.Module], type[nn.Module]] = {
         RMSNorm: CpuRMSNorm,
+        Attention: CpuAttention,
         FeedForward: CpuFeedForward,
         ZeroInitAttention: CpuZeroInitAttention,
         nn.Linear: PackedLinear,
@@ -140,6 +150,9 @@ class CpuBackend(TorchBackend):
     def kv_cache_dtype(self) -> torch.dtype:
         # small bf16 batched matmuls are slow on CPUs (kernels.decode_attention): keys/values are kept in fp32
         return torch.float32
+
+    def prepare_training(self) -> None:
+        allocator.keep_freed_memory()  # a step's buffers are reused, not page-faulted in again
 
     def prepare_decoding(self) -> None:
         """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 only; else a no-op).

@@ -427,15 +427,88 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
+class _RopeQKV(torch.autograd.Function):
+    """The fused q/k/v projection's output -> rotated q, k and v with heads contiguous, one C++ pass each way."""
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv: int) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(cos, sin)
+        return tuple(_native["ext"].rope_qkv(qkv, cos, sin, n_heads, n_kv))
+
+    @staticmethod
+    def backward(ctx: Any, dq: Tensor, dk: Tensor, dv: Tensor) -> tuple[Tensor | None, ...]:
+        cos, sin = ctx.saved_tensors
+        g = (dq.contiguous(), dk.contiguous(), dv.contiguous())
+        return _native["ext"].rope_qkv_backward(*g, cos, sin), None, None, None, None
+
+
+def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`Attention.forward`'s rotation and head split of a training step (bf16, every row at positions 0..T-1:
+    cos/sin [1, 1, T, d]), bit for bit `model.apply_rope`; None where the C++ kernel does not apply."""
+    d = cos.shape[-1]
+    if (
+        qkv.dtype != torch.bfloat16
+        or cos.dtype != torch.bfloat16
+        or cos.shape[:2] != (1, 1)
+        or d % 32 != 0
+        or not qkv.is_contiguous()
+        or native() is None
+        or not _native["bf16_dot"]
+    ):
+        return None
+    q, k, v = _RopeQKV.apply(qkv, cos.contiguous(), sin.contiguous(), n_heads, n_kv)
+    return q, k, v
+
+
 _causal_bias: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+class _CausalAttention(torch.autograd.Function):
+    """bf16 causal attention as two batched products around the C++ softmax (`causal_softmax_`), forward and
+    backward: the scores and probabilities [B * n_kv, rep * T, T] are computed once, in place, and P is what is kept
+    for backward (as autograd keeps it for the ATen version)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, T, d = q.shape
+        n_kv = k.shape[1]
+        qg = q.reshape(B * n_kv, H // n_kv * T, d)
+        kg, vg = k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
+        p = torch.bmm(qg, kg.transpose(1, 2))
+        ext = _native["ext"]
+        ext.causal_softmax_(p, T, 1.0 / math.sqrt(d))
+        ctx.save_for_backward(qg, kg, vg, p)
+        ctx.shape = (B, H, T, d, n_kv)
+        return torch.bmm(p, vg).view(B, H, T, d)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        qg, kg, vg, p = ctx.saved_tensors
+        B, H, T, d, n_kv = ctx.shape
+        gg = g.reshape(qg.shape)
+        dv = torch.bmm(p.transpose(1, 2), gg).view(B, n_kv, T, d) if ctx.needs_input_grad[2] else None
+        ds = torch.bmm(gg, vg.transpose(1, 2))
+        _native["ext"].causal_softmax_backward_(ds, p, T, 1.0 / math.sqrt(d))
+        dq = torch.bmm(ds, kg).view(B, H, T, d) if ctx.needs_input_grad[0] else None
+        dk = torch.bmm(ds.transpose(1, 2), qg).view(B, n_kv, T, d) if ctx.needs_input_grad[1] else None
+        return dq, dk, dv
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal softmax(q k^T / sqrt(d)) v for q [B, H, T, d], k/v [B, n_kv, T, d] (grouped-query heads).
 
     Query heads sharing a key head are stacked along the sequence axis, so each key/value head takes part in
-    one batched matmul without being repeated; the scale and the causal mask ride in the same baddbmm.
+    one batched matmul without being repeated. bf16 with the C++ kernels: the softmax and its backward one pass
+    each (`_CausalAttention`); else the scale and the causal mask ride in one baddbmm before ATen's softmax.
     """
+    if (
+        q.dtype == torch.bfloat16
+        and k.dtype == v.dtype == q.dtype
+        and not torch.compiler.is_compiling()  # (a compiled block leaves attention to inductor, unbroken)
+        and native() is not None
+        and _native["exact_silu"]
+    ):
+        return _CausalAttention.apply(q, k, v)
     B, H, T, d = q.shape
     n_kv = k.shape[1]
     rep = H // n_kv

@@ -11,6 +11,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -501,6 +502,198 @@ torch::Tensor cross_entropy_grad_(torch::Tensor& logits, const torch::Tensor& ta
   return loss;
 }
 
+// ---- causal attention while training: the softmax between the two batched products, and its backward ----------
+// Training takes the frozen base's causal attention as two AMX products (bf16 scores = q k^T, then P v) around a
+// softmax. In ATen the scores go through a baddbmm that first copies a [rows, T] causal bias, a bf16 softmax and
+// its backward: ~5 ms a layer at 4 x 256 tokens, more than the products. Here one pass per row, in place: the scale,
+// the causal mask implied by the row's position (query heads of a key/value group stacked: row r is position
+// r % T), fp32 max / sum with SLEEF's expf, bf16 probabilities with zeros above the diagonal; and backward
+// dS = scale * P * (dP - sum(P * dP)) over the same rows.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __m512 widen_n(const bf16* p, int64_t n) {
+  const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);  // the first n < 16 values, zeros after
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline void store_bf16_n(bf16* p, __m512 v,
+                                                                                                  int64_t n) {
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// s: one row of T scores, the first n (>= 1) of them allowed; e: T floats of scratch
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void causal_softmax_row(bf16* s, int64_t n,
+                                                                                               int64_t T, float scale,
+                                                                                               float* e) {
+  const int64_t vec = n / 16 * 16, rest = n - vec;
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < vec; i += 16) mv = _mm512_max_ps(mv, widen16(s + i));
+  if (rest) mv = _mm512_mask_max_ps(mv, static_cast<__mmask16>((1u << rest) - 1), mv, widen_n(s + vec, rest));
+  const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(_mm512_reduce_max_ps(mv) * scale);
+  __m512 zv = _mm512_setzero_ps();
+  for (int64_t i = 0; i < vec; i += 16) {
+    const __m512 x = kSleefExp(_mm512_fmsub_ps(widen16(s + i), sc, m));
+    _mm512_storeu_ps(e + i, x);
+    zv = _mm512_add_ps(zv, x);
+  }
+  if (rest) {
+    const __mmask16 k = static_cast<__mmask16>((1u << rest) - 1);
+    const __m512 x = _mm512_maskz_mov_ps(k, kSleefExp(_mm512_fmsub_ps(widen_n(s + vec, rest), sc, m)));
+    _mm512_storeu_ps(e + vec, x);
+    zv = _mm512_add_ps(zv, x);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(zv));
+  for (int64_t i = 0; i < vec; i += 16) store_bf16(s + i, _mm512_mul_ps(_mm512_loadu_ps(e + i), inv));
+  if (rest) store_bf16_n(s + vec, _mm512_mul_ps(_mm512_loadu_ps(e + vec), inv), rest);
+  std::fill(s + n, s + T, bf16(0.f));
+}
+
+// dp (overwritten with dS) and p: one row of T, the first n allowed
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void causal_softmax_backward_row(
+    bf16* dp, const bf16* p, int64_t n, int64_t T, float scale) {
+  const int64_t vec = n / 16 * 16, rest = n - vec;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < vec; i += 16) acc = _mm512_fmadd_ps(widen16(p + i), widen16(dp + i), acc);
+  if (rest) acc = _mm512_fmadd_ps(widen_n(p + vec, rest), widen_n(dp + vec, rest), acc);
+  const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), sc = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < vec; i += 16)
+    store_bf16(dp + i, _mm512_mul_ps(_mm512_mul_ps(widen16(p + i), _mm512_sub_ps(widen16(dp + i), dot)), sc));
+  if (rest) {
+    const __m512 x = _mm512_mul_ps(widen_n(p + vec, rest), _mm512_sub_ps(widen_n(dp + vec, rest), dot));
+    store_bf16_n(dp + vec, _mm512_mul_ps(x, sc), rest);
+  }
+  std::fill(dp + n, dp + T, bf16(0.f));
+}
+#endif
+
+static void check_scores(const torch::Tensor& s, int64_t T, const char* what) {
+  TORCH_CHECK(has_exact_silu(), what, ": needs AVX512-BF16 and libtorch's SLEEF");
+  TORCH_CHECK(s.dim() == 3 && s.is_contiguous() && s.scalar_type() == at::kBFloat16 && s.size(2) == T &&
+                  T > 0 && s.size(1) % T == 0,
+              what, ": scores must be contiguous bf16 [groups, heads x T, T]");
+}
+
+// s [G, rep * T, T] bf16 scores of query heads stacked per key/value group -> causal softmax(scale * s), in place
+void causal_softmax_(torch::Tensor& s, int64_t T, double scale) {
+  check_scores(s, T, "causal_softmax_");
+#if defined(__x86_64__)
+  bf16* sp = s.data_ptr<bf16>();
+  const float sc = static_cast<float>(scale);
+  for_chunks(s.size(0) * s.size(1), kRowPiece / T, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e(T + 16);
+    for (int64_t r = r0; r < r1; ++r) causal_softmax_row(sp + r * T, r % T + 1, T, sc, e.data());
+  });
+#endif
+}
+
+// dp [G, rep * T, T] (the gradient of P, overwritten with that of the scores s), p the forward's probabilities
+void causal_softmax_backward_(torch::Tensor& dp, const torch::Tensor& p, int64_t T, double scale) {
+  check_scores(dp, T, "causal_softmax_backward_");
+  TORCH_CHECK(p.sizes() == dp.sizes() && p.is_contiguous() && p.scalar_type() == at::kBFloat16,
+              "causal_softmax_backward_: probabilities");
+#if defined(__x86_64__)
+  bf16* gp = dp.data_ptr<bf16>();
+  const bf16* pp = p.data_ptr<bf16>();
+  const float sc = static_cast<float>(scale);
+  for_chunks(dp.size(0) * dp.size(1), kRowPiece / T, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) causal_softmax_backward_row(gp + r * T, pp + r * T, r % T + 1, T, sc);
+  });
+#endif
+}
+
+// ---- rotary embedding of a training step's queries and keys, heads laid out for the attention -------------------
+// qkv [B, T, (H + 2 n_kv) d] (the fused projection's output) -> q [B, H, T, d], k and v [B, n_kv, T, d], contiguous,
+// q and k rotated: out = x cos + roll(x, d/2) signed_sin, with the eager path's three bf16 roundings (each product,
+// then the sum), so values are bit for bit model.apply_rope's. In ATen ops this is a roll (a cat), two products and
+// a sum over q and k, then copies to make the heads contiguous, each once more in backward; here one pass each way.
+#if defined(__x86_64__)
+// one head of d values: rotated (cs/sn: the position's cos and signed sin) or copied
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void rope_head(const bf16* x, const bf16* cs,
+                                                                                      const bf16* sn, bf16* out,
+                                                                                      int64_t d, bool backward) {
+  const int64_t h = d / 2;
+  for (int64_t i = 0; i < h; i += 16) {
+    const __m512 lo = widen16(x + i), hi = widen16(x + h + i);
+    // forward: x_lo c_lo + x_hi s_lo and x_hi c_hi + x_lo s_hi; backward (the transpose): g_lo c_lo + g_hi s_hi and
+    // g_hi c_hi + g_lo s_lo
+    const __m512 s_lo = widen16(sn + i), s_hi = widen16(sn + h + i);
+    const __m512 a = round_bf16(_mm512_mul_ps(lo, widen16(cs + i)));
+    const __m512 c = round_bf16(_mm512_mul_ps(hi, widen16(cs + h + i)));
+    store_bf16(out + i, _mm512_add_ps(a, round_bf16(_mm512_mul_ps(hi, backward ? s_hi : s_lo))));
+    store_bf16(out + h + i, _mm512_add_ps(c, round_bf16(_mm512_mul_ps(lo, backward ? s_lo : s_hi))));
+  }
+}
+#endif
+
+static void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t T, int64_t d) {
+  TORCH_CHECK(kBf16Dot, "rope: needs AVX512-BF16");
+  TORCH_CHECK(d % 32 == 0, "rope: head_dim must be a multiple of 32");
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16 && t->numel() == T * d,
+                "rope: cos/sin must be contiguous bf16 [T, head_dim]");
+}
+
+std::vector<torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                    int64_t H, int64_t n_kv) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && qkv.scalar_type() == at::kBFloat16, "rope_qkv: qkv");
+  const int64_t B = qkv.size(0), T = qkv.size(1), W = qkv.size(2), d = W / (H + 2 * n_kv);
+  TORCH_CHECK(d * (H + 2 * n_kv) == W, "rope_qkv: width is not (H + 2 n_kv) x head_dim");
+  check_rope(cos, sin, T, d);
+  auto q = torch::empty({B, H, T, d}, qkv.options());
+  auto k = torch::empty({B, n_kv, T, d}, qkv.options());
+  auto v = torch::empty({B, n_kv, T, d}, qkv.options());
+#if defined(__x86_64__)
+  const bf16 *xp = qkv.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+  bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
+  for_chunks(B * T, kRowPiece / W, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t bi = r / T, t = r % T;
+      const bf16* x = xp + r * W;
+      for (int64_t h = 0; h < H; ++h)
+        rope_head(x + h * d, cp + t * d, sp + t * d, qp + ((bi * H + h) * T + t) * d, d, false);
+      for (int64_t h = 0; h < n_kv; ++h) {
+        const int64_t o = ((bi * n_kv + h) * T + t) * d;
+        rope_head(x + (H + h) * d, cp + t * d, sp + t * d, kp + o, d, false);
+        std::copy(x + (H + n_kv + h) * d, x + (H + n_kv + h + 1) * d, vp + o);
+      }
+    }
+  });
+#endif
+  return {q, k, v};
+}
+
+// the gradients of rope_qkv's outputs -> that of its input qkv [B, T, (H + 2 n_kv) d]
+torch::Tensor rope_qkv_backward(const torch::Tensor& dq, const torch::Tensor& dk, const torch::Tensor& dv,
+                                const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t B = dq.size(0), H = dq.size(1), T = dq.size(2), d = dq.size(3), n_kv = dk.size(1);
+  for (const auto* g : {&dq, &dk, &dv})
+    TORCH_CHECK(g->is_contiguous() && g->scalar_type() == at::kBFloat16 && g->dim() == 4 && g->size(0) == B &&
+                    g->size(2) == T && g->size(3) == d,
+                "rope_qkv_backward: gradients must be contiguous bf16 [B, heads, T, head_dim]");
+  TORCH_CHECK(dv.size(1) == n_kv, "rope_qkv_backward: k and v heads differ");
+  check_rope(cos, sin, T, d);
+  const int64_t W = (H + 2 * n_kv) * d;
+  auto dx = torch::empty({B, T, W}, dq.options());
+#if defined(__x86_64__)
+  const bf16 *qp = dq.data_ptr<bf16>(), *kp = dk.data_ptr<bf16>(), *vp = dv.data_ptr<bf16>();
+  const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+  bf16* xp = dx.data_ptr<bf16>();
+  for_chunks(B * T, kRowPiece / W, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t bi = r / T, t = r % T;
+      bf16* x = xp + r * W;
+      for (int64_t h = 0; h < H; ++h)
+        rope_head(qp + ((bi * H + h) * T + t) * d, cp + t * d, sp + t * d, x + h * d, d, true);
+      for (int64_t h = 0; h < n_kv; ++h) {
+        const int64_t o = ((bi * n_kv + h) * T + t) * d;
+        rope_head(kp + o, cp + t * d, sp + t * d, x + (H + h) * d, d, true);
+        std::copy(vp + o, vp + o + d, x + (H + n_kv + h) * d);
+      }
+    }
+  });
+#endif
+  return dx;
+}
+
 // ---- attention of one new token per row, with the gated prompt attention of zero-init adapters ------------
 // Vector code for the machine it runs on, chosen at load time (one build serves AVX2 and AVX-512 CPUs).
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -822,6 +1015,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_train_backward", &rms_norm_train_backward);
   m.def("has_exact_silu", &has_exact_silu);
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
+  m.def("causal_softmax_", &causal_softmax_);
+  m.def("causal_softmax_backward_", &causal_softmax_backward_);
+  m.def("rope_qkv", &rope_qkv);
+  m.def("rope_qkv_backward", &rope_qkv_backward);
   m.def("attention", &attention);
   m.def("prefill_attention", &prefill_attention);
   py::class_<DecodePlan>(m, "DecodePlan")

@@ -515,3 +515,41 @@ def test_training_keeps_freed_buffers_instead_of_page_faulting_them_in_again(mon
     for name, value in (("LLAMA_ADAPTER_MALLOC_TUNING", "0"), ("MALLOC_ARENA_MAX", "2"), ("LD_PRELOAD", "x.so")):
         monkeypatch.setattr(os, "environ", {**env, name: value})
         assert name in (allocator.why_not_tuned() or "")
+
+
+@needs_bf16_kernels
+def test_bf16_training_gated_prompt_attention_one_pass_each_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 training's prompt half of eq. 8 added to the token half (`add_prompt_attention`, one C++ pass each way,
+    in fp32) agrees with the fp64 formula at least as closely as the ATen ops it replaces, in the output and in
+    every gradient (queries, token output, prompt keys and values, gates); with zero gates the output is the token
+    attention's bit for bit (zero-init holds on this path); a training step of the CPU backend takes it."""
+    torch.manual_seed(0)
+    B, H, n_kv, T, d, K = 2, 6, 2, 19, 64, 10
+    q, y = (torch.randn(B, H, T, d).bfloat16().requires_grad_() for _ in range(2))
+    pk, pv = (torch.randn(1, n_kv, K, d).bfloat16().requires_grad_() for _ in range(2))
+    gates = torch.randn(1, H).requires_grad_()
+    g = torch.randn(B, H, T, d).bfloat16()
+    leaves = (q, y, pk, pv, gates)
+
+    def run(fn: Callable[[PromptKV], torch.Tensor], gate: torch.Tensor) -> list[torch.Tensor]:
+        prompts = PromptKV(pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), gate.expand(B, H))
+        out = fn(prompts)
+        return [out, *torch.autograd.grad(out, leaves, g)]
+
+    fused = lambda p: kernels.add_prompt_attention(y, q, p)  # noqa: E731
+    stock = lambda p: y + la.zero_init_attention.ZeroInitAttention().gated_prompt_attention(q, p)  # noqa: E731
+    fast, slow = run(fused, torch.tanh(gates)), run(stock, torch.tanh(gates))
+    qd, yd, kd, vd, gd = (t.detach().double().requires_grad_() for t in leaves)
+    scores = torch.einsum("bgrtd,bgkd->bgrtk", qd.view(B, n_kv, H // n_kv, T, d), kd.expand(B, -1, -1, -1))
+    o = torch.einsum("bgrtk,bgkd->bgrtd", (scores / d**0.5).softmax(-1), vd.expand(B, -1, -1, -1))
+    ref = yd + torch.tanh(gd).expand(B, H)[:, :, None, None] * o.reshape(B, H, T, d)
+    want = [ref, *torch.autograd.grad(ref, (qd, yd, kd, vd, gd), g.double())]
+    for f, s, w in zip(fast, slow, want, strict=True):
+        err = lambda t: ((t.double() - w).abs().max() / w.abs().max()).item()  # noqa: E731, B023
+        assert err(f) <= max(1.5 * err(s), 2e-3), (err(f), err(s))
+    assert torch.equal(run(fused, gates * 0)[0], y)
+    _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
+    calls: list[int] = []
+    kernel = kernels.add_prompt_attention
+    monkeypatch.setattr(kernels, "add_prompt_attention", lambda *a: calls.append(1) or kernel(*a))
+    assert step()[2].abs().sum() > 0 and len(calls) == 2

@@ -541,6 +541,49 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     return ext.prefill_attention(q, k, v)
 
 
+class _PromptAttention(torch.autograd.Function):
+    """y + gate * softmax(q K_p^T / sqrt(d)) V_p (eq. 6-8's prompt half added to the token half), one C++ pass
+    each way; the gradient of y is that of the output, unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, q: Tensor, pk: Tensor, pv: Tensor, gate: Tensor) -> Tensor:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out, prob = _native["ext"].prompt_attention(y, q, pk, pv, gate, scale)
+        ctx.save_for_backward(q, pk, pv, gate, prob)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        q, pk, pv, gate, prob = ctx.saved_tensors
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        dq, dk, dv, dgate = _native["ext"].prompt_attention_backward(g.contiguous(), q, pk, pv, gate, prob, scale)
+        return g, dq, dk, dv, dgate
+
+
+def add_prompt_attention(y: Tensor, q: Tensor, prompts: PromptKV) -> Tensor | None:
+    """y + the gated prompt attention of q [B, H, T, d] (`ZeroInitAttention.gated_prompt_attention`) for bf16
+    training in one C++ pass each way; None where it does not apply (no kernels, other dtypes, a padding mask of
+    adapters with different prompt lengths, d % 16), and the caller takes the PyTorch ops."""
+    d = q.shape[-1]
+    if (
+        q.dtype != torch.bfloat16
+        or y.dtype != q.dtype
+        or prompts.k.dtype != q.dtype
+        or prompts.v.dtype != q.dtype
+        or prompts.mask is not None
+        or d % 16 != 0
+        or d > 256
+        or native() is None
+        or not _native["bf16_dot"]
+    ):
+        return None
+    B, H = q.shape[:2]
+    gate = prompts.gate.float().expand(B, H).contiguous()
+    pk, pv = (t.expand(B, -1, -1, -1).contiguous() for t in (prompts.k, prompts.v))
+    out: Tensor = _PromptAttention.apply(y.contiguous(), q.contiguous(), pk, pv, gate)
+    return out
+
+
 def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v against a few keys: q [B, n_kv, M, d], k/v [B, n_kv, K, d], mask broadcastable
     to [B, n_kv, M, K] (False = masked). Query heads of a key/value group are stacked in M by the caller."""

@@ -600,6 +600,159 @@ void causal_softmax_backward_(torch::Tensor& dp, const torch::Tensor& p, int64_t
 #endif
 }
 
+// ---- the gated prompt attention of training (eq. 6-8), added to the token attention's output -------------------
+// out = y + gate_h * softmax(scale q K_p^T) V_p for every query row, against the K prompt keys/values of the row's
+// key/value group. In ATen ops this is ten small kernels (scale, two batched products, softmax, gate, add; more in
+// backward) of ~0.1-0.5 ms each around a few MFLOPs; here one pass over the rows each way, in fp32 (the probabilities
+// [B, H, T, K] are kept for backward), parallel over (batch row, key/value group) so that the prompt gradients sum
+// without sharing. d % 16 == 0, d <= 256.
+#if defined(__x86_64__)
+constexpr int64_t kMaxVec = 16;  // d / 16 vectors of a head at most (d <= 256)
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void prompt_attention_group(
+    const bf16* y, const bf16* q, const bf16* pk, const bf16* pv, const float* gate, bf16* out, float* prob,
+    int64_t rows, int64_t T, int64_t K, int64_t d, float scale) {
+  const int64_t nv = d / 16;
+  std::vector<float> kf(K * d), vf(K * d), s(K);
+  for (int64_t i = 0; i < K * d; ++i) kf[i] = f(pk[i]), vf[i] = f(pv[i]);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 x[kMaxVec];
+    for (int64_t c = 0; c < nv; ++c) x[c] = widen16(q + r * d + c * 16);
+    float m = -INFINITY;
+    for (int64_t j = 0; j < K; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < nv; ++c) acc = _mm512_fmadd_ps(x[c], _mm512_loadu_ps(&kf[j * d + c * 16]), acc);
+      s[j] = _mm512_reduce_add_ps(acc) * scale;
+      m = std::max(m, s[j]);
+    }
+    float z = 0.f;
+    for (int64_t j = 0; j < K; ++j) z += (s[j] = std::exp(s[j] - m));
+    const float g = gate[r / T] / z;
+    __m512 o[kMaxVec];
+    for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; ++j) {
+      prob[r * K + j] = s[j] / z;
+      const __m512 w = _mm512_set1_ps(s[j] * g);
+      for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(&vf[j * d + c * 16]), o[c]);
+    }
+    for (int64_t c = 0; c < nv; ++c)
+      store_bf16(out + r * d + c * 16, _mm512_add_ps(widen16(y + r * d + c * 16), o[c]));
+  }
+}
+
+// one group's backward: dq rows (bf16), the group's dk / dv (summed over its rows, bf16) and dgate per query head
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void prompt_attention_group_backward(
+    const bf16* g, const bf16* q, const bf16* pk, const bf16* pv, const float* gate, const float* prob, bf16* dq,
+    bf16* dk, bf16* dv, float* dgate, int64_t rows, int64_t T, int64_t K, int64_t d, float scale) {
+  const int64_t nv = d / 16;
+  std::vector<float> kf(K * d), vf(K * d), dkf(K * d, 0.f), dvf(K * d, 0.f), dp(K);
+  for (int64_t i = 0; i < K * d; ++i) kf[i] = f(pk[i]), vf[i] = f(pv[i]);
+  for (int64_t h = 0; h < rows / T; ++h) dgate[h] = 0.f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float gt = gate[r / T];
+    const float* p = prob + r * K;
+    __m512 go[kMaxVec], x[kMaxVec];
+    for (int64_t c = 0; c < nv; ++c) go[c] = widen16(g + r * d + c * 16), x[c] = widen16(q + r * d + c * 16);
+    // d gate = g . sum_j p_j v_j; d p_j = gate g . v_j
+    float dg = 0.f, pdp = 0.f;
+    for (int64_t j = 0; j < K; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < nv; ++c) acc = _mm512_fmadd_ps(go[c], _mm512_loadu_ps(&vf[j * d + c * 16]), acc);
+      const float gv = _mm512_reduce_add_ps(acc);
+      dg += p[j] * gv;
+      dp[j] = gt * gv;
+      pdp += p[j] * dp[j];
+    }
+    dgate[r / T] += dg;
+    __m512 dx[kMaxVec];
+    for (int64_t c = 0; c < nv; ++c) dx[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; ++j) {
+      const float ds = p[j] * (dp[j] - pdp) * scale;  // d score_j (scaled back to q . k_j)
+      const __m512 dsv = _mm512_set1_ps(ds), pg = _mm512_set1_ps(p[j] * gt);
+      for (int64_t c = 0; c < nv; ++c) {
+        float* dkj = &dkf[j * d + c * 16];
+        float* dvj = &dvf[j * d + c * 16];
+        dx[c] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(&kf[j * d + c * 16]), dx[c]);
+        _mm512_storeu_ps(dkj, _mm512_fmadd_ps(dsv, x[c], _mm512_loadu_ps(dkj)));
+        _mm512_storeu_ps(dvj, _mm512_fmadd_ps(pg, go[c], _mm512_loadu_ps(dvj)));
+      }
+    }
+    for (int64_t c = 0; c < nv; ++c) store_bf16(dq + r * d + c * 16, dx[c]);
+  }
+  for (int64_t i = 0; i < K * d; ++i) dk[i] = b(dkf[i]), dv[i] = b(dvf[i]);
+}
+#endif
+
+static void check_prompt_attention(const torch::Tensor& q, const torch::Tensor& pk, const torch::Tensor& pv,
+                                   const torch::Tensor& gate) {
+  TORCH_CHECK(kBf16Dot, "prompt_attention: needs AVX512-BF16");
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.scalar_type() == at::kBFloat16, "prompt_attention: q");
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(3);
+  TORCH_CHECK(d % 16 == 0 && d <= 16 * kMaxVec, "prompt_attention: head_dim must be a multiple of 16, at most 256");
+  for (const auto* t : {&pk, &pv})
+    TORCH_CHECK(t->dim() == 4 && t->is_contiguous() && t->scalar_type() == at::kBFloat16 && t->size(0) == B &&
+                    t->size(3) == d && H % t->size(1) == 0 && t->sizes() == pk.sizes(),
+                "prompt_attention: prompt keys/values must be contiguous bf16 [B, n_kv, K, head_dim]");
+  TORCH_CHECK(gate.is_contiguous() && gate.scalar_type() == at::kFloat && gate.numel() == B * H,
+              "prompt_attention: gate must be contiguous fp32 [B, H]");
+}
+
+// y + the gated prompt attention of q [B, H, T, d] (query heads h of key/value group h / (H / n_kv)), and the
+// probabilities [B, H, T, K] backward needs
+std::vector<torch::Tensor> prompt_attention(const torch::Tensor& y, const torch::Tensor& q, const torch::Tensor& pk,
+                                            const torch::Tensor& pv, const torch::Tensor& gate, double scale) {
+  check_prompt_attention(q, pk, pv, gate);
+  TORCH_CHECK(y.sizes() == q.sizes() && y.is_contiguous() && y.scalar_type() == at::kBFloat16, "prompt_attention: y");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), n_kv = pk.size(1), K = pk.size(2);
+  const int64_t rows = H / n_kv * T;  // a group's query rows
+  auto out = torch::empty_like(y);
+  auto prob = torch::empty({B, H, T, K}, q.options().dtype(at::kFloat));
+#if defined(__x86_64__)
+  const bf16 *yp = y.data_ptr<bf16>(), *qp = q.data_ptr<bf16>(), *kp = pk.data_ptr<bf16>(), *vp = pv.data_ptr<bf16>();
+  const float* gp = gate.data_ptr<float>();
+  bf16* op = out.data_ptr<bf16>();
+  float* pp = prob.data_ptr<float>();
+  for_chunks(B * n_kv, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u)  // u = b * n_kv + group: its rows, heads and prompts are contiguous
+      prompt_attention_group(yp + u * rows * d, qp + u * rows * d, kp + u * K * d, vp + u * K * d,
+                             gp + u * (H / n_kv), op + u * rows * d, pp + u * rows * K, rows, T, K, d,
+                             static_cast<float>(scale));
+  });
+#endif
+  return {out, prob};
+}
+
+// gradients of prompt_attention's output g [B, H, T, d] -> dq, dk, dv, dgate (that of y is g itself)
+std::vector<torch::Tensor> prompt_attention_backward(const torch::Tensor& g, const torch::Tensor& q,
+                                                     const torch::Tensor& pk, const torch::Tensor& pv,
+                                                     const torch::Tensor& gate, const torch::Tensor& prob,
+                                                     double scale) {
+  check_prompt_attention(q, pk, pv, gate);
+  TORCH_CHECK(g.sizes() == q.sizes() && g.is_contiguous() && g.scalar_type() == at::kBFloat16,
+              "prompt_attention_backward: g");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), n_kv = pk.size(1), K = pk.size(2);
+  TORCH_CHECK(prob.is_contiguous() && prob.numel() == B * H * T * K, "prompt_attention_backward: probabilities");
+  const int64_t rows = H / n_kv * T;
+  auto dq = torch::empty_like(q);
+  auto dk = torch::empty_like(pk);
+  auto dv = torch::empty_like(pv);
+  auto dgate = torch::empty_like(gate);
+#if defined(__x86_64__)
+  const bf16 *gp = g.data_ptr<bf16>(), *qp = q.data_ptr<bf16>(), *kp = pk.data_ptr<bf16>(), *vp = pv.data_ptr<bf16>();
+  const float *tp = gate.data_ptr<float>(), *pp = prob.data_ptr<float>();
+  bf16 *dqp = dq.data_ptr<bf16>(), *dkp = dk.data_ptr<bf16>(), *dvp = dv.data_ptr<bf16>();
+  float* dgp = dgate.data_ptr<float>();
+  for_chunks(B * n_kv, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u)
+      prompt_attention_group_backward(gp + u * rows * d, qp + u * rows * d, kp + u * K * d, vp + u * K * d,
+                                      tp + u * (H / n_kv), pp + u * rows * K, dqp + u * rows * d, dkp + u * K * d,
+                                      dvp + u * K * d, dgp + u * (H / n_kv), rows, T, K, d,
+                                      static_cast<float>(scale));
+  });
+#endif
+  return {dq, dk, dv, dgate};
+}
+
 // ---- rotary embedding of a training step's queries and keys, heads laid out for the attention -------------------
 // qkv [B, T, (H + 2 n_kv) d] (the fused projection's output) -> q [B, H, T, d], k and v [B, n_kv, T, d], contiguous,
 // q and k rotated: out = x cos + roll(x, d/2) signed_sin, with the eager path's three bf16 roundings (each product,
@@ -1018,6 +1171,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_softmax_", &causal_softmax_);
   m.def("causal_softmax_backward_", &causal_softmax_backward_);
   m.def("rope_qkv", &rope_qkv);
+  m.def("prompt_attention", &prompt_attention);
+  m.def("prompt_attention_backward", &prompt_attention_backward);
   m.def("rope_qkv_backward", &rope_qkv_backward);
   m.def("attention", &attention);
   m.def("prefill_attention", &prefill_attention);

@@ -130,7 +130,30 @@ def run_ours(args: argparse.Namespace) -> dict:
     gflops = flops / res["step_time_s"] / 1e9
     res.update(model_gflop_per_step=round(flops / 1e9, 1), achieved_gflop_s=round(gflops, 1))
     res.update(bf16_peak_gflop_s=round(peak, 1), fraction_of_bf16_peak=round(gflops / peak, 3))
+    products, wall = products_time(step)
+    res.update(
+        products_s_per_step=round(products, 4),
+        products_share_of_step=round(products / wall, 3),
+        # the ceiling the matrix products themselves set: the fraction if everything between them took no time
+        fraction_of_bf16_peak_products_only=round(flops / products / 1e9 / peak, 3),
+    )
     return res
+
+
+# the matrix products of a step as the profiler names them (F.linear and matmul reach these)
+PRODUCTS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "mkldnn::_linear_pointwise"}
+
+
+def products_time(step) -> tuple[float, float]:  # noqa: ANN001
+    """(seconds of one step spent in its matrix products, the step's wall time), from one more step under
+    torch.profiler: where the time goes besides the products is what a faster step would have to remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCTS) / 1e6, wall
 
 
 def run_peft(args: argparse.Namespace, autocast: bool) -> dict:

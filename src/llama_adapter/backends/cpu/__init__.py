@@ -2,9 +2,12 @@
 
 Each subclass computes what its parent computes (tests compare values and gradients) and differs only in how:
 - `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`);
+- `CpuAttention`: RoPE and the head split of bf16 training, one C++ pass each way (`kernels.rope_qkv`);
 - `CpuFeedForward`: the SwiGLU in bf16 training, forward and backward one C++ pass each (`kernels.swiglu`);
-- `CpuZeroInitAttention`: batched causal and few-keys attention while training, and token + gated prompt
-  attention in one pass when decoding one token per row against the cache (`kernels.decode_attention`);
+- `CpuZeroInitAttention`: batched causal and few-keys attention while training (in bf16: the causal softmax and
+  the gated prompt attention plus the sum as C++ passes, `kernels.causal_attention` / `add_prompt_attention`), and
+  token + gated prompt attention in one pass when decoding one token per row against the cache
+  (`kernels.decode_attention`);
 - `PackedLinear`: once `prepare_decoding` packed its frozen bf16 weight, decodes through the pack; trains a frozen
   bf16 weight through oneDNN packs where they were timed faster (`kernels.training_pack`).
 The subclasses add no parameters, so swapping a module's class keeps its weights, hooks and wrappers.

@@ -8,6 +8,9 @@ Batch 4 x 256 tokens, every position supervised, one AdamW step per batch (no ac
     python benchmarks/train_throughput.py --peer all --litgpt-python VENV/bin/python   # + litgpt's adapter (bf16 true
                                                           # and mixed), from a venv that has `pip install litgpt`
 
+Ours also reports its matmul FLOP rate as a fraction of the bf16 matmul peak measured on the step's own product
+shapes, and, from one more step under torch.profiler, the time in matrix products and the fraction of that peak
+they alone would allow (the ceiling if everything between them took no time).
 Each measurement runs in its own subprocess so peak RSS (ru_maxrss) belongs to that configuration alone.
 Prints one JSON object. PEFT is the optional `bench` extra (`pip install -e .[bench]`).
 """

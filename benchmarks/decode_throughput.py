@@ -17,24 +17,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from peft_peer import SMOLLM2_135M, build_peft  # benchmarks/ (a script's own folder is on sys.path)
 
 from llama_adapter import AdapterConfig, ModelConfig, Transformer
 from llama_adapter.backends import install
 from llama_adapter.inference.generate import generate_tokens
 
-SHAPE = dict(
-    vocab_size=49152,
-    dim=576,
-    n_layers=30,
-    n_heads=9,
-    n_kv_heads=3,
-    hidden_dim=1536,
-    tie_embeddings=True,
-    rope_theta=100000.0,
-    max_seq_len=2048,
-    bos_token_id=1,
-    eos_token_ids=[2],
-)
+SHAPE = SMOLLM2_135M
 ADAPTER = dict(prompt_length=10, layers=28)
 
 
@@ -55,34 +44,6 @@ def build_ours(dtype: torch.dtype, n_adapters: int) -> Transformer:
         with torch.no_grad():
             a.gates.normal_(0, 0.5)
     return model
-
-
-def build_peft(dtype: torch.dtype) -> torch.nn.Module:
-    import transformers
-    from peft import AdaptionPromptConfig, get_peft_model
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=SHAPE["vocab_size"],
-        hidden_size=SHAPE["dim"],
-        intermediate_size=SHAPE["hidden_dim"],
-        num_hidden_layers=SHAPE["n_layers"],
-        num_attention_heads=SHAPE["n_heads"],
-        num_key_value_heads=SHAPE["n_kv_heads"],
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    base = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-    model = get_peft_model(
-        base,
-        AdaptionPromptConfig(
-            adapter_len=ADAPTER["prompt_length"], adapter_layers=ADAPTER["layers"], task_type="CAUSAL_LM"
-        ),
-    )
-    return model.eval()
 
 
 def best_of(fn, repeat: int) -> float:
@@ -146,7 +107,7 @@ def main() -> None:
         "ours, batch 8 (8 adapters)": ours(8, [f"a{i}" for i in range(8)]),
     }
     if args.peer == "peft":
-        peft = build_peft(dtype)
+        peft = build_peft(SHAPE, ADAPTER["prompt_length"], ADAPTER["layers"], dtype).eval()
         ids = torch.tensor(prompts)
 
         def hf(batch: int) -> Callable[[], float]:

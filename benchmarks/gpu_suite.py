@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft_peer import SMOLLM2_135M  # benchmarks/ (a script's own folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(
-        vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True
-    ),
+    "smollm2-135m": SMOLLM2_135M,
     "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632),
     "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008),
     "tiny": dict(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=128),  # --smoke only
@@ -97,7 +96,7 @@ def build_ours(shape: dict[str, Any], device: torch.device, n_adapters: int):  #
     from llama_adapter.backends import install
 
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**shape, max_seq_len=2048, bos_token_id=1, eos_token_ids=[2]))
+        model = Transformer(ModelConfig(**{"max_seq_len": 2048, "bos_token_id": 1, "eos_token_ids": [2], **shape}))
     model.to_empty(device=device)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -116,32 +115,9 @@ def build_ours(shape: dict[str, Any], device: torch.device, n_adapters: int):  #
 
 def build_peft(shape: dict[str, Any], device: torch.device):  # noqa: ANN201
     """transformers' Llama with the same shape, random bf16 weights, PEFT's adaption prompt (its LLaMA-Adapter)."""
-    import transformers
-    from peft import AdaptionPromptConfig, get_peft_model
+    from peft_peer import build_peft as build
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=shape["vocab_size"],
-        hidden_size=shape["dim"],
-        intermediate_size=shape["hidden_dim"],
-        num_hidden_layers=shape["n_layers"],
-        num_attention_heads=shape["n_heads"],
-        num_key_value_heads=shape["n_kv_heads"],
-        tie_word_embeddings=shape.get("tie_embeddings", False),
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 directly: a 7B model in fp32 first is 28 GB
-    try:
-        with torch.device(device):
-            base = transformers.LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    pcfg = AdaptionPromptConfig(adapter_len=PROMPT_LENGTH, adapter_layers=adapter_layers(shape), task_type="CAUSAL_LM")
-    return get_peft_model(base, pcfg)
+    return build(shape, PROMPT_LENGTH, adapter_layers(shape), torch.bfloat16, device)
 
 
 def build_litgpt(shape: dict[str, Any], device: torch.device):  # noqa: ANN201

@@ -25,18 +25,9 @@ import sys
 import time
 
 import torch
+from peft_peer import SMOLLM2_135M  # benchmarks/ (a script's own folder is on sys.path)
 
-SHAPE = dict(
-    vocab_size=49152,
-    dim=576,
-    n_layers=30,
-    n_heads=9,
-    n_kv_heads=3,
-    hidden_dim=1536,
-    tie_embeddings=True,
-    max_seq_len=2048,
-    rope_theta=100000.0,
-)
+SHAPE = SMOLLM2_135M
 K, L = 10, 28
 
 
@@ -160,23 +151,9 @@ def products_time(step) -> tuple[float, float]:  # noqa: ANN001
 
 
 def run_peft(args: argparse.Namespace, autocast: bool) -> dict:
-    import transformers
-    from peft import AdaptionPromptConfig, get_peft_model
+    from peft_peer import build_peft
 
-    hf = transformers.LlamaConfig(
-        vocab_size=SHAPE["vocab_size"],
-        hidden_size=SHAPE["dim"],
-        intermediate_size=SHAPE["hidden_dim"],
-        num_hidden_layers=SHAPE["n_layers"],
-        num_attention_heads=SHAPE["n_heads"],
-        num_key_value_heads=SHAPE["n_kv_heads"],
-        tie_word_embeddings=True,
-        max_position_embeddings=SHAPE["max_seq_len"],
-        rope_theta=SHAPE["rope_theta"],
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(hf)
-    model = get_peft_model(base, AdaptionPromptConfig(adapter_len=K, adapter_layers=L, task_type="CAUSAL_LM"))
+    model = build_peft(SHAPE, K, L)  # fp32 weights (with bf16 autocast: PEFT's best mode on a CPU)
     ids = _batch(args.batch, args.seq)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02

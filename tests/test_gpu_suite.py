@@ -17,6 +17,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
 
 
 def _suite():  # type: ignore[no-untyped-def]
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: its folder's modules (peft_peer, ...) import
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("gpu_suite", SCRIPT)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)

@@ -626,7 +626,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void prom
       m = std::max(m, s[j]);
     }
     float z = 0.f;
-    for (int64_t j = 0; j < K; ++j) z += (s[j] = std::exp(s[j] - m));
+    if (K <= 16 && kSleefExp != nullptr) {  // the K exponentials as one vector
+      const __mmask16 k = static_cast<__mmask16>((1u << K) - 1);
+      const __m512 e = kSleefExp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s.data()), _mm512_set1_ps(m)));
+      _mm512_mask_storeu_ps(s.data(), k, e);
+      z = _mm512_mask_reduce_add_ps(k, e);
+    } else {
+      for (int64_t j = 0; j < K; ++j) z += (s[j] = std::exp(s[j] - m));
+    }
     const float g = gate[r / T] / z;
     __m512 o[kMaxVec];
     for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_setzero_ps();

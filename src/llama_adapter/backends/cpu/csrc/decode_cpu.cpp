@@ -458,7 +458,9 @@ torch::Tensor silu_mul_backward(const torch::Tensor& h, const torch::Tensor& g) 
 // e^(x - max) (SLEEF's expf, as ATen's exp), then softmax - onehot written back over the logits in bf16. Returns
 // each row's loss, max + log(sum) - logit of the target, in fp32.
 #if defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float ce_row(bf16* x, int64_t V, int64_t y) {
+// e: V floats of scratch, where the exponentials wait for the sum (each computed once: the pass is bound by them)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float ce_row(bf16* x, int64_t V, int64_t y,
+                                                                                   float* e) {
   const float picked = f(x[y]);
   const int64_t vec = V / 16 * 16;
   __m512 mv = _mm512_set1_ps(-INFINITY);
@@ -467,14 +469,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float ce_
   for (int64_t i = vec; i < V; ++i) m = std::max(m, f(x[i]));
   const __m512 mb = _mm512_set1_ps(m);
   __m512 sv = _mm512_setzero_ps();
-  for (int64_t i = 0; i < vec; i += 16) sv = _mm512_add_ps(sv, kSleefExp(_mm512_sub_ps(widen16(x + i), mb)));
-  float z = _mm512_reduce_add_ps(sv);
-  for (int64_t i = vec; i < V; ++i) z += std::exp(f(x[i]) - m);
-  const __m512 inv = _mm512_set1_ps(1.f / z);
   for (int64_t i = 0; i < vec; i += 16) {
-    store_bf16(x + i, _mm512_mul_ps(kSleefExp(_mm512_sub_ps(widen16(x + i), mb)), inv));
+    const __m512 ex = kSleefExp(_mm512_sub_ps(widen16(x + i), mb));
+    _mm512_storeu_ps(e + i, ex);
+    sv = _mm512_add_ps(sv, ex);
   }
-  for (int64_t i = vec; i < V; ++i) x[i] = b(std::exp(f(x[i]) - m) / z);
+  float z = _mm512_reduce_add_ps(sv);
+  for (int64_t i = vec; i < V; ++i) z += (e[i] = std::exp(f(x[i]) - m));
+  const __m512 inv = _mm512_set1_ps(1.f / z);
+  for (int64_t i = 0; i < vec; i += 16) store_bf16(x + i, _mm512_mul_ps(_mm512_loadu_ps(e + i), inv));
+  for (int64_t i = vec; i < V; ++i) x[i] = b(e[i] / z);
   x[y] = b(f(x[y]) - 1.f);
   return m + std::log(z) - picked;
 }
@@ -496,7 +500,9 @@ torch::Tensor cross_entropy_grad_(torch::Tensor& logits, const torch::Tensor& ta
   const int64_t* tp = t.data_ptr<int64_t>();
   float* out = loss.data_ptr<float>();
   for_chunks(n, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) out[r] = ce_row(lp + r * V, V, tp[r]);
+    thread_local std::vector<float> e;
+    if (static_cast<int64_t>(e.size()) < V) e.resize(V);
+    for (int64_t r = r0; r < r1; ++r) out[r] = ce_row(lp + r * V, V, tp[r], e.data());
   });
 #endif
   return loss;

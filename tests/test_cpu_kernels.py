@@ -553,3 +553,24 @@ def test_bf16_training_gated_prompt_attention_one_pass_each_way(monkeypatch: pyt
     kernel = kernels.add_prompt_attention
     monkeypatch.setattr(kernels, "add_prompt_attention", lambda *a: calls.append(1) or kernel(*a))
     assert step()[2].abs().sum() > 0 and len(calls) == 2
+
+
+@needs_bf16_kernels
+def test_bf16_training_step_with_every_cpu_kernel_agrees_with_the_stock_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole bf16 training step on the CPU backend (RoPE, causal and prompt attention, SwiGLU, RMSNorm, the frozen
+    weights' oneDNN packs: each used) gives the loss and adapter gradients of the stock PyTorch ops to bf16
+    precision: the kernels change roundings, not results."""
+    monkeypatch.setattr(kernels, "TRAINING_PACK_MIN_ROWS", 1)  # (this batch is small)
+    monkeypatch.setattr(kernels, "_PACK_GAIN", 1e9)  # keep the packs however they timed
+    _, step = _adapted_training_step(torch.bfloat16, n_layers=4, adapted=3, hidden_dim=256, seq=30, dim=256)
+    calls: set[str] = set()
+    for name in ("rope_qkv", "causal_attention", "add_prompt_attention", "swiglu", "rms_norm", "frozen_linear"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _n=name: calls.add(_n) or _fn(*a))
+    fast = step()
+    assert calls == {"rope_qkv", "causal_attention", "add_prompt_attention", "swiglu", "rms_norm", "frozen_linear"}
+    monkeypatch.setattr(kernels, "use_cpu_training_kernels", lambda x: False)
+    stock = step()
+    assert abs(fast[0] - stock[0]) <= 1e-3 * abs(stock[0])
+    for f, s in zip(fast[1:], stock[1:], strict=True):
+        assert s.abs().sum() > 0 and (f - s).norm() <= 3e-2 * s.norm()

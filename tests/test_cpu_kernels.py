@@ -426,7 +426,7 @@ def test_bf16_rms_norm_with_a_frozen_weight_takes_one_pass_each_way(monkeypatch:
 
 
 needs_bf16_kernels = pytest.mark.skipif(
-    kernels.native() is None or not kernels._native["exact_silu"], reason="needs the C++ kernels on AVX512-BF16"
+    kernels.native_with("exact_silu") is None, reason="needs the C++ kernels on AVX512-BF16"
 )
 
 

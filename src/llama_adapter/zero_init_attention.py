@@ -248,9 +248,11 @@ class ZeroInitAttention(nn.Module):
         if prompts is not None and prompts.random_init:
             return self.single_softmax(q, k, v, mask, prompts)
         y = self.token_attention(q, k, v, mask)
-        if prompts is not None:
-            y = y + self.gated_prompt_attention(q, prompts)
-        return y
+        return y if prompts is None else self.add_gated_prompt_attention(y, q, prompts)
+
+    def add_gated_prompt_attention(self, y: Tensor, q: Tensor, prompts: PromptKV) -> Tensor:
+        """Eq. 8's sum: the token attention y plus the gated prompt attention (a backend may fuse the two)."""
+        return y + self.gated_prompt_attention(q, prompts)
 
     def token_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """softmax(q k^T / sqrt(d) + causal mask) v: the frozen base's own attention (eq. 5, token part)."""

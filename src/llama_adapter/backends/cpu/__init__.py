@@ -57,14 +57,14 @@ class CpuZeroInitAttention(ZeroInitAttention):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prompts: PromptKV | None) -> Tensor:
         if q.shape[2] == 1 and mask is not None and (prompts is None or not prompts.random_init):
             return kernels.decode_attention(q, k, v, mask, prompts)  # token and gated prompt attention at once
-        if prompts is not None and not prompts.random_init and kernels.use_cpu_training_kernels(q):
-            y = self.token_attention(q, k, v, mask)
-            if not torch.compiler.is_compiling():
-                fused = kernels.add_prompt_attention(y, q, prompts)  # the prompt half and the sum in one pass
-                if fused is not None:
-                    return fused
-            return y + self.gated_prompt_attention(q, prompts)
         return super().forward(q, k, v, mask, prompts)
+
+    def add_gated_prompt_attention(self, y: Tensor, q: Tensor, prompts: PromptKV) -> Tensor:
+        if kernels.use_cpu_training_kernels(q) and not torch.compiler.is_compiling():
+            fused = kernels.add_prompt_attention(y, q, prompts)  # the prompt half and the sum in one pass
+            if fused is not None:
+                return fused
+        return super().add_gated_prompt_attention(y, q, prompts)
 
     def token_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         if q.shape[2] == 1 and mask is not None:  # one new token per row (rand-init's [prompts; tokens] too)

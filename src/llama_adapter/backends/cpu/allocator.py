@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 MMAP_THRESHOLD = 256 << 20  # blocks above this (a vocabulary-wide logits buffer of a big batch) still come from mmap
 TRIM_THRESHOLD = 1 << 30  # free memory at the top of the heap kept for the next step, at most
-
-_state: dict[str, bool | str] = {}
 
 
 def why_not_tuned() -> str | None:
@@ -41,18 +40,15 @@ def why_not_tuned() -> str | None:
     return None
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for training (once per process); True if they are set."""
-    if "done" in _state:
-        return bool(_state["done"])
-    done = False
-    if why_not_tuned() is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-                libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-            )
-        except (OSError, AttributeError):
-            done = False
-    _state["done"] = done
-    return done
+    if why_not_tuned() is not None:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        )
+    except (OSError, AttributeError):
+        return False

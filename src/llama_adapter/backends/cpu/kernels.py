@@ -106,6 +106,13 @@ def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> 
     return True
 
 
+def native_with(feature: str) -> Any | None:
+    """The compiled kernels where this CPU has what `feature` needs, read once at load ("bf16_dot": AVX512-BF16;
+    "exact_silu": that and libtorch's SLEEF expf; "int8": AVX-512), else None."""
+    ext = native()
+    return ext if ext is not None and _native.get(feature, False) else None
+
+
 def native_unavailable() -> str | None:
     return _native.get("why")
 
@@ -166,8 +173,8 @@ def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
         return None
     w = weight.detach()
     with torch.no_grad():
-        ext = native() if kind in (None, "blocked") else None
-        if ext is not None and _native.get("bf16_dot") and weight.shape[1] % 32 == 0:
+        ext = native_with("bf16_dot") if kind in (None, "blocked") else None
+        if ext is not None and weight.shape[1] % 32 == 0:
             return PackedWeight(ext.pack(w), weight, weight._version, weight.data_ptr(), "blocked")
         if kind in (None, "onednn") and _onednn_bf16():
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
@@ -216,7 +223,7 @@ def blocked_projection(weight: Tensor, bias: Tensor | None, packed: PackedWeight
 
 def int8_projection(qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Projection | None:
     """The decode plan's projection for int8 rows with one scale each, where `linear_int8`'s kernel takes them."""
-    if qdata.dtype != torch.int8 or qdata.shape[1] % 16 != 0 or native() is None or not _native.get("int8", False):
+    if qdata.dtype != torch.int8 or qdata.shape[1] % 16 != 0 or native_with("int8") is None:
         return None
     b = None if bias is None else bias.detach().float().contiguous()
     return Projection(1, qdata.contiguous(), scale.detach().reshape(-1).float().contiguous(), b, qdata.shape[0])
@@ -235,8 +242,8 @@ def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) ->
         or qdata.dtype != torch.int8
     ):
         return None
-    ext = native()
-    if ext is None or not _native.get("int8", False):
+    ext = native_with("int8")
+    if ext is None:
         return None
     xf = x.reshape(rows, x.shape[-1]).float()
     b = None if bias is None else bias.float()
@@ -264,7 +271,7 @@ def swiglu(h: Tensor) -> Tensor | None:
     mul and silu_backward round). None where it does not apply (no AVX512-BF16 or SLEEF, not bf16)."""
     if h.device.type != "cpu" or h.dtype != torch.bfloat16 or h.shape[-1] % 2:
         return None
-    if native() is None or not _native["exact_silu"]:
+    if native_with("exact_silu") is None:
         return None
     rows = h.reshape(-1, h.shape[-1]).contiguous()
     return _SwiGLU.apply(rows).view(*h.shape[:-1], h.shape[-1] // 2)
@@ -375,8 +382,8 @@ def cross_entropy_grad_(logits: Tensor, target: Tensor) -> Tensor | None:
     softmax rounded to bf16 to 1 bf16 unit in the last place (the sum of exponentials is taken in another order)."""
     if logits.device.type != "cpu" or logits.dtype != torch.bfloat16 or logits.dim() != 2 or not logits.is_contiguous():
         return None
-    ext = native()
-    if ext is None or not _native["exact_silu"]:
+    ext = native_with("exact_silu")
+    if ext is None:
         return None
     with torch.no_grad():
         return ext.cross_entropy_grad_(logits, target.to(torch.long))
@@ -419,8 +426,7 @@ def _rms_ext(x: Tensor, weight: Tensor) -> Any | None:
     """The C++ kernels where they take this RMSNorm (bf16 rows of a width divisible by 16 on AVX512-BF16), else None."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[-1] % 16 or x.device.type != "cpu":
         return None
-    ext = native()
-    return ext if ext is not None and _native["bf16_dot"] else None
+    return native_with("bf16_dot")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -452,8 +458,7 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv: int) -> 
         or cos.shape[:2] != (1, 1)
         or d % 32 != 0
         or not qkv.is_contiguous()
-        or native() is None
-        or not _native["bf16_dot"]
+        or native_with("bf16_dot") is None
     ):
         return None
     q, k, v = _RopeQKV.apply(qkv, cos.contiguous(), sin.contiguous(), n_heads, n_kv)
@@ -475,8 +480,8 @@ class _CausalAttention(torch.autograd.Function):
         qg = q.reshape(B * n_kv, H // n_kv * T, d)
         kg, vg = k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
         p = torch.bmm(qg, kg.transpose(1, 2))
-        ext = _native["ext"]
-        ext.causal_softmax_(p, T, 1.0 / math.sqrt(d))
+        ctx.scale = 1.0 / math.sqrt(d)
+        _native["ext"].causal_softmax_(p, T, ctx.scale)
         ctx.save_for_backward(qg, kg, vg, p)
         ctx.shape = (B, H, T, d, n_kv)
         return torch.bmm(p, vg).view(B, H, T, d)
@@ -488,7 +493,7 @@ class _CausalAttention(torch.autograd.Function):
         gg = g.reshape(qg.shape)
         dv = torch.bmm(p.transpose(1, 2), gg).view(B, n_kv, T, d) if ctx.needs_input_grad[2] else None
         ds = torch.bmm(gg, vg.transpose(1, 2))
-        _native["ext"].causal_softmax_backward_(ds, p, T, 1.0 / math.sqrt(d))
+        _native["ext"].causal_softmax_backward_(ds, p, T, ctx.scale)
         dq = torch.bmm(ds, kg).view(B, H, T, d) if ctx.needs_input_grad[0] else None
         dk = torch.bmm(ds.transpose(1, 2), qg).view(B, n_kv, T, d) if ctx.needs_input_grad[1] else None
         return dq, dk, dv
@@ -505,8 +510,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q.dtype == torch.bfloat16
         and k.dtype == v.dtype == q.dtype
         and not torch.compiler.is_compiling()  # (a compiled block leaves attention to inductor, unbroken)
-        and native() is not None
-        and _native["exact_silu"]
+        and native_with("exact_silu") is not None
     ):
         return _CausalAttention.apply(q, k, v)
     B, H, T, d = q.shape
@@ -547,16 +551,16 @@ class _PromptAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, y: Tensor, q: Tensor, pk: Tensor, pv: Tensor, gate: Tensor) -> Tensor:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        out, prob = _native["ext"].prompt_attention(y, q, pk, pv, gate, scale)
+        ctx.scale = 1.0 / math.sqrt(q.shape[-1])
+        out, prob = _native["ext"].prompt_attention(y, q, pk, pv, gate, ctx.scale)
         ctx.save_for_backward(q, pk, pv, gate, prob)
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         q, pk, pv, gate, prob = ctx.saved_tensors
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        dq, dk, dv, dgate = _native["ext"].prompt_attention_backward(g.contiguous(), q, pk, pv, gate, prob, scale)
+        g = g.contiguous()
+        dq, dk, dv, dgate = _native["ext"].prompt_attention_backward(g, q, pk, pv, gate, prob, ctx.scale)
         return g, dq, dk, dv, dgate
 
 
@@ -573,8 +577,7 @@ def add_prompt_attention(y: Tensor, q: Tensor, prompts: PromptKV) -> Tensor | No
         or prompts.mask is not None
         or d % 16 != 0
         or d > 256
-        or native() is None
-        or not _native["bf16_dot"]
+        or native_with("bf16_dot") is None
     ):
         return None
     B, H = q.shape[:2]

@@ -788,6 +788,35 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void rope
     store_bf16(out + h + i, _mm512_add_ps(c, round_bf16(_mm512_mul_ps(lo, backward ? s_lo : s_hi))));
   }
 }
+
+// Between the fused projection's rows [B * T, (H + 2 n_kv) d] and the heads q [B, H, T, d], k and v [B, n_kv, T, d]:
+// forward rotates each row's q and k into the heads, backward the heads' gradients into a row (rope_head's
+// transpose); v is copied either way. The source is only read (`rows` of the forward is its const input).
+template <bool kBackward>
+static void rope_rows(bf16* rows, bf16* q, bf16* k, bf16* v, const bf16* cos, const bf16* sin, int64_t B, int64_t T,
+                      int64_t H, int64_t n_kv, int64_t d) {
+  const int64_t W = (H + 2 * n_kv) * d;
+  for_chunks(B * T, kRowPiece / W, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t bi = r / T, t = r % T;
+      bf16* x = rows + r * W;
+      const auto move = [&](bf16* part, bf16* head, bool rotate) {
+        bf16* src = kBackward ? head : part;
+        bf16* dst = kBackward ? part : head;
+        if (rotate)
+          rope_head(src, cos + t * d, sin + t * d, dst, d, kBackward);
+        else
+          std::copy(src, src + d, dst);
+      };
+      for (int64_t h = 0; h < H; ++h) move(x + h * d, q + ((bi * H + h) * T + t) * d, true);
+      for (int64_t h = 0; h < n_kv; ++h) {
+        const int64_t o = ((bi * n_kv + h) * T + t) * d;
+        move(x + (H + h) * d, k + o, true);
+        move(x + (H + n_kv + h) * d, v + o, false);
+      }
+    }
+  });
+}
 #endif
 
 static void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t T, int64_t d) {
@@ -808,21 +837,8 @@ std::vector<torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tenso
   auto k = torch::empty({B, n_kv, T, d}, qkv.options());
   auto v = torch::empty({B, n_kv, T, d}, qkv.options());
 #if defined(__x86_64__)
-  const bf16 *xp = qkv.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
-  bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
-  for_chunks(B * T, kRowPiece / W, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t bi = r / T, t = r % T;
-      const bf16* x = xp + r * W;
-      for (int64_t h = 0; h < H; ++h)
-        rope_head(x + h * d, cp + t * d, sp + t * d, qp + ((bi * H + h) * T + t) * d, d, false);
-      for (int64_t h = 0; h < n_kv; ++h) {
-        const int64_t o = ((bi * n_kv + h) * T + t) * d;
-        rope_head(x + (H + h) * d, cp + t * d, sp + t * d, kp + o, d, false);
-        std::copy(x + (H + n_kv + h) * d, x + (H + n_kv + h + 1) * d, vp + o);
-      }
-    }
-  });
+  rope_rows<false>(const_cast<bf16*>(qkv.data_ptr<bf16>()), q.data_ptr<bf16>(), k.data_ptr<bf16>(), v.data_ptr<bf16>(),
+                   cos.data_ptr<bf16>(), sin.data_ptr<bf16>(), B, T, H, n_kv, d);
 #endif
   return {q, k, v};
 }
@@ -837,25 +853,10 @@ torch::Tensor rope_qkv_backward(const torch::Tensor& dq, const torch::Tensor& dk
                 "rope_qkv_backward: gradients must be contiguous bf16 [B, heads, T, head_dim]");
   TORCH_CHECK(dv.size(1) == n_kv, "rope_qkv_backward: k and v heads differ");
   check_rope(cos, sin, T, d);
-  const int64_t W = (H + 2 * n_kv) * d;
-  auto dx = torch::empty({B, T, W}, dq.options());
+  auto dx = torch::empty({B, T, (H + 2 * n_kv) * d}, dq.options());
 #if defined(__x86_64__)
-  const bf16 *qp = dq.data_ptr<bf16>(), *kp = dk.data_ptr<bf16>(), *vp = dv.data_ptr<bf16>();
-  const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
-  bf16* xp = dx.data_ptr<bf16>();
-  for_chunks(B * T, kRowPiece / W, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t bi = r / T, t = r % T;
-      bf16* x = xp + r * W;
-      for (int64_t h = 0; h < H; ++h)
-        rope_head(qp + ((bi * H + h) * T + t) * d, cp + t * d, sp + t * d, x + h * d, d, true);
-      for (int64_t h = 0; h < n_kv; ++h) {
-        const int64_t o = ((bi * n_kv + h) * T + t) * d;
-        rope_head(kp + o, cp + t * d, sp + t * d, x + (H + h) * d, d, true);
-        std::copy(vp + o, vp + o + d, x + (H + n_kv + h) * d);
-      }
-    }
-  });
+  rope_rows<true>(dx.data_ptr<bf16>(), const_cast<bf16*>(dq.data_ptr<bf16>()), const_cast<bf16*>(dk.data_ptr<bf16>()),
+                  const_cast<bf16*>(dv.data_ptr<bf16>()), cos.data_ptr<bf16>(), sin.data_ptr<bf16>(), B, T, H, n_kv, d);
 #endif
   return dx;
 }

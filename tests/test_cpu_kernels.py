@@ -518,13 +518,15 @@ def test_training_keeps_freed_buffers_instead_of_page_faulting_them_in_again(mon
 
 
 @needs_bf16_kernels
-def test_bf16_training_gated_prompt_attention_one_pass_each_way(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("K", "d"), [(10, 64), (2, 16), (33, 48), (64, 128)])
+def test_bf16_training_gated_prompt_attention_one_pass_each_way(K: int, d: int) -> None:
     """bf16 training's prompt half of eq. 8 added to the token half (`add_prompt_attention`, one C++ pass each way,
     in fp32) agrees with the fp64 formula at least as closely as the ATen ops it replaces, in the output and in
-    every gradient (queries, token output, prompt keys and values, gates); with zero gates the output is the token
-    attention's bit for bit (zero-init holds on this path); a training step of the CPU backend takes it."""
+    every gradient (queries, token output, prompt keys and values, gates), for one to four vectors of 16 prompt
+    keys and heads of one to eight vectors of 16 channels; with zero gates the output is the token attention's bit
+    for bit (zero-init holds on this path); a training step of the CPU backend takes it."""
     torch.manual_seed(0)
-    B, H, n_kv, T, d, K = 2, 6, 2, 19, 64, 10
+    B, H, n_kv, T = 2, 6, 2, 19
     q, y = (torch.randn(B, H, T, d).bfloat16().requires_grad_() for _ in range(2))
     pk, pv = (torch.randn(1, n_kv, K, d).bfloat16().requires_grad_() for _ in range(2))
     gates = torch.randn(1, H).requires_grad_()
@@ -548,27 +550,67 @@ def test_bf16_training_gated_prompt_attention_one_pass_each_way(monkeypatch: pyt
         err = lambda t: ((t.double() - w).abs().max() / w.abs().max()).item()  # noqa: E731, B023
         assert err(f) <= max(1.5 * err(s), 2e-3), (err(f), err(s))
     assert torch.equal(run(fused, gates * 0)[0], y)
+
+
+@needs_bf16_kernels
+def test_bf16_training_eq8_whole_is_causal_then_prompt_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eq. 8 of a bf16 training step as one function (`gated_causal_attention`: the causal token attention, then the
+    prompt kernel adding the gated prompt half) computes what `causal_attention` followed by `add_prompt_attention`
+    computes: the output and the gradients of keys, values, prompts and gates bit for bit; the queries' two
+    gradients are summed inside their product (one rounding instead of two), no further from fp64 than the pair's
+    sum. A training step of the CPU backend takes it in every adapted layer."""
+    torch.manual_seed(0)
+    B, H, n_kv, T, d, K = 2, 6, 2, 19, 64, 10
+    q = torch.randn(B, H, T, d).bfloat16().requires_grad_()
+    k, v = (torch.randn(B, n_kv, T, d).bfloat16().requires_grad_() for _ in range(2))
+    pk, pv = (torch.randn(1, n_kv, K, d).bfloat16().requires_grad_() for _ in range(2))
+    gates = torch.randn(1, H).requires_grad_()
+    g = torch.randn(B, H, T, d).bfloat16()
+    leaves = (q, k, v, pk, pv, gates)
+
+    Eq8 = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PromptKV], torch.Tensor | None]
+
+    def run(fn: Eq8, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+        cast = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        qq, kk, vv, ppk, ppv, gg = cast
+        prompts = PromptKV(ppk.expand(B, -1, -1, -1), ppv.expand(B, -1, -1, -1), torch.tanh(gg).expand(B, H))
+        out = fn(qq, kk, vv, prompts)
+        assert out is not None
+        return [out, *torch.autograd.grad(out, cast, g.to(dtype))]
+
+    def exact(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, p: PromptKV) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(qq, kk.repeat_interleave(3, 1), vv.repeat_interleave(3, 1), is_causal=True)
+        return y + la.zero_init_attention.ZeroInitAttention().gated_prompt_attention(qq, p)
+
+    whole = run(kernels.gated_causal_attention)
+    pair = run(lambda qq, kk, vv, p: kernels.add_prompt_attention(kernels.causal_attention(qq, kk, vv), qq, p))
+    for i, (w, p) in enumerate(zip(whole, pair, strict=True)):
+        assert i == 1 or torch.equal(w, p), i
+    ref = run(exact, torch.float64)[1]
+    err = lambda t: ((t.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
+    assert 0 < err(whole[1]) <= err(pair[1]) * 1.1, (err(whole[1]), err(pair[1]))
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
     calls: list[int] = []
-    kernel = kernels.add_prompt_attention
-    monkeypatch.setattr(kernels, "add_prompt_attention", lambda *a: calls.append(1) or kernel(*a))
+    kernel = kernels.gated_causal_attention
+    monkeypatch.setattr(kernels, "gated_causal_attention", lambda *a: calls.append(1) or kernel(*a))
     assert step()[2].abs().sum() > 0 and len(calls) == 2
 
 
 @needs_bf16_kernels
 def test_bf16_training_step_with_every_cpu_kernel_agrees_with_the_stock_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whole bf16 training step on the CPU backend (RoPE, causal and prompt attention, SwiGLU, RMSNorm, the frozen
-    weights' oneDNN packs: each used) gives the loss and adapter gradients of the stock PyTorch ops to bf16
+    """A whole bf16 training step on the CPU backend (RoPE, eq. 8's causal and prompt attention, SwiGLU, RMSNorm,
+    the frozen weights' oneDNN packs: each used) gives the loss and adapter gradients of the stock PyTorch ops to bf16
     precision: the kernels change roundings, not results."""
     monkeypatch.setattr(kernels, "TRAINING_PACK_MIN_ROWS", 1)  # (this batch is small)
     monkeypatch.setattr(kernels, "_PACK_GAIN", 1e9)  # keep the packs however they timed
     _, step = _adapted_training_step(torch.bfloat16, n_layers=4, adapted=3, hidden_dim=256, seq=30, dim=256)
     calls: set[str] = set()
-    for name in ("rope_qkv", "causal_attention", "add_prompt_attention", "swiglu", "rms_norm", "frozen_linear"):
+    kinds = ("rope_qkv", "gated_causal_attention", "swiglu", "rms_norm", "frozen_linear")
+    for name in kinds:
         fn = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _n=name: calls.add(_n) or _fn(*a))
     fast = step()
-    assert calls == {"rope_qkv", "causal_attention", "add_prompt_attention", "swiglu", "rms_norm", "frozen_linear"}
+    assert calls == set(kinds)
     monkeypatch.setattr(kernels, "use_cpu_training_kernels", lambda x: False)
     stock = step()
     assert abs(fast[0] - stock[0]) <= 1e-3 * abs(stock[0])

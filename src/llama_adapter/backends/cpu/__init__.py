@@ -4,8 +4,9 @@ Each subclass computes what its parent computes (tests compare values and gradie
 - `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`);
 - `CpuAttention`: RoPE and the head split of bf16 training, one C++ pass each way (`kernels.rope_qkv`);
 - `CpuFeedForward`: the SwiGLU in bf16 training, forward and backward one C++ pass each (`kernels.swiglu`);
-- `CpuZeroInitAttention`: batched causal and few-keys attention while training (in bf16: the causal softmax and
-  the gated prompt attention plus the sum as C++ passes, `kernels.causal_attention` / `add_prompt_attention`), and
+- `CpuZeroInitAttention`: batched causal and few-keys attention while training (in bf16: eq. 8 whole as one
+  autograd function, the causal softmax and the gated prompt attention plus the sum as C++ passes,
+  `kernels.gated_causal_attention`; `causal_attention` / `add_prompt_attention` where only one applies), and
   token + gated prompt attention in one pass when decoding one token per row against the cache
   (`kernels.decode_attention`);
 - `PackedLinear`: once `prepare_decoding` packed its frozen bf16 weight, decodes through the pack; trains a frozen
@@ -57,6 +58,11 @@ class CpuZeroInitAttention(ZeroInitAttention):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prompts: PromptKV | None) -> Tensor:
         if q.shape[2] == 1 and mask is not None and (prompts is None or not prompts.random_init):
             return kernels.decode_attention(q, k, v, mask, prompts)  # token and gated prompt attention at once
+        if prompts is not None and not prompts.random_init and mask is None and q.shape[2] > 1:
+            if kernels.use_cpu_training_kernels(q):  # a training step: eq. 8 whole, as one autograd function
+                y = kernels.gated_causal_attention(q, k, v, prompts)
+                if y is not None:
+                    return y
         return super().forward(q, k, v, mask, prompts)
 
     def add_gated_prompt_attention(self, y: Tensor, q: Tensor, prompts: PromptKV) -> Tensor:

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -468,35 +469,51 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv: int) -> 
 _causal_bias: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
 
+def _causal_forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """bf16 causal attention as two batched products around the C++ softmax (`causal_softmax_`): the scores and
+    probabilities [B * n_kv, rep * T, T] are computed once, in place. Returns the output and the tensors
+    `_causal_backward` needs (P among them, as autograd keeps it for the ATen version); ctx gets the shapes."""
+    B, H, T, d = q.shape
+    n_kv = k.shape[1]
+    qg = q.reshape(B * n_kv, H // n_kv * T, d)
+    kg, vg = k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
+    p = torch.bmm(qg, kg.transpose(1, 2))
+    ctx.scale = 1.0 / math.sqrt(d)
+    _native["ext"].causal_softmax_(p, T, ctx.scale)
+    ctx.shape = (B, H, T, d, n_kv)
+    return torch.bmm(p, vg).view(B, H, T, d), (qg, kg, vg, p)
+
+
+def _causal_backward(
+    ctx: Any, saved: Sequence[Tensor], g: Tensor, dq_plus: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of q, k, v (each where ctx.needs_input_grad asks) from that of the output g; dq_plus, another
+    gradient of q, is added in q's product (one baddbmm) instead of by autograd afterwards."""
+    qg, kg, vg, p = saved
+    B, H, T, d, n_kv = ctx.shape
+    gg = g.reshape(qg.shape)
+    dv = torch.bmm(p.transpose(1, 2), gg).view(B, n_kv, T, d) if ctx.needs_input_grad[2] else None
+    ds = torch.bmm(gg, vg.transpose(1, 2))
+    _native["ext"].causal_softmax_backward_(ds, p, T, ctx.scale)
+    dq = None
+    if ctx.needs_input_grad[0]:
+        dq = (torch.bmm(ds, kg) if dq_plus is None else torch.baddbmm(dq_plus.view(qg.shape), ds, kg)).view(B, H, T, d)
+    dk = torch.bmm(ds.transpose(1, 2), qg).view(B, n_kv, T, d) if ctx.needs_input_grad[1] else None
+    return dq, dk, dv
+
+
 class _CausalAttention(torch.autograd.Function):
-    """bf16 causal attention as two batched products around the C++ softmax (`causal_softmax_`), forward and
-    backward: the scores and probabilities [B * n_kv, rep * T, T] are computed once, in place, and P is what is kept
-    for backward (as autograd keeps it for the ATen version)."""
+    """bf16 causal attention, forward and backward (`_causal_forward`, `_causal_backward`)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        B, H, T, d = q.shape
-        n_kv = k.shape[1]
-        qg = q.reshape(B * n_kv, H // n_kv * T, d)
-        kg, vg = k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
-        p = torch.bmm(qg, kg.transpose(1, 2))
-        ctx.scale = 1.0 / math.sqrt(d)
-        _native["ext"].causal_softmax_(p, T, ctx.scale)
-        ctx.save_for_backward(qg, kg, vg, p)
-        ctx.shape = (B, H, T, d, n_kv)
-        return torch.bmm(p, vg).view(B, H, T, d)
+        y, saved = _causal_forward(ctx, q, k, v)
+        ctx.save_for_backward(*saved)
+        return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        qg, kg, vg, p = ctx.saved_tensors
-        B, H, T, d, n_kv = ctx.shape
-        gg = g.reshape(qg.shape)
-        dv = torch.bmm(p.transpose(1, 2), gg).view(B, n_kv, T, d) if ctx.needs_input_grad[2] else None
-        ds = torch.bmm(gg, vg.transpose(1, 2))
-        _native["ext"].causal_softmax_backward_(ds, p, T, ctx.scale)
-        dq = torch.bmm(ds, kg).view(B, H, T, d) if ctx.needs_input_grad[0] else None
-        dk = torch.bmm(ds.transpose(1, 2), qg).view(B, n_kv, T, d) if ctx.needs_input_grad[1] else None
-        return dq, dk, dv
+        return _causal_backward(ctx, ctx.saved_tensors, g)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -564,26 +581,70 @@ class _PromptAttention(torch.autograd.Function):
         return g, dq, dk, dv, dgate
 
 
-def add_prompt_attention(y: Tensor, q: Tensor, prompts: PromptKV) -> Tensor | None:
-    """y + the gated prompt attention of q [B, H, T, d] (`ZeroInitAttention.gated_prompt_attention`) for bf16
-    training in one C++ pass each way; None where it does not apply (no kernels, other dtypes, a padding mask of
-    adapters with different prompt lengths, d % 16), and the caller takes the PyTorch ops."""
+class _GatedCausalAttention(torch.autograd.Function):
+    """Eq. 8 of a training step whole: the causal token attention (`_causal_forward`) plus the gated prompt
+    attention (`prompt_attention`, added in its pass). One function instead of `_CausalAttention` then
+    `_PromptAttention` because the two gradients of q then meet inside q's product in backward (a baddbmm) rather
+    than in an add of autograd's, and the output gradient is made contiguous once."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor, gate: Tensor) -> Tensor:
+        y, saved = _causal_forward(ctx, q, k, v)
+        out, prob = _native["ext"].prompt_attention(y, q, pk, pv, gate, ctx.scale)
+        ctx.save_for_backward(*saved, q, pk, pv, gate, prob)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        *saved, q, pk, pv, gate, prob = ctx.saved_tensors
+        g = g.contiguous()
+        dq_prompt, dpk, dpv, dgate = _native["ext"].prompt_attention_backward(g, q, pk, pv, gate, prob, ctx.scale)
+        dq, dk, dv = _causal_backward(ctx, saved, g, dq_prompt) if any(ctx.needs_input_grad[:3]) else (None,) * 3
+        return dq, dk, dv, dpk, dpv, dgate
+
+
+def _prompt_operands(q: Tensor, prompts: PromptKV) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The prompt keys, values and gates [B, n_kv, K, d], [B, n_kv, K, d], [B, H] as the C++ prompt attention takes
+    them for bf16 queries q [B, H, T, d]; None where it does not apply (no kernels, other dtypes, a padding mask of
+    adapters with different prompt lengths, d % 16, more than 64 prompts)."""
     d = q.shape[-1]
     if (
         q.dtype != torch.bfloat16
-        or y.dtype != q.dtype
         or prompts.k.dtype != q.dtype
         or prompts.v.dtype != q.dtype
         or prompts.mask is not None
         or d % 16 != 0
         or d > 256
-        or native_with("bf16_dot") is None
+        or not 1 <= prompts.k.shape[2] <= 64
+        or native_with("exact_silu") is None
     ):
         return None
     B, H = q.shape[:2]
     gate = prompts.gate.float().expand(B, H).contiguous()
     pk, pv = (t.expand(B, -1, -1, -1).contiguous() for t in (prompts.k, prompts.v))
-    out: Tensor = _PromptAttention.apply(y.contiguous(), q.contiguous(), pk, pv, gate)
+    return pk, pv, gate
+
+
+def add_prompt_attention(y: Tensor, q: Tensor, prompts: PromptKV) -> Tensor | None:
+    """y + the gated prompt attention of q [B, H, T, d] (`ZeroInitAttention.gated_prompt_attention`) for bf16
+    training in one C++ pass each way; None where it does not apply (`_prompt_operands`), and the caller takes the
+    PyTorch ops."""
+    operands = _prompt_operands(q, prompts) if y.dtype == q.dtype else None
+    if operands is None:
+        return None
+    out: Tensor = _PromptAttention.apply(y.contiguous(), q.contiguous(), *operands)
+    return out
+
+
+def gated_causal_attention(q: Tensor, k: Tensor, v: Tensor, prompts: PromptKV) -> Tensor | None:
+    """Eq. 8 for a bf16 training step: causal attention over the tokens plus the gated prompt attention, as one
+    autograd function (`_GatedCausalAttention`); None where the causal or the prompt kernel does not apply."""
+    if k.dtype != q.dtype or v.dtype != q.dtype or torch.compiler.is_compiling():
+        return None
+    operands = _prompt_operands(q, prompts)
+    if operands is None:
+        return None
+    out: Tensor = _GatedCausalAttention.apply(q.contiguous(), k, v, *operands)
     return out
 
 

@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -611,94 +613,229 @@ void causal_softmax_backward_(torch::Tensor& dp, const torch::Tensor& p, int64_t
 // key/value group. In ATen ops this is ten small kernels (scale, two batched products, softmax, gate, add; more in
 // backward) of ~0.1-0.5 ms each around a few MFLOPs; here one pass over the rows each way, in fp32 (the probabilities
 // [B, H, T, K] are kept for backward), parallel over (batch row, key/value group) so that the prompt gradients sum
-// without sharing. d % 16 == 0, d <= 256.
+// without sharing. A row's K scores (and, backward, its K products g . v_j) are one vector of 16 keys per block:
+// the keys are laid out in pairs of channels so that one AVX512-BF16 dot product with a broadcast pair of the query
+// adds that pair's products to all 16 scores (fp32 sums of exact bf16 products), with no horizontal sums per key;
+// the keys' gradients (sums over the group's rows) are accumulated in registers, 8 keys x 16 channels at a time.
+// d % 16 == 0, d <= 256, K <= 64.
+constexpr int64_t kMaxVec = 16;     // d / 16 vectors of a head at most (d <= 256)
+constexpr int kMaxKeyBlocks = 4;    // prompts of up to 64 keys, 16 a vector
 #if defined(__x86_64__)
-constexpr int64_t kMaxVec = 16;  // d / 16 vectors of a head at most (d <= 256)
+constexpr int kPromptRows = 4;      // query rows scored together (independent chains of dot products)
+constexpr int kKeysPerPass = 12;    // prompt keys whose gradients are summed over the rows at once
 
+// prompt keys (or values) [K, d] bf16 -> [K / 16 blocks, d / 2, 16 keys, 2]: vector (block, i) holds channels
+// 2i and 2i + 1 of the block's 16 keys (zeros past K)
+static std::vector<bf16> channel_pairs(const bf16* k, int64_t K, int64_t d) {
+  const int64_t half = d / 2;
+  std::vector<bf16> out((K + 15) / 16 * half * 32, bf16(0.f));
+  for (int64_t j = 0; j < K; ++j)
+    for (int64_t i = 0; i < half; ++i) {
+      bf16* lane = &out[((j / 16) * half + i) * 32 + (j % 16) * 2];
+      lane[0] = k[j * d + 2 * i];
+      lane[1] = k[j * d + 2 * i + 1];
+    }
+  return out;
+}
+
+static inline __mmask16 key_lanes(int64_t K, int block) {  // the lanes of a block of 16 keys that are keys
+  const int64_t n = K - 16 * block;
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// s[r][16 b + j] = the dot product of row r of x [kPromptRows, d] with key 16 b + j of `pairs` (the accumulators
+// stay in registers: every loop over rows and blocks is unrolled, and the sums leave through memory)
+template <int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline void pair_dots(
+    const bf16* x, int64_t d, const bf16* pairs, float (*s)[kMaxKeyBlocks * 16]) {
+  const int64_t half = d / 2;
+  __m512 acc[kPromptRows][NB];
+#pragma GCC unroll 16
+  for (int r = 0; r < kPromptRows; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < half; ++i) {
+    __m512bh kv[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) kv[b] = (__m512bh)_mm512_loadu_si512(pairs + (b * half + i) * 32);
+#pragma GCC unroll 16
+    for (int r = 0; r < kPromptRows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * d + 2 * i, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], kv[b], xv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kPromptRows; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) _mm512_store_ps(s[r] + 16 * b, acc[r][b]);
+}
+
+// rows r0.. of x as a block of kPromptRows rows: x itself, or the last few rows copied into zero-padded scratch
+static inline const bf16* row_block(const bf16* x, int64_t nr, int64_t d, bf16* scratch) {
+  if (nr == kPromptRows) return x;
+  std::fill(scratch, scratch + kPromptRows * d, bf16(0.f));
+  std::copy(x, x + nr * d, scratch);
+  return scratch;
+}
+
+// out[r] = (add[r] +) sum_j w[r][j] x_j (x: K rows of d fp32; out, add: rows of d bf16) for the first nr rows of a
+// block, 4 channel vectors at a time (16 independent sums)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline void weighted_rows(
+    const float (*w)[kMaxKeyBlocks * 16], const float* x, int64_t K, int64_t d, int64_t nr, bf16* out,
+    const bf16* add) {
+  const int64_t nv = d / 16;
+  for (int64_t c0 = 0; c0 < nv; c0 += 4) {
+    const int64_t nc = std::min<int64_t>(4, nv - c0);
+    __m512 o[kPromptRows][4];
+#pragma GCC unroll 16
+    for (int rr = 0; rr < kPromptRows; ++rr)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) o[rr][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; ++j) {
+      __m512 xj[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) xj[c] = c < nc ? _mm512_loadu_ps(x + j * d + (c0 + c) * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int rr = 0; rr < kPromptRows; ++rr) {
+        const __m512 wj = _mm512_set1_ps(w[rr][j]);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) o[rr][c] = _mm512_fmadd_ps(wj, xj[c], o[rr][c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int rr = 0; rr < kPromptRows; ++rr)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        if (rr >= nr || c >= nc) continue;
+        const int64_t i = rr * d + (c0 + c) * 16;
+        store_bf16(out + i, add == nullptr ? o[rr][c] : _mm512_add_ps(widen16(add + i), o[rr][c]));
+      }
+  }
+}
+
+template <int NB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void prompt_attention_group(
     const bf16* y, const bf16* q, const bf16* pk, const bf16* pv, const float* gate, bf16* out, float* prob,
     int64_t rows, int64_t T, int64_t K, int64_t d, float scale) {
   const int64_t nv = d / 16;
-  std::vector<float> kf(K * d), vf(K * d), s(K);
-  for (int64_t i = 0; i < K * d; ++i) kf[i] = f(pk[i]), vf[i] = f(pv[i]);
-  for (int64_t r = 0; r < rows; ++r) {
-    __m512 x[kMaxVec];
-    for (int64_t c = 0; c < nv; ++c) x[c] = widen16(q + r * d + c * 16);
-    float m = -INFINITY;
-    for (int64_t j = 0; j < K; ++j) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < nv; ++c) acc = _mm512_fmadd_ps(x[c], _mm512_loadu_ps(&kf[j * d + c * 16]), acc);
-      s[j] = _mm512_reduce_add_ps(acc) * scale;
-      m = std::max(m, s[j]);
+  const std::vector<bf16> kp = channel_pairs(pk, K, d);
+  std::vector<float> vf(K * d);
+  for (int64_t i = 0; i < K * d; ++i) vf[i] = f(pv[i]);
+  alignas(64) bf16 scratch[kPromptRows * 16 * kMaxVec];
+  alignas(64) float w[kPromptRows][kMaxKeyBlocks * 16];  // the rows' scores, then their gated probabilities
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t r0 = 0; r0 < rows; r0 += kPromptRows) {
+    const int64_t nr = std::min<int64_t>(kPromptRows, rows - r0);
+    pair_dots<NB>(row_block(q + r0 * d, nr, d, scratch), d, kp.data(), w);
+    for (int64_t rr = 0; rr < nr; ++rr) {  // (a padding row keeps its zero scores; its sums are not stored)
+      const int64_t r = r0 + rr;
+      __m512 e[NB], m = _mm512_set1_ps(-INFINITY);
+      for (int b = 0; b < NB; ++b) {
+        e[b] = _mm512_mul_ps(_mm512_load_ps(w[rr] + 16 * b), sc);
+        m = _mm512_mask_max_ps(m, key_lanes(K, b), m, e[b]);
+      }
+      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+      __m512 zs = _mm512_setzero_ps();
+      for (int b = 0; b < NB; ++b) {
+        e[b] = _mm512_maskz_mov_ps(key_lanes(K, b), kSleefExp(_mm512_sub_ps(e[b], mx)));
+        zs = _mm512_add_ps(zs, e[b]);
+      }
+      const float z = _mm512_reduce_add_ps(zs);
+      const __m512 zv = _mm512_set1_ps(z), gz = _mm512_set1_ps(gate[r / T] / z);
+      for (int b = 0; b < NB; ++b) {
+        _mm512_mask_storeu_ps(prob + r * K + 16 * b, key_lanes(K, b), _mm512_div_ps(e[b], zv));
+        _mm512_store_ps(w[rr] + 16 * b, _mm512_mul_ps(e[b], gz));
+      }
     }
-    float z = 0.f;
-    if (K <= 16 && kSleefExp != nullptr) {  // the K exponentials as one vector
-      const __mmask16 k = static_cast<__mmask16>((1u << K) - 1);
-      const __m512 e = kSleefExp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s.data()), _mm512_set1_ps(m)));
-      _mm512_mask_storeu_ps(s.data(), k, e);
-      z = _mm512_mask_reduce_add_ps(k, e);
-    } else {
-      for (int64_t j = 0; j < K; ++j) z += (s[j] = std::exp(s[j] - m));
-    }
-    const float g = gate[r / T] / z;
-    __m512 o[kMaxVec];
-    for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < K; ++j) {
-      prob[r * K + j] = s[j] / z;
-      const __m512 w = _mm512_set1_ps(s[j] * g);
-      for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(&vf[j * d + c * 16]), o[c]);
-    }
-    for (int64_t c = 0; c < nv; ++c)
-      store_bf16(out + r * d + c * 16, _mm512_add_ps(widen16(y + r * d + c * 16), o[c]));
+    weighted_rows(w, vf.data(), K, d, nr, out + r0 * d, y + r0 * d);  // out = y + sum_j w_j v_j
   }
 }
 
 // one group's backward: dq rows (bf16), the group's dk / dv (summed over its rows, bf16) and dgate per query head
+template <int NB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void prompt_attention_group_backward(
     const bf16* g, const bf16* q, const bf16* pk, const bf16* pv, const float* gate, const float* prob, bf16* dq,
     bf16* dk, bf16* dv, float* dgate, int64_t rows, int64_t T, int64_t K, int64_t d, float scale) {
+  // a row's stride in ds / pg: its NB vectors, and the zeros a last pass of kKeysPerPass keys reads past K
+  const int64_t W = std::max<int64_t>(NB * 16, (K + kKeysPerPass - 1) / kKeysPerPass * kKeysPerPass);
   const int64_t nv = d / 16;
-  std::vector<float> kf(K * d), vf(K * d), dkf(K * d, 0.f), dvf(K * d, 0.f), dp(K);
-  for (int64_t i = 0; i < K * d; ++i) kf[i] = f(pk[i]), vf[i] = f(pv[i]);
+  const std::vector<bf16> vp = channel_pairs(pv, K, d);
+  std::vector<float> kf(K * d);
+  for (int64_t i = 0; i < K * d; ++i) kf[i] = f(pk[i]);
+  // per row: d score_j (scaled back to q . k_j) and p_j gate, zeros past K
+  std::vector<float> ds(rows * W, 0.f), pg(rows * W, 0.f);
+  alignas(64) bf16 scratch[kPromptRows * 16 * kMaxVec];
+  alignas(64) float gv[kPromptRows][kMaxKeyBlocks * 16];    // the rows' g . v_j
+  alignas(64) float w[kPromptRows][kMaxKeyBlocks * 16] = {};  // their d scores (a padding row's sums are not stored)
   for (int64_t h = 0; h < rows / T; ++h) dgate[h] = 0.f;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float gt = gate[r / T];
-    const float* p = prob + r * K;
-    __m512 go[kMaxVec], x[kMaxVec];
-    for (int64_t c = 0; c < nv; ++c) go[c] = widen16(g + r * d + c * 16), x[c] = widen16(q + r * d + c * 16);
-    // d gate = g . sum_j p_j v_j; d p_j = gate g . v_j
-    float dg = 0.f, pdp = 0.f;
-    for (int64_t j = 0; j < K; ++j) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < nv; ++c) acc = _mm512_fmadd_ps(go[c], _mm512_loadu_ps(&vf[j * d + c * 16]), acc);
-      const float gv = _mm512_reduce_add_ps(acc);
-      dg += p[j] * gv;
-      dp[j] = gt * gv;
-      pdp += p[j] * dp[j];
-    }
-    dgate[r / T] += dg;
-    __m512 dx[kMaxVec];
-    for (int64_t c = 0; c < nv; ++c) dx[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < K; ++j) {
-      const float ds = p[j] * (dp[j] - pdp) * scale;  // d score_j (scaled back to q . k_j)
-      const __m512 dsv = _mm512_set1_ps(ds), pg = _mm512_set1_ps(p[j] * gt);
-      for (int64_t c = 0; c < nv; ++c) {
-        float* dkj = &dkf[j * d + c * 16];
-        float* dvj = &dvf[j * d + c * 16];
-        dx[c] = _mm512_fmadd_ps(dsv, _mm512_loadu_ps(&kf[j * d + c * 16]), dx[c]);
-        _mm512_storeu_ps(dkj, _mm512_fmadd_ps(dsv, x[c], _mm512_loadu_ps(dkj)));
-        _mm512_storeu_ps(dvj, _mm512_fmadd_ps(pg, go[c], _mm512_loadu_ps(dvj)));
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t r0 = 0; r0 < rows; r0 += kPromptRows) {
+    const int64_t nr = std::min<int64_t>(kPromptRows, rows - r0);
+    pair_dots<NB>(row_block(g + r0 * d, nr, d, scratch), d, vp.data(), gv);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const int64_t r = r0 + rr;
+      const __m512 gt = _mm512_set1_ps(gate[r / T]);
+      __m512 p[NB], dp[NB], dgv = _mm512_setzero_ps(), pdpv = _mm512_setzero_ps();
+      for (int b = 0; b < NB; ++b) {
+        const __m512 gvb = _mm512_load_ps(gv[rr] + 16 * b);
+        p[b] = _mm512_maskz_loadu_ps(key_lanes(K, b), prob + r * K + 16 * b);
+        dgv = _mm512_fmadd_ps(p[b], gvb, dgv);  // d gate = g . sum_j p_j v_j
+        dp[b] = _mm512_mul_ps(gt, gvb);         // d p_j = gate g . v_j
+        pdpv = _mm512_fmadd_ps(p[b], dp[b], pdpv);
+      }
+      dgate[r / T] += _mm512_reduce_add_ps(dgv);
+      const __m512 pdp = _mm512_set1_ps(_mm512_reduce_add_ps(pdpv));
+      for (int b = 0; b < NB; ++b) {
+        const __m512 dsb = _mm512_mul_ps(_mm512_mul_ps(p[b], _mm512_sub_ps(dp[b], pdp)), sc);
+        _mm512_storeu_ps(&ds[r * W + 16 * b], dsb);
+        _mm512_store_ps(w[rr] + 16 * b, dsb);
+        _mm512_storeu_ps(&pg[r * W + 16 * b], _mm512_mul_ps(p[b], gt));
       }
     }
-    for (int64_t c = 0; c < nv; ++c) store_bf16(dq + r * d + c * 16, dx[c]);
+    weighted_rows(w, kf.data(), K, d, nr, dq + r0 * d, nullptr);  // dq = sum_j ds_j k_j
   }
-  for (int64_t i = 0; i < K * d; ++i) dk[i] = b(dkf[i]), dv[i] = b(dvf[i]);
+  // dk_j = sum_r ds_rj q_r, dv_j = sum_r p_rj gate g_r: kKeysPerPass keys x 16 channels in registers over the rows
+  for (int64_t c = 0; c < nv; ++c)
+    for (int64_t j0 = 0; j0 < K; j0 += kKeysPerPass) {
+      __m512 ak[kKeysPerPass], av[kKeysPerPass];
+#pragma GCC unroll 16
+      for (int j = 0; j < kKeysPerPass; ++j) ak[j] = av[j] = _mm512_setzero_ps();
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 x = widen16(q + r * d + c * 16), go = widen16(g + r * d + c * 16);
+        const float *dsr = &ds[r * W + j0], *pgr = &pg[r * W + j0];
+#pragma GCC unroll 16
+        for (int j = 0; j < kKeysPerPass; ++j) {
+          ak[j] = _mm512_fmadd_ps(_mm512_set1_ps(dsr[j]), x, ak[j]);
+          av[j] = _mm512_fmadd_ps(_mm512_set1_ps(pgr[j]), go, av[j]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < kKeysPerPass; ++j) {
+        if (j0 + j >= K) continue;
+        store_bf16(dk + (j0 + j) * d + c * 16, ak[j]);
+        store_bf16(dv + (j0 + j) * d + c * 16, av[j]);
+      }
+    }
+}
+
+// calls fn with the group kernels for K prompt keys (K <= 64: 1 to 4 blocks of 16)
+template <typename Fn>
+static void with_key_blocks(int64_t K, const Fn& fn) {
+  switch ((K + 15) / 16) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    default: return fn(std::integral_constant<int, 4>{});
+  }
 }
 #endif
 
 static void check_prompt_attention(const torch::Tensor& q, const torch::Tensor& pk, const torch::Tensor& pv,
                                    const torch::Tensor& gate) {
-  TORCH_CHECK(kBf16Dot, "prompt_attention: needs AVX512-BF16");
+  TORCH_CHECK(has_exact_silu(), "prompt_attention: needs AVX512-BF16 and libtorch's SLEEF");
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.scalar_type() == at::kBFloat16, "prompt_attention: q");
   const int64_t B = q.size(0), H = q.size(1), d = q.size(3);
   TORCH_CHECK(d % 16 == 0 && d <= 16 * kMaxVec, "prompt_attention: head_dim must be a multiple of 16, at most 256");
@@ -706,6 +843,7 @@ static void check_prompt_attention(const torch::Tensor& q, const torch::Tensor& 
     TORCH_CHECK(t->dim() == 4 && t->is_contiguous() && t->scalar_type() == at::kBFloat16 && t->size(0) == B &&
                     t->size(3) == d && H % t->size(1) == 0 && t->sizes() == pk.sizes(),
                 "prompt_attention: prompt keys/values must be contiguous bf16 [B, n_kv, K, head_dim]");
+  TORCH_CHECK(pk.size(2) >= 1 && pk.size(2) <= 16 * kMaxKeyBlocks, "prompt_attention: 1 to 64 prompt keys");
   TORCH_CHECK(gate.is_contiguous() && gate.scalar_type() == at::kFloat && gate.numel() == B * H,
               "prompt_attention: gate must be contiguous fp32 [B, H]");
 }
@@ -725,11 +863,13 @@ std::vector<torch::Tensor> prompt_attention(const torch::Tensor& y, const torch:
   const float* gp = gate.data_ptr<float>();
   bf16* op = out.data_ptr<bf16>();
   float* pp = prob.data_ptr<float>();
-  for_chunks(B * n_kv, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u)  // u = b * n_kv + group: its rows, heads and prompts are contiguous
-      prompt_attention_group(yp + u * rows * d, qp + u * rows * d, kp + u * K * d, vp + u * K * d,
-                             gp + u * (H / n_kv), op + u * rows * d, pp + u * rows * K, rows, T, K, d,
-                             static_cast<float>(scale));
+  with_key_blocks(K, [&](auto nb) {
+    for_chunks(B * n_kv, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u)  // u = b * n_kv + group: its rows, heads and prompts are contiguous
+        prompt_attention_group<nb()>(yp + u * rows * d, qp + u * rows * d, kp + u * K * d, vp + u * K * d,
+                                     gp + u * (H / n_kv), op + u * rows * d, pp + u * rows * K, rows, T, K, d,
+                                     static_cast<float>(scale));
+    });
   });
 #endif
   return {out, prob};
@@ -755,12 +895,14 @@ std::vector<torch::Tensor> prompt_attention_backward(const torch::Tensor& g, con
   const float *tp = gate.data_ptr<float>(), *pp = prob.data_ptr<float>();
   bf16 *dqp = dq.data_ptr<bf16>(), *dkp = dk.data_ptr<bf16>(), *dvp = dv.data_ptr<bf16>();
   float* dgp = dgate.data_ptr<float>();
-  for_chunks(B * n_kv, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u)
-      prompt_attention_group_backward(gp + u * rows * d, qp + u * rows * d, kp + u * K * d, vp + u * K * d,
-                                      tp + u * (H / n_kv), pp + u * rows * K, dqp + u * rows * d, dkp + u * K * d,
-                                      dvp + u * K * d, dgp + u * (H / n_kv), rows, T, K, d,
-                                      static_cast<float>(scale));
+  with_key_blocks(K, [&](auto nb) {
+    for_chunks(B * n_kv, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u)
+        prompt_attention_group_backward<nb()>(gp + u * rows * d, qp + u * rows * d, kp + u * K * d,
+                                              vp + u * K * d, tp + u * (H / n_kv), pp + u * rows * K,
+                                              dqp + u * rows * d, dkp + u * K * d, dvp + u * K * d,
+                                              dgp + u * (H / n_kv), rows, T, K, d, static_cast<float>(scale));
+    });
   });
 #endif
   return {dq, dk, dv, dgate};

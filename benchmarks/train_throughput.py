@@ -66,16 +66,25 @@ def build_ours(dtype: torch.dtype):  # noqa: ANN201
 
 
 def step_flops(batch: int, seq: int) -> float:
-    """Matmul FLOPs of one training step of ours (the adapter's own few are left out): the forward through every
-    layer and the tied head, and the backward's input gradients through the head and the layers from the lowest
-    adapted one up (the base is frozen: no weight gradients). Attention counts its causal half."""
+    """Matmul FLOPs of one training step of ours (the adapter's own few are left out), counting what must be
+    computed: the forward through every layer and the tied head; the backward's input gradients (the base is frozen:
+    no weight gradients) through the head and the layers above the lowest adapted one, whose attention backward is
+    four products to the forward's two; and in the lowest adapted layer only those its prompts' gradients pass
+    through (the MLP and the attention output projection: its queries, keys and values do not depend on the
+    adapter). Attention counts its causal half."""
+    return sum(step_flops_parts(batch, seq))
+
+
+def step_flops_parts(batch: int, seq: int) -> tuple[float, float]:
+    """`step_flops` as (the weight products: projections and head, the attention products)."""
     d, n, hd = SHAPE["dim"], SHAPE["n_layers"], SHAPE["dim"] // SHAPE["n_heads"]
     q, kv, f, v = SHAPE["n_heads"] * hd, SHAPE["n_kv_heads"] * hd, SHAPE["hidden_dim"], SHAPE["vocab_size"]
     tokens = batch * seq
-    layer = 2 * tokens * (d * (q + 2 * kv) + q * d + 3 * d * f)  # projections
-    layer += 2 * 2 * batch * SHAPE["n_heads"] * hd * seq * seq / 2  # q k^T and p v, causal half
+    qkv, rest = 2 * tokens * d * (q + 2 * kv), 2 * tokens * (q * d + 3 * d * f)  # projections
+    attention = 2 * 2 * batch * SHAPE["n_heads"] * hd * seq * seq / 2  # q k^T and p v, causal half
     head = 2 * tokens * d * v
-    return n * layer + head + L * layer + head  # forward + backward (input gradients of the top L layers, head)
+    weights = n * (qkv + rest) + head + head + (L - 1) * (qkv + rest) + rest  # forward, then backward
+    return weights, n * attention + (L - 1) * 2 * attention
 
 
 def bf16_peak_gflops() -> float:

@@ -461,6 +461,32 @@ def test_bf16_causal_attention_softmax_one_pass_each_way(T: int, monkeypatch: py
 
 
 @needs_bf16_kernels
+def test_bf16_training_residual_sum_and_norm_in_one_pass_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block's residual sum and the RMSNorm that reads it (`RMSNorm.add_norm`), one C++ pass each way in bf16
+    training (`kernels.add_rms_norm`), give what `x + a`, the RMSNorm kernel and autograd's accumulation give, bit for
+    bit: the sum, the norm, and the gradients of both summands (the norm's backward plus the sum's gradient from
+    the next residual). A training step of the CPU backend takes it in every layer that trains."""
+    torch.manual_seed(0)
+    x, a = (torch.randn(3, 7, 64).bfloat16().requires_grad_() for _ in range(2))
+    w = (1 + 0.1 * torch.randn(64)).bfloat16()
+    dh, dy = torch.randn(3, 7, 64).bfloat16(), torch.randn(3, 7, 64).bfloat16()
+    fused = kernels.add_rms_norm(x, a, w, 1e-5)
+    assert fused is not None
+    h = x + a
+    stock = (h, kernels.rms_norm(h, w, 1e-5))
+    for f, s in zip(fused, stock, strict=True):
+        assert torch.equal(f, s)
+    grads = [torch.autograd.grad(out, (x, a), (dh, dy)) for out in (fused, stock)]
+    assert all(torch.equal(f, s) for f, s in zip(*grads, strict=True))
+    assert not torch.equal(grads[0][0], dh)  # (the norm's part is in it)
+    _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
+    calls: list[int] = []
+    kernel = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    assert step()[2].abs().sum() > 0 and len(calls) == 2
+
+
+@needs_bf16_kernels
 def test_bf16_training_rotary_embedding_is_apply_ropes_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rotation and head split of bf16 training (`CpuAttention.heads`, one C++ pass each way) round as
     `model.apply_rope` does: a training step's loss and adapter gradients are equal with and without it."""
@@ -598,14 +624,14 @@ def test_bf16_training_eq8_whole_is_causal_then_prompt_attention(monkeypatch: py
 
 @needs_bf16_kernels
 def test_bf16_training_step_with_every_cpu_kernel_agrees_with_the_stock_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whole bf16 training step on the CPU backend (RoPE, eq. 8's causal and prompt attention, SwiGLU, RMSNorm,
-    the frozen weights' oneDNN packs: each used) gives the loss and adapter gradients of the stock PyTorch ops to bf16
-    precision: the kernels change roundings, not results."""
+    """A whole bf16 training step on the CPU backend (RoPE, eq. 8's causal and prompt attention, SwiGLU, RMSNorm
+    alone and with the residual sum, the frozen weights' oneDNN packs: each used) gives the loss and adapter
+    gradients of the stock PyTorch ops to bf16 precision: the kernels change roundings, not results."""
     monkeypatch.setattr(kernels, "TRAINING_PACK_MIN_ROWS", 1)  # (this batch is small)
     monkeypatch.setattr(kernels, "_PACK_GAIN", 1e9)  # keep the packs however they timed
     _, step = _adapted_training_step(torch.bfloat16, n_layers=4, adapted=3, hidden_dim=256, seq=30, dim=256)
     calls: set[str] = set()
-    kinds = ("rope_qkv", "gated_causal_attention", "swiglu", "rms_norm", "frozen_linear")
+    kinds = ("rope_qkv", "gated_causal_attention", "swiglu", "rms_norm", "add_rms_norm", "frozen_linear")
     for name in kinds:
         fn = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _n=name: calls.add(_n) or _fn(*a))

@@ -41,6 +41,11 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def add_norm(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + a, its norm): a block's residual sum and the norm that reads it (a backend may fuse the two)."""
+        h = x + a
+        return h, self(h)
+
 
 def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> Tensor:
     d = cfg.head_dim
@@ -165,8 +170,8 @@ class Block(nn.Module):
         cache: LayerCache | None,
         pkv: PromptKV | LazyPromptKV | None,
     ) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pkv)
-        return x + self.feed_forward(self.ffn_norm(x))
+        h, normed = self.ffn_norm.add_norm(x, self.attention(self.attention_norm(x), cos, sin, mask, cache, pkv))
+        return h + self.feed_forward(normed)
 
 
 class Blocks(nn.ModuleList):

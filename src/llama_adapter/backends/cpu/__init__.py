@@ -1,7 +1,8 @@
 """The CPU backend: the model's modules swapped for subclasses that reach the CPU kernels, chosen once.
 
 Each subclass computes what its parent computes (tests compare values and gradients) and differs only in how:
-- `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`);
+- `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`), in bf16 with the residual sum before
+  it in the same pass (`kernels.add_rms_norm`);
 - `CpuAttention`: RoPE and the head split of bf16 training, one C++ pass each way (`kernels.rope_qkv`);
 - `CpuFeedForward`: the SwiGLU in bf16 training, forward and backward one C++ pass each (`kernels.swiglu`);
 - `CpuZeroInitAttention`: batched causal and few-keys attention while training (in bf16: eq. 8 whole as one
@@ -34,6 +35,13 @@ class CpuRMSNorm(RMSNorm):
         if kernels.use_cpu_training_kernels(x) and not torch.compiler.is_compiling():
             return kernels.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
+
+    def add_norm(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        if kernels.use_cpu_training_kernels(x) and not torch.compiler.is_compiling():
+            fused = kernels.add_rms_norm(x, a, self.weight, self.eps)  # the sum written in the norm's pass
+            if fused is not None:
+                return fused
+        return super().add_norm(x, a)
 
 
 class CpuFeedForward(FeedForward):

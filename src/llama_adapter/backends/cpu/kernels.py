@@ -434,6 +434,42 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
+class _AddRMSNorm(torch.autograd.Function):
+    """(h = x + a, RMSNorm(h)) of bf16 training rows with a frozen weight, one C++ pass each way: the residual sum is
+    written in the norm's pass, and backward adds h's gradient from its other use (the next residual) to the norm's
+    in the norm's backward pass; the values of the add and `_RMSNorm`, and of autograd's accumulation, bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        shape = x.shape
+        h, y, r = _native["ext"].add_rms_norm_train(
+            x.reshape(-1, shape[-1]).contiguous(), a.reshape(-1, shape[-1]).contiguous(), weight, eps
+        )
+        ctx.save_for_backward(h, weight, r)
+        return h.view(shape), y.view(shape)
+
+    @staticmethod
+    def backward(ctx: Any, dh: Tensor | None, dy: Tensor | None) -> tuple[Tensor | None, ...]:
+        h, weight, r = ctx.saved_tensors
+        rows = h.shape
+        if dy is None:
+            dsum = dh
+        else:
+            dres = None if dh is None else dh.reshape(rows).contiguous()
+            dsum = _native["ext"].rms_norm_train_backward(h, weight, r, dy.reshape(rows).contiguous(), dres)
+            dsum = dsum.view(dy.shape)
+        return dsum, dsum, None, None
+
+
+def add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor] | None:
+    """`RMSNorm.add_norm` for bf16 training with a frozen weight in one C++ pass each way (`_AddRMSNorm`); None where
+    it does not apply (no kernels, other dtypes, a weight that trains), and the caller takes the two ops."""
+    if _rms_ext(x, weight) is None or a.dtype != x.dtype or a.shape != x.shape or weight.requires_grad:
+        return None
+    h, y = _AddRMSNorm.apply(x, a, weight, eps)
+    return h, y
+
+
 class _RopeQKV(torch.autograd.Function):
     """The fused q/k/v projection's output -> rotated q, k and v with heads contiguous, one C++ pass each way."""
 

@@ -330,6 +330,9 @@ torch::Tensor silu_mul(const torch::Tensor& h) {
 // forward: r = rsqrt(mean(x^2) + eps) in fp32, y = w * bf16(x r) (rounded twice, as the reference); backward (the
 // weight frozen): dx = (dy w - xhat mean(dy w xhat)) r with xhat = x r, in fp32, rounded once. Autograd's graph of
 // the Python version was six kernels forward and eight backward over [rows, D] temporaries.
+// With a residual sum before it (kernels._AddRMSNorm: h = x + a, then the norm of h, as a block's second norm): h
+// rounded once as ATen's bf16 add, in the same pass; backward adds the gradient h has from its other use (the next
+// residual) to the norm's, each rounded as autograd's accumulation rounds them.
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float rms_train_row(const bf16* x, const bf16* w,
                                                                                          bf16* y, int64_t D, float eps) {
@@ -345,8 +348,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float rms
   return r;
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float add_rms_train_row(
+    const bf16* x, const bf16* a, const bf16* w, bf16* h, bf16* y, int64_t D, float eps) {
+  for (int64_t i = 0; i < D; i += 16) store_bf16(h + i, _mm512_add_ps(widen16(x + i), widen16(a + i)));
+  return rms_train_row(h, w, y, D, eps);
+}
+
+// dres: the gradient x has from elsewhere, added to the result (nullptr: none)
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void rms_train_backward_row(
-    const bf16* x, const bf16* w, float r, const bf16* dy, bf16* dx, int64_t D) {
+    const bf16* x, const bf16* w, float r, const bf16* dy, const bf16* dres, bf16* dx, int64_t D) {
   const __m512 rv = _mm512_set1_ps(r);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < D; i += 16)
@@ -355,7 +365,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void rms_
   for (int64_t i = 0; i < D; i += 16) {
     const __m512 dxhat = _mm512_mul_ps(widen16(dy + i), widen16(w + i));
     const __m512 xhat = _mm512_mul_ps(widen16(x + i), rv);
-    store_bf16(dx + i, _mm512_mul_ps(_mm512_sub_ps(dxhat, _mm512_mul_ps(xhat, proj)), rv));
+    const __m512 g = _mm512_mul_ps(_mm512_sub_ps(dxhat, _mm512_mul_ps(xhat, proj)), rv);
+    store_bf16(dx + i, dres == nullptr ? g : _mm512_add_ps(round_bf16(g), widen16(dres + i)));
   }
 }
 #endif
@@ -381,9 +392,35 @@ std::vector<torch::Tensor> rms_norm_train(const torch::Tensor& x, const torch::T
   return {y, r};
 }
 
-// the input gradient of rms_norm_train for a frozen w: x, dy [R, D] bf16, r [R] fp32 -> dx [R, D] bf16
+// x, a [R, D] bf16 contiguous (D % 16 == 0), w [D] bf16 -> (h = x + a, y = RMSNorm(h) [R, D] bf16, r [R] fp32)
+std::vector<torch::Tensor> add_rms_norm_train(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w,
+                                              double eps) {
+  TORCH_CHECK(kBf16Dot, "add_rms_norm_train: needs AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
+              "add_rms_norm_train: x");
+  TORCH_CHECK(a.sizes() == x.sizes() && a.is_contiguous() && a.scalar_type() == at::kBFloat16, "add_rms_norm_train: a");
+  const int64_t R = x.size(0), D = x.size(1);
+  auto wc = w.contiguous();
+  TORCH_CHECK(wc.numel() == D && wc.scalar_type() == at::kBFloat16, "add_rms_norm_train: w");
+  auto h = torch::empty_like(x);
+  auto y = torch::empty_like(x);
+  auto r = torch::empty({R}, x.options().dtype(at::kFloat));
+#if defined(__x86_64__)
+  const bf16 *xp = x.data_ptr<bf16>(), *ap = a.data_ptr<bf16>(), *wp = wc.data_ptr<bf16>();
+  bf16 *hp = h.data_ptr<bf16>(), *yp = y.data_ptr<bf16>();
+  float* rp = r.data_ptr<float>();
+  for_chunks(R, kRowPiece / D, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      rp[i] = add_rms_train_row(xp + i * D, ap + i * D, wp, hp + i * D, yp + i * D, D, static_cast<float>(eps));
+  });
+#endif
+  return {h, y, r};
+}
+
+// the input gradient of rms_norm_train for a frozen w: x, dy [R, D] bf16, r [R] fp32 -> dx [R, D] bf16; with dres
+// (x's gradient from its other use, [R, D] bf16) the sum of the two
 torch::Tensor rms_norm_train_backward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& r,
-                                      const torch::Tensor& dy) {
+                                      const torch::Tensor& dy, const c10::optional<torch::Tensor>& dres) {
   TORCH_CHECK(kBf16Dot, "rms_norm_train_backward: needs AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
               "rms_norm_train_backward: x");
@@ -394,13 +431,18 @@ torch::Tensor rms_norm_train_backward(const torch::Tensor& x, const torch::Tenso
   auto rc = r.contiguous();
   TORCH_CHECK(wc.numel() == D && wc.scalar_type() == at::kBFloat16, "rms_norm_train_backward: w");
   TORCH_CHECK(rc.numel() == R && rc.scalar_type() == at::kFloat, "rms_norm_train_backward: r");
+  if (dres.has_value())
+    TORCH_CHECK(dres->sizes() == x.sizes() && dres->is_contiguous() && dres->scalar_type() == at::kBFloat16,
+                "rms_norm_train_backward: dres");
   auto dx = torch::empty_like(x);
 #if defined(__x86_64__)
   const bf16 *xp = x.data_ptr<bf16>(), *wp = wc.data_ptr<bf16>(), *gp = dy.data_ptr<bf16>();
+  const bf16* ep = dres.has_value() ? dres->data_ptr<bf16>() : nullptr;
   const float* rp = rc.data_ptr<float>();
   bf16* dp = dx.data_ptr<bf16>();
   for_chunks(R, kRowPiece / D, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) rms_train_backward_row(xp + i * D, wp, rp[i], gp + i * D, dp + i * D, D);
+    for (int64_t i = r0; i < r1; ++i)
+      rms_train_backward_row(xp + i * D, wp, rp[i], gp + i * D, ep == nullptr ? nullptr : ep + i * D, dp + i * D, D);
   });
 #endif
   return dx;
@@ -1321,7 +1363,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul);
   m.def("silu_mul_backward", &silu_mul_backward);
   m.def("rms_norm_train", &rms_norm_train);
-  m.def("rms_norm_train_backward", &rms_norm_train_backward);
+  m.def("rms_norm_train_backward", &rms_norm_train_backward, py::arg("x"), py::arg("w"), py::arg("r"), py::arg("dy"),
+        py::arg("dres") = py::none());
+  m.def("add_rms_norm_train", &add_rms_norm_train);
   m.def("has_exact_silu", &has_exact_silu);
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
   m.def("causal_softmax_", &causal_softmax_);

@@ -18,6 +18,7 @@ import llama_adapter as la
 from llama_adapter.cli import main as cli_main
 from llama_adapter.errors import TrainingError
 from llama_adapter.training import loop as ft
+from llama_adapter.training import loss as loss_module
 from llama_adapter.training.checkpointing import KILL_ENV
 from llama_adapter.training.config import TrainConfig
 from llama_adapter.training.loop import train
@@ -72,7 +73,11 @@ def base_model(tiny_base: Path, device: torch.device) -> la.Transformer:
     return la.load_model(tiny_base, dtype=torch.float32, device=device)
 
 
-def test_linear_cross_entropy_matches_autograd() -> None:
+@pytest.mark.parametrize("grad_rows", [256, 3])
+def test_linear_cross_entropy_matches_autograd(grad_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked loss gives autograd's loss and gradient, also where a chunk's gradient products are issued in
+    pieces of fewer rows than the chunk (`GRAD_ROWS`, 3 < 8 here, with a last piece of 2)."""
+    monkeypatch.setattr(loss_module, "GRAD_ROWS", grad_rows)
     torch.manual_seed(0)
     h = torch.randn(37, 16, requires_grad=True)
     w = torch.randn(50, 16)
@@ -83,6 +88,25 @@ def test_linear_cross_entropy_matches_autograd() -> None:
     (g,) = torch.autograd.grad(got * 0.3, h)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(g, gref)
+
+
+def test_the_loss_takes_its_chunk_from_the_compute_backend(
+    base_model: la.Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batch_loss` computes `backend.loss_chunk` rows of logits at a time unless told otherwise (the CPU backend's
+    is larger: its head product gains from more rows), and `--loss-chunk` still overrides it."""
+    chunks: list[int] = []
+    real = loss_module.linear_cross_entropy
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a: chunks.append(a[3]) or real(*a))
+    ids = torch.randint(3, base_model.config.vocab_size, (2, 9), device=base_model.tok_embeddings.weight.device)
+    base_model.add_adapter("chunk", la.AdapterConfig(prompt_length=2, layers=1))
+    try:
+        for chunk in (None, 5):
+            loss_module.batch_loss(base_model, "chunk", {"input_ids": ids, "labels": ids}, chunk)
+    finally:
+        base_model.remove_adapter("chunk")
+    assert base_model.backend is not None
+    assert chunks == [base_model.backend.loss_chunk, 5]
 
 
 def test_lr_schedule_shape() -> None:

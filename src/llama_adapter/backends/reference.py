@@ -18,6 +18,8 @@ class TorchBackend:
     """The reference: the model's own modules, unchanged."""
 
     name = "torch"
+    # rows of logits the training loss computes at once (`training.loss.batch_loss`): chunk x vocab values held
+    loss_chunk = 256
 
     def __init__(self, model: Transformer) -> None:
         self.model = model

@@ -60,7 +60,8 @@ HELP = {
     "video_pool": "pooling of the video frames' features over time: mean, or mean+max",
     "progress": "show a progress bar",
     "adapter_name": "name of the adapter inside the model while training",
-    "loss_chunk": "supervised positions per logits chunk in the loss",
+    "loss_chunk": "supervised positions per logits chunk in the loss (default: the compute backend's, 512 on a CPU "
+    "and 256 elsewhere; the logits of a chunk are held at once: chunk x vocab values)",
 }
 
 

@@ -70,7 +70,7 @@ class TrainConfig:
     video_pool: str = "mean"  # pooling of the frames' features over time: mean, or mean+max
     progress: bool = True  # show a progress bar
     adapter_name: str = ADAPTER_NAME  # name of the adapter inside the model while training
-    loss_chunk: int = 256  # supervised positions per logits chunk
+    loss_chunk: int | None = None  # supervised positions per logits chunk (None: the compute backend's)
 
     @property
     def effective_lr(self) -> float:
@@ -110,7 +110,7 @@ class TrainConfig:
             (self.gate in ("tanh", "linear"), "--gate must be tanh or linear"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
             (self.quantize in (None, "int8", "int4"), "--quantize must be int8 or int4"),
-            (self.loss_chunk >= 1, "--loss-chunk must be >= 1"),
+            (self.loss_chunk is None or self.loss_chunk >= 1, "--loss-chunk must be >= 1"),
             (self.train_on in ("all", "last"), "--train-on must be all or last"),
             (self.video_frames >= 1, "--video-frames must be >= 1"),
             (self.video_pool in ("mean", "mean+max"), "--video-pool must be mean or mean+max"),

@@ -524,7 +524,8 @@ def _causal_backward(
     ctx: Any, saved: Sequence[Tensor], g: Tensor, dq_plus: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of q, k, v (each where ctx.needs_input_grad asks) from that of the output g; dq_plus, another
-    gradient of q, is added in q's product (one baddbmm) instead of by autograd afterwards."""
+    gradient of q (a tensor of the caller's, overwritten), is added in q's product (one baddbmm_, in place) instead
+    of by autograd afterwards."""
     qg, kg, vg, p = saved
     B, H, T, d, n_kv = ctx.shape
     gg = g.reshape(qg.shape)
@@ -533,7 +534,7 @@ def _causal_backward(
     _native["ext"].causal_softmax_backward_(ds, p, T, ctx.scale)
     dq = None
     if ctx.needs_input_grad[0]:
-        dq = (torch.bmm(ds, kg) if dq_plus is None else torch.baddbmm(dq_plus.view(qg.shape), ds, kg)).view(B, H, T, d)
+        dq = (torch.bmm(ds, kg) if dq_plus is None else dq_plus.view(qg.shape).baddbmm_(ds, kg)).view(B, H, T, d)
     dk = torch.bmm(ds.transpose(1, 2), qg).view(B, n_kv, T, d) if ctx.needs_input_grad[1] else None
     return dq, dk, dv
 

@@ -231,6 +231,15 @@ def test_config_errors_are_user_errors() -> None:
     assert issubclass(TemplateError, UserError) and issubclass(TemplateError, ValueError)
 
 
+def test_a_bad_number_for_an_optional_option_names_the_type(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--max-steps abc` (an `int | None` option) says which kind of value it wanted, not argparse's `<lambda>`."""
+    for flag in ("--max-steps", "--loss-chunk"):
+        with pytest.raises(SystemExit):
+            cli_main(["finetune", "--base", "builtin", "--data", "x.json", flag, "abc"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.endswith(f"argument {flag}: invalid int value: 'abc'"), err
+
+
 def test_template_file_errors(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(TemplateError, match="broken.json: not a valid template file"):

@@ -80,7 +80,12 @@ def _flag_type(tp: str) -> Any:
     conv = {"int": int, "float": float, "str": str}[base]
     if "None" not in tp:
         return conv
-    return lambda s: None if s.lower() in ("none", "null", "") else conv(s)
+
+    def optional(s: str) -> Any:
+        return None if s.lower() in ("none", "null", "") else conv(s)
+
+    optional.__name__ = base  # argparse names the type in its error: "invalid int value: 'abc'"
+    return optional
 
 
 def register(sub: argparse._SubParsersAction) -> None:

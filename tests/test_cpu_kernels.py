@@ -230,6 +230,14 @@ def _adapted_training_step(
     return model, step
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wraps `kernels.<name>`: the returned list gets an entry at each call (the kernel still runs)."""
+    calls: list[int] = []
+    fn = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or fn(*a))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_blocks_train_as_eager_ones_with_one_graph_for_every_layer(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
@@ -374,9 +382,8 @@ def test_bf16_training_swiglu_is_autograds_bit_for_bit(monkeypatch: pytest.Monke
     autograd's silu(gate) * up bit for bit: the loss and every adapter gradient of a training step are equal with and
     without it, and the kernel itself matches on odd widths (the scalar tail) too."""
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=200, seq=17)
-    calls: list[int] = []
     fused = kernels.swiglu
-    monkeypatch.setattr(kernels, "swiglu", lambda h: calls.append(1) or fused(h))
+    calls = _spy(monkeypatch, "swiglu")
     fast = step()
     assert len(calls) == 2  # the two adapted layers (below them no gradient is wanted)
     monkeypatch.setattr(kernels, "swiglu", lambda h: None)
@@ -480,9 +487,7 @@ def test_bf16_training_residual_sum_and_norm_in_one_pass_bit_for_bit(monkeypatch
     assert all(torch.equal(f, s) for f, s in zip(*grads, strict=True))
     assert not torch.equal(grads[0][0], dh)  # (the norm's part is in it)
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
-    calls: list[int] = []
-    kernel = kernels.add_rms_norm
-    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    calls = _spy(monkeypatch, "add_rms_norm")
     assert step()[2].abs().sum() > 0 and len(calls) == 2
 
 
@@ -491,9 +496,7 @@ def test_bf16_training_rotary_embedding_is_apply_ropes_bit_for_bit(monkeypatch: 
     """The rotation and head split of bf16 training (`CpuAttention.heads`, one C++ pass each way) round as
     `model.apply_rope` does: a training step's loss and adapter gradients are equal with and without it."""
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
-    calls: list[int] = []
-    fused = kernels.rope_qkv
-    monkeypatch.setattr(kernels, "rope_qkv", lambda *a: calls.append(1) or fused(*a))
+    calls = _spy(monkeypatch, "rope_qkv")
     fast = step()
     assert len(calls) == 2  # the adapted layers (below them no gradient is wanted)
     monkeypatch.setattr(kernels, "rope_qkv", lambda *a: None)
@@ -616,9 +619,7 @@ def test_bf16_training_eq8_whole_is_causal_then_prompt_attention(monkeypatch: py
     err = lambda t: ((t.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
     assert 0 < err(whole[1]) <= err(pair[1]) * 1.1, (err(whole[1]), err(pair[1]))
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
-    calls: list[int] = []
-    kernel = kernels.gated_causal_attention
-    monkeypatch.setattr(kernels, "gated_causal_attention", lambda *a: calls.append(1) or kernel(*a))
+    calls = _spy(monkeypatch, "gated_causal_attention")
     assert step()[2].abs().sum() > 0 and len(calls) == 2
 
 

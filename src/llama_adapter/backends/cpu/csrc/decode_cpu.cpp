@@ -762,7 +762,6 @@ template <int NB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void prompt_attention_group(
     const bf16* y, const bf16* q, const bf16* pk, const bf16* pv, const float* gate, bf16* out, float* prob,
     int64_t rows, int64_t T, int64_t K, int64_t d, float scale) {
-  const int64_t nv = d / 16;
   const std::vector<bf16> kp = channel_pairs(pk, K, d);
   std::vector<float> vf(K * d);
   for (int64_t i = 0; i < K * d; ++i) vf[i] = f(pv[i]);

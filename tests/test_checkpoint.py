@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,31 @@ def test_loads_into_requested_dtype_frozen(tiny_base: Path, dtype: torch.dtype) 
     assert all(p.dtype == dtype and not p.requires_grad for p in m.parameters())
     assert not any(p.is_meta for p in m.parameters())
     assert m.tokenizer is not None and m.tokenizer.bos_id == 1 and m.tokenizer.eos_id == 2
+
+
+def test_dtype_by_name_as_the_cli_spells_it(tiny_base: Path) -> None:
+    assert la.load_model(tiny_base, dtype="fp32").tok_embeddings.weight.dtype == torch.float32
+    assert la.load_model(tiny_base, dtype="bfloat16").tok_embeddings.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"unknown dtype 'int8': use one of bf16, fp16, fp32"):
+        la.load_model(tiny_base, dtype="int8")
+
+
+def test_import_and_load_leave_torch_compile_unloaded(tiny_base: Path) -> None:
+    """torch._dynamo costs about a second to import: `import llama_adapter` (every command) and `load_model` (every
+    generate / chat / serve) must not pull it in; only a caller that compiles does (a fresh interpreter each)."""
+    code = (
+        "import sys, llama_adapter as la; assert 'torch._dynamo' not in sys.modules, 'import';"
+        f"m = la.load_model({str(tiny_base)!r}); assert 'torch._dynamo' not in sys.modules, 'load_model'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr.strip().splitlines()[-1]
+
+
+def test_embedding_is_initialised_off_the_meta_device() -> None:
+    torch.manual_seed(0)
+    cfg = la.ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128)
+    w = la.Transformer(cfg).tok_embeddings.weight
+    assert 0.9 < float(w.std()) < 1.1  # nn.Embedding's N(0, 1), as before the meta-device shortcut
 
 
 def test_sharded_safetensors(tiny_base: Path, tmp_path: Path) -> None:

@@ -9,8 +9,11 @@ out once per forward (training) or once per request (decoding); `can_share_batch
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,27 @@ from llama_adapter.zero_init_attention import Adapter, PromptKV, prompt_kv
 AdapterSpec = str | None | Sequence[str | None]
 KVWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None]  # frozen wk, wv, bk, bv of one layer
 LazyPromptKV = Callable[[KVWeights], PromptKV | None]  # a layer's prompt K/V, projected inside its forward
+R = TypeVar("R")
+
+
+class eager_under_compile(Generic[R]):  # noqa: N801  # (used as a decorator)
+    """A method decorator: `torch.compiler.disable` for the method, made when the method is first looked up after
+    `torch._dynamo` is loaded. The decorator applied at class definition imports `torch._dynamo`, about a second of
+    `import llama_adapter` (of every command, `--help` included) that only a caller who compiles needs; and nothing
+    can be tracing the method before `torch._dynamo` is loaded (`torch.compile` loads it when called)."""
+
+    def __init__(self, fn: Callable[..., R]) -> None:
+        self.fn = fn
+        self.disabled: Callable[..., R] | None = None
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Callable[..., R]:
+        fn = self.fn
+        if "torch._dynamo" in sys.modules:
+            if self.disabled is None:
+                self.disabled = torch.compiler.disable(self.fn)
+            fn = self.disabled
+        return fn if obj is None else types.MethodType(fn, obj)
 
 
 def can_share_batch(adapters: Sequence[Adapter | None]) -> bool:
@@ -126,7 +150,7 @@ class PromptPlan:
     # Kept out of torch.compile'd blocks (`finetune --compile`): traced, the layer index and the adapters' first
     # layers became guards of each block's graph, so every adapted layer recompiled until dynamo's limit (8) and
     # the rest ran uncompiled. Outside, one graph serves every block; this is a few K-row products, run eagerly.
-    @torch.compiler.disable
+    @eager_under_compile
     def layer(self, li: int, kv_weights: KVWeights) -> PromptKV | None:
         wk, wv, bk, bv = kv_weights
         c = self.config

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from llama_adapter.backends import install as install_backend
 from llama_adapter.chat_template import ChatTemplate
-from llama_adapter.config import ModelConfig
+from llama_adapter.config import DTYPES, ModelConfig
 from llama_adapter.errors import CheckpointError
 from llama_adapter.gguf_loading import gguf_chat_template, gguf_config, gguf_tokenizer, gguf_weights, is_gguf
 from llama_adapter.model import Transformer
@@ -88,17 +88,22 @@ def load_config(path: str | Path) -> tuple[ModelConfig, str]:
 
 def load_model(
     path: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     device: str | torch.device = "cpu",
     tokenizer: bool = True,
     chat_template: str | None = None,
     quantize: str | None = None,
 ) -> Transformer:
-    """The frozen base: weights in `dtype` on `device`, every parameter requires_grad=False.
+    """The frozen base: weights in `dtype` (a torch dtype or its name as the CLI spells it: "bf16", "fp16", "fp32",
+    "bfloat16", ...) on `device`, every parameter requires_grad=False.
 
     `chat_template` names one of the checkpoint's named chat templates (default: the one called "default").
     `quantize` ("int8", "int4"; `llama_adapter.quantize`) quantizes the base's projections as they are read, so
     a full-precision copy of the weights never exists at once."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} (or a torch.dtype)")
+        dtype = DTYPES[dtype]
     if quantize is not None:  # refused (one line) before anything is read
         from llama_adapter.quantize import check_quantize
 

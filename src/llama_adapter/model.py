@@ -203,11 +203,21 @@ class Adapters(nn.ModuleDict):
         return super().items()  # type: ignore[return-value]  # every value is an Adapter
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a meta-device table uninitialised: `load_model` builds on the meta device and assigns
+    every weight, and ATen's normal_ on meta is a Python reference whose first call imports torch._dynamo (about a
+    second of every load)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = Blocks(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -169,6 +169,17 @@ def test_serve_fails_fast_on_a_taken_port(capsys):
     assert rc == 2 and "already in use" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "abc"])
+def test_serve_refuses_what_is_not_a_port_in_one_line(port, capsys):
+    from llama_adapter.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--base", "builtin", "--port", port])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("llama-adapter serve: error: argument --port: ")
+    assert ("1-65535" in err) if port != "abc" else "'abc' is not a port number" in err
+
+
 # ---- 8: loading and training ---------------------------------------------------------------------------------
 def test_unsafe_pickle_is_one_line():
     from llama_adapter.loading import load_error_line

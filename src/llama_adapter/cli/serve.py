@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(and reloaded from its file when asked for again). Default: no limit",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default: 8000)")
     p.add_argument(
         "--api-key",
         action="append",
@@ -113,6 +113,17 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     if any(not k.strip() for k in keys):
         raise UserError("an API key must not be empty")
     return list(dict.fromkeys(keys))
+
+
+def _port(text: str) -> int:
+    """--port's type: one line for what is not a TCP port (the socket would raise OverflowError, a traceback)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text}: a TCP port is 1-65535")
+    return port
 
 
 def check_port(host: str, port: int) -> None:

@@ -240,6 +240,27 @@ def test_a_bad_number_for_an_optional_option_names_the_type(capsys: pytest.Captu
         assert err.endswith(f"argument {flag}: invalid int value: 'abc'"), err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--base", "builtin", "hi"],
+        ["serve", "--base", "builtin"],
+        ["demo"],
+        ["pretrain"],
+        ["encoder", "eval", "--model", "m", "--adapter", "a", "--data", "d"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_threads_below_one_is_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--threads 0 / -1 / abc: argparse's one-line usage error, before anything loads (torch.set_num_threads would
+    raise a RuntimeError traceback for -1, and 0 silently meant torch's default)."""
+    for value, says in (("-1", "-1: must be >= 1"), ("0", "0: must be >= 1"), ("abc", "'abc' is not a whole number")):
+        with pytest.raises(SystemExit) as e:
+            cli_main([*argv, "--threads", value])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.endswith(f"argument --threads: {says}"), err
+
+
 def test_template_file_errors(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(TemplateError, match="broken.json: not a valid template file"):

@@ -13,6 +13,18 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 QUANTIZE_NAMES = ("int8", "int4")  # llama_adapter.quantize.QUANTIZE_MODES (torchao is imported only when used)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts such as --threads: one line for what is not a whole number >= 1 (torch would
+    raise a RuntimeError, a traceback, at set_num_threads)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base",
@@ -42,7 +54,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads for torch (default: torch's; 1 is often fastest on a busy machine)",
     )

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from llama_adapter.cli.common import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from llama_adapter.builtin.demo import DEMO_STEPS
@@ -30,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="builtin",
         help="base model (default: the built-in one); e.g. a directory written by `llama-adapter pretrain`",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(4, cores))")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: min(4, cores))")
     p.add_argument(
         "--no-progress",
         dest="progress",

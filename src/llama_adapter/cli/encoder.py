@@ -13,6 +13,8 @@ import json
 import sys
 from typing import Any
 
+from llama_adapter.cli.common import positive_int
+
 FINETUNE_HELP = {
     "model": "encoder checkpoint directory (transformers layout: config.json + model.safetensors; "
     "tokenizer.json for text, preprocessor_config.json for images)",
@@ -63,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--adapter", required=True, help="adapter.safetensors written by `encoder finetune`")
     e.add_argument("--data", required=True, help="evaluation data in the adapter's task format")
     e.add_argument("--batch-size", type=int, default=64, help="records per forward (default: 64)")
-    e.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
+    e.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
     e.set_defaults(func=run_eval)
     pt = esub.add_parser(
         "pretrain",
@@ -75,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--out", required=True, help="checkpoint directory to write")
     pt.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the recipe's)")
     pt.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    pt.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
+    pt.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch (default: 1)")
     pt.set_defaults(func=run_pretrain)
     md = esub.add_parser(
         "make-data",

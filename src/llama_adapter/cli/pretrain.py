@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from llama_adapter.cli.common import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="recipe YAML (default: recipes/builtin.yaml of the source tree, else built-in defaults)",
     )
     p.add_argument("--steps", type=int, default=None, help="override the number of optimiser steps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: from the recipe)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: from the recipe)")
     p.set_defaults(func=run)
 
 

@@ -87,7 +87,15 @@ def _bad_files(good: Path, tmp_path: Path, n_heads: int) -> dict[str, tuple[Path
             _rewrite(good, tmp_path / "v.safetensors", {"visual_proj.fc1.weight": torch.zeros(2, 2)}),
             "metadata 'visual' missing",
         ),
+        # a run directory given where its adapter file was meant
+        "directory": (_run_dir(good, tmp_path / "run"), r"run: a directory, not a safetensors adapter file \(it holds"),
     }
+
+
+def _run_dir(good: Path, run: Path) -> Path:
+    run.mkdir(exist_ok=True)
+    (run / "adapter.safetensors").write_bytes(good.read_bytes())
+    return run
 
 
 def test_bad_files_are_refused_before_registering(model: la.Transformer, good: Path, tmp_path: Path) -> None:

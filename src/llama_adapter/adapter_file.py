@@ -110,6 +110,9 @@ def json_metadata(path: Path, meta: dict[str, str], key: str) -> Any:
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a whole safetensors file (never unpickled); AdapterError, naming `what` the file
     should be, when it is missing or unreadable."""
+    if path.is_dir():  # (a run directory given for the adapter.safetensors inside it, say)
+        inside = " (it holds adapter.safetensors)" if (path / "adapter.safetensors").is_file() else ""
+        raise AdapterError(f"{path}: a directory, not a {what}{inside}")
     if not path.is_file():
         raise AdapterError(f"{path}: adapter file not found")
     try:

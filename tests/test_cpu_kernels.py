@@ -643,3 +643,73 @@ def test_bf16_training_step_with_every_cpu_kernel_agrees_with_the_stock_ops(monk
     assert abs(fast[0] - stock[0]) <= 1e-3 * abs(stock[0])
     for f, s in zip(fast[1:], stock[1:], strict=True):
         assert s.abs().sum() > 0 and (f - s).norm() <= 3e-2 * s.norm()
+
+
+needs_amx = pytest.mark.skipif(kernels.native_with("amx_attention") is None, reason="needs AMX-BF16 tiles")
+
+
+@needs_amx
+@pytest.mark.parametrize(("rep", "T", "d"), [(3, 256, 64), (1, 32, 64), (4, 96, 128), (2, 64, 64)])
+def test_bf16_training_causal_attention_on_amx_tiles_is_the_batched_products_bit_for_bit(
+    rep: int, T: int, d: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 training's causal attention on AMX tiles (`amx_causal_attention`: one pass per key/value group, only the
+    blocks on or below the diagonal multiplied, the probabilities made again in backward from the softmax's row
+    stats) computes what the batched products around the C++ softmax compute, bit for bit: the output and the
+    gradients of q, k and v, alone and as eq. 8's function (q's gradient summed with the prompt half's in its
+    product). And its backward keeps no [T, T] probabilities: the largest tensor it saves is a layer input."""
+    torch.manual_seed(0)
+    B, n_kv, K = 2, 2, 10
+    H = rep * n_kv
+    leaves = [torch.randn(B, h, T, d).bfloat16().requires_grad_() for h in (H, n_kv, n_kv)]
+    pk, pv = (torch.randn(1, n_kv, K, d).bfloat16().requires_grad_() for _ in range(2))
+    gates = torch.randn(1, H).requires_grad_()
+    g = torch.randn(B, H, T, d).bfloat16()
+
+    def both() -> list[torch.Tensor]:
+        q, k, v = leaves
+        plain = kernels.causal_attention(q, k, v)
+        prompts = PromptKV(pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), torch.tanh(gates).expand(B, H))
+        eq8 = kernels.gated_causal_attention(q, k, v, prompts)
+        assert eq8 is not None
+        return [
+            plain,
+            *torch.autograd.grad(plain, leaves, g),
+            eq8,
+            *torch.autograd.grad(eq8, [*leaves, pk, pv, gates], g),
+        ]
+
+    def run() -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        shapes: list[tuple[int, ...]] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            return both(), shapes
+
+    assert kernels._amx_attention(T, d)
+    amx, amx_saved = run()
+    monkeypatch.setitem(kernels._native, "amx_attention", False)
+    products, products_saved = run()
+    for i, (a, p) in enumerate(zip(amx, products, strict=True)):
+        assert torch.equal(a, p), i
+    probabilities, stats = (B * n_kv, rep * T, T), (B * n_kv, rep * T, 2)
+    assert stats in amx_saved and probabilities in products_saved
+    assert probabilities not in amx_saved or T == d  # (where T == d, q has that shape too)
+
+
+@needs_amx
+def test_amx_attention_takes_only_the_shapes_it_was_built_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AMX kernels take T % 32 == 0 and heads of 64 or 128 channels; other shapes keep the batched products;
+    a bf16 training step whose length fits takes them in every adapted layer, with the same loss and adapter
+    gradients, bit for bit, as without them."""
+    assert kernels._amx_attention(64, 128) and kernels._amx_attention(32, 64)
+    assert not kernels._amx_attention(40, 64) and not kernels._amx_attention(64, 48)
+    _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=33, dim=256)
+    taken: list[bool] = []
+    check = kernels._amx_attention
+    monkeypatch.setattr(kernels, "_amx_attention", lambda T, d: taken.append(check(T, d)) or taken[-1])
+    amx = step()
+    assert taken == [True, True]
+    monkeypatch.setitem(kernels._native, "amx_attention", False)
+    products = step()
+    assert taken[2:] == [False, False]
+    for a, p in zip(amx, products, strict=True):
+        assert torch.equal(a, p)

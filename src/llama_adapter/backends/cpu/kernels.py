@@ -80,6 +80,8 @@ def native() -> Any | None:
         # SLEEF's vector expf as libtorch exports it, and AVX512-BF16: the exact SwiGLU (decoding's and training's)
         # and the training loss's softmax
         _native["exact_silu"] = bool(getattr(ext, "has_exact_silu", lambda: False)())
+        # AMX-BF16 tiles usable by this process: training's causal attention in one pass per key/value group
+        _native["amx_attention"] = bool(getattr(ext, "has_amx_attention", lambda: False)())
     except Exception as e:  # no compiler, no headers, unsupported platform: the PyTorch paths still work
         lines = str(e).strip().splitlines()
         _native["why"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
@@ -513,11 +515,25 @@ def _causal_forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
     n_kv = k.shape[1]
     qg = q.reshape(B * n_kv, H // n_kv * T, d)
     kg, vg = k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
-    p = torch.bmm(qg, kg.transpose(1, 2))
     ctx.scale = 1.0 / math.sqrt(d)
-    _native["ext"].causal_softmax_(p, T, ctx.scale)
     ctx.shape = (B, H, T, d, n_kv)
+    ctx.amx = _amx_attention(T, d)
+    if ctx.amx:  # the same values, one pass per group on AMX tiles; the softmax's row stats kept instead of P
+        qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
+        y, stats = _native["ext"].amx_causal_attention(qg, kg, vg, ctx.scale)
+        return y.view(B, H, T, d), (qg, kg, vg, stats)
+    p = torch.bmm(qg, kg.transpose(1, 2))
+    _native["ext"].causal_softmax_(p, T, ctx.scale)
     return torch.bmm(p, vg).view(B, H, T, d), (qg, kg, vg, p)
+
+
+def _amx_attention(T: int, d: int) -> bool:
+    """Whether training's causal attention of T tokens with heads of d channels takes the C++ AMX kernels
+    (`amx_causal_attention`, `amx_causal_attention_backward`: each key/value group's scores, probabilities and
+    their gradients stay in the core's caches, only blocks on or below the diagonal are multiplied, and backward
+    makes the probabilities again from the forward's row stats rather than keeping them; bit for bit the batched
+    products and softmax passes below, whose sums oneDNN runs in the same order; tests compare the two)."""
+    return bool(_native.get("amx_attention")) and T % 32 == 0 and d in (64, 128)
 
 
 def _causal_backward(
@@ -526,9 +542,20 @@ def _causal_backward(
     """The gradients of q, k, v (each where ctx.needs_input_grad asks) from that of the output g; dq_plus, another
     gradient of q (a tensor of the caller's, overwritten), is added in q's product (one baddbmm_, in place) instead
     of by autograd afterwards."""
-    qg, kg, vg, p = saved
+    qg, kg, vg, p = saved  # (p: the softmax's row stats where the forward took the AMX kernels)
     B, H, T, d, n_kv = ctx.shape
     gg = g.reshape(qg.shape)
+    if ctx.amx:
+        need = ctx.needs_input_grad
+        plus = dq_plus.reshape(qg.shape).contiguous() if dq_plus is not None else None
+        dq, dk, dv = _native["ext"].amx_causal_attention_backward(
+            gg.contiguous(), qg, kg, vg, p, ctx.scale, plus, need[0], need[1], need[2]
+        )
+        return (
+            dq.view(B, H, T, d) if dq is not None else None,
+            dk.view(B, n_kv, T, d) if dk is not None else None,
+            dv.view(B, n_kv, T, d) if dv is not None else None,
+        )
     dv = torch.bmm(p.transpose(1, 2), gg).view(B, n_kv, T, d) if ctx.needs_input_grad[2] else None
     ds = torch.bmm(gg, vg.transpose(1, 2))
     _native["ext"].causal_softmax_backward_(ds, p, T, ctx.scale)

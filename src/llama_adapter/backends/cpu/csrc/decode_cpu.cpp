@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -570,10 +571,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline vo
   _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// s: one row of T scores, the first n (>= 1) of them allowed; e: T floats of scratch
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void causal_softmax_row(bf16* s, int64_t n,
-                                                                                               int64_t T, float scale,
-                                                                                               float* e) {
+// s: one row of T scores, the first n (>= 1) of them allowed; e: T floats of scratch; stats (if given) <- the
+// row's scaled maximum and 1 / sum, from which causal_softmax_recompute_row makes the same probabilities again
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void causal_softmax_row(
+    bf16* s, int64_t n, int64_t T, float scale, float* e, float* stats = nullptr) {
   const int64_t vec = n / 16 * 16, rest = n - vec;
   __m512 mv = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < vec; i += 16) mv = _mm512_max_ps(mv, widen16(s + i));
@@ -591,9 +592,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void caus
     _mm512_storeu_ps(e + vec, x);
     zv = _mm512_add_ps(zv, x);
   }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(zv));
+  const float inv1 = 1.f / _mm512_reduce_add_ps(zv);
+  const __m512 inv = _mm512_set1_ps(inv1);
   for (int64_t i = 0; i < vec; i += 16) store_bf16(s + i, _mm512_mul_ps(_mm512_loadu_ps(e + i), inv));
   if (rest) store_bf16_n(s + vec, _mm512_mul_ps(_mm512_loadu_ps(e + vec), inv), rest);
+  std::fill(s + n, s + T, bf16(0.f));
+  if (stats) stats[0] = _mm512_cvtss_f32(m), stats[1] = inv1;
+}
+
+// causal_softmax_row's probabilities again, bit for bit, from the same scores and the row's stats
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void causal_softmax_recompute_row(
+    bf16* s, int64_t n, int64_t T, float scale, const float* stats) {
+  const int64_t vec = n / 16 * 16, rest = n - vec;
+  const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(stats[0]), inv = _mm512_set1_ps(stats[1]);
+  for (int64_t i = 0; i < vec; i += 16)
+    store_bf16(s + i, _mm512_mul_ps(kSleefExp(_mm512_fmsub_ps(widen16(s + i), sc, m)), inv));
+  if (rest) store_bf16_n(s + vec, _mm512_mul_ps(kSleefExp(_mm512_fmsub_ps(widen_n(s + vec, rest), sc, m)), inv), rest);
   std::fill(s + n, s + T, bf16(0.f));
 }
 
@@ -647,6 +661,381 @@ void causal_softmax_backward_(torch::Tensor& dp, const torch::Tensor& p, int64_t
   for_chunks(dp.size(0) * dp.size(1), kRowPiece / T, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) causal_softmax_backward_row(gp + r * T, pp + r * T, r % T + 1, T, sc);
   });
+#endif
+}
+
+// ---- the causal token attention of training on AMX tiles (forward and backward, one key/value group at a time) --
+// With ATen the scores, probabilities and their gradients [groups, heads x T, T] pass through memory between six
+// batched products and the softmax passes, the products compute the masked half too, and at K = head_dim (64)
+// oneDNN reaches ~0.6 TFLOP/s inside a training step. Here one thread does one key/value group's work at once, 16
+// query rows at a time, its scores, probabilities and gradients staying in L1/L2: AMX tile products (16 x 16 fp32
+// sums of 16 x 32 by 32 x 16 bf16) over the blocks on or below the diagonal only, around the softmax rows above.
+// The probabilities are not kept for backward: the forward keeps each row's scaled maximum and 1 / sum, and
+// backward makes the same bf16 probabilities again from the same scores (132 MB less a step of the benchmark, and
+// no [T, T] tensor written and read back). Results are rounded to bf16 where ATen's products round them (scores,
+// P, dP, dS, outputs); every value equals the batched products' bit for bit on the machines we checked (oneDNN
+// sums in the same order; tests/test_cpu_kernels.py compares them wherever AMX is there).
+// Needs: AMX-BF16 (and the kernel's permission to use the tile data), T % 32 == 0, head_dim 64 or 128.
+#if defined(__x86_64__) && defined(__has_include)
+#if __has_include(<amxtileintrin.h>)
+#define LLAMA_ADAPTER_AMX 1
+#endif
+#endif
+
+#if LLAMA_ADAPTER_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_FN __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+static bool amx_permitted() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), bf = d & (1u << 22);
+  // Linux hands out the tile state on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), once per process
+  return tile && bf && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+static const bool kAmx = amx_permitted();
+#else
+static const bool kAmx = false;
+#endif
+
+bool has_amx_attention() {
+#if LLAMA_ADAPTER_AMX
+  return kAmx && has_exact_silu();
+#else
+  return false;
+#endif
+}
+
+#if LLAMA_ADAPTER_AMX
+// every tile 16 rows x 64 bytes: A = 16 rows x 32 bf16, B = 16 pairs of rows x 16 columns x 2 bf16, C = 16 x 16 fp32
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// a thread's scratch of n bf16, reused from call to call (std::vector<bf16> would zero-fill it element by element);
+// release_large_scratch() at the end of a call gives back what long sequences needed (a group's [heads x T, T])
+constexpr int64_t kKeptScratch = int64_t{1} << 22;  // bf16 values a slot keeps between calls (8 MiB)
+thread_local std::unique_ptr<uint16_t[]> tScratch[8];
+thread_local int64_t tScratchSize[8] = {};
+
+static bf16* scratch(int slot, int64_t n) {
+  if (tScratchSize[slot] < n) tScratch[slot].reset(new uint16_t[n]), tScratchSize[slot] = n;
+  return reinterpret_cast<bf16*>(tScratch[slot].get());
+}
+
+static void release_large_scratch() {
+  for (int slot = 0; slot < 8; ++slot)
+    if (tScratchSize[slot] > kKeptScratch) tScratch[slot].reset(), tScratchSize[slot] = 0;
+}
+
+AMX_FN static void configure_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  _tile_loadconfig(&c);
+}
+
+// x [n, m] (row stride ld; n % 32 == 0, m % 16 == 0) -> B tiles of x as the right operand (rows = the summed
+// index): [n / 32][m / 16] blocks of 16 x 32 bf16, element (q, c, e) of block (i, j) = x[32 i + 2 q + e][16 j + c]
+AMX_FN static void pack_row_pairs(const bf16* x, int64_t ld, int64_t n, int64_t m, bf16* out) {
+  static const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const int64_t mb = m / 16;
+  for (int64_t i = 0; i < n / 32; ++i)
+    for (int64_t j = 0; j < mb; ++j) {
+      bf16* o = out + (i * mb + j) * 512;
+      for (int64_t q = 0; q < 16; ++q) {
+        const bf16* r0 = x + (32 * i + 2 * q) * ld + 16 * j;
+        const __m512i two = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r0)),
+                                               _mm256_loadu_si256((const __m256i*)(r0 + ld)), 1);
+        _mm512_storeu_si512(o + 32 * q, _mm512_permutexvar_epi16(idx, two));
+      }
+    }
+}
+
+// k [T, d] -> B tiles of k^T (the summed index is d): [T / 16][d / 32] blocks, element (p, n, e) of block (jb, h)
+// = k[16 jb + n][32 h + 2 p + e] (pairs of channels are 32-bit units: a 16 x 16 transpose of them)
+AMX_FN static void pack_transposed(const bf16* k, int64_t T, int64_t d, bf16* out) {
+  const auto* k32 = reinterpret_cast<const int*>(k);
+  const int64_t H = d / 32, half = d / 2;
+  const __m512i keys = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(half)));
+  for (int64_t jb = 0; jb < T / 16; ++jb)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t p = 0; p < 16; ++p)  // the 16 keys' channel pair 16 h + p
+        _mm512_storeu_si512(out + ((jb * H + h) * 16 + p) * 32,
+                            _mm512_i32gather_epi32(keys, k32 + 16 * jb * half + 16 * h + p, 4));
+}
+
+// x [n, m] -> xt [m, n] (n % 16 == 0, m even): per 16 rows and pair of columns, one gather of the 16 rows' pairs
+// (32-bit units) split into the two columns
+AMX_FN static void transpose(const bf16* x, int64_t n, int64_t m, bf16* xt) {
+  const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
+                                         20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(m / 2)));
+  for (int64_t i0 = 0; i0 < n; i0 += 16)
+    for (int64_t j = 0; j < m; j += 2) {
+      const __m512i pairs = _mm512_permutexvar_epi16(split, _mm512_i32gather_epi32(rows, x + i0 * m + j, 4));
+      _mm256_storeu_si256((__m256i*)(xt + j * n + i0), _mm512_castsi512_si256(pairs));
+      _mm256_storeu_si256((__m256i*)(xt + (j + 1) * n + i0), _mm512_extracti64x4_epi64(pairs, 1));
+    }
+}
+
+// C tile t -> bf16 rows of `out` (row stride ld), 16 x 16 (optionally plus bf16 `add` first, in fp32)
+AMX_FN static inline void store_c(float* cbuf, bf16* out, int64_t ld, const bf16* add, int64_t ld_add) {
+  for (int i = 0; i < 16; ++i) {
+    __m512 v = _mm512_load_ps(cbuf + 16 * i);
+    if (add) v = _mm512_add_ps(v, widen16(add + i * ld_add));
+    _mm256_storeu_si256((__m256i*)(out + i * ld), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// rows r0.. (16) of a head: out[i][16 jb + n] = a[i] . k[16 jb + n] for the key blocks jb < nkb (bf16 results)
+// a: [16, d] (row stride d), kt: pack_transposed(k)
+AMX_FN static void scores_rows(const bf16* a, const bf16* kt, int64_t d, int64_t nkb, bf16* out, int64_t ld,
+                               float* cbuf) {
+  const int64_t H = d / 32;
+  _tile_loadd(2, a, d * 2);
+  _tile_loadd(3, a + 32, d * 2);
+  if (H == 4) {
+    _tile_loadd(4, a + 64, d * 2);
+    _tile_loadd(5, a + 96, d * 2);
+  }
+  for (int64_t jb = 0; jb < nkb; ++jb) {
+    const bf16* kb = kt + jb * H * 512;
+    _tile_zero(0);
+    _tile_loadd(6, kb, 64);
+    _tile_loadd(7, kb + 512, 64);
+    _tile_dpbf16ps(0, 2, 6);
+    _tile_dpbf16ps(0, 3, 7);
+    if (H == 4) {
+      _tile_loadd(6, kb + 1024, 64);
+      _tile_loadd(7, kb + 1536, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(0, 5, 7);
+    }
+    _tile_stored(0, cbuf, 64);
+    store_c(cbuf, out + 16 * jb, ld, nullptr, 0);
+  }
+}
+
+// 16 rows: out[i][:] (+)= a[i][0 : 32 nkc] . v[0 : 32 nkc][:] (bf16 results, `add` [16, d] added in fp32 first)
+// a: row stride lda; vp: pack_row_pairs(v) with d / 16 column blocks
+AMX_FN static void mix_rows(const bf16* a, int64_t lda, const bf16* vp, int64_t d, int64_t nkc, bf16* out,
+                            const bf16* add, float* cbuf) {
+  const int64_t cbs = d / 16;
+  for (int64_t c0 = 0; c0 < cbs; c0 += 4) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kc = 0; kc < nkc; ++kc) {
+      const bf16* vb = vp + (kc * cbs + c0) * 512;
+      _tile_loadd(4, a + 32 * kc, lda * 2);
+      _tile_loadd(5, vb, 64);
+      _tile_loadd(6, vb + 512, 64);
+      _tile_loadd(7, vb + 1024, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, vb + 1536, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, cbuf, 64);
+    store_c(cbuf, out + 16 * c0, d, add ? add + 16 * c0 : nullptr, d);
+    _tile_stored(1, cbuf, 64);
+    store_c(cbuf, out + 16 * c0 + 16, d, add ? add + 16 * c0 + 16 : nullptr, d);
+    _tile_stored(2, cbuf, 64);
+    store_c(cbuf, out + 16 * c0 + 32, d, add ? add + 16 * c0 + 32 : nullptr, d);
+    _tile_stored(3, cbuf, 64);
+    store_c(cbuf, out + 16 * c0 + 48, d, add ? add + 16 * c0 + 48 : nullptr, d);
+  }
+}
+
+// the gradient of a key/value head: out[16 jb + n][c] = sum over the rows r of every query head with a non-zero
+// weight on key 16 jb + n (t >= 16 jb) of at[c][r] x[r][16 jb + n], bf16 results: at [d, R] (the rows' values
+// transposed), xp: pack_row_pairs(x [R, T])
+AMX_FN static void key_gradient(const bf16* at, const bf16* xp, int64_t R, int64_t T, int64_t d, bf16* out,
+                                float* cbuf) {
+  const int64_t kbs = T / 16, rep = R / T;
+  alignas(64) float acc[4][256];
+  for (int64_t jb = 0; jb < kbs; ++jb)
+    for (int64_t c0 = 0; c0 < d / 16; c0 += 4) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t h = 0; h < rep; ++h)
+        for (int64_t rc = (16 * jb) / 32; rc < T / 32; ++rc) {
+          const int64_t r = h * T + 32 * rc;
+          _tile_loadd(4, xp + ((r / 32) * kbs + jb) * 512, 64);
+          const bf16* a = at + 16 * c0 * R + r;
+          _tile_loadd(5, a, R * 2);
+          _tile_loadd(6, a + 16 * R, R * 2);
+          _tile_loadd(7, a + 32 * R, R * 2);
+          _tile_dpbf16ps(0, 5, 4);
+          _tile_dpbf16ps(1, 6, 4);
+          _tile_loadd(5, a + 48 * R, R * 2);
+          _tile_dpbf16ps(2, 7, 4);
+          _tile_dpbf16ps(3, 5, 4);
+        }
+      _tile_stored(0, acc[0], 64);
+      _tile_stored(1, acc[1], 64);
+      _tile_stored(2, acc[2], 64);
+      _tile_stored(3, acc[3], 64);
+      for (int64_t n = 0; n < 16; ++n)
+        for (int t = 0; t < 4; ++t)
+          for (int64_t i = 0; i < 16; ++i) out[(16 * jb + n) * d + 16 * (c0 + t) + i] = bf16(acc[t][16 * i + n]);
+    }
+  (void)cbuf;
+}
+
+static void check_amx_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const char* what) {
+  TORCH_CHECK(has_amx_attention(), what, ": needs AMX-BF16");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2),
+              what, ": q [G, heads x T, d], k and v [G, T, d]");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, what, ": contiguous bf16 tensors");
+  const int64_t T = k.size(1), d = k.size(2);
+  TORCH_CHECK(T % 32 == 0 && T > 0 && (d == 64 || d == 128) && q.size(1) % T == 0, what,
+              ": T % 32 == 0, head_dim 64 or 128");
+}
+
+// one thread's groups g0.. of amx_causal_attention: per group, per 16 rows of a head: scores (the key blocks on or
+// below the diagonal), softmax rows, then the rows' outputs from the probabilities while they are in L1
+AMX_FN static void amx_forward_groups(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* stats,
+                                      int64_t R, int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
+  configure_tiles();
+  bf16 *kt = scratch(0, T * d), *vpairs = scratch(1, T * d), *rows = scratch(2, 16 * T);
+  std::vector<float> e(T + 16);
+  alignas(64) float cbuf[256];
+  for (int64_t g = g0; g < g1; ++g) {
+    pack_transposed(k + g * T * d, T, d, kt);
+    pack_row_pairs(v + g * T * d, d, T, d, vpairs);
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+      const int64_t t0 = r0 % T;
+      scores_rows(q + (g * R + r0) * d, kt, d, t0 / 16 + 1, rows, T, cbuf);
+      for (int64_t i = 0; i < 16; ++i)
+        causal_softmax_row(rows + i * T, t0 + i + 1, T, scale, e.data(), stats + 2 * (g * R + r0 + i));
+      mix_rows(rows, T, vpairs, d, (t0 + 16 + 31) / 32, out + (g * R + r0) * d, nullptr, cbuf);
+    }
+  }
+  _tile_release();
+  release_large_scratch();
+}
+
+// one thread's groups of amx_causal_attention_backward: per 16 rows, dP = dO v^T (bf16), dS in place by the softmax
+// backward rows, dQ = dS k (+ dq_add); then per group dK = dS^T q and dV = P^T dO (key_gradient)
+AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16* k, const bf16* v,
+                                       const float* stats, bf16* dq, const bf16* dq_add, bf16* dk, bf16* dv, int64_t R,
+                                       int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
+  configure_tiles();
+  bf16 *vt = scratch(0, T * d), *kpairs = scratch(1, T * d), *ds = scratch(2, R * T), *xpairs = scratch(3, R * T),
+       *at = scratch(4, d * R), *kt = scratch(5, T * d), *pg = scratch(6, R * T);
+  alignas(64) float cbuf[256];
+  for (int64_t g = g0; g < g1; ++g) {
+    const bf16 *gg = go + g * R * d, *qg = q + g * R * d;
+    pack_transposed(v + g * T * d, T, d, vt);
+    pack_transposed(k + g * T * d, T, d, kt);
+    if (dq) pack_row_pairs(k + g * T * d, d, T, d, kpairs);
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+      const int64_t t0 = r0 % T;
+      // the forward's probabilities of these rows, made again (its scores, then its softmax with its stats)
+      bf16* prow = pg + r0 * T;
+      scores_rows(qg + r0 * d, kt, d, t0 / 16 + 1, prow, T, cbuf);
+      for (int64_t i = 0; i < 16; ++i)
+        causal_softmax_recompute_row(prow + i * T, t0 + i + 1, T, scale, stats + 2 * (g * R + r0 + i));
+      bf16* drow = ds + r0 * T;
+      scores_rows(gg + r0 * d, vt, d, t0 / 16 + 1, drow, T, cbuf);
+      for (int64_t i = 0; i < 16; ++i) causal_softmax_backward_row(drow + i * T, pg + (r0 + i) * T, t0 + i + 1, T, scale);
+      if (dq)
+        mix_rows(drow, T, kpairs, d, (t0 + 16 + 31) / 32, dq + (g * R + r0) * d,
+                 dq_add ? dq_add + (g * R + r0) * d : nullptr, cbuf);
+    }
+    if (dk) {
+      pack_row_pairs(ds, T, R, T, xpairs);
+      transpose(qg, R, d, at);
+      key_gradient(at, xpairs, R, T, d, dk + g * T * d, cbuf);
+    }
+    if (dv) {
+      pack_row_pairs(pg, T, R, T, xpairs);
+      transpose(gg, R, d, at);
+      key_gradient(at, xpairs, R, T, d, dv + g * T * d, cbuf);
+    }
+  }
+  _tile_release();
+  release_large_scratch();
+}
+#endif
+
+// q [G, rep x T, d], k/v [G, T, d] bf16 -> (causal softmax(scale q k^T) v [G, rep x T, d], each row's softmax
+// stats [G, rep x T, 2] fp32: its scaled maximum and 1 / sum, from which backward makes the probabilities again
+// instead of keeping them: [G, rep x T, T] written and read back through memory cost more than making them twice)
+std::vector<torch::Tensor> amx_causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                                double scale) {
+#if LLAMA_ADAPTER_AMX
+  check_amx_attention(q, k, v, "amx_causal_attention");
+  const int64_t G = q.size(0), R = q.size(1), T = k.size(1), d = k.size(2);
+  auto out = torch::empty_like(q);
+  auto stats = torch::empty({G, R, 2}, q.options().dtype(at::kFloat));
+  const bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  float* st = stats.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  for_chunks(G, 1, [&](int64_t g0, int64_t g1) { amx_forward_groups(qp, kp, vp, op, st, R, T, d, sc, g0, g1); });
+  return {out, stats};
+#else
+  TORCH_CHECK(false, "amx_causal_attention: built without AMX");
+#endif
+}
+
+// the gradients of amx_causal_attention's q, k, v (each where asked) from that of its output g [G, rep x T, d] and
+// its softmax stats; dq_plus, another gradient of q (overwritten), is added to dq in its product and returned
+std::vector<torch::Tensor> amx_causal_attention_backward(const torch::Tensor& g, const torch::Tensor& q,
+                                                         const torch::Tensor& k, const torch::Tensor& v,
+                                                         const torch::Tensor& stats, double scale,
+                                                         c10::optional<torch::Tensor> dq_plus, bool need_dq,
+                                                         bool need_dk, bool need_dv) {
+#if LLAMA_ADAPTER_AMX
+  check_amx_attention(q, k, v, "amx_causal_attention_backward");
+  const int64_t G = q.size(0), R = q.size(1), T = k.size(1), d = k.size(2);
+  TORCH_CHECK(g.sizes() == q.sizes() && g.is_contiguous() && g.scalar_type() == at::kBFloat16,
+              "amx_causal_attention_backward: g like q");
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == G && stats.size(1) == R && stats.size(2) == 2 &&
+                  stats.is_contiguous() && stats.scalar_type() == at::kFloat,
+              "amx_causal_attention_backward: stats [G, rep x T, 2] fp32");
+  torch::Tensor dq, dk, dv;
+  if (need_dq) {
+    if (dq_plus.has_value()) {
+      dq = *dq_plus;
+      TORCH_CHECK(dq.sizes() == q.sizes() && dq.is_contiguous() && dq.scalar_type() == at::kBFloat16,
+                  "amx_causal_attention_backward: dq_plus like q");
+    } else {
+      dq = torch::empty_like(q);
+    }
+  }
+  if (need_dk) dk = torch::empty_like(k);
+  if (need_dv) dv = torch::empty_like(v);
+  const bf16* add = need_dq && dq_plus.has_value() ? dq.data_ptr<bf16>() : nullptr;
+  bf16* dqp = need_dq ? dq.data_ptr<bf16>() : nullptr;
+  bf16* dkp = need_dk ? dk.data_ptr<bf16>() : nullptr;
+  bf16* dvp = need_dv ? dv.data_ptr<bf16>() : nullptr;
+  const bf16 *gp = g.data_ptr<bf16>(), *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
+  const float* st = stats.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  for_chunks(G, 1, [&](int64_t g0, int64_t g1) {
+    amx_backward_groups(gp, qp, kp, vp, st, dqp, add, dkp, dvp, R, T, d, sc, g0, g1);
+  });
+  return {dq, dk, dv};
+#else
+  TORCH_CHECK(false, "amx_causal_attention_backward: built without AMX");
 #endif
 }
 
@@ -1369,6 +1758,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
   m.def("causal_softmax_", &causal_softmax_);
   m.def("causal_softmax_backward_", &causal_softmax_backward_);
+  m.def("has_amx_attention", &has_amx_attention);
+  m.def("amx_causal_attention", &amx_causal_attention);
+  m.def("amx_causal_attention_backward", &amx_causal_attention_backward);
   m.def("rope_qkv", &rope_qkv);
   m.def("prompt_attention", &prompt_attention);
   m.def("prompt_attention_backward", &prompt_attention_backward);

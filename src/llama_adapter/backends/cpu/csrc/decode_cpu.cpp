@@ -676,7 +676,7 @@ void causal_softmax_backward_(torch::Tensor& dp, const torch::Tensor& p, int64_t
 // P, dP, dS, outputs); every value equals the batched products' bit for bit on the machines we checked (oneDNN
 // sums in the same order; tests/test_cpu_kernels.py compares them wherever AMX is there).
 // Needs: AMX-BF16 (and the kernel's permission to use the tile data), T % 32 == 0, head_dim 64 or 128.
-#if defined(__x86_64__) && defined(__has_include)
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_include)  // (the tile permission is Linux's call)
 #if __has_include(<amxtileintrin.h>)
 #define LLAMA_ADAPTER_AMX 1
 #endif

@@ -741,20 +741,27 @@ AMX_FN static void configure_tiles() {
 
 // x [n, m] (row stride ld; n % 32 == 0, m % 16 == 0) -> B tiles of x as the right operand (rows = the summed
 // index): [n / 32][m / 16] blocks of 16 x 32 bf16, element (q, c, e) of block (i, j) = x[32 i + 2 q + e][16 j + c]
+AMX_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64_t m, int64_t jn, bf16* out);
+
 AMX_FN static void pack_row_pairs(const bf16* x, int64_t ld, int64_t n, int64_t m, bf16* out) {
+  for (int64_t r0 = 0; r0 < n; r0 += 16) pack_row_pairs16(x + r0 * ld, ld, r0, m, m / 16, out);
+}
+
+// 16 rows of that x, rows r0.. (r0 % 16 == 0), given at x: their part of pack_row_pairs' layout, the first jn of
+// the m / 16 column blocks only (the causal passes leave the rest of those blocks to rows further down)
+AMX_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64_t m, int64_t jn, bf16* out) {
   static const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const int64_t mb = m / 16;
-  for (int64_t i = 0; i < n / 32; ++i)
-    for (int64_t j = 0; j < mb; ++j) {
-      bf16* o = out + (i * mb + j) * 512;
-      for (int64_t q = 0; q < 16; ++q) {
-        const bf16* r0 = x + (32 * i + 2 * q) * ld + 16 * j;
-        const __m512i two = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r0)),
-                                               _mm256_loadu_si256((const __m256i*)(r0 + ld)), 1);
-        _mm512_storeu_si512(o + 32 * q, _mm512_permutexvar_epi16(idx, two));
-      }
+  const int64_t mb = m / 16, i = r0 / 32, q0 = (r0 % 32) / 2;
+  for (int64_t j = 0; j < jn; ++j) {
+    bf16* o = out + (i * mb + j) * 512 + 32 * q0;
+    for (int64_t q = 0; q < 8; ++q) {
+      const bf16* r = x + 2 * q * ld + 16 * j;
+      const __m512i two = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)r)),
+                                             _mm256_loadu_si256((const __m256i*)(r + ld)), 1);
+      _mm512_storeu_si512(o + 32 * q, _mm512_permutexvar_epi16(idx, two));
     }
+  }
 }
 
 // k [T, d] -> B tiles of k^T (the summed index is d): [T / 16][d / 32] blocks, element (p, n, e) of block (jb, h)
@@ -937,8 +944,9 @@ AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16
                                        const float* stats, bf16* dq, const bf16* dq_add, bf16* dk, bf16* dv, int64_t R,
                                        int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
   configure_tiles();
-  bf16 *vt = scratch(0, T * d), *kpairs = scratch(1, T * d), *ds = scratch(2, R * T), *xpairs = scratch(3, R * T),
-       *at = scratch(4, d * R), *kt = scratch(5, T * d), *pg = scratch(6, R * T);
+  bf16 *vt = scratch(0, T * d), *kpairs = scratch(1, T * d), *dspairs = scratch(2, R * T),
+       *ppairs = scratch(3, R * T), *at = scratch(4, d * R), *kt = scratch(5, T * d), *prow = scratch(6, 16 * T),
+       *drow = scratch(7, 16 * T);
   alignas(64) float cbuf[256];
   for (int64_t g = g0; g < g1; ++g) {
     const bf16 *gg = go + g * R * d, *qg = q + g * R * d;
@@ -946,28 +954,27 @@ AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16
     pack_transposed(k + g * T * d, T, d, kt);
     if (dq) pack_row_pairs(k + g * T * d, d, T, d, kpairs);
     for (int64_t r0 = 0; r0 < R; r0 += 16) {
-      const int64_t t0 = r0 % T;
+      const int64_t t0 = r0 % T, jn = std::min(T / 16, (t0 / 32) * 2 + 2);  // the key blocks key_gradient reads
       // the forward's probabilities of these rows, made again (its scores, then its softmax with its stats)
-      bf16* prow = pg + r0 * T;
       scores_rows(qg + r0 * d, kt, d, t0 / 16 + 1, prow, T, cbuf);
       for (int64_t i = 0; i < 16; ++i)
         causal_softmax_recompute_row(prow + i * T, t0 + i + 1, T, scale, stats + 2 * (g * R + r0 + i));
-      bf16* drow = ds + r0 * T;
       scores_rows(gg + r0 * d, vt, d, t0 / 16 + 1, drow, T, cbuf);
-      for (int64_t i = 0; i < 16; ++i) causal_softmax_backward_row(drow + i * T, pg + (r0 + i) * T, t0 + i + 1, T, scale);
+      for (int64_t i = 0; i < 16; ++i) causal_softmax_backward_row(drow + i * T, prow + i * T, t0 + i + 1, T, scale);
       if (dq)
         mix_rows(drow, T, kpairs, d, (t0 + 16 + 31) / 32, dq + (g * R + r0) * d,
                  dq_add ? dq_add + (g * R + r0) * d : nullptr, cbuf);
+      // the rows' P and dS, laid out for dk and dv's tile products while they are in L1
+      if (dv) pack_row_pairs16(prow, T, r0, T, jn, ppairs);
+      if (dk) pack_row_pairs16(drow, T, r0, T, jn, dspairs);
     }
     if (dk) {
-      pack_row_pairs(ds, T, R, T, xpairs);
       transpose(qg, R, d, at);
-      key_gradient(at, xpairs, R, T, d, dk + g * T * d, cbuf);
+      key_gradient(at, dspairs, R, T, d, dk + g * T * d, cbuf);
     }
     if (dv) {
-      pack_row_pairs(pg, T, R, T, xpairs);
       transpose(gg, R, d, at);
-      key_gradient(at, xpairs, R, T, d, dv + g * T * d, cbuf);
+      key_gradient(at, ppairs, R, T, d, dv + g * T * d, cbuf);
     }
   }
   _tile_release();

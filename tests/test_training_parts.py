@@ -248,6 +248,8 @@ def test_a_bad_number_for_an_optional_option_names_the_type(capsys: pytest.Captu
         ["demo"],
         ["pretrain"],
         ["encoder", "eval", "--model", "m", "--adapter", "a", "--data", "d"],
+        ["eval", "scienceqa", "--base", "builtin", "--data", "d"],
+        ["eval", "open-qa", "--base", "builtin", "--data", "d"],
     ],
     ids=lambda a: " ".join(a[:2]),
 )

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llama_adapter.cli.common import DTYPE_NAMES
+from llama_adapter.cli.common import DTYPE_NAMES, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -176,6 +176,7 @@ def _add_output(p: argparse.ArgumentParser, default_out: str, what: str) -> None
         help="base weight dtype (default: fp32)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--json", action="store_true", help=f"print the {what} as JSON")
     p.add_argument(
         "--quiet", action="store_true", help="no progress (a bar on a terminal, a line per 10%% in a log; stderr)"
@@ -311,6 +312,8 @@ def _load_base(args: argparse.Namespace) -> tuple[Any, str]:
     from llama_adapter.errors import UserError
     from llama_adapter.loading import load_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.base, dtype=DTYPES[args.dtype], device=device)
     if model.tokenizer is None:

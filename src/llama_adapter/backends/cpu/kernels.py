@@ -509,8 +509,9 @@ _causal_bias: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
 def _causal_forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
     """bf16 causal attention as two batched products around the C++ softmax (`causal_softmax_`): the scores and
-    probabilities [B * n_kv, rep * T, T] are computed once, in place. Returns the output and the tensors
-    `_causal_backward` needs (P among them, as autograd keeps it for the ATen version); ctx gets the shapes."""
+    probabilities [B * n_kv, rep * T, T] are computed once, in place; or, where `_amx_attention` says so, the C++
+    AMX pass per key/value group. Returns the output and the tensors `_causal_backward` needs (P among them, as
+    autograd keeps it for the ATen version, or the AMX pass's softmax row stats); ctx gets the shapes and the path."""
     B, H, T, d = q.shape
     n_kv = k.shape[1]
     qg = q.reshape(B * n_kv, H // n_kv * T, d)

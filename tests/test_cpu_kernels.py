@@ -696,8 +696,7 @@ def test_bf16_training_causal_attention_on_amx_tiles_is_the_batched_products_bit
             assert torch.equal(a, p), i
         else:  # padded: a key's gradient sums its rows in other pieces (zero rows between the heads): last bits
             assert ((a.float() - p.float()).abs().max() <= 2**-8 * p.float().abs().max()).item(), i
-    Tp = kernels._amx_length(T)  # (the kernels' length: T padded to a multiple of 32)
-    probabilities, stats = (B * n_kv, rep * T, T), (B * n_kv, rep * Tp, 2)
+    probabilities, stats = (B * n_kv, rep * T, T), (B * n_kv, rep * T, 2)
     assert stats in amx_saved and probabilities in products_saved
     assert probabilities not in amx_saved or T == d  # (where T == d, q has that shape too)
 
@@ -711,7 +710,6 @@ def test_bf16_training_step_takes_the_amx_attention_with_the_same_values(
     step takes them in every adapted layer, with the loss and adapter gradients of the batched products: bit for bit
     at a length of 32, within bf16 roundings at 29 (padded)."""
     assert kernels._amx_attention(40, 128) and kernels._amx_attention(32, 64) and not kernels._amx_attention(64, 48)
-    assert [kernels._amx_length(T) for T in (1, 29, 32, 33)] == [32, 32, 32, 64]
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=seq, dim=256)
     taken: list[bool] = []
     check = kernels._amx_attention

@@ -520,10 +520,9 @@ def _causal_forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
     ctx.shape = (B, H, T, d, n_kv)
     ctx.amx = _amx_attention(T, d)
     if ctx.amx:  # one pass per group on AMX tiles; the softmax's row stats kept instead of P
-        Tp = _amx_length(T)
-        qg, kg, vg = (_pad_tokens(t, Tp).reshape(B * n_kv, -1, d) for t in (q, k, v))
+        qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
         y, stats = _native["ext"].amx_causal_attention(qg, kg, vg, ctx.scale)
-        return _unpad_tokens(y.view(B, H, Tp, d), T), (qg, kg, vg, stats)
+        return y.view(B, H, T, d), (qg, kg, vg, stats)
     p = torch.bmm(qg, kg.transpose(1, 2))
     _native["ext"].causal_softmax_(p, T, ctx.scale)
     return torch.bmm(p, vg).view(B, H, T, d), (qg, kg, vg, p)
@@ -534,27 +533,10 @@ def _amx_attention(T: int, d: int) -> bool:
     (`amx_causal_attention`, `amx_causal_attention_backward`: each key/value group's scores, probabilities and
     their gradients stay in the core's caches, only blocks on or below the diagonal are multiplied, and backward
     makes the probabilities again from the forward's row stats rather than keeping them, so no [T, T] tensor per
-    layer waits for backward). Lengths are padded to a multiple of 32 (`_amx_length`). Bit for bit the batched
-    products and softmax passes below wherever the tests compare them (oneDNN's fp32 sums of the same bf16
-    products run in the same order)."""
+    layer waits for backward). Bit for bit the batched products and softmax passes below at lengths that are
+    multiples of 32 (oneDNN's fp32 sums of the same bf16 products run in the same order; tests compare them); at
+    other lengths a key's gradient may sum its rows in other pieces (the kernels pad to the tiles' 32 rows inside)."""
     return bool(_native.get("amx_attention")) and d in (64, 128)
-
-
-def _amx_length(T: int) -> int:
-    """The kernels' length for T tokens: the next multiple of 32. Padded keys come after every real query, so the
-    causal mask keeps them out of the real rows; padded rows are dropped, and in backward get a zero gradient, so
-    they add exact zeros to the keys' and values' gradients."""
-    return -(-T // 32) * 32
-
-
-def _pad_tokens(x: Tensor, Tp: int) -> Tensor:
-    """x [B, h, T, d] as a contiguous [B, h, Tp, d], zero rows after the T real ones."""
-    T = x.shape[2]
-    return x.contiguous() if Tp == T else F.pad(x, (0, 0, 0, Tp - T))
-
-
-def _unpad_tokens(x: Tensor, T: int) -> Tensor:
-    return x if x.shape[2] == T else x[:, :, :T].contiguous()
 
 
 def _causal_backward(
@@ -567,15 +549,14 @@ def _causal_backward(
     B, H, T, d, n_kv = ctx.shape
     if ctx.amx:
         need = ctx.needs_input_grad
-        Tp = qg.shape[1] // (H // n_kv)
-        plus = _pad_tokens(dq_plus.reshape(B, H, T, d), Tp).view(qg.shape) if dq_plus is not None else None
+        plus = dq_plus.reshape(qg.shape).contiguous() if dq_plus is not None else None
         dq, dk, dv = _native["ext"].amx_causal_attention_backward(
-            _pad_tokens(g.reshape(B, H, T, d), Tp).view(qg.shape), qg, kg, vg, p, ctx.scale, plus, *need[:3]
+            g.reshape(qg.shape).contiguous(), qg, kg, vg, p, ctx.scale, plus, *need[:3]
         )
         return (
-            _unpad_tokens(dq.view(B, H, Tp, d), T) if dq is not None else None,
-            _unpad_tokens(dk.view(B, n_kv, Tp, d), T) if dk is not None else None,
-            _unpad_tokens(dv.view(B, n_kv, Tp, d), T) if dv is not None else None,
+            dq.view(B, H, T, d) if dq is not None else None,
+            dk.view(B, n_kv, T, d) if dk is not None else None,
+            dv.view(B, n_kv, T, d) if dv is not None else None,
         )
     gg = g.reshape(qg.shape)
     dv = torch.bmm(p.transpose(1, 2), gg).view(B, n_kv, T, d) if ctx.needs_input_grad[2] else None

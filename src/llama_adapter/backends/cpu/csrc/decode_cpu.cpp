@@ -675,7 +675,8 @@ void causal_softmax_backward_(torch::Tensor& dp, const torch::Tensor& p, int64_t
 // no [T, T] tensor written and read back). Results are rounded to bf16 where ATen's products round them (scores,
 // P, dP, dS, outputs); every value equals the batched products' bit for bit on the machines we checked (oneDNN
 // sums in the same order; tests/test_cpu_kernels.py compares them wherever AMX is there).
-// Needs: AMX-BF16 (and the kernel's permission to use the tile data), T % 32 == 0, head_dim 64 or 128.
+// Needs: AMX-BF16 (and the kernel's permission to use the tile data), head_dim 64 or 128. Other lengths than
+// multiples of 32 go through zero-padded copies of a group's keys and values and of a head's last rows.
 #if defined(__x86_64__) && defined(__linux__) && defined(__has_include)  // (the tile permission is Linux's call)
 #if __has_include(<amxtileintrin.h>)
 #define LLAMA_ADAPTER_AMX 1
@@ -720,8 +721,9 @@ struct alignas(64) TileConfig {
 // a thread's scratch of n bf16, reused from call to call (std::vector<bf16> would zero-fill it element by element);
 // release_large_scratch() at the end of a call gives back what long sequences needed (a group's [heads x T, T])
 constexpr int64_t kKeptScratch = int64_t{1} << 22;  // bf16 values a slot keeps between calls (8 MiB)
-thread_local std::unique_ptr<uint16_t[]> tScratch[8];
-thread_local int64_t tScratchSize[8] = {};
+constexpr int kScratchSlots = 16;
+thread_local std::unique_ptr<uint16_t[]> tScratch[kScratchSlots];
+thread_local int64_t tScratchSize[kScratchSlots] = {};
 
 static bf16* scratch(int slot, int64_t n) {
   if (tScratchSize[slot] < n) tScratch[slot].reset(new uint16_t[n]), tScratchSize[slot] = n;
@@ -729,7 +731,7 @@ static bf16* scratch(int slot, int64_t n) {
 }
 
 static void release_large_scratch() {
-  for (int slot = 0; slot < 8; ++slot)
+  for (int slot = 0; slot < kScratchSlots; ++slot)
     if (tScratchSize[slot] > kKeptScratch) tScratch[slot].reset(), tScratchSize[slot] = 0;
 }
 
@@ -778,19 +780,32 @@ AMX_FN static void pack_transposed(const bf16* k, int64_t T, int64_t d, bf16* ou
                             _mm512_i32gather_epi32(keys, k32 + 16 * jb * half + 16 * h + p, 4));
 }
 
-// x [n, m] -> xt [m, n] (n % 16 == 0, m even): per 16 rows and pair of columns, one gather of the 16 rows' pairs
-// (32-bit units) split into the two columns
-AMX_FN static void transpose(const bf16* x, int64_t n, int64_t m, bf16* xt) {
+// x [n, m] (m even) -> columns 0 .. total of xt [m, ld] (total >= n, a multiple of 16), zeros after the n columns
+// of x: per 16 rows and pair of columns, one gather of the rows' pairs (32-bit units) split into the two columns
+AMX_FN static void transpose(const bf16* x, int64_t n, int64_t total, int64_t m, bf16* xt, int64_t ld) {
   const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
                                          20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32(static_cast<int>(m / 2)));
-  for (int64_t i0 = 0; i0 < n; i0 += 16)
+  for (int64_t i0 = 0; i0 < total; i0 += 16) {
+    const int64_t nr = std::clamp<int64_t>(n - i0, 0, 16);
+    const __mmask16 valid = static_cast<__mmask16>((1u << nr) - 1);
     for (int64_t j = 0; j < m; j += 2) {
-      const __m512i pairs = _mm512_permutexvar_epi16(split, _mm512_i32gather_epi32(rows, x + i0 * m + j, 4));
-      _mm256_storeu_si256((__m256i*)(xt + j * n + i0), _mm512_castsi512_si256(pairs));
-      _mm256_storeu_si256((__m256i*)(xt + (j + 1) * n + i0), _mm512_extracti64x4_epi64(pairs, 1));
+      const __m512i got = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, x + i0 * m + j, 4);
+      const __m512i pairs = _mm512_permutexvar_epi16(split, got);
+      _mm256_storeu_si256((__m256i*)(xt + j * ld + i0), _mm512_castsi512_si256(pairs));
+      _mm256_storeu_si256((__m256i*)(xt + (j + 1) * ld + i0), _mm512_extracti64x4_epi64(pairs, 1));
     }
+  }
+}
+
+// the first n rows of x [n, m] in a buffer of rows (zeros after them): the tiles' operands at a length that is
+// not a multiple of theirs (reads stay inside x)
+static const bf16* padded_rows(const bf16* x, int64_t n, int64_t rows, int64_t m, bf16* buf) {
+  if (n == rows) return x;
+  std::memcpy(buf, x, n * m * sizeof(bf16));
+  std::memset(buf + n * m, 0, (rows - n) * m * sizeof(bf16));
+  return buf;
 }
 
 // C tile t -> bf16 rows of `out` (row stride ld), 16 x 16 (optionally plus bf16 `add` first, in fp32)
@@ -911,8 +926,7 @@ static void check_amx_attention(const torch::Tensor& q, const torch::Tensor& k, 
   for (const auto* t : {&q, &k, &v})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, what, ": contiguous bf16 tensors");
   const int64_t T = k.size(1), d = k.size(2);
-  TORCH_CHECK(T % 32 == 0 && T > 0 && (d == 64 || d == 128) && q.size(1) % T == 0, what,
-              ": T % 32 == 0, head_dim 64 or 128");
+  TORCH_CHECK(T > 0 && (d == 64 || d == 128) && q.size(1) % T == 0, what, ": head_dim 64 or 128");
 }
 
 // one thread's groups g0.. of amx_causal_attention: per group, per 16 rows of a head: scores (the key blocks on or
@@ -920,19 +934,24 @@ static void check_amx_attention(const torch::Tensor& q, const torch::Tensor& k, 
 AMX_FN static void amx_forward_groups(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* stats,
                                       int64_t R, int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
   configure_tiles();
-  bf16 *kt = scratch(0, T * d), *vpairs = scratch(1, T * d), *rows = scratch(2, 16 * T);
-  std::vector<float> e(T + 16);
+  const int64_t Tp = (T + 31) / 32 * 32, rep = R / T;  // Tp: the tiles' length (keys zero-padded)
+  bf16 *kt = scratch(0, Tp * d), *vpairs = scratch(1, Tp * d), *rows = scratch(2, 16 * Tp), *pad = scratch(3, Tp * d),
+       *ablk = scratch(4, 16 * d), *oblk = scratch(5, 16 * d);
+  std::vector<float> e(Tp + 16);
   alignas(64) float cbuf[256];
   for (int64_t g = g0; g < g1; ++g) {
-    pack_transposed(k + g * T * d, T, d, kt);
-    pack_row_pairs(v + g * T * d, d, T, d, vpairs);
-    for (int64_t r0 = 0; r0 < R; r0 += 16) {
-      const int64_t t0 = r0 % T;
-      scores_rows(q + (g * R + r0) * d, kt, d, t0 / 16 + 1, rows, T, cbuf);
-      for (int64_t i = 0; i < 16; ++i)
-        causal_softmax_row(rows + i * T, t0 + i + 1, T, scale, e.data(), stats + 2 * (g * R + r0 + i));
-      mix_rows(rows, T, vpairs, d, (t0 + 16 + 31) / 32, out + (g * R + r0) * d, nullptr, cbuf);
-    }
+    pack_transposed(padded_rows(k + g * T * d, T, Tp, d, pad), Tp, d, kt);
+    pack_row_pairs(padded_rows(v + g * T * d, T, Tp, d, pad), d, Tp, d, vpairs);
+    for (int64_t h = 0; h < rep; ++h)
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {  // 16 rows of head h (fewer at its end)
+        const int64_t r = g * R + h * T + t0, nr = std::min<int64_t>(16, T - t0);
+        scores_rows(padded_rows(q + r * d, nr, 16, d, ablk), kt, d, t0 / 16 + 1, rows, Tp, cbuf);
+        for (int64_t i = 0; i < nr; ++i)
+          causal_softmax_row(rows + i * Tp, t0 + i + 1, Tp, scale, e.data(), stats + 2 * (r + i));
+        std::memset(rows + nr * Tp, 0, (16 - nr) * Tp * sizeof(bf16));
+        mix_rows(rows, Tp, vpairs, d, (t0 + 16 + 31) / 32, nr == 16 ? out + r * d : oblk, nullptr, cbuf);
+        if (nr < 16) std::memcpy(out + r * d, oblk, nr * d * sizeof(bf16));
+      }
   }
   _tile_release();
   release_large_scratch();
@@ -944,37 +963,52 @@ AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16
                                        const float* stats, bf16* dq, const bf16* dq_add, bf16* dk, bf16* dv, int64_t R,
                                        int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
   configure_tiles();
-  bf16 *vt = scratch(0, T * d), *kpairs = scratch(1, T * d), *dspairs = scratch(2, R * T),
-       *ppairs = scratch(3, R * T), *at = scratch(4, d * R), *kt = scratch(5, T * d), *prow = scratch(6, 16 * T),
-       *drow = scratch(7, 16 * T);
+  const int64_t Tp = (T + 31) / 32 * 32, rep = R / T, Rp = rep * Tp;  // the tiles' lengths (zero-padded)
+  bf16 *vt = scratch(0, Tp * d), *kpairs = scratch(1, Tp * d), *dspairs = scratch(2, Rp * Tp),
+       *ppairs = scratch(3, Rp * Tp), *at = scratch(4, d * Rp), *kt = scratch(5, Tp * d), *prow = scratch(6, 16 * Tp),
+       *drow = scratch(7, 16 * Tp), *pad = scratch(8, Tp * d), *ablk = scratch(9, 16 * d), *oblk = scratch(10, 16 * d),
+       *addblk = scratch(11, 16 * d);
   alignas(64) float cbuf[256];
   for (int64_t g = g0; g < g1; ++g) {
     const bf16 *gg = go + g * R * d, *qg = q + g * R * d;
-    pack_transposed(v + g * T * d, T, d, vt);
-    pack_transposed(k + g * T * d, T, d, kt);
-    if (dq) pack_row_pairs(k + g * T * d, d, T, d, kpairs);
-    for (int64_t r0 = 0; r0 < R; r0 += 16) {
-      const int64_t t0 = r0 % T, jn = std::min(T / 16, (t0 / 32) * 2 + 2);  // the key blocks key_gradient reads
-      // the forward's probabilities of these rows, made again (its scores, then its softmax with its stats)
-      scores_rows(qg + r0 * d, kt, d, t0 / 16 + 1, prow, T, cbuf);
-      for (int64_t i = 0; i < 16; ++i)
-        causal_softmax_recompute_row(prow + i * T, t0 + i + 1, T, scale, stats + 2 * (g * R + r0 + i));
-      scores_rows(gg + r0 * d, vt, d, t0 / 16 + 1, drow, T, cbuf);
-      for (int64_t i = 0; i < 16; ++i) causal_softmax_backward_row(drow + i * T, prow + i * T, t0 + i + 1, T, scale);
-      if (dq)
-        mix_rows(drow, T, kpairs, d, (t0 + 16 + 31) / 32, dq + (g * R + r0) * d,
-                 dq_add ? dq_add + (g * R + r0) * d : nullptr, cbuf);
-      // the rows' P and dS, laid out for dk and dv's tile products while they are in L1
-      if (dv) pack_row_pairs16(prow, T, r0, T, jn, ppairs);
-      if (dk) pack_row_pairs16(drow, T, r0, T, jn, dspairs);
-    }
-    if (dk) {
-      transpose(qg, R, d, at);
-      key_gradient(at, dspairs, R, T, d, dk + g * T * d, cbuf);
-    }
-    if (dv) {
-      transpose(gg, R, d, at);
-      key_gradient(at, ppairs, R, T, d, dv + g * T * d, cbuf);
+    pack_transposed(padded_rows(v + g * T * d, T, Tp, d, pad), Tp, d, vt);
+    const bf16* kp = padded_rows(k + g * T * d, T, Tp, d, pad);
+    pack_transposed(kp, Tp, d, kt);
+    if (dq) pack_row_pairs(kp, d, Tp, d, kpairs);
+    for (int64_t h = 0; h < rep; ++h)
+      for (int64_t t0 = 0; t0 < Tp; t0 += 16) {  // every block of the padded length: the pairs' zeros too
+        const int64_t r = h * T + t0, nr = std::clamp<int64_t>(T - t0, 0, 16);
+        const int64_t jn = std::min(Tp / 16, (t0 / 32) * 2 + 2);  // the key blocks key_gradient reads
+        if (nr > 0) {
+          // the forward's probabilities of these rows, made again (its scores, then its softmax with its stats)
+          scores_rows(padded_rows(qg + r * d, nr, 16, d, ablk), kt, d, t0 / 16 + 1, prow, Tp, cbuf);
+          for (int64_t i = 0; i < nr; ++i)
+            causal_softmax_recompute_row(prow + i * Tp, t0 + i + 1, Tp, scale, stats + 2 * (g * R + r + i));
+          scores_rows(padded_rows(gg + r * d, nr, 16, d, ablk), vt, d, t0 / 16 + 1, drow, Tp, cbuf);
+          for (int64_t i = 0; i < nr; ++i)
+            causal_softmax_backward_row(drow + i * Tp, prow + i * Tp, t0 + i + 1, Tp, scale);
+        }
+        std::memset(prow + nr * Tp, 0, (16 - nr) * Tp * sizeof(bf16));
+        std::memset(drow + nr * Tp, 0, (16 - nr) * Tp * sizeof(bf16));
+        if (dq && nr > 0) {
+          bf16* rq = dq + (g * R + r) * d;
+          const bf16* add = dq_add ? padded_rows(dq_add + (g * R + r) * d, nr, 16, d, addblk) : nullptr;
+          mix_rows(drow, Tp, kpairs, d, (t0 + 16 + 31) / 32, nr == 16 ? rq : oblk, add, cbuf);
+          if (nr < 16) std::memcpy(rq, oblk, nr * d * sizeof(bf16));
+        }
+        // the rows' P and dS, laid out for dk and dv's tile products while they are in L1
+        if (dv) pack_row_pairs16(prow, Tp, h * Tp + t0, Tp, jn, ppairs);
+        if (dk) pack_row_pairs16(drow, Tp, h * Tp + t0, Tp, jn, dspairs);
+      }
+    // dk / dv: [T, d] of the group, through a padded buffer where T is not the tiles' length
+    for (int which = 0; which < 2; ++which) {
+      bf16* grad = which == 0 ? dk : dv;
+      if (!grad) continue;
+      const bf16* rows_of = which == 0 ? qg : gg;
+      for (int64_t h = 0; h < rep; ++h) transpose(rows_of + h * T * d, T, Tp, d, at + h * Tp, Rp);
+      bf16* o = T == Tp ? grad + g * T * d : pad;
+      key_gradient(at, which == 0 ? dspairs : ppairs, Rp, Tp, d, o, cbuf);
+      if (T != Tp) std::memcpy(grad + g * T * d, pad, T * d * sizeof(bf16));
     }
   }
   _tile_release();

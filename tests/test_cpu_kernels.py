@@ -650,7 +650,8 @@ needs_amx = pytest.mark.skipif(kernels.native_with("amx_attention") is None, rea
 
 @needs_amx
 @pytest.mark.parametrize(
-    ("rep", "T", "d"), [(3, 256, 64), (1, 32, 64), (4, 96, 128), (2, 64, 64), (3, 37, 64), (2, 5, 128)]
+    ("rep", "T", "d"),
+    [(3, 256, 64), (1, 32, 64), (4, 96, 128), (2, 64, 64), (3, 37, 64), (2, 5, 128), (3, 17, 64), (1, 1, 64)],
 )
 def test_bf16_training_causal_attention_on_amx_tiles_is_the_batched_products_bit_for_bit(
     rep: int, T: int, d: int, monkeypatch: pytest.MonkeyPatch

@@ -571,6 +571,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline vo
   _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// e^(scale s - m) of 16 scores: the softmax's exponentials, and the same again when backward remakes them
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512 scaled_exp(__m512 s, __m512 sc,
+                                                                                                 __m512 m) {
+  return kSleefExp(_mm512_fmsub_ps(s, sc, m));
+}
+
 // s: one row of T scores, the first n (>= 1) of them allowed; e: T floats of scratch; stats (if given) <- the
 // row's scaled maximum and 1 / sum, from which causal_softmax_recompute_row makes the same probabilities again
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void causal_softmax_row(
@@ -582,13 +588,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void caus
   const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(_mm512_reduce_max_ps(mv) * scale);
   __m512 zv = _mm512_setzero_ps();
   for (int64_t i = 0; i < vec; i += 16) {
-    const __m512 x = kSleefExp(_mm512_fmsub_ps(widen16(s + i), sc, m));
+    const __m512 x = scaled_exp(widen16(s + i), sc, m);
     _mm512_storeu_ps(e + i, x);
     zv = _mm512_add_ps(zv, x);
   }
   if (rest) {
     const __mmask16 k = static_cast<__mmask16>((1u << rest) - 1);
-    const __m512 x = _mm512_maskz_mov_ps(k, kSleefExp(_mm512_fmsub_ps(widen_n(s + vec, rest), sc, m)));
+    const __m512 x = _mm512_maskz_mov_ps(k, scaled_exp(widen_n(s + vec, rest), sc, m));
     _mm512_storeu_ps(e + vec, x);
     zv = _mm512_add_ps(zv, x);
   }
@@ -606,8 +612,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void caus
   const int64_t vec = n / 16 * 16, rest = n - vec;
   const __m512 sc = _mm512_set1_ps(scale), m = _mm512_set1_ps(stats[0]), inv = _mm512_set1_ps(stats[1]);
   for (int64_t i = 0; i < vec; i += 16)
-    store_bf16(s + i, _mm512_mul_ps(kSleefExp(_mm512_fmsub_ps(widen16(s + i), sc, m)), inv));
-  if (rest) store_bf16_n(s + vec, _mm512_mul_ps(kSleefExp(_mm512_fmsub_ps(widen_n(s + vec, rest), sc, m)), inv), rest);
+    store_bf16(s + i, _mm512_mul_ps(scaled_exp(widen16(s + i), sc, m), inv));
+  if (rest) store_bf16_n(s + vec, _mm512_mul_ps(scaled_exp(widen_n(s + vec, rest), sc, m), inv), rest);
   std::fill(s + n, s + T, bf16(0.f));
 }
 
@@ -741,16 +747,9 @@ AMX_FN static void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
-// x [n, m] (row stride ld; n % 32 == 0, m % 16 == 0) -> B tiles of x as the right operand (rows = the summed
-// index): [n / 32][m / 16] blocks of 16 x 32 bf16, element (q, c, e) of block (i, j) = x[32 i + 2 q + e][16 j + c]
-AMX_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64_t m, int64_t jn, bf16* out);
-
-AMX_FN static void pack_row_pairs(const bf16* x, int64_t ld, int64_t n, int64_t m, bf16* out) {
-  for (int64_t r0 = 0; r0 < n; r0 += 16) pack_row_pairs16(x + r0 * ld, ld, r0, m, m / 16, out);
-}
-
-// 16 rows of that x, rows r0.. (r0 % 16 == 0), given at x: their part of pack_row_pairs' layout, the first jn of
-// the m / 16 column blocks only (the causal passes leave the rest of those blocks to rows further down)
+// 16 rows r0.. (r0 % 16 == 0) of an x [n, m] (given at x, row stride ld): their part of pack_row_pairs' layout,
+// the first jn of the m / 16 column blocks only (the causal passes leave the rest of those blocks to rows further
+// down)
 AMX_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64_t m, int64_t jn, bf16* out) {
   static const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -766,13 +765,24 @@ AMX_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64
   }
 }
 
+// x [n, m] (row stride ld; n % 32 == 0, m % 16 == 0) -> B tiles of x as the right operand (rows = the summed
+// index): [n / 32][m / 16] blocks of 16 x 32 bf16, element (q, c, e) of block (i, j) = x[32 i + 2 q + e][16 j + c]
+AMX_FN static void pack_row_pairs(const bf16* x, int64_t ld, int64_t n, int64_t m, bf16* out) {
+  for (int64_t r0 = 0; r0 < n; r0 += 16) pack_row_pairs16(x + r0 * ld, ld, r0, m, m / 16, out);
+}
+
+// the 32-bit offsets 0, stride, ..., 15 stride: one gather's 16 rows of a matrix of stride pairs of bf16 a row
+AMX_FN static inline __m512i row_offsets(int64_t stride) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int>(stride)));
+}
+
 // k [T, d] -> B tiles of k^T (the summed index is d): [T / 16][d / 32] blocks, element (p, n, e) of block (jb, h)
 // = k[16 jb + n][32 h + 2 p + e] (pairs of channels are 32-bit units: a 16 x 16 transpose of them)
 AMX_FN static void pack_transposed(const bf16* k, int64_t T, int64_t d, bf16* out) {
   const auto* k32 = reinterpret_cast<const int*>(k);
   const int64_t H = d / 32, half = d / 2;
-  const __m512i keys = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(half)));
+  const __m512i keys = row_offsets(half);
   for (int64_t jb = 0; jb < T / 16; ++jb)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t p = 0; p < 16; ++p)  // the 16 keys' channel pair 16 h + p
@@ -785,8 +795,7 @@ AMX_FN static void pack_transposed(const bf16* k, int64_t T, int64_t d, bf16* ou
 AMX_FN static void transpose(const bf16* x, int64_t n, int64_t total, int64_t m, bf16* xt, int64_t ld) {
   const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
                                          20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(m / 2)));
+  const __m512i rows = row_offsets(m / 2);
   for (int64_t i0 = 0; i0 < total; i0 += 16) {
     const int64_t nr = std::clamp<int64_t>(n - i0, 0, 16);
     const __mmask16 valid = static_cast<__mmask16>((1u << nr) - 1);
@@ -882,8 +891,7 @@ AMX_FN static void mix_rows(const bf16* a, int64_t lda, const bf16* vp, int64_t 
 // the gradient of a key/value head: out[16 jb + n][c] = sum over the rows r of every query head with a non-zero
 // weight on key 16 jb + n (t >= 16 jb) of at[c][r] x[r][16 jb + n], bf16 results: at [d, R] (the rows' values
 // transposed), xp: pack_row_pairs(x [R, T])
-AMX_FN static void key_gradient(const bf16* at, const bf16* xp, int64_t R, int64_t T, int64_t d, bf16* out,
-                                float* cbuf) {
+AMX_FN static void key_gradient(const bf16* at, const bf16* xp, int64_t R, int64_t T, int64_t d, bf16* out) {
   const int64_t kbs = T / 16, rep = R / T;
   alignas(64) float acc[4][256];
   for (int64_t jb = 0; jb < kbs; ++jb)
@@ -914,7 +922,6 @@ AMX_FN static void key_gradient(const bf16* at, const bf16* xp, int64_t R, int64
         for (int t = 0; t < 4; ++t)
           for (int64_t i = 0; i < 16; ++i) out[(16 * jb + n) * d + 16 * (c0 + t) + i] = bf16(acc[t][16 * i + n]);
     }
-  (void)cbuf;
 }
 
 static void check_amx_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -1007,7 +1014,7 @@ AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16
       const bf16* rows_of = which == 0 ? qg : gg;
       for (int64_t h = 0; h < rep; ++h) transpose(rows_of + h * T * d, T, Tp, d, at + h * Tp, Rp);
       bf16* o = T == Tp ? grad + g * T * d : pad;
-      key_gradient(at, which == 0 ? dspairs : ppairs, Rp, Tp, d, o, cbuf);
+      key_gradient(at, which == 0 ? dspairs : ppairs, Rp, Tp, d, o);
       if (T != Tp) std::memcpy(grad + g * T * d, pad, T * d * sizeof(bf16));
     }
   }

@@ -645,23 +645,34 @@ def test_bf16_training_step_with_every_cpu_kernel_agrees_with_the_stock_ops(monk
         assert s.abs().sum() > 0 and (f - s).norm() <= 3e-2 * s.norm()
 
 
-needs_amx = pytest.mark.skipif(kernels.native_with("amx_attention") is None, reason="needs AMX-BF16 tiles")
+def _engines() -> list[str]:
+    """The engines of training's fused causal attention this CPU runs: AVX512-BF16 wherever there is one, and AMX."""
+    kind = kernels._native.get("fused_attention", "") if kernels.native_with("fused_attention") is not None else ""
+    return ["avx512", "amx"] if kind == "amx" else ["avx512"] if kind else []
 
 
-@needs_amx
+ENGINES = [
+    pytest.param(e, marks=pytest.mark.skipif(e not in _engines(), reason=f"needs {e.upper()}-BF16"))
+    for e in ("avx512", "amx")
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(
     ("rep", "T", "d"),
     [(3, 256, 64), (1, 32, 64), (4, 96, 128), (2, 64, 64), (3, 37, 64), (2, 5, 128), (3, 17, 64), (1, 1, 64)],
 )
-def test_bf16_training_causal_attention_on_amx_tiles_is_the_batched_products_bit_for_bit(
-    rep: int, T: int, d: int, monkeypatch: pytest.MonkeyPatch
+def test_bf16_training_causal_attention_fused_per_group_is_the_batched_products(
+    engine: str, rep: int, T: int, d: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bf16 training's causal attention on AMX tiles (`amx_causal_attention`: one pass per key/value group, only the
+    """bf16 training's fused causal attention (`fused_causal_attention`: one pass per key/value group, only the
     blocks on or below the diagonal multiplied, the probabilities made again in backward from the softmax's row
-    stats; lengths padded to a multiple of 32) computes what the batched products around the C++ softmax compute,
-    bit for bit at lengths the tiles divide (at padded lengths a key's gradient sums its rows in other pieces: within
-    a bf16 rounding): the output and the gradients of q, k and v, alone and as eq. 8's function (q's gradient summed
-    with the prompt half's in its product). Its backward keeps the softmax's row stats, not the [T, T] probabilities."""
+    stats; lengths padded to a multiple of 32) computes what the batched products around the C++ softmax compute:
+    the output and the gradients of q, k and v, alone and as eq. 8's function (q's gradient summed with the prompt
+    half's in its product). On AMX tiles bit for bit at lengths the tiles divide (at padded lengths a key's gradient
+    sums its rows in other pieces: within a bf16 rounding); with AVX512-BF16 dot products, whose fp32 sums run in
+    another order than oneDNN's, within a bf16 rounding everywhere. Its backward keeps the softmax's row stats, not
+    the [T, T] probabilities."""
     torch.manual_seed(0)
     B, n_kv, K = 2, 2, 10
     H = rep * n_kv
@@ -688,37 +699,67 @@ def test_bf16_training_causal_attention_on_amx_tiles_is_the_batched_products_bit
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
             return both(), shapes
 
-    assert kernels._amx_attention(T, d)
-    amx, amx_saved = run()
-    monkeypatch.setitem(kernels._native, "amx_attention", False)
+    monkeypatch.setitem(kernels._native, "fused_attention", engine)
+    assert kernels._fused_attention(T, d) == engine
+    fused, fused_saved = run()
+    monkeypatch.setitem(kernels._native, "fused_attention", "")
     products, products_saved = run()
-    for i, (a, p) in enumerate(zip(amx, products, strict=True)):
-        if T % 32 == 0:
+    for i, (a, p) in enumerate(zip(fused, products, strict=True)):
+        if engine == "amx" and T % 32 == 0:
             assert torch.equal(a, p), i
-        else:  # padded: a key's gradient sums its rows in other pieces (zero rows between the heads): last bits
+        else:  # another order of the fp32 sums (or, padded, zero rows between the heads): last bits
             assert ((a.float() - p.float()).abs().max() <= 2**-8 * p.float().abs().max()).item(), i
     probabilities, stats = (B * n_kv, rep * T, T), (B * n_kv, rep * T, 2)
-    assert stats in amx_saved and probabilities in products_saved
-    assert probabilities not in amx_saved or T == d  # (where T == d, q has that shape too)
+    assert stats in fused_saved and probabilities in products_saved
+    assert probabilities not in fused_saved or T == d  # (where T == d, q has that shape too)
 
 
-@needs_amx
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fused_causal_attention_is_the_naive_equation_within_bf16_rounding(engine: str) -> None:
+    """Eq. 8's token half, naively in fp64 from the same bf16 inputs (softmax over the causal scores q k^T / sqrt(d)
+    with k and v repeated per query head): the fused pass's output and gradients are as close to it as the batched
+    products' are (bf16 results of fp32 sums; a missing or doubled block would be off by whole units)."""
+    torch.manual_seed(1)
+    B, H, n_kv, T, d = 2, 6, 2, 80, 64
+    q, k, v = (torch.randn(B, h, T, d).bfloat16() for h in (H, n_kv, n_kv))
+    g = torch.randn(B, H, T, d).bfloat16()
+    ext = kernels.native()
+    assert ext is not None
+    qg, kg, vg, gg = (x.reshape(B * n_kv, -1, d).contiguous() for x in (q, k, v, g))
+    y, stats = ext.fused_causal_attention(qg, kg, vg, d**-0.5, engine)
+    dq, dk, dv = ext.fused_causal_attention_backward(gg, qg, kg, vg, stats, d**-0.5, None, True, True, True, engine)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    kr, vr = (x.repeat_interleave(H // n_kv, dim=1) for x in (k64, v64))
+    scores = (q64 @ kr.transpose(-1, -2) * d**-0.5).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    ref = scores.softmax(-1) @ vr
+    ref.backward(g.double())
+    for got, want in zip((y, dq, dk, dv), (ref, q64.grad, k64.grad, v64.grad), strict=True):
+        err = (got.double().reshape(want.shape) - want).abs().max().item()
+        assert err <= 2**-7 * want.abs().max().item(), err
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("seq", [33, 30])
-def test_bf16_training_step_takes_the_amx_attention_with_the_same_values(
-    seq: int, monkeypatch: pytest.MonkeyPatch
+def test_bf16_training_step_takes_the_fused_attention_with_the_same_values(
+    engine: str, seq: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The AMX kernels take heads of 64 or 128 channels and any length (padded to a multiple of 32); a bf16 training
-    step takes them in every adapted layer, with the loss and adapter gradients of the batched products: bit for bit
-    at a length of 32, within bf16 roundings at 29 (padded)."""
-    assert kernels._amx_attention(40, 128) and kernels._amx_attention(32, 64) and not kernels._amx_attention(64, 48)
+    """The fused kernels take heads of 64 or 128 channels and any length (padded to a multiple of 32); a bf16
+    training step takes them in every adapted layer, with the loss and adapter gradients of the batched products:
+    on AMX tiles bit for bit at a length of 32, within bf16 roundings at 29 (padded) and with AVX512-BF16."""
+    monkeypatch.setitem(kernels._native, "fused_attention", engine)
+    assert kernels._fused_attention(40, 128) == kernels._fused_attention(32, 64) == engine
+    assert not kernels._fused_attention(64, 48)
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=seq, dim=256)
-    taken: list[bool] = []
-    check = kernels._amx_attention
-    monkeypatch.setattr(kernels, "_amx_attention", lambda T, d: taken.append(check(T, d)) or taken[-1])
-    amx = step()
-    assert taken == [True, True]
-    monkeypatch.setitem(kernels._native, "amx_attention", False)
+    taken: list[str] = []
+    check = kernels._fused_attention
+    monkeypatch.setattr(kernels, "_fused_attention", lambda T, d: taken.append(check(T, d)) or taken[-1])
+    fused = step()
+    assert taken == [engine, engine]
+    monkeypatch.setitem(kernels._native, "fused_attention", "")
     products = step()
-    assert taken[2:] == [False, False]
-    for a, p in zip(amx, products, strict=True):
-        assert torch.equal(a, p) if seq == 33 else ((a - p).abs().max() <= 1e-2 * p.abs().max()).item()
+    assert taken[2:] == ["", ""]
+    for a, p in zip(fused, products, strict=True):
+        if engine == "amx" and seq == 33:
+            assert torch.equal(a, p)
+        else:
+            assert ((a - p).abs().max() <= 1e-2 * p.abs().max()).item()

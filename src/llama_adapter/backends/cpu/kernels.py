@@ -80,8 +80,9 @@ def native() -> Any | None:
         # SLEEF's vector expf as libtorch exports it, and AVX512-BF16: the exact SwiGLU (decoding's and training's)
         # and the training loss's softmax
         _native["exact_silu"] = bool(getattr(ext, "has_exact_silu", lambda: False)())
-        # AMX-BF16 tiles usable by this process: training's causal attention in one pass per key/value group
-        _native["amx_attention"] = bool(getattr(ext, "has_amx_attention", lambda: False)())
+        # the engine of training's causal attention in one pass per key/value group: "amx" (AMX-BF16 tiles usable
+        # by this process), "avx512" (AVX512-BF16 dot products) or "" (ATen's batched products)
+        _native["fused_attention"] = str(getattr(ext, "fused_attention_kind", lambda: "")())
     except Exception as e:  # no compiler, no headers, unsupported platform: the PyTorch paths still work
         lines = str(e).strip().splitlines()
         _native["why"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"
@@ -111,7 +112,8 @@ def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> 
 
 def native_with(feature: str) -> Any | None:
     """The compiled kernels where this CPU has what `feature` needs, read once at load ("bf16_dot": AVX512-BF16;
-    "exact_silu": that and libtorch's SLEEF expf; "int8": AVX-512), else None."""
+    "exact_silu": that and libtorch's SLEEF expf; "int8": AVX-512; "fused_attention": an engine for training's
+    causal attention), else None."""
     ext = native()
     return ext if ext is not None and _native.get(feature, False) else None
 
@@ -509,34 +511,38 @@ _causal_bias: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
 def _causal_forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
     """bf16 causal attention as two batched products around the C++ softmax (`causal_softmax_`): the scores and
-    probabilities [B * n_kv, rep * T, T] are computed once, in place; or, where `_amx_attention` says so, the C++
-    AMX pass per key/value group. Returns the output and the tensors `_causal_backward` needs (P among them, as
-    autograd keeps it for the ATen version, or the AMX pass's softmax row stats); ctx gets the shapes and the path."""
+    probabilities [B * n_kv, rep * T, T] are computed once, in place; or, where `_fused_attention` names an engine,
+    the C++ pass per key/value group. Returns the output and the tensors `_causal_backward` needs (P among them, as
+    autograd keeps it for the ATen version, or the fused pass's softmax row stats); ctx gets the shapes and the
+    path."""
     B, H, T, d = q.shape
     n_kv = k.shape[1]
     qg = q.reshape(B * n_kv, H // n_kv * T, d)
     kg, vg = k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
     ctx.scale = 1.0 / math.sqrt(d)
     ctx.shape = (B, H, T, d, n_kv)
-    ctx.amx = _amx_attention(T, d)
-    if ctx.amx:  # one pass per group on AMX tiles; the softmax's row stats kept instead of P
+    ctx.fused = _fused_attention(T, d)
+    if ctx.fused:  # one pass per group (AMX tiles or AVX512-BF16); the softmax's row stats kept instead of P
         qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
-        y, stats = _native["ext"].amx_causal_attention(qg, kg, vg, ctx.scale)
+        y, stats = _native["ext"].fused_causal_attention(qg, kg, vg, ctx.scale, ctx.fused)
         return y.view(B, H, T, d), (qg, kg, vg, stats)
     p = torch.bmm(qg, kg.transpose(1, 2))
     _native["ext"].causal_softmax_(p, T, ctx.scale)
     return torch.bmm(p, vg).view(B, H, T, d), (qg, kg, vg, p)
 
 
-def _amx_attention(T: int, d: int) -> bool:
-    """Whether training's causal attention of T tokens with heads of d channels takes the C++ AMX kernels
-    (`amx_causal_attention`, `amx_causal_attention_backward`: each key/value group's scores, probabilities and
-    their gradients stay in the core's caches, only blocks on or below the diagonal are multiplied, and backward
-    makes the probabilities again from the forward's row stats rather than keeping them, so no [T, T] tensor per
-    layer waits for backward). Bit for bit the batched products and softmax passes below at lengths that are
-    multiples of 32 (oneDNN's fp32 sums of the same bf16 products run in the same order; tests compare them); at
-    other lengths a key's gradient may sum its rows in other pieces (the kernels pad to the tiles' 32 rows inside)."""
-    return bool(_native.get("amx_attention")) and d in (64, 128)
+def _fused_attention(T: int, d: int) -> str:
+    """The engine ("amx", "avx512") of the C++ kernels training's causal attention of T tokens with heads of d
+    channels takes (`fused_causal_attention`, `fused_causal_attention_backward`: each key/value group's scores,
+    probabilities and their gradients stay in the core's caches, only blocks on or below the diagonal are
+    multiplied, and backward makes the probabilities again from the forward's row stats rather than keeping them,
+    so no [T, T] tensor per layer waits for backward), or "" for the batched products below. On AMX tiles bit for
+    bit the batched products and softmax passes at lengths that are multiples of 32 (oneDNN's fp32 sums of the same
+    bf16 products run in the same order; tests compare them; at other lengths a key's gradient may sum its rows in
+    other pieces: the kernels pad to the tiles' 32 rows inside); with AVX512-BF16 dot products (CPUs without AMX)
+    the sums run in another order: within bf16 rounding of them."""
+    kind = str(_native.get("fused_attention") or "")
+    return kind if d in (64, 128) else ""
 
 
 def _causal_backward(
@@ -545,13 +551,13 @@ def _causal_backward(
     """The gradients of q, k, v (each where ctx.needs_input_grad asks) from that of the output g; dq_plus, another
     gradient of q (a tensor of the caller's, overwritten), is added in q's product (one baddbmm_, in place) instead
     of by autograd afterwards."""
-    qg, kg, vg, p = saved  # (p: the softmax's row stats where the forward took the AMX kernels)
+    qg, kg, vg, p = saved  # (p: the softmax's row stats where the forward took the fused kernels)
     B, H, T, d, n_kv = ctx.shape
-    if ctx.amx:
+    if ctx.fused:
         need = ctx.needs_input_grad
         plus = dq_plus.reshape(qg.shape).contiguous() if dq_plus is not None else None
-        dq, dk, dv = _native["ext"].amx_causal_attention_backward(
-            g.reshape(qg.shape).contiguous(), qg, kg, vg, p, ctx.scale, plus, *need[:3]
+        dq, dk, dv = _native["ext"].fused_causal_attention_backward(
+            g.reshape(qg.shape).contiguous(), qg, kg, vg, p, ctx.scale, plus, *need[:3], ctx.fused
         )
         return (
             dq.view(B, H, T, d) if dq is not None else None,

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -670,19 +671,25 @@ void causal_softmax_backward_(torch::Tensor& dp, const torch::Tensor& p, int64_t
 #endif
 }
 
-// ---- the causal token attention of training on AMX tiles (forward and backward, one key/value group at a time) --
+// ---- the causal token attention of training, one key/value group at a time (forward and backward) -------------
 // With ATen the scores, probabilities and their gradients [groups, heads x T, T] pass through memory between six
 // batched products and the softmax passes, the products compute the masked half too, and at K = head_dim (64)
 // oneDNN reaches ~0.6 TFLOP/s inside a training step. Here one thread does one key/value group's work at once, 16
-// query rows at a time, its scores, probabilities and gradients staying in L1/L2: AMX tile products (16 x 16 fp32
-// sums of 16 x 32 by 32 x 16 bf16) over the blocks on or below the diagonal only, around the softmax rows above.
+// query rows at a time, its scores, probabilities and gradients staying in L1/L2: tile products (16 x 16 fp32 sums
+// of 16 x 32 by 32 x 16 bf16) over the blocks on or below the diagonal only, around the softmax rows above.
 // The probabilities are not kept for backward: the forward keeps each row's scaled maximum and 1 / sum, and
 // backward makes the same bf16 probabilities again from the same scores (132 MB less a step of the benchmark, and
 // no [T, T] tensor written and read back). Results are rounded to bf16 where ATen's products round them (scores,
-// P, dP, dS, outputs); every value equals the batched products' bit for bit on the machines we checked (oneDNN
-// sums in the same order; tests/test_cpu_kernels.py compares them wherever AMX is there).
-// Needs: AMX-BF16 (and the kernel's permission to use the tile data), head_dim 64 or 128. Other lengths than
-// multiples of 32 go through zero-padded copies of a group's keys and values and of a head's last rows.
+// P, dP, dS, outputs).
+// Two engines do the tile products, behind one set of passes (forward_groups, backward_groups):
+// - AmxTiles: AMX tiles. Every value equals the batched products' bit for bit on the machines we checked (oneDNN
+//   sums in the same order; tests/test_cpu_kernels.py compares them wherever AMX is there).
+// - Avx512Tiles: the same 16 x 16 products as AVX512-BF16 dot products, one per row and pair of the summed index,
+//   the 16 rows' sums in registers: CPUs with AVX512-BF16 but no AMX (AMD Zen 4, Cooper Lake). The fp32 sums run in
+//   another order than oneDNN's, so values are within bf16 rounding of the batched products', not equal to them.
+// Needs: AVX512-BF16 and libtorch's SLEEF (the softmax rows), head_dim 64 or 128; for AmxTiles also AMX-BF16 and
+// the kernel's permission to use the tile data. Other lengths than multiples of 32 go through zero-padded copies
+// of a group's keys and values and of a head's last rows.
 #if defined(__x86_64__) && defined(__linux__) && defined(__has_include)  // (the tile permission is Linux's call)
 #if __has_include(<amxtileintrin.h>)
 #define LLAMA_ADAPTER_AMX 1
@@ -708,21 +715,14 @@ static const bool kAmx = amx_permitted();
 static const bool kAmx = false;
 #endif
 
-bool has_amx_attention() {
-#if LLAMA_ADAPTER_AMX
-  return kAmx && has_exact_silu();
-#else
-  return false;
-#endif
+// the engine training's causal attention takes on this CPU: "amx", "avx512" or "" (none: ATen's batched products)
+std::string fused_attention_kind() {
+  if (!has_exact_silu()) return "";
+  return kAmx ? "amx" : "avx512";
 }
 
-#if LLAMA_ADAPTER_AMX
-// every tile 16 rows x 64 bytes: A = 16 rows x 32 bf16, B = 16 pairs of rows x 16 columns x 2 bf16, C = 16 x 16 fp32
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+#if defined(__x86_64__)
+#define TILE_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // a thread's scratch of n bf16, reused from call to call (std::vector<bf16> would zero-fill it element by element);
 // release_large_scratch() at the end of a call gives back what long sequences needed (a group's [heads x T, T])
@@ -741,16 +741,10 @@ static void release_large_scratch() {
     if (tScratchSize[slot] > kKeptScratch) tScratch[slot].reset(), tScratchSize[slot] = 0;
 }
 
-AMX_FN static void configure_tiles() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-  _tile_loadconfig(&c);
-}
-
 // 16 rows r0.. (r0 % 16 == 0) of an x [n, m] (given at x, row stride ld): their part of pack_row_pairs' layout,
 // the first jn of the m / 16 column blocks only (the causal passes leave the rest of those blocks to rows further
 // down)
-AMX_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64_t m, int64_t jn, bf16* out) {
+TILE_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64_t m, int64_t jn, bf16* out) {
   static const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const int64_t mb = m / 16, i = r0 / 32, q0 = (r0 % 32) / 2;
@@ -765,21 +759,21 @@ AMX_FN static void pack_row_pairs16(const bf16* x, int64_t ld, int64_t r0, int64
   }
 }
 
-// x [n, m] (row stride ld; n % 32 == 0, m % 16 == 0) -> B tiles of x as the right operand (rows = the summed
+// x [n, m] (row stride ld; n % 32 == 0, m % 16 == 0) -> tiles of x as the right operand (rows = the summed
 // index): [n / 32][m / 16] blocks of 16 x 32 bf16, element (q, c, e) of block (i, j) = x[32 i + 2 q + e][16 j + c]
-AMX_FN static void pack_row_pairs(const bf16* x, int64_t ld, int64_t n, int64_t m, bf16* out) {
+TILE_FN static void pack_row_pairs(const bf16* x, int64_t ld, int64_t n, int64_t m, bf16* out) {
   for (int64_t r0 = 0; r0 < n; r0 += 16) pack_row_pairs16(x + r0 * ld, ld, r0, m, m / 16, out);
 }
 
 // the 32-bit offsets 0, stride, ..., 15 stride: one gather's 16 rows of a matrix of stride pairs of bf16 a row
-AMX_FN static inline __m512i row_offsets(int64_t stride) {
+TILE_FN static inline __m512i row_offsets(int64_t stride) {
   return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                             _mm512_set1_epi32(static_cast<int>(stride)));
 }
 
-// k [T, d] -> B tiles of k^T (the summed index is d): [T / 16][d / 32] blocks, element (p, n, e) of block (jb, h)
-// = k[16 jb + n][32 h + 2 p + e] (pairs of channels are 32-bit units: a 16 x 16 transpose of them)
-AMX_FN static void pack_transposed(const bf16* k, int64_t T, int64_t d, bf16* out) {
+// k [T, d] -> tiles of k^T as the right operand (the summed index is d): [T / 16][d / 32] blocks, element (p, n, e)
+// of block (jb, h) = k[16 jb + n][32 h + 2 p + e] (pairs of channels are 32-bit units: a 16 x 16 transpose of them)
+TILE_FN static void pack_transposed(const bf16* k, int64_t T, int64_t d, bf16* out) {
   const auto* k32 = reinterpret_cast<const int*>(k);
   const int64_t H = d / 32, half = d / 2;
   const __m512i keys = row_offsets(half);
@@ -792,7 +786,7 @@ AMX_FN static void pack_transposed(const bf16* k, int64_t T, int64_t d, bf16* ou
 
 // x [n, m] (m even) -> columns 0 .. total of xt [m, ld] (total >= n, a multiple of 16), zeros after the n columns
 // of x: per 16 rows and pair of columns, one gather of the rows' pairs (32-bit units) split into the two columns
-AMX_FN static void transpose(const bf16* x, int64_t n, int64_t total, int64_t m, bf16* xt, int64_t ld) {
+TILE_FN static void transpose(const bf16* x, int64_t n, int64_t total, int64_t m, bf16* xt, int64_t ld) {
   const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
                                          20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i rows = row_offsets(m / 2);
@@ -817,8 +811,9 @@ static const bf16* padded_rows(const bf16* x, int64_t n, int64_t rows, int64_t m
   return buf;
 }
 
-// C tile t -> bf16 rows of `out` (row stride ld), 16 x 16 (optionally plus bf16 `add` first, in fp32)
-AMX_FN static inline void store_c(float* cbuf, bf16* out, int64_t ld, const bf16* add, int64_t ld_add) {
+// 16 x 16 fp32 sums (row i at cbuf + 16 i) -> bf16 rows of `out` (row stride ld), optionally plus bf16 `add` first,
+// in fp32
+TILE_FN static inline void store_c(const float* cbuf, bf16* out, int64_t ld, const bf16* add, int64_t ld_add) {
   for (int i = 0; i < 16; ++i) {
     __m512 v = _mm512_load_ps(cbuf + 16 * i);
     if (add) v = _mm512_add_ps(v, widen16(add + i * ld_add));
@@ -826,107 +821,218 @@ AMX_FN static inline void store_c(float* cbuf, bf16* out, int64_t ld, const bf16
   }
 }
 
-// rows r0.. (16) of a head: out[i][16 jb + n] = a[i] . k[16 jb + n] for the key blocks jb < nkb (bf16 results)
-// a: [16, d] (row stride d), kt: pack_transposed(k)
-AMX_FN static void scores_rows(const bf16* a, const bf16* kt, int64_t d, int64_t nkb, bf16* out, int64_t ld,
-                               float* cbuf) {
-  const int64_t H = d / 32;
-  _tile_loadd(2, a, d * 2);
-  _tile_loadd(3, a + 32, d * 2);
-  if (H == 4) {
-    _tile_loadd(4, a + 64, d * 2);
-    _tile_loadd(5, a + 96, d * 2);
+// The three products of the passes, as each engine computes them (same signatures; cbuf: 256 floats of scratch):
+// scores_rows(a, kt, d, nkb, out, ld, cbuf): rows r0.. (16) of a head: out[i][16 jb + n] = a[i] . k[16 jb + n] for
+//   the key blocks jb < nkb (bf16 results); a: [16, d] (row stride d), kt: pack_transposed(k)
+// mix_rows(a, lda, vp, d, nkc, out, add, cbuf): 16 rows: out[i][:] (+)= a[i][0 : 32 nkc] . v[0 : 32 nkc][:] (bf16
+//   results, `add` [16, d] added in fp32 first); a: row stride lda; vp: pack_row_pairs(v) with d / 16 column blocks
+// key_gradient(at, xp, R, T, d, out): the gradient of a key/value head: out[16 jb + n][c] = sum over the rows r of
+//   every query head with a non-zero weight on key 16 jb + n (t >= 16 jb) of at[c][r] x[r][16 jb + n], bf16
+//   results: at [d, R] (the rows' values transposed), xp: pack_row_pairs(x [R, T])
+#if LLAMA_ADAPTER_AMX
+// every tile 16 rows x 64 bytes: A = 16 rows x 32 bf16, B = 16 pairs of rows x 16 columns x 2 bf16, C = 16 x 16 fp32
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct AmxTiles {
+  AMX_FN static void begin() {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+    _tile_loadconfig(&c);
   }
-  for (int64_t jb = 0; jb < nkb; ++jb) {
-    const bf16* kb = kt + jb * H * 512;
-    _tile_zero(0);
-    _tile_loadd(6, kb, 64);
-    _tile_loadd(7, kb + 512, 64);
-    _tile_dpbf16ps(0, 2, 6);
-    _tile_dpbf16ps(0, 3, 7);
+
+  AMX_FN static void end() { _tile_release(); }
+
+  AMX_FN static void scores_rows(const bf16* a, const bf16* kt, int64_t d, int64_t nkb, bf16* out, int64_t ld,
+                                 float* cbuf) {
+    const int64_t H = d / 32;
+    _tile_loadd(2, a, d * 2);
+    _tile_loadd(3, a + 32, d * 2);
     if (H == 4) {
-      _tile_loadd(6, kb + 1024, 64);
-      _tile_loadd(7, kb + 1536, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(0, 5, 7);
+      _tile_loadd(4, a + 64, d * 2);
+      _tile_loadd(5, a + 96, d * 2);
     }
-    _tile_stored(0, cbuf, 64);
-    store_c(cbuf, out + 16 * jb, ld, nullptr, 0);
-  }
-}
-
-// 16 rows: out[i][:] (+)= a[i][0 : 32 nkc] . v[0 : 32 nkc][:] (bf16 results, `add` [16, d] added in fp32 first)
-// a: row stride lda; vp: pack_row_pairs(v) with d / 16 column blocks
-AMX_FN static void mix_rows(const bf16* a, int64_t lda, const bf16* vp, int64_t d, int64_t nkc, bf16* out,
-                            const bf16* add, float* cbuf) {
-  const int64_t cbs = d / 16;
-  for (int64_t c0 = 0; c0 < cbs; c0 += 4) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kc = 0; kc < nkc; ++kc) {
-      const bf16* vb = vp + (kc * cbs + c0) * 512;
-      _tile_loadd(4, a + 32 * kc, lda * 2);
-      _tile_loadd(5, vb, 64);
-      _tile_loadd(6, vb + 512, 64);
-      _tile_loadd(7, vb + 1024, 64);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(5, vb + 1536, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 4, 5);
+    for (int64_t jb = 0; jb < nkb; ++jb) {
+      const bf16* kb = kt + jb * H * 512;
+      _tile_zero(0);
+      _tile_loadd(6, kb, 64);
+      _tile_loadd(7, kb + 512, 64);
+      _tile_dpbf16ps(0, 2, 6);
+      _tile_dpbf16ps(0, 3, 7);
+      if (H == 4) {
+        _tile_loadd(6, kb + 1024, 64);
+        _tile_loadd(7, kb + 1536, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(0, 5, 7);
+      }
+      _tile_stored(0, cbuf, 64);
+      store_c(cbuf, out + 16 * jb, ld, nullptr, 0);
     }
-    _tile_stored(0, cbuf, 64);
-    store_c(cbuf, out + 16 * c0, d, add ? add + 16 * c0 : nullptr, d);
-    _tile_stored(1, cbuf, 64);
-    store_c(cbuf, out + 16 * c0 + 16, d, add ? add + 16 * c0 + 16 : nullptr, d);
-    _tile_stored(2, cbuf, 64);
-    store_c(cbuf, out + 16 * c0 + 32, d, add ? add + 16 * c0 + 32 : nullptr, d);
-    _tile_stored(3, cbuf, 64);
-    store_c(cbuf, out + 16 * c0 + 48, d, add ? add + 16 * c0 + 48 : nullptr, d);
   }
-}
 
-// the gradient of a key/value head: out[16 jb + n][c] = sum over the rows r of every query head with a non-zero
-// weight on key 16 jb + n (t >= 16 jb) of at[c][r] x[r][16 jb + n], bf16 results: at [d, R] (the rows' values
-// transposed), xp: pack_row_pairs(x [R, T])
-AMX_FN static void key_gradient(const bf16* at, const bf16* xp, int64_t R, int64_t T, int64_t d, bf16* out) {
-  const int64_t kbs = T / 16, rep = R / T;
-  alignas(64) float acc[4][256];
-  for (int64_t jb = 0; jb < kbs; ++jb)
-    for (int64_t c0 = 0; c0 < d / 16; c0 += 4) {
+  AMX_FN static void mix_rows(const bf16* a, int64_t lda, const bf16* vp, int64_t d, int64_t nkc, bf16* out,
+                              const bf16* add, float* cbuf) {
+    const int64_t cbs = d / 16;
+    for (int64_t c0 = 0; c0 < cbs; c0 += 4) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t h = 0; h < rep; ++h)
-        for (int64_t rc = (16 * jb) / 32; rc < T / 32; ++rc) {
-          const int64_t r = h * T + 32 * rc;
-          _tile_loadd(4, xp + ((r / 32) * kbs + jb) * 512, 64);
-          const bf16* a = at + 16 * c0 * R + r;
-          _tile_loadd(5, a, R * 2);
-          _tile_loadd(6, a + 16 * R, R * 2);
-          _tile_loadd(7, a + 32 * R, R * 2);
-          _tile_dpbf16ps(0, 5, 4);
-          _tile_dpbf16ps(1, 6, 4);
-          _tile_loadd(5, a + 48 * R, R * 2);
-          _tile_dpbf16ps(2, 7, 4);
-          _tile_dpbf16ps(3, 5, 4);
-        }
-      _tile_stored(0, acc[0], 64);
-      _tile_stored(1, acc[1], 64);
-      _tile_stored(2, acc[2], 64);
-      _tile_stored(3, acc[3], 64);
-      for (int64_t n = 0; n < 16; ++n)
-        for (int t = 0; t < 4; ++t)
-          for (int64_t i = 0; i < 16; ++i) out[(16 * jb + n) * d + 16 * (c0 + t) + i] = bf16(acc[t][16 * i + n]);
+      for (int64_t kc = 0; kc < nkc; ++kc) {
+        const bf16* vb = vp + (kc * cbs + c0) * 512;
+        _tile_loadd(4, a + 32 * kc, lda * 2);
+        _tile_loadd(5, vb, 64);
+        _tile_loadd(6, vb + 512, 64);
+        _tile_loadd(7, vb + 1024, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, vb + 1536, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, cbuf, 64);
+      store_c(cbuf, out + 16 * c0, d, add ? add + 16 * c0 : nullptr, d);
+      _tile_stored(1, cbuf, 64);
+      store_c(cbuf, out + 16 * c0 + 16, d, add ? add + 16 * c0 + 16 : nullptr, d);
+      _tile_stored(2, cbuf, 64);
+      store_c(cbuf, out + 16 * c0 + 32, d, add ? add + 16 * c0 + 32 : nullptr, d);
+      _tile_stored(3, cbuf, 64);
+      store_c(cbuf, out + 16 * c0 + 48, d, add ? add + 16 * c0 + 48 : nullptr, d);
     }
-}
+  }
 
-static void check_amx_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const char* what) {
-  TORCH_CHECK(has_amx_attention(), what, ": needs AMX-BF16");
+  AMX_FN static void key_gradient(const bf16* at, const bf16* xp, int64_t R, int64_t T, int64_t d, bf16* out) {
+    const int64_t kbs = T / 16, rep = R / T;
+    alignas(64) float acc[4][256];
+    for (int64_t jb = 0; jb < kbs; ++jb)
+      for (int64_t c0 = 0; c0 < d / 16; c0 += 4) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t h = 0; h < rep; ++h)
+          for (int64_t rc = (16 * jb) / 32; rc < T / 32; ++rc) {
+            const int64_t r = h * T + 32 * rc;
+            _tile_loadd(4, xp + ((r / 32) * kbs + jb) * 512, 64);
+            const bf16* a = at + 16 * c0 * R + r;
+            _tile_loadd(5, a, R * 2);
+            _tile_loadd(6, a + 16 * R, R * 2);
+            _tile_loadd(7, a + 32 * R, R * 2);
+            _tile_dpbf16ps(0, 5, 4);
+            _tile_dpbf16ps(1, 6, 4);
+            _tile_loadd(5, a + 48 * R, R * 2);
+            _tile_dpbf16ps(2, 7, 4);
+            _tile_dpbf16ps(3, 5, 4);
+          }
+        _tile_stored(0, acc[0], 64);
+        _tile_stored(1, acc[1], 64);
+        _tile_stored(2, acc[2], 64);
+        _tile_stored(3, acc[3], 64);
+        for (int64_t n = 0; n < 16; ++n)
+          for (int t = 0; t < 4; ++t)
+            for (int64_t i = 0; i < 16; ++i) out[(16 * jb + n) * d + 16 * (c0 + t) + i] = bf16(acc[t][16 * i + n]);
+      }
+  }
+};
+#endif
+
+struct Avx512Tiles {
+  static void begin() {}
+  static void end() {}
+
+  // c (16 rows of 16 fp32 sums) += a (16 rows x 32 bf16, contiguous: pack_rows' layout) . b (one block of the
+  // packed layouts: 16 pairs of rows x 16 columns x 2 bf16): an AMX tile product as 256 AVX512-BF16 dot products,
+  // each adding one row's pair of a (broadcast from memory at a fixed offset) times the block's pair of rows; the 16
+  // rows' sums are independent chains, which hides the dot product's latency
+  TILE_FN static inline void dot(__m512 (&c)[16], const bf16* a, const bf16* b) {
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) {
+      const __m512bh bp = (__m512bh)_mm512_loadu_si512(b + 32 * p);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, a + 32 * i + 2 * p, sizeof(pair));
+        c[i] = _mm512_dpbf16_ps(c[i], (__m512bh)_mm512_set1_epi32(pair), bp);
+      }
+    }
+  }
+
+  // 16 rows of a (row stride lda) -> n tiles of 16 rows x 32 bf16 each, contiguous (columns 32 t .. 32 t + 31 in
+  // tile t): dot's left operand, whose every pair then sits at a fixed offset
+  TILE_FN static void pack_rows(const bf16* a, int64_t lda, int64_t n, bf16* out) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t i = 0; i < 16; ++i)
+        _mm512_storeu_si512(out + (16 * t + i) * 32, _mm512_loadu_si512(a + i * lda + 32 * t));
+  }
+
+  TILE_FN static inline void zero(__m512 (&c)[16]) {
+    for (auto& v : c) v = _mm512_setzero_ps();
+  }
+
+  TILE_FN static inline void store(const __m512 (&c)[16], float* cbuf, bf16* out, int64_t ld, const bf16* add,
+                                   int64_t ld_add) {
+    for (int i = 0; i < 16; ++i) _mm512_store_ps(cbuf + 16 * i, c[i]);
+    store_c(cbuf, out, ld, add, ld_add);
+  }
+
+  TILE_FN static void scores_rows(const bf16* a, const bf16* kt, int64_t d, int64_t nkb, bf16* out, int64_t ld,
+                                  float* cbuf) {
+    const int64_t H = d / 32;
+    alignas(64) bf16 at[4 * 512];
+    pack_rows(a, d, H, at);
+    __m512 c[16];
+    for (int64_t jb = 0; jb < nkb; ++jb) {
+      zero(c);
+      for (int64_t h = 0; h < H; ++h) dot(c, at + 512 * h, kt + (jb * H + h) * 512);
+      store(c, cbuf, out + 16 * jb, ld, nullptr, 0);
+    }
+  }
+
+  TILE_FN static void mix_rows(const bf16* a, int64_t lda, const bf16* vp, int64_t d, int64_t nkc, bf16* out,
+                               const bf16* add, float* cbuf) {
+    const int64_t cbs = d / 16;
+    bf16* ap = scratch(12, 512 * nkc);
+    pack_rows(a, lda, nkc, ap);
+    __m512 c[16];
+    for (int64_t cb = 0; cb < cbs; ++cb) {
+      zero(c);
+      for (int64_t kc = 0; kc < nkc; ++kc) dot(c, ap + 512 * kc, vp + (kc * cbs + cb) * 512);
+      store(c, cbuf, out + 16 * cb, d, add ? add + 16 * cb : nullptr, d);
+    }
+  }
+
+  TILE_FN static void key_gradient(const bf16* at, const bf16* xp, int64_t R, int64_t T, int64_t d, bf16* out) {
+    const int64_t kbs = T / 16, rep = R / T, rcs = R / 32;
+    bf16* ap = scratch(12, d * R);  // at as tiles: [d / 16][R / 32][16 x 32]
+    for (int64_t cb = 0; cb < d / 16; ++cb) pack_rows(at + 16 * cb * R, R, rcs, ap + cb * rcs * 512);
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    alignas(64) float acc[256];
+    __m512 c[16];
+    for (int64_t jb = 0; jb < kbs; ++jb)
+      for (int64_t cb = 0; cb < d / 16; ++cb) {
+        zero(c);
+        for (int64_t h = 0; h < rep; ++h)
+          for (int64_t rc = (16 * jb) / 32; rc < T / 32; ++rc) {
+            const int64_t r = h * T + 32 * rc;
+            dot(c, ap + (cb * rcs + r / 32) * 512, xp + ((r / 32) * kbs + jb) * 512);
+          }
+        // c[i][n] is the gradient's element (key 16 jb + n, channel 16 cb + i): stored transposed, a column at a time
+        for (int i = 0; i < 16; ++i) _mm512_store_ps(acc + 16 * i, c[i]);
+        for (int64_t n = 0; n < 16; ++n)
+          _mm256_storeu_si256((__m256i*)(out + (16 * jb + n) * d + 16 * cb),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(column, acc + n, 4)));
+      }
+  }
+};
+
+static void check_fused_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  const std::string& kind, const char* what) {
+  TORCH_CHECK(!fused_attention_kind().empty(), what, ": needs AVX512-BF16 and libtorch's SLEEF");
+  TORCH_CHECK(kind == "avx512" || (kind == "amx" && kAmx), what, ": engine 'avx512', or 'amx' on a CPU with AMX-BF16");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(2) == k.size(2),
               what, ": q [G, heads x T, d], k and v [G, T, d]");
@@ -936,11 +1042,12 @@ static void check_amx_attention(const torch::Tensor& q, const torch::Tensor& k, 
   TORCH_CHECK(T > 0 && (d == 64 || d == 128) && q.size(1) % T == 0, what, ": head_dim 64 or 128");
 }
 
-// one thread's groups g0.. of amx_causal_attention: per group, per 16 rows of a head: scores (the key blocks on or
+// one thread's groups g0.. of fused_causal_attention: per group, per 16 rows of a head: scores (the key blocks on or
 // below the diagonal), softmax rows, then the rows' outputs from the probabilities while they are in L1
-AMX_FN static void amx_forward_groups(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* stats,
-                                      int64_t R, int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
-  configure_tiles();
+template <class Tiles>
+TILE_FN static void forward_groups(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* stats, int64_t R,
+                                   int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
+  Tiles::begin();
   const int64_t Tp = (T + 31) / 32 * 32, rep = R / T;  // Tp: the tiles' length (keys zero-padded)
   bf16 *kt = scratch(0, Tp * d), *vpairs = scratch(1, Tp * d), *rows = scratch(2, 16 * Tp), *pad = scratch(3, Tp * d),
        *ablk = scratch(4, 16 * d), *oblk = scratch(5, 16 * d);
@@ -952,24 +1059,25 @@ AMX_FN static void amx_forward_groups(const bf16* q, const bf16* k, const bf16* 
     for (int64_t h = 0; h < rep; ++h)
       for (int64_t t0 = 0; t0 < T; t0 += 16) {  // 16 rows of head h (fewer at its end)
         const int64_t r = g * R + h * T + t0, nr = std::min<int64_t>(16, T - t0);
-        scores_rows(padded_rows(q + r * d, nr, 16, d, ablk), kt, d, t0 / 16 + 1, rows, Tp, cbuf);
+        Tiles::scores_rows(padded_rows(q + r * d, nr, 16, d, ablk), kt, d, t0 / 16 + 1, rows, Tp, cbuf);
         for (int64_t i = 0; i < nr; ++i)
           causal_softmax_row(rows + i * Tp, t0 + i + 1, Tp, scale, e.data(), stats + 2 * (r + i));
         std::memset(rows + nr * Tp, 0, (16 - nr) * Tp * sizeof(bf16));
-        mix_rows(rows, Tp, vpairs, d, (t0 + 16 + 31) / 32, nr == 16 ? out + r * d : oblk, nullptr, cbuf);
+        Tiles::mix_rows(rows, Tp, vpairs, d, (t0 + 16 + 31) / 32, nr == 16 ? out + r * d : oblk, nullptr, cbuf);
         if (nr < 16) std::memcpy(out + r * d, oblk, nr * d * sizeof(bf16));
       }
   }
-  _tile_release();
+  Tiles::end();
   release_large_scratch();
 }
 
-// one thread's groups of amx_causal_attention_backward: per 16 rows, dP = dO v^T (bf16), dS in place by the softmax
-// backward rows, dQ = dS k (+ dq_add); then per group dK = dS^T q and dV = P^T dO (key_gradient)
-AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16* k, const bf16* v,
-                                       const float* stats, bf16* dq, const bf16* dq_add, bf16* dk, bf16* dv, int64_t R,
-                                       int64_t T, int64_t d, float scale, int64_t g0, int64_t g1) {
-  configure_tiles();
+// one thread's groups of fused_causal_attention_backward: per 16 rows, dP = dO v^T (bf16), dS in place by the
+// softmax backward rows, dQ = dS k (+ dq_add); then per group dK = dS^T q and dV = P^T dO (key_gradient)
+template <class Tiles>
+TILE_FN static void backward_groups(const bf16* go, const bf16* q, const bf16* k, const bf16* v, const float* stats,
+                                    bf16* dq, const bf16* dq_add, bf16* dk, bf16* dv, int64_t R, int64_t T, int64_t d,
+                                    float scale, int64_t g0, int64_t g1) {
+  Tiles::begin();
   const int64_t Tp = (T + 31) / 32 * 32, rep = R / T, Rp = rep * Tp;  // the tiles' lengths (zero-padded)
   bf16 *vt = scratch(0, Tp * d), *kpairs = scratch(1, Tp * d), *dspairs = scratch(2, Rp * Tp),
        *ppairs = scratch(3, Rp * Tp), *at = scratch(4, d * Rp), *kt = scratch(5, Tp * d), *prow = scratch(6, 16 * Tp),
@@ -988,10 +1096,10 @@ AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16
         const int64_t jn = std::min(Tp / 16, (t0 / 32) * 2 + 2);  // the key blocks key_gradient reads
         if (nr > 0) {
           // the forward's probabilities of these rows, made again (its scores, then its softmax with its stats)
-          scores_rows(padded_rows(qg + r * d, nr, 16, d, ablk), kt, d, t0 / 16 + 1, prow, Tp, cbuf);
+          Tiles::scores_rows(padded_rows(qg + r * d, nr, 16, d, ablk), kt, d, t0 / 16 + 1, prow, Tp, cbuf);
           for (int64_t i = 0; i < nr; ++i)
             causal_softmax_recompute_row(prow + i * Tp, t0 + i + 1, Tp, scale, stats + 2 * (g * R + r + i));
-          scores_rows(padded_rows(gg + r * d, nr, 16, d, ablk), vt, d, t0 / 16 + 1, drow, Tp, cbuf);
+          Tiles::scores_rows(padded_rows(gg + r * d, nr, 16, d, ablk), vt, d, t0 / 16 + 1, drow, Tp, cbuf);
           for (int64_t i = 0; i < nr; ++i)
             causal_softmax_backward_row(drow + i * Tp, prow + i * Tp, t0 + i + 1, Tp, scale);
         }
@@ -1000,7 +1108,7 @@ AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16
         if (dq && nr > 0) {
           bf16* rq = dq + (g * R + r) * d;
           const bf16* add = dq_add ? padded_rows(dq_add + (g * R + r) * d, nr, 16, d, addblk) : nullptr;
-          mix_rows(drow, Tp, kpairs, d, (t0 + 16 + 31) / 32, nr == 16 ? rq : oblk, add, cbuf);
+          Tiles::mix_rows(drow, Tp, kpairs, d, (t0 + 16 + 31) / 32, nr == 16 ? rq : oblk, add, cbuf);
           if (nr < 16) std::memcpy(rq, oblk, nr * d * sizeof(bf16));
         }
         // the rows' P and dS, laid out for dk and dv's tile products while they are in L1
@@ -1014,22 +1122,23 @@ AMX_FN static void amx_backward_groups(const bf16* go, const bf16* q, const bf16
       const bf16* rows_of = which == 0 ? qg : gg;
       for (int64_t h = 0; h < rep; ++h) transpose(rows_of + h * T * d, T, Tp, d, at + h * Tp, Rp);
       bf16* o = T == Tp ? grad + g * T * d : pad;
-      key_gradient(at, which == 0 ? dspairs : ppairs, Rp, Tp, d, o);
+      Tiles::key_gradient(at, which == 0 ? dspairs : ppairs, Rp, Tp, d, o);
       if (T != Tp) std::memcpy(grad + g * T * d, pad, T * d * sizeof(bf16));
     }
   }
-  _tile_release();
+  Tiles::end();
   release_large_scratch();
 }
 #endif
 
 // q [G, rep x T, d], k/v [G, T, d] bf16 -> (causal softmax(scale q k^T) v [G, rep x T, d], each row's softmax
 // stats [G, rep x T, 2] fp32: its scaled maximum and 1 / sum, from which backward makes the probabilities again
-// instead of keeping them: [G, rep x T, T] written and read back through memory cost more than making them twice)
-std::vector<torch::Tensor> amx_causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                                double scale) {
-#if LLAMA_ADAPTER_AMX
-  check_amx_attention(q, k, v, "amx_causal_attention");
+// instead of keeping them: [G, rep x T, T] written and read back through memory cost more than making them twice);
+// kind: the engine ("amx" or "avx512", see fused_attention_kind)
+std::vector<torch::Tensor> fused_causal_attention(const torch::Tensor& q, const torch::Tensor& k,
+                                                  const torch::Tensor& v, double scale, const std::string& kind) {
+  check_fused_attention(q, k, v, kind, "fused_causal_attention");
+#if defined(__x86_64__)
   const int64_t G = q.size(0), R = q.size(1), T = k.size(1), d = k.size(2);
   auto out = torch::empty_like(q);
   auto stats = torch::empty({G, R, 2}, q.options().dtype(at::kFloat));
@@ -1037,34 +1146,38 @@ std::vector<torch::Tensor> amx_causal_attention(const torch::Tensor& q, const to
   bf16* op = out.data_ptr<bf16>();
   float* st = stats.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  for_chunks(G, 1, [&](int64_t g0, int64_t g1) { amx_forward_groups(qp, kp, vp, op, st, R, T, d, sc, g0, g1); });
+  auto run = forward_groups<Avx512Tiles>;
+#if LLAMA_ADAPTER_AMX
+  if (kind == "amx") run = forward_groups<AmxTiles>;
+#endif
+  for_chunks(G, 1, [&](int64_t g0, int64_t g1) { run(qp, kp, vp, op, st, R, T, d, sc, g0, g1); });
   return {out, stats};
 #else
-  TORCH_CHECK(false, "amx_causal_attention: built without AMX");
+  return {};
 #endif
 }
 
-// the gradients of amx_causal_attention's q, k, v (each where asked) from that of its output g [G, rep x T, d] and
-// its softmax stats; dq_plus, another gradient of q (overwritten), is added to dq in its product and returned
-std::vector<torch::Tensor> amx_causal_attention_backward(const torch::Tensor& g, const torch::Tensor& q,
-                                                         const torch::Tensor& k, const torch::Tensor& v,
-                                                         const torch::Tensor& stats, double scale,
-                                                         c10::optional<torch::Tensor> dq_plus, bool need_dq,
-                                                         bool need_dk, bool need_dv) {
-#if LLAMA_ADAPTER_AMX
-  check_amx_attention(q, k, v, "amx_causal_attention_backward");
+// the gradients of fused_causal_attention's q, k, v (each where asked) from that of its output g [G, rep x T, d]
+// and its softmax stats; dq_plus, another gradient of q (overwritten), is added to dq in its product and returned
+std::vector<torch::Tensor> fused_causal_attention_backward(const torch::Tensor& g, const torch::Tensor& q,
+                                                           const torch::Tensor& k, const torch::Tensor& v,
+                                                           const torch::Tensor& stats, double scale,
+                                                           c10::optional<torch::Tensor> dq_plus, bool need_dq,
+                                                           bool need_dk, bool need_dv, const std::string& kind) {
+  check_fused_attention(q, k, v, kind, "fused_causal_attention_backward");
+#if defined(__x86_64__)
   const int64_t G = q.size(0), R = q.size(1), T = k.size(1), d = k.size(2);
   TORCH_CHECK(g.sizes() == q.sizes() && g.is_contiguous() && g.scalar_type() == at::kBFloat16,
-              "amx_causal_attention_backward: g like q");
+              "fused_causal_attention_backward: g like q");
   TORCH_CHECK(stats.dim() == 3 && stats.size(0) == G && stats.size(1) == R && stats.size(2) == 2 &&
                   stats.is_contiguous() && stats.scalar_type() == at::kFloat,
-              "amx_causal_attention_backward: stats [G, rep x T, 2] fp32");
+              "fused_causal_attention_backward: stats [G, rep x T, 2] fp32");
   torch::Tensor dq, dk, dv;
   if (need_dq) {
     if (dq_plus.has_value()) {
       dq = *dq_plus;
       TORCH_CHECK(dq.sizes() == q.sizes() && dq.is_contiguous() && dq.scalar_type() == at::kBFloat16,
-                  "amx_causal_attention_backward: dq_plus like q");
+                  "fused_causal_attention_backward: dq_plus like q");
     } else {
       dq = torch::empty_like(q);
     }
@@ -1078,12 +1191,14 @@ std::vector<torch::Tensor> amx_causal_attention_backward(const torch::Tensor& g,
   const bf16 *gp = g.data_ptr<bf16>(), *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
   const float* st = stats.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  for_chunks(G, 1, [&](int64_t g0, int64_t g1) {
-    amx_backward_groups(gp, qp, kp, vp, st, dqp, add, dkp, dvp, R, T, d, sc, g0, g1);
-  });
+  auto run = backward_groups<Avx512Tiles>;
+#if LLAMA_ADAPTER_AMX
+  if (kind == "amx") run = backward_groups<AmxTiles>;
+#endif
+  for_chunks(G, 1, [&](int64_t g0, int64_t g1) { run(gp, qp, kp, vp, st, dqp, add, dkp, dvp, R, T, d, sc, g0, g1); });
   return {dq, dk, dv};
 #else
-  TORCH_CHECK(false, "amx_causal_attention_backward: built without AMX");
+  return {};
 #endif
 }
 
@@ -1806,9 +1921,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
   m.def("causal_softmax_", &causal_softmax_);
   m.def("causal_softmax_backward_", &causal_softmax_backward_);
-  m.def("has_amx_attention", &has_amx_attention);
-  m.def("amx_causal_attention", &amx_causal_attention);
-  m.def("amx_causal_attention_backward", &amx_causal_attention_backward);
+  m.def("fused_attention_kind", &fused_attention_kind);
+  m.def("fused_causal_attention", &fused_causal_attention);
+  m.def("fused_causal_attention_backward", &fused_causal_attention_backward);
   m.def("rope_qkv", &rope_qkv);
   m.def("prompt_attention", &prompt_attention);
   m.def("prompt_attention_backward", &prompt_attention_backward);

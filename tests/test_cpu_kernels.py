@@ -374,6 +374,56 @@ def test_frozen_bf16_weights_train_through_onednn_packs_with_the_same_values(mon
     assert short.training_pack is None
 
 
+@pytest.mark.skipif(not kernels._onednn_bf16(), reason="needs oneDNN's bf16 linear")
+def test_the_losss_gradient_product_goes_through_a_pack_of_the_frozen_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training loss's gradient product (softmax - onehot) W, on the CPU backend, goes through a oneDNN pack of
+    the frozen bf16 head's W^T where it was timed faster (here always: the gain threshold raised), made once at a
+    training batch's rows and then used for every piece, with the loss and the hidden rows' gradient of torch.mm's
+    (to bf16 rounding). Short batches before it exists keep torch.mm; a head that is a new matrix at every step
+    (a quantized head's dequantized copy) is given up after MAX_TRAINING_PACKS."""
+    from llama_adapter.backends import install
+    from llama_adapter.training import loss as loss_module
+
+    monkeypatch.setattr(kernels, "_PACK_GAIN", 1e9)  # keep the pack however it timed
+    cfg = la.ModelConfig(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=300)
+    torch.manual_seed(0)
+    model = la.Transformer(cfg).to(torch.bfloat16)
+    model.freeze_base()
+    install(model)
+    model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+    backend = model.backend
+    assert backend is not None and backend.head_gradient_pack is None
+
+    def loss_and_grad(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(rows)
+        h = torch.randn(rows, cfg.dim).bfloat16().requires_grad_()
+        y = torch.randint(0, cfg.vocab_size, (rows,))
+        w = loss_module.output_weight(model)
+        loss = loss_module.linear_cross_entropy(h, w, y, 512, backend.cross_entropy_grad_, backend.logits_grad_product)
+        return loss.detach(), torch.autograd.grad(loss, h)[0].float()
+
+    short = loss_and_grad(40)  # fewer rows than a training batch: no pack yet
+    assert backend.head_gradient_pack is None
+    products = _spy(monkeypatch, "packed_gradient_product")
+    packed = loss_and_grad(300)  # pieces of 256 and 44 rows, both through the pack
+    pack = backend.head_gradient_pack
+    assert pack is not None and pack.bwd is not None and len(products) == 2
+    monkeypatch.setattr(backend, "logits_grad_product", lambda *a: False)
+    plain = loss_and_grad(300)
+    torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed[1], plain[1], rtol=2e-2, atol=2e-3)
+    monkeypatch.undo()
+    assert short[1].abs().sum() > 0
+
+    monkeypatch.setattr(kernels, "_PACK_GAIN", 1e9)
+    weight = loss_module.output_weight(model)
+    g, out = torch.randn(256, cfg.vocab_size).bfloat16(), torch.empty(256, cfg.dim).bfloat16()
+    assert backend.logits_grad_product(g, weight, out) and backend.head_gradient_pack is pack  # kept while unchanged
+    made = backend.head_gradient_packs_made
+    taken = [backend.logits_grad_product(g, weight.detach().clone(), out) for _ in range(kernels.MAX_TRAINING_PACKS)]
+    assert taken == [True] * (kernels.MAX_TRAINING_PACKS - made) + [False] * made  # new matrices: given up
+
+
 @pytest.mark.skipif(
     kernels.native() is None or not kernels.native().has_exact_silu(), reason="needs the C++ kernels on AVX512-BF16"
 )

@@ -50,6 +50,12 @@ class TorchBackend:
         PyTorch's ops (`training.loss`)."""
         return None
 
+    def logits_grad_product(self, dlogits: Tensor, weight: Tensor, out: Tensor) -> bool:
+        """out = dlogits @ weight, the training loss's gradient of the hidden rows from that of their logits
+        [n, vocab], in a faster form of the backend's; False (out untouched) where it has none and the loss takes
+        `torch.mm` (`training.loss`)."""
+        return False
+
     def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> Any | None:
         """The batch's prompt K/V laid out for `decode_step`, or None where there is no fused step."""
         return None

@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 GRAD_ROWS = 256
 
 
-def _logits_grad_product(dlogits: Tensor, weight: Tensor, out: Tensor) -> None:
-    """out = dlogits @ W (the rows' gradient), GRAD_ROWS rows a product."""
+def _logits_grad_product(dlogits: Tensor, weight: Tensor, out: Tensor, product: GradProduct | None) -> None:
+    """out = dlogits @ W (the rows' gradient), GRAD_ROWS rows a product: the backend's form of it where it has one."""
     for r in range(0, dlogits.shape[0], GRAD_ROWS):
-        torch.mm(dlogits[r : r + GRAD_ROWS], weight, out=out[r : r + GRAD_ROWS])
+        g, o = dlogits[r : r + GRAD_ROWS], out[r : r + GRAD_ROWS]
+        if product is None or not product(g, weight, o):
+            torch.mm(g, weight, out=o)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -39,7 +41,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     the forward pass chunk by chunk, so neither logits nor probabilities are kept for backward."""
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, chunk: int, fused: FusedSoftmax | None) -> Tensor:
+    def forward(
+        ctx: Any,
+        h: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        chunk: int,
+        fused: FusedSoftmax | None,
+        product: GradProduct | None,
+    ) -> Tensor:
         n_rows, vocab = h.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -58,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if row_loss is not None:
                 total += row_loss.sum()
                 if grad is not None:
-                    _logits_grad_product(logits, weight, grad[s : s + n])
+                    _logits_grad_product(logits, weight, grad[s : s + n], product)
                 continue
             if probs_buf is None:
                 probs_buf = torch.empty(c, vocab, device=h.device)
@@ -73,31 +83,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p.div_(z)[torch.arange(n, device=y.device), y] -= 1.0  # d(CE)/d(logits) = softmax - onehot
                 if p is not logits:
                     logits.copy_(p)
-                _logits_grad_product(logits, weight, grad[s : s + n])
+                _logits_grad_product(logits, weight, grad[s : s + n], product)
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None
+        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None, None
 
 
 # (logits [n, vocab], target [n]) -> each row's CE, logits overwritten by softmax - onehot; or None: not applicable
 FusedSoftmax = Callable[[Tensor, Tensor], Tensor | None]
+# (dlogits [n, vocab], W [vocab, dim], out [n, dim]) -> True where out = dlogits @ W was written; False: not applicable
+GradProduct = Callable[[Tensor, Tensor, Tensor], bool]
 
 
 LOSS_CHUNK = 256  # rows of logits at a time where no backend says otherwise
 
 
 def linear_cross_entropy(
-    h: Tensor, weight: Tensor, target: Tensor, chunk: int = LOSS_CHUNK, fused: FusedSoftmax | None = None
+    h: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    chunk: int = LOSS_CHUNK,
+    fused: FusedSoftmax | None = None,
+    product: GradProduct | None = None,
 ) -> Tensor:
     """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result. `fused`: a backend's
-    one-step softmax (`TorchBackend.cross_entropy_grad_`), tried on each chunk of logits."""
+    one-step softmax (`TorchBackend.cross_entropy_grad_`), tried on each chunk of logits; `product`: a backend's
+    gradient product (`TorchBackend.logits_grad_product`), tried on each piece of GRAD_ROWS rows."""
     if weight.requires_grad:  # a trainable head: plain autograd
         return F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
-    return _LinearCrossEntropy.apply(h, weight, target, chunk, fused)
+    return _LinearCrossEntropy.apply(h, weight, target, chunk, fused, product)
 
 
 def output_weight(model: Transformer) -> Tensor:
@@ -122,7 +140,9 @@ def batch_loss(
     tgt = labels[:, 1:]
     mask = tgt != IGNORE_INDEX
     sel = h[:, :-1][mask]
-    fused = model.backend.cross_entropy_grad_ if model.backend is not None else None
+    backend = model.backend
+    fused = backend.cross_entropy_grad_ if backend is not None else None
+    product = backend.logits_grad_product if backend is not None else None
     if chunk is None:
-        chunk = model.backend.loss_chunk if model.backend is not None else LOSS_CHUNK
-    return linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk, fused), int(mask.sum())
+        chunk = backend.loss_chunk if backend is not None else LOSS_CHUNK
+    return linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk, fused, product), int(mask.sum())

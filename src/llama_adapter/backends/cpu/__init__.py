@@ -143,6 +143,8 @@ class CpuBackend(TorchBackend):
         super().__init__(model)
         self.packed_head: kernels.PackedWeight | None = None  # the tied output matmul (embedding matrix)
         self.pack_skipped = False  # prepare_decoding found too little memory (said once)
+        self.head_gradient_pack: kernels.TrainingPack | None = None  # the loss's (softmax - onehot) W, packed
+        self.head_gradient_packs_made = 0
 
     SWAPS: dict[type[nn.Module], type[nn.Module]] = {
         RMSNorm: CpuRMSNorm,
@@ -168,6 +170,7 @@ class CpuBackend(TorchBackend):
                 m.__dict__.pop("training_packs_made", None)
                 m.__class__ = old
         self.packed_head = None
+        self.head_gradient_pack = None
 
     def _base_modules(self) -> list[nn.Module]:
         """Every module of the frozen base (not the adapters: their visual projections keep stock Linears)."""
@@ -237,6 +240,23 @@ class CpuBackend(TorchBackend):
 
     def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
         return kernels.cross_entropy_grad_(logits, target)  # one C++ pass per row for bf16 logits
+
+    def logits_grad_product(self, dlogits: Tensor, weight: Tensor, out: Tensor) -> bool:
+        if dlogits.dtype != weight.dtype:
+            return False
+        pack = self.head_gradient_pack
+        if pack is None or not pack.valid_for(weight):
+            if dlogits.shape[0] < kernels.TRAINING_PACK_MIN_ROWS:  # decided on a training batch's rows (then kept)
+                return False
+            self.head_gradient_packs_made += 1
+            if self.head_gradient_packs_made > kernels.MAX_TRAINING_PACKS:  # a new matrix at every step (a quantized
+                # head's dequantized copy, FSDP's gathered one): timing and packing it each time would cost more
+                return False
+            pack = self.head_gradient_pack = kernels.head_gradient_pack(weight, dlogits.shape[0])
+        if pack.bwd is None:
+            return False
+        out.copy_(kernels.packed_gradient_product(dlogits, pack))
+        return True
 
     def fused_prompts(self, pkv: dict[int, PromptKV] | None) -> fused_decode.FusedPrompts | None:
         if not fused_decode.supported(self.model) or any(p.random_init for p in (pkv or {}).values()):

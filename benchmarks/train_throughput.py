@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
-import torch
-from peft_peer import SMOLLM2_135M  # benchmarks/ (a script's own folder is on sys.path)
+# transparent huge pages for PyTorch's large CPU blocks, as `import llama_adapter` sets them (see its __init__), for
+# every configuration alike: the peers' subprocesses inherit it (set THP_MEM_ALLOC_ENABLE=0 to measure without)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+from peft_peer import SMOLLM2_135M  # noqa: E402 (benchmarks/: a script's own folder is on sys.path)
 
 SHAPE = SMOLLM2_135M
 K, L = 10, 28
@@ -267,6 +272,15 @@ def _time(step, args: argparse.Namespace) -> dict:  # noqa: ANN001
     }
 
 
+def _thp_mode() -> str | None:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or None off Linux."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", choices=["none", "peft", "litgpt", "all"], default="none")
@@ -304,6 +318,7 @@ def main() -> None:
     out: dict = {
         "shape": SHAPE | {"K": K, "L": L, "batch": args.batch, "seq": args.seq},
         "ours_config": {"dtype": args.dtype, "compile": args.compile},
+        "environment": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "thp_mode": _thp_mode()},
     }
     for r in runs:
         python = args.litgpt_python if r.startswith("litgpt-") else sys.executable

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,35 @@ def test_import_and_load_leave_torch_compile_unloaded(tiny_base: Path) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("preset", "torch_first", "want"), [(None, False, "1"), ("0", False, "0"), (None, True, None)])
+def test_import_asks_torch_for_huge_pages_unless_the_user_chose(
+    preset: str | None, torch_first: bool, want: str | None
+) -> None:
+    """`import llama_adapter` sets THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator then madvises its blocks of 2 MB
+    and more as transparent huge pages) before it imports torch, so the allocator sees it: a block allocated after
+    the import is backed by huge pages where the kernel's mode allows them. A value the user set is kept, and where
+    torch was imported first nothing is set (the allocator has already read the variable)."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = (
+        ("import torch;" if torch_first else "")
+        + "import os, llama_adapter, torch; print(os.environ.get('THP_MEM_ALLOC_ENABLE'));"
+        + "t = torch.ones(16 << 20, dtype=torch.uint8);"
+        + "print(open('/proc/self/smaps_rollup').read().split('AnonHugePages:')[1].split()[0])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr.strip().splitlines()[-1]
+    value, huge_kib = r.stdout.split()
+    assert value == str(want)
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return
+    if "[madvise]" in mode:  # (under "always" every process gets them; under "never" none does)
+        assert (int(huge_kib) > 0) == (want == "1")
 
 
 def test_embedding_is_initialised_off_the_meta_device() -> None:

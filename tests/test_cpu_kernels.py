@@ -585,6 +585,9 @@ def test_training_keeps_freed_buffers_instead_of_page_faulting_them_in_again(mon
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
     }
+    # counted in 4 KiB pages: without the transparent huge pages `import llama_adapter` asks PyTorch for (with them
+    # a fresh buffer faults in 2 MiB at a time, and the count no longer tells a reused buffer from a new one)
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
     out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     before, tuned, after, _ = out.stdout.split(maxsplit=3)

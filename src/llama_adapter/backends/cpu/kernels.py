@@ -287,11 +287,15 @@ def swiglu(h: Tensor) -> Tensor | None:
 # = g W). On the Xeon with AMX we measured, oneDNN's GEMM with an unpacked weight ran the products with 576-wide
 # outputs (g W for q/k/v, o and gate/up on the SmolLM2-135M shape) at 1.0-1.4 TFLOP/s, with W^T pre-packed
 # (`mkldnn._reorder_linear_weight`) at 2.0-2.8: -10 % of the step. Elsewhere the unpacked GEMM can be as fast, so each
-# direction of each weight is timed once, at its first training call, and packed only where that is >= 10 % faster;
-# the packs cost a copy of those weights, so they are made only while they take < 1/4 of the available memory.
+# direction of each weight is timed once, at its first training call, and packed where that is at least as fast; the
+# packs cost a copy of those weights, so they are made only while they take < 1/4 of the available memory. (A first
+# rule kept packs only where >= 10 % faster. On the AMD EPYC VM (AVX512-BF16) the packs timed 0.5-14 % faster alone,
+# so about half of the layers took them, differently from run to run, while inside a step every shape ran faster
+# packed (7-12 %, per-shape profiles of 5 alternations): all packed, the step 2.001 -> 1.932 s, medians of 10
+# alternations, for 440 MiB of packs on the SmolLM2-135M shape.)
 
 TRAINING_PACK_MIN_ROWS = 256  # a training batch; decoding and short calls keep the plain products
-_PACK_GAIN = 0.9  # a pack is kept where it takes <= 90 % of the plain product's time
+_PACK_GAIN = 1.0  # a pack is kept where it takes no longer than the plain product
 MAX_TRAINING_PACKS = 3  # per module: a weight replaced more often than this trains with the plain products
 
 

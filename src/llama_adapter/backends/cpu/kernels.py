@@ -342,8 +342,8 @@ def _pack_fits(weight: Tensor, copies: int) -> bool:
 
 
 def _gradient_pack(g: Tensor, w: Tensor) -> Tensor | None:
-    """oneDNN's pack of W^T for the input gradient g W of x W^T, where it times >= 10 % faster than the plain product
-    at g's rows; else None."""
+    """oneDNN's pack of W^T for the input gradient g W of x W^T, where it times no slower than the plain product at
+    g's rows (`_PACK_GAIN`); else None."""
     mk = torch.ops.mkldnn
     bwd = mk._reorder_linear_weight(w.t().contiguous(), 1)
     plain = _best_of(lambda: torch.mm(g, w))

@@ -108,6 +108,47 @@ def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n
     _close(y.view(B, n_heads, 1, d), ref)
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (Linux's /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+def test_decode_packs_share_one_arena_in_huge_pages(ext) -> None:  # type: ignore[no-untyped-def]
+    """`pack_linears` gives each weight `pack_linear`'s layout, values and results, the blocked packs laid end to end
+    from a 2 MiB boundary in one mapping advised for transparent huge pages (Linux), which lives as long as a pack."""
+    if not ext.has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: projections go through oneDNN, not the blocked packs")
+    torch.manual_seed(0)
+    weights = [torch.randn(n, k).bfloat16() for n, k in ((1030, 1024), (8, 40), (512, 1024), (64, 96))]
+    packs = kernels.pack_linears(weights)
+    blocked = [p for p in packs if p is not None and p.kind == "blocked"]
+    assert len(blocked) == 3 and sum(p.packed.numel() * 2 for p in blocked) >= kernels.HUGE_PAGE
+    assert blocked[0].packed.data_ptr() % kernels.HUGE_PAGE == 0
+    for a, b in zip(blocked, blocked[1:], strict=False):
+        assert b.packed.data_ptr() == a.packed.data_ptr() + a.packed.numel() * 2
+    if os.path.exists("/proc/self/smaps") and hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert "hg" in _vm_flags(blocked[0].packed.data_ptr())
+    x = {k: torch.randn(3, k).bfloat16() for k in (96, 1024)}
+    for w, p in zip(weights, packs, strict=True):
+        q = kernels.pack_linear(w)  # (the [8, 40] weight has no blocked layout: oneDNN's, outside the arena)
+        assert p is not None and q is not None and p.kind == q.kind and p.valid_for(w)
+        assert p.kind != "blocked" or torch.equal(p.packed, q.packed)
+    __import__("gc").collect()
+    for w, p in zip(weights, packs, strict=True):
+        if p.kind == "blocked":
+            got = kernels.linear(x[w.shape[1]], w, None, p)
+            assert torch.equal(got, ext.linear(x[w.shape[1]], ext.pack(w), w.shape[0], None))
+
+
 def _bf16_model(path, adapters=(("a", 4, 3), ("b", 2, 4), ("fresh", 5, 4)), quantize=None) -> la.Transformer:  # type: ignore[no-untyped-def]
     m = la.load_model(path, dtype=torch.bfloat16, quantize=quantize)
     torch.manual_seed(0)

@@ -201,21 +201,29 @@ def test_a_stale_build_lock_is_removed_a_fresh_one_kept(tmp_path: Path, capsys: 
     assert not kernels.clear_stale_build_lock(tmp_path)  # nothing to remove
 
 
+def _cpu_model(cfg: la.ModelConfig, dtype: torch.dtype, adapted: int) -> la.Transformer:
+    """A tiny frozen base (seed 0) in `dtype` on the CPU backend, with adapter "a" (K = 3) on its top `adapted`
+    layers (zero gates, as fresh)."""
+    from llama_adapter.backends import install
+
+    torch.manual_seed(0)
+    model = la.Transformer(cfg).to(dtype)
+    model.freeze_base()
+    install(model)
+    model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=adapted))
+    return model
+
+
 def _adapted_training_step(
     dtype: torch.dtype, n_layers: int, adapted: int, hidden_dim: int, seq: int, dim: int = 32
 ) -> tuple[la.Transformer, Callable[[], tuple[torch.Tensor, ...]]]:
     """A tiny base on the CPU backend with an adapter (non-zero gates) on its top `adapted` layers, and a function
     running one training step on a fixed batch: (loss, prompt gradient, gate gradient)."""
-    from llama_adapter.backends import install
-
     cfg = la.ModelConfig(
         vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=hidden_dim, max_seq_len=32
     )
-    torch.manual_seed(0)
-    model = la.Transformer(cfg).to(dtype)
-    model.freeze_base()
-    install(model)
-    a = model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=adapted))
+    model = _cpu_model(cfg, dtype, adapted)
+    a = model.adapters["a"]
     with torch.no_grad():
         a.gates.normal_(0, 0.5)
     ids = torch.randint(0, cfg.vocab_size, (2, seq))
@@ -295,15 +303,10 @@ def test_bf16_training_loss_takes_the_fused_softmax_and_agrees_with_aten(monkeyp
     """The training loss (`batch_loss`) of a bf16 base on the CPU backend takes the backend's one-pass softmax for
     every chunk of logits, and gives the loss and the hidden-state gradient of the ATen softmax it replaces (to bf16
     rounding)."""
-    from llama_adapter.backends import install
     from llama_adapter.training.loss import batch_loss, linear_cross_entropy
 
     cfg = la.ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
-    torch.manual_seed(0)
-    model = la.Transformer(cfg).to(torch.bfloat16)
-    model.freeze_base()
-    install(model)
-    model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+    model = _cpu_model(cfg, torch.bfloat16, adapted=2)
     ids = torch.randint(0, cfg.vocab_size, (2, 21))
     taken: list[bool] = []  # per chunk of logits: whether the kernel applied
     fused = kernels.cross_entropy_grad_
@@ -381,16 +384,11 @@ def test_the_losss_gradient_product_goes_through_a_pack_of_the_frozen_head(monke
     training batch's rows and then used for every piece, with the loss and the hidden rows' gradient of torch.mm's
     (to bf16 rounding). Short batches before it exists keep torch.mm; a head that is a new matrix at every step
     (a quantized head's dequantized copy) is given up after MAX_TRAINING_PACKS."""
-    from llama_adapter.backends import install
     from llama_adapter.training import loss as loss_module
 
     monkeypatch.setattr(kernels, "_PACK_GAIN", 1e9)  # keep the pack however it timed
     cfg = la.ModelConfig(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=300)
-    torch.manual_seed(0)
-    model = la.Transformer(cfg).to(torch.bfloat16)
-    model.freeze_base()
-    install(model)
-    model.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+    model = _cpu_model(cfg, torch.bfloat16, adapted=2)
     backend = model.backend
     assert backend is not None and backend.head_gradient_pack is None
 
@@ -435,7 +433,7 @@ def test_bf16_training_swiglu_is_autograds_bit_for_bit(monkeypatch: pytest.Monke
     fused = kernels.swiglu
     calls = _spy(monkeypatch, "swiglu")
     fast = step()
-    assert len(calls) == 2  # the two adapted layers (below them no gradient is wanted)
+    assert len(calls) == 3  # every layer: the one below the adapters too (no gradient there, the same kernels)
     monkeypatch.setattr(kernels, "swiglu", lambda h: None)
     stock = step()
     assert fast[1].abs().sum() > 0
@@ -522,7 +520,8 @@ def test_bf16_training_residual_sum_and_norm_in_one_pass_bit_for_bit(monkeypatch
     """A block's residual sum and the RMSNorm that reads it (`RMSNorm.add_norm`), one C++ pass each way in bf16
     training (`kernels.add_rms_norm`), give what `x + a`, the RMSNorm kernel and autograd's accumulation give, bit for
     bit: the sum, the norm, and the gradients of both summands (the norm's backward plus the sum's gradient from
-    the next residual). A training step of the CPU backend takes it in every layer that trains."""
+    the next residual). A training step of the CPU backend takes it in every layer (the frozen ones below the
+    adapters too)."""
     torch.manual_seed(0)
     x, a = (torch.randn(3, 7, 64).bfloat16().requires_grad_() for _ in range(2))
     w = (1 + 0.1 * torch.randn(64)).bfloat16()
@@ -538,7 +537,7 @@ def test_bf16_training_residual_sum_and_norm_in_one_pass_bit_for_bit(monkeypatch
     assert not torch.equal(grads[0][0], dh)  # (the norm's part is in it)
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
     calls = _spy(monkeypatch, "add_rms_norm")
-    assert step()[2].abs().sum() > 0 and len(calls) == 2
+    assert step()[2].abs().sum() > 0 and len(calls) == 3
 
 
 @needs_bf16_kernels
@@ -548,7 +547,7 @@ def test_bf16_training_rotary_embedding_is_apply_ropes_bit_for_bit(monkeypatch: 
     _, step = _adapted_training_step(torch.bfloat16, n_layers=3, adapted=2, hidden_dim=64, seq=19, dim=128)
     calls = _spy(monkeypatch, "rope_qkv")
     fast = step()
-    assert len(calls) == 2  # the adapted layers (below them no gradient is wanted)
+    assert len(calls) == 3  # every layer: the one below the adapters too (no gradient there, the same kernels)
     monkeypatch.setattr(kernels, "rope_qkv", lambda *a: None)
     stock = step()
     assert fast[1].abs().sum() > 0
@@ -797,7 +796,7 @@ def test_bf16_training_step_takes_the_fused_attention_with_the_same_values(
     engine: str, seq: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fused kernels take heads of 64 or 128 channels and any length (padded to a multiple of 32); a bf16
-    training step takes them in every adapted layer, with the loss and adapter gradients of the batched products:
+    training step takes them in every layer, with the loss and adapter gradients of the batched products:
     on AMX tiles bit for bit at a length of 32, within bf16 roundings at 29 (padded) and with AVX512-BF16."""
     monkeypatch.setitem(kernels._native, "fused_attention", engine)
     assert kernels._fused_attention(40, 128) == kernels._fused_attention(32, 64) == engine
@@ -807,10 +806,10 @@ def test_bf16_training_step_takes_the_fused_attention_with_the_same_values(
     check = kernels._fused_attention
     monkeypatch.setattr(kernels, "_fused_attention", lambda T, d: taken.append(check(T, d)) or taken[-1])
     fused = step()
-    assert taken == [engine, engine]
+    assert taken == [engine] * 3  # the adapted layers, and the frozen one below them (its forward only)
     monkeypatch.setitem(kernels._native, "fused_attention", "")
     products = step()
-    assert taken[2:] == ["", ""]
+    assert taken[3:] == [""] * 3
     for a, p in zip(fused, products, strict=True):
         if engine == "amx" and seq == 33:
             assert torch.equal(a, p)

@@ -314,6 +314,25 @@ def test_only_adapter_parameters_get_gradients(tiny_base: Path) -> None:
     assert {id(p) for p in params} == {id(a.prompts), id(a.gates)}
 
 
+def test_layers_below_the_adapters_build_no_autograd_graph(tiny_base: Path) -> None:
+    """In a training forward, the frozen layers below the lowest adapted one run in grad mode (a backend takes its
+    training kernels there too) on an input cut off from autograd, so their outputs need no gradient and keep no
+    graph; the adapted layers' outputs do. Without an adapter every layer runs as in inference."""
+    model = la.load_model(tiny_base, dtype=torch.float32)
+    n = model.config.n_layers
+    model.add_adapter("a", la.AdapterConfig(prompt_length=4, layers=2))
+    seen: list[tuple[bool, bool]] = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.requires_grad)))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    model(ids, adapter="a").sum().backward()
+    assert seen == [(True, False)] * (n - 2) + [(True, True)] * 2
+    assert model.adapters["a"].gates.grad is not None
+    seen.clear()
+    model(ids)  # the base alone with gradients on: its inference forward (no graph, no grad mode)
+    assert seen == [(False, False)] * n
+
+
 def test_7b_adapter_size(tmp_path: Path) -> None:
     cfg = la.ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008)
     with torch.device("meta"):

@@ -273,6 +273,36 @@ def test_a_tied_head_decodes_from_an_int8_copy(tmp_path: Path, mode: str) -> Non
         assert torch.equal(backend.logits(h), torch.nn.functional.linear(h, w))  # training: the full matrix
 
 
+def test_int8_weights_move_into_one_arena_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`int8_into_huge_pages` lays every int8 projection's rows and the tied head's int8 copy end to end in one arena
+    (here with the threshold and alignment lowered to 4 KiB: a tiny base has less than a huge page); the logits, those
+    of the tied head's int8 copy, and the weights' dequantized values bit for bit what they were."""
+    from tiny import make_checkpoint
+
+    from llama_adapter.backends.cpu import kernels
+    from llama_adapter.quantize import int8_into_huge_pages
+
+    path = make_checkpoint(tmp_path, "qwen2", tie_word_embeddings=True)
+    monkeypatch.setattr(kernels, "HUGE_PAGE", 2 << 20)  # (as shipped: the tiny base stays where it is)
+    m = la.load_model(path, dtype=torch.bfloat16, quantize="int8")
+    lins = [x for x in m.modules() if isinstance(x, Int8Linear)]
+    assert m.int8_head is not None and lins
+    ids, h = _ids(m), torch.randn(2, m.config.dim, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        before = [m(ids), m.backend.logits(h)]  # (the tied head's logits: the int8 copy's product)
+    dq = [lin.weight.dequantize() for lin in lins]
+    monkeypatch.setattr(kernels, "HUGE_PAGE", 4096)
+    int8_into_huge_pages(m)
+    rows = [lin.weight.qdata for lin in lins] + [m.int8_head[0]]
+    for a, b in zip(rows, rows[1:], strict=False):
+        assert b.data_ptr() == a.data_ptr() + a.numel()  # end to end, in the order of the modules
+    assert rows[0].data_ptr() % 4096 == 0
+    with torch.no_grad():
+        after = [m(ids), m.backend.logits(h)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.equal(a, lin.weight.dequantize()) for a, lin in zip(dq, lins, strict=True))
+
+
 def test_int4_quantizes_blocks_of_rows_into_the_pack_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """int4 weights are quantized a block of rows at a time (so loading never holds torchao's temporaries for a
     whole fused projection); the result is torchao's pack of the whole weight, bit for bit, including a short

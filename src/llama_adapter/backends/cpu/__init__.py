@@ -189,9 +189,9 @@ class CpuBackend(TorchBackend):
     def prepare_decoding(self) -> None:
         """Lay the frozen base's matmul weights out for fast CPU decoding (bf16 only; else a no-op).
 
-        Keeps a second copy of those weights (`kernels.pack_linear`), so it is skipped, with a note, when that
-        copy would take more than half the memory still available; the plain path is taken whenever gradients
-        are on or a weight has changed since it was packed.
+        Keeps a second copy of those weights (`kernels.pack_linears`: one arena in huge pages), so it is skipped,
+        with a note, when that copy would take more than half the memory still available; the plain path is taken
+        whenever gradients are on or a weight has changed since it was packed.
         """
         model = self.model
         todo: list[tuple[PackedLinear | None, Tensor]] = [
@@ -222,11 +222,11 @@ class CpuBackend(TorchBackend):
                 )
                 self.pack_skipped = True
             return
-        for m, t in todo:
+        for (m, _), packed in zip(todo, kernels.pack_linears([t for _, t in todo]), strict=True):
             if m is None:
-                self.packed_head = kernels.pack_linear(t)
+                self.packed_head = packed
             else:
-                m.packed = kernels.pack_linear(t)
+                m.packed = packed
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.model.output is not None:

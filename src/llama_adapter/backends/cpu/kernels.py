@@ -22,7 +22,9 @@ everything runs on the PyTorch paths, which compute the same things.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import os
 import sys
 import time
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -185,6 +188,60 @@ def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
             return PackedWeight(packed, weight, weight._version, weight.data_ptr(), "onednn")
     return None
+
+
+HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
+
+
+def huge_page_arena(nbytes: int) -> Tensor:
+    """`nbytes` of fresh uint8 memory starting on a 2 MiB boundary, which Linux backs with transparent huge pages
+    where its THP mode allows it (`madvise` or `always`); plain memory elsewhere.
+
+    Decoding streams every packed weight once per step. In 4 KiB pages the SmolLM2-135M step's 269 MB are 66K
+    pages, each a page walk for the streaming loads and prefetches; from one arena in 2 MiB pages the step's
+    products streamed 4.6 % and 8.2 % faster than from a tensor per weight on the AMD EPYC VM (two runs, paired
+    medians of 300 alternations; the same arena in 4 KiB pages: 2.7-6.5 % slower). PyTorch's own allocator asks for
+    huge pages only with THP_MEM_ALLOC_ENABLE=1, which `import llama_adapter` can set only before torch is
+    imported, and only for tensors of >= 2 MiB (most single projections are smaller): so the packs share one
+    arena of their own."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or nbytes < HUGE_PAGE:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # (THP "never", or a kernel without it: 4 KiB pages)
+        mapping.madvise(advice)
+    whole = torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))  # (the array keeps the mapping alive)
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start : start + nbytes]
+
+
+def _blocked_numel(weight: Tensor) -> int | None:
+    """Elements of `pack_linear(weight)`'s blocked layout ([ceil(N / 4), K / 32, 4, 32]), or None where it would
+    not take that layout."""
+    if not can_pack(weight) or weight.shape[1] % 32 or native_with("bf16_dot") is None:
+        return None
+    return (weight.shape[0] + 3) // 4 * 4 * weight.shape[1]
+
+
+def pack_linears(weights: Sequence[Tensor]) -> list[PackedWeight | None]:
+    """`pack_linear` of each weight, the blocked packs laid end to end in one `huge_page_arena` (each pack is made,
+    copied in and dropped in turn: the arena is the only lasting copy)."""
+    sizes = [_blocked_numel(w) for w in weights]
+    total = sum(n for n in sizes if n is not None)
+    if total * 2 < HUGE_PAGE:
+        return [pack_linear(w) for w in weights]
+    arena = huge_page_arena(total * 2).view(torch.bfloat16)
+    out: list[PackedWeight | None] = []
+    at = 0
+    for w, n in zip(weights, sizes, strict=True):
+        p = pack_linear(w)
+        if p is not None and n is not None and p.kind == "blocked" and p.packed.numel() == n:
+            home = arena[at : at + n].view(p.packed.shape)
+            home.copy_(p.packed)
+            p = PackedWeight(home, p.source, p.version, p.data_ptr, p.kind)
+            at += n
+        out.append(p)
+    return out
 
 
 @dataclass

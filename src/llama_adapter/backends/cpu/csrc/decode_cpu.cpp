@@ -69,7 +69,17 @@ torch::Tensor pack(const torch::Tensor& w) {
 // at 21 GB/s with 2 threads, and at 30 GB/s with this (the int8 kernel: 32 -> 37 GB/s); 4-16 KiB ahead were within
 // noise of each other, 0.5-2 KiB gained less, and prefetching into L1 less again. One 64-byte line is prefetched
 // for each line read, so a stream's prefetches run a fixed distance ahead of it, across block boundaries.
+// The bf16 kernel's distance depends on the CPU: on the AMD EPYC (Zen 4) VM we measured, 8 KiB ahead made its
+// stream slower than none at all (the SmolLM2-135M step's weights: 26.7 GB/s at 8 KiB, 34.3 with no software
+// prefetch, 35.2 at 2 KiB, 34.1 at 1 KiB; medians of 150 alternations, 2 threads; decoding 88 -> 102 tok/s), so it
+// takes 2 KiB on AMD CPUs and 8 KiB elsewhere. The int8 kernel's four row streams keep 8 KiB on both (on the EPYC:
+// 2 KiB 0.72x, none 0.56x its decoding speed).
 constexpr int64_t kPrefetchBytes = 8192;
+#if defined(__x86_64__) && defined(__GNUC__)
+static const int64_t kBlockedPrefetchBytes = (__builtin_cpu_init(), __builtin_cpu_is("amd")) ? 2048 : 8192;
+#else
+static const int64_t kBlockedPrefetchBytes = 8192;
+#endif
 
 #if defined(__x86_64__)
 // rows r0..r0+NR-1 of one block, for MB input rows starting at x (row stride K)
@@ -81,7 +91,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline vo
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kb; ++k) {
-    const char* ahead = reinterpret_cast<const char*>(blk + k * kRows) + kPrefetchBytes;
+    const char* ahead = reinterpret_cast<const char*>(blk + k * kRows) + kBlockedPrefetchBytes;
     for (int r = 0; r < NR; ++r) _mm_prefetch(ahead + 64 * r, _MM_HINT_T1);  // never faults, even past the end
     __m512bh wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(blk + k * kRows + r0 + r);

@@ -6,6 +6,8 @@ holds exactly: a fresh (zero-gated) adapter leaves the base's logits unchanged, 
 
 from __future__ import annotations
 
+import gc
+import mmap
 import os
 import shutil
 
@@ -135,14 +137,14 @@ def test_decode_packs_share_one_arena_in_huge_pages(ext) -> None:  # type: ignor
     assert blocked[0].packed.data_ptr() % kernels.HUGE_PAGE == 0
     for a, b in zip(blocked, blocked[1:], strict=False):
         assert b.packed.data_ptr() == a.packed.data_ptr() + a.packed.numel() * 2
-    if os.path.exists("/proc/self/smaps") and hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+    if os.path.exists("/proc/self/smaps") and hasattr(mmap, "MADV_HUGEPAGE"):
         assert "hg" in _vm_flags(blocked[0].packed.data_ptr())
     x = {k: torch.randn(3, k).bfloat16() for k in (96, 1024)}
     for w, p in zip(weights, packs, strict=True):
         q = kernels.pack_linear(w)  # (the [8, 40] weight has no blocked layout: oneDNN's, outside the arena)
         assert p is not None and q is not None and p.kind == q.kind and p.valid_for(w)
         assert p.kind != "blocked" or torch.equal(p.packed, q.packed)
-    __import__("gc").collect()
+    gc.collect()
     for w, p in zip(weights, packs, strict=True):
         if p.kind == "blocked":
             got = kernels.linear(x[w.shape[1]], w, None, p)

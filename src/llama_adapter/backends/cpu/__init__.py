@@ -46,7 +46,8 @@ class CpuRMSNorm(RMSNorm):
 
 class CpuFeedForward(FeedForward):
     def forward(self, x: Tensor) -> Tensor:
-        if kernels.use_cpu_training_kernels(x) and not torch.compiler.is_compiling():
+        # with or without gradients: the kernel's values are ATen's bit for bit (a prefill saves ATen's three ops)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             y = kernels.swiglu(self.w13(x))
             if y is not None:
                 return self.w2(y)
@@ -55,7 +56,7 @@ class CpuFeedForward(FeedForward):
 
 class CpuAttention(Attention):
     def heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if kernels.use_cpu_training_kernels(qkv) and not torch.compiler.is_compiling():
+        if qkv.device.type == "cpu" and not torch.compiler.is_compiling():  # apply_rope's values bit for bit, as above
             heads = kernels.rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv)
             if heads is not None:
                 return heads

@@ -225,17 +225,18 @@ def test_quantize_model_after_loading_matches_quantizing_while_loading(tiny_base
             quantize_model(a, "int8" if mode == "int4" else "int4")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5])
-def test_int8_kernel_computes_the_int8_product(rows: int) -> None:
+@pytest.mark.parametrize("rows,K", [(1, 96), (3, 80), (5, 96), (9, 80)])
+def test_int8_kernel_computes_the_int8_product(rows: int, K: int) -> None:
     """The CPU backend's int8 product (decode-sized bf16 inputs) is x (q * scale)^T + bias, rounded once to bf16,
-    on torchao's own int8 data; where the kernels are unavailable the layer takes torchao's product instead."""
+    on torchao's own int8 data; a row's result does not depend on the others (input rows go 4 at a time over each
+    block of weights); where the kernels are unavailable the layer takes torchao's product instead."""
     from llama_adapter.backends.cpu import kernels
     from llama_adapter.quantize import quantize_weight
 
     torch.manual_seed(0)
-    w, bias = torch.randn(37, 96) * 0.05, torch.randn(37)
+    w, bias = torch.randn(37, K) * 0.05, torch.randn(37)
     q = quantize_weight(w.bfloat16(), "int8")
-    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    x = torch.randn(rows, K, dtype=torch.bfloat16)
     ref = x.double() @ (q.qdata.double() * q.scale.double()).t() + bias.double()
     with torch.no_grad():
         y = kernels.linear_int8(x, q.qdata, q.scale, bias)
@@ -244,6 +245,8 @@ def test_int8_kernel_computes_the_int8_product(rows: int) -> None:
             pytest.skip(f"no int8 kernel here ({kernels.native_unavailable()})")
         assert y is not None and y.dtype == torch.bfloat16
         torch.testing.assert_close(y.double(), ref.to(torch.bfloat16).double(), rtol=2**-7, atol=1e-6)
+        for i in range(rows):
+            assert torch.equal(y[i : i + 1], kernels.linear_int8(x[i : i + 1], q.qdata, q.scale, bias))
         assert kernels.linear_int8(x.float(), q.qdata, q.scale, bias) is None  # not bf16: torchao's product
     assert kernels.linear_int8(x.requires_grad_(), q.qdata, q.scale, bias) is None  # gradients: torchao's product
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -45,6 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from smollm2 import find_smollm2  # benchmarks/ (a script's own folder is on sys.path)
+
+# as `import llama_adapter` sets it for a program that imports it before torch (our child imports torch first, and
+# PyTorch reads the variable once): huge pages for the allocator's large blocks (the KV cache, a prefill's activations)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 PROMPT, NEW, PREFILL = 32, 64, 512
 ADAPTER_K, ADAPTER_L = 10, 28

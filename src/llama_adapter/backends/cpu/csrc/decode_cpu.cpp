@@ -338,16 +338,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float rms
   return r;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float add_rms_train_row(
-    const bf16* x, const bf16* a, const bf16* w, bf16* h, bf16* y, int64_t D, float eps) {
-  for (int64_t i = 0; i < D; i += 16) store_bf16(h + i, _mm512_add_ps(widen16(x + i), widen16(a + i)));
-  return rms_train_row(h, w, y, D, eps);
+// h = x + a over n bf16 values (n % 16 == 0), each sum rounded once as ATen's add (h may be x: in place)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void add_rows(const bf16* x, const bf16* a,
+                                                                                     bf16* h, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) store_bf16(h + i, _mm512_add_ps(widen16(x + i), widen16(a + i)));
 }
 
-// x += a over n bf16 values (n % 16 == 0), each sum rounded once (a decode step's residual add)
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void add_rows(bf16* x, const bf16* a,
-                                                                                     int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) store_bf16(x + i, _mm512_add_ps(widen16(x + i), widen16(a + i)));
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static float add_rms_train_row(
+    const bf16* x, const bf16* a, const bf16* w, bf16* h, bf16* y, int64_t D, float eps) {
+  add_rows(x, a, h, D);
+  return rms_train_row(h, w, y, D, eps);
 }
 
 // dres: the gradient x has from elsewhere, added to the result (nullptr: none)
@@ -395,14 +395,12 @@ torch::Tensor add_rms_norm(torch::Tensor& x, const torch::Tensor& y, const torch
               x.scalar_type() == at::kBFloat16 && y.scalar_type() == at::kBFloat16, "add_rms_norm: x, y");
   bf16* xp = x.data_ptr<bf16>();
   const bf16* yp = y.data_ptr<bf16>();
-#if defined(__x86_64__)
-  if (kBf16Dot && x.dim() == 2 && x.size(1) % 16 == 0) {
-    add_rows(xp, yp, x.numel());
-    return rms_norm(x, w, eps);
-  }
-#endif
   const int64_t n = x.numel();
-  for (int64_t i = 0; i < n; ++i) xp[i] = b(f(xp[i]) + f(yp[i]));
+  int64_t i = 0;
+#if defined(__x86_64__)
+  if (kBf16Dot && n % 16 == 0) add_rows(xp, yp, xp, n), i = n;
+#endif
+  for (; i < n; ++i) xp[i] = b(f(xp[i]) + f(yp[i]));
   return rms_norm(x, w, eps);
 }
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import llama_adapter as la
 from llama_adapter.backends import backend_of
+from llama_adapter.backends.cpu import CpuBackend
 from llama_adapter.backends.cpu import fused_decode as cpu_decode
 from llama_adapter.backends.cpu import kernels as kernels
 from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest, merge_prompt_kv
@@ -182,7 +183,7 @@ def _step_both_ways(m: la.Transformer, rows: list[str | None]) -> tuple[torch.Te
             m(ids, input_pos=torch.arange(T)[None].expand(B, T), cache=c, prompt_kv=pkv)
         tok = ids.gather(1, pos)
         eager = m(tok, input_pos=pos, cache=caches[0], prompt_kv=pkv)[:, -1].float()
-        fused = cpu_decode.decode_step(m, tok[:, 0], pos[:, 0].contiguous(), caches[1], cpu_decode.FusedPrompts(pkv))
+        fused, _ = cpu_decode.decode_step(m, tok[:, 0], pos[:, 0].contiguous(), caches[1], cpu_decode.FusedPrompts(pkv))
     for k0, k1 in zip(caches[0].k, caches[1].k, strict=True):
         _close(k1, k0, ulps=2)  # the step's keys; earlier positions are the prefill's, identical
     return eager, fused.float()
@@ -232,13 +233,18 @@ def test_without_kernels_decoding_falls_back_to_pytorch(tiny_base, monkeypatch) 
     assert dec._fused is None and len(dec.seqs[0].out_ids) == 2
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
-def test_decode_plan_runs_the_python_loops_kernels_bit_for_bit(ext, tiny_base, quantize) -> None:  # type: ignore[no-untyped-def]
-    """The C++ layer loop (DecodePlan) is an interpreter-free copy of the Python one: the same kernels in the same
-    order, so logits and the cache it writes are identical, with mixed adapters in the batch and on a quantized base."""
+def test_decode_plan_runs_the_python_loops_kernels_bit_for_bit(ext, tiny_base, tmp_path, quantize, tied) -> None:  # type: ignore[no-untyped-def]
+    """The C++ step (DecodePlan) is an interpreter-free copy of the Python one: the same embedding rows, RoPE values,
+    kernels in the same order and output head (the backend's: a tied quantized base's is its int8 copy), so logits
+    and the cache it writes are identical, with mixed adapters in the batch and on a quantized base."""
     if quantize is not None:
         pytest.importorskip("torchao")
-    m = _bf16_model(tiny_base, quantize=quantize)
+    from tiny import make_checkpoint
+
+    path = make_checkpoint(tmp_path, "qwen2", tie_word_embeddings=True) if tied else tiny_base
+    m = _bf16_model(path, quantize=quantize)
     pkv = _fp32_prompts(m, ["a", "b", None])
     assert pkv is not None
     ids = torch.randint(3, m.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
@@ -250,9 +256,13 @@ def test_decode_plan_runs_the_python_loops_kernels_bit_for_bit(ext, tiny_base, q
         with torch.no_grad():
             m(ids, input_pos=torch.arange(9)[None].expand(3, 9), cache=c, prompt_kv=pkv)
             if not use_plan:
-                fused.plan = (c, None)  # what _plan records where a projection has no C++ kernel
+                fused.plan = (c, None, False)  # what _plan records where a projection has no C++ kernel
             logits = [backend_of(m).decode_step(ids.gather(1, pos[:, None])[:, 0], pos + t, c, fused) for t in (0, 1)]
         assert (fused.plan is not None and fused.plan[1] is not None) == use_plan
+        assert fused.plan[2] == use_plan  # the plan computes the logits too, and greedy decoding's choice
+        backend = backend_of(m)
+        assert isinstance(backend, CpuBackend) and (backend._greedy is not None) == use_plan
+        assert torch.equal(backend.greedy(logits[-1]), logits[-1].argmax(-1))
         out.append(torch.stack(logits))
     assert torch.equal(out[0], out[1])
     for k0, k1 in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
@@ -291,11 +301,12 @@ def test_prefill_attention_is_causal_attention_in_fp32(ext, B, H, n_kv, T) -> No
     assert kernels.prefill_attention(q, k.bfloat16(), v.bfloat16()) is None  # only against a decoder's fp32 cache
 
 
-def test_products_give_the_same_result_on_any_number_of_threads(ext) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("rows", [3, 9])
+def test_products_give_the_same_result_on_any_number_of_threads(ext, rows: int) -> None:  # type: ignore[no-untyped-def]
     """Threads take blocks of output rows as they come free; each row's sum is computed whole by one thread, so the
-    result does not depend on the split."""
+    result does not depend on the split (nor, for int8 past 4 input rows, on which thread widened a block)."""
     torch.manual_seed(0)
-    x, w = torch.randn(3, 256).bfloat16(), torch.randn(4099, 256).bfloat16()
+    x, w = torch.randn(rows, 256).bfloat16(), torch.randn(4099, 256).bfloat16()
     q, s = torch.randint(-127, 128, (4099, 256), dtype=torch.int8), torch.rand(4099)
     threads = torch.get_num_threads()
     outs = []
@@ -303,13 +314,33 @@ def test_products_give_the_same_result_on_any_number_of_threads(ext) -> None:  #
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             bf = ext.linear(x, ext.pack(w), 4099, None) if ext.has_bf16_dot() else None
-            i8 = ext.linear_int8(x.float(), q, s, None) if ext.has_int8_linear() else None
+            i8 = ext.linear_int8(x, q, s, None) if ext.has_int8_linear() else None
             outs.append((bf, i8))
     finally:
         torch.set_num_threads(threads)
     for bf, i8 in outs[1:]:
         assert bf is None or torch.equal(bf, outs[0][0])
         assert i8 is None or torch.equal(i8, outs[0][1])
+
+
+def test_greedy_choice_is_torch_argmax_ties_nans_and_tails_included(ext) -> None:  # type: ignore[no-untyped-def]
+    """Greedy decoding's choice (the CPU backend's `greedy`) is `torch.argmax`'s: the first index of a row's
+    maximum, also when it repeats or sits in the part past the last whole vector of 16, and a row's first NaN."""
+    torch.manual_seed(0)
+    for V in (1, 7, 16, 49, 4099, 49152):
+        x = torch.randn(4, V).bfloat16()
+        x[1] = x[1].round()  # many ties of the maximum
+        x[2] = float("-inf")
+        x[3, V // 2 :] = x[3].max() + 1  # the maximum first reached halfway, then repeated
+        assert torch.equal(ext.argmax_rows(x), x.argmax(-1)), V
+        if V > 5:
+            x[0, [V - 2, 3]] = float("nan")
+            assert ext.argmax_rows(x)[0].item() == x[0].argmax().item() == 3
+    wide = torch.randn(2, 49152 + 9).bfloat16()
+    wide[0, -3] = wide[0].max() + 1  # in the tail
+    chosen = kernels.argmax_rows(wide)  # what the CPU backend's `greedy` takes
+    assert chosen is not None and torch.equal(chosen, wide.argmax(-1))
+    assert kernels.argmax_rows(wide.float()) is None  # fp32 logits: ATen's argmax
 
 
 def test_decoders_prefill_matches_the_forward_without_a_cache(ext, tiny_base) -> None:  # type: ignore[no-untyped-def]

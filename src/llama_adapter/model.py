@@ -284,14 +284,18 @@ class Transformer(nn.Module):
         make = lambda: torch.zeros(shape, dtype=dtype or w.dtype, device=w.device)  # noqa: E731
         return KVCache([make() for _ in self.layers], [make() for _ in self.layers])
 
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rope_table(self) -> tuple[Tensor, Tensor]:
+        """cos and (sign-folded) sin [max_seq_len, head_dim] fp32 of every position, made once per device."""
         dev = self.tok_embeddings.weight.device
         if self._rope is None or self._rope[0].device != dev:
             inv = rope_frequencies(self.config, dev)
             t = torch.arange(self.config.max_seq_len, device=dev, dtype=torch.float32)
             f = torch.outer(t, inv)
             self._rope = (torch.cat([f, f], dim=-1).cos(), torch.cat([-f.sin(), f.sin()], dim=-1))
-        cos, sin = self._rope
+        return self._rope
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.rope_table()
         return cos[positions], sin[positions]
 
     def forward(

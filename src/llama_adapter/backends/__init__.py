@@ -10,7 +10,8 @@ by the decoder), from the device the model's weights are on:
   fp32, lays frozen bf16 weights out for decoding, and offers a fused C++ decode step.
 
 What a backend offers the decoder (`inference.decoder.BatchDecoder`): `kv_cache_dtype`, `prepare_decoding()`,
-`logits(hidden)`, and optionally a fused step (`fused_prompts(pkv)` -> a handle or None, `decode_step(...)`).
+`logits(hidden)`, `greedy(logits)`, and optionally a fused step (`fused_prompts(pkv)` -> a handle or None,
+`decode_step(...)`).
 Install a backend after moving the model to its device: the CPU one computes the same values on any device, but
 only pays off on a CPU.
 """

@@ -44,6 +44,11 @@ class TorchBackend:
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 
+    def greedy(self, logits: Tensor) -> Tensor:
+        """Each row's most likely token [B] from logits [B, vocab]: the first index of the row's maximum, as
+        `torch.argmax` gives it (greedy decoding's choice, taken at every step)."""
+        return logits.argmax(-1)
+
     def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
         """The training loss's softmax in one step: each row's cross-entropy (fp32), with `logits` [n, vocab]
         overwritten by softmax - onehot; None (logits untouched) where the backend has none and the loss takes

@@ -252,7 +252,7 @@ class BatchDecoder:
         last = torch.tensor([x - 1 for x in lens[:j]], device=self.device)
         logits = self.backend.logits(h[torch.arange(j, device=self.device), last])
         temp, top_p, top_k, gens = self._make_knobs(joining)
-        tokens = sample(logits.float(), temp, top_p, top_k, gens)
+        tokens = sample(logits, temp, top_p, top_k, gens, greedy=self.backend.greedy(logits))
         lps = self._logprobs(joining, logits, tokens)
         self.seqs.extend(joining)
         self._last = torch.cat([self._last, tokens[:, None]])
@@ -322,7 +322,9 @@ class BatchDecoder:
         else:
             h = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv, return_hidden=True)
             logits = self.backend.logits(h[:, -1])
-        tokens = sample(logits.float(), *self._knobs)
+        tokens = self.backend.greedy(logits)
+        if any(s.params.temperature > 0 for s in self.seqs):  # (sample's own check is a tensor op and a sync)
+            tokens = sample(logits, *self._knobs, greedy=tokens)
         if self._lp_rows is None:
             self._lp_rows = any(s.logprobs is not None for s in self.seqs)
         lps = self._logprobs(self.seqs, logits, tokens) if self._lp_rows else None

@@ -60,14 +60,21 @@ class SamplingParams:
 
 
 def sample(
-    logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, generators: Sequence[torch.Generator | None]
+    logits: Tensor,
+    temperature: Tensor,
+    top_p: Tensor,
+    top_k: Tensor,
+    generators: Sequence[torch.Generator | None],
+    greedy: Tensor | None = None,
 ) -> Tensor:
-    """Next tokens [B] from logits [B, V] with per-row temperature / top-p / top-k (temperature 0: argmax).
+    """Next tokens [B] from logits [B, V] with per-row temperature / top-p / top-k (temperature 0: argmax;
+    `greedy`, where given, is that argmax already taken, e.g. by the backend's faster kernel).
 
     Sampling is an exponential race (argmax of p / E, E ~ Exp(1)) with each row's noise drawn from its own
     generator, so a seeded row gives the same tokens whatever else is in the batch.
     """
-    greedy = logits.argmax(-1)
+    if greedy is None:
+        greedy = logits.argmax(-1)
     if not bool((temperature > 0).any()):
         return greedy
     x = logits.float() / temperature.clamp_min(1e-5)[:, None]

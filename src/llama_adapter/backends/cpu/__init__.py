@@ -146,6 +146,7 @@ class CpuBackend(TorchBackend):
         self.pack_skipped = False  # prepare_decoding found too little memory (said once)
         self.head_gradient_pack: kernels.TrainingPack | None = None  # the loss's (softmax - onehot) W, packed
         self.head_gradient_packs_made = 0
+        self._greedy: tuple[Tensor, Tensor] | None = None  # the last fused step's (logits, their argmax)
 
     SWAPS: dict[type[nn.Module], type[nn.Module]] = {
         RMSNorm: CpuRMSNorm,
@@ -239,6 +240,22 @@ class CpuBackend(TorchBackend):
                 return y
         return kernels.linear(hidden, self.model.tok_embeddings.weight, None, self.packed_head)
 
+    def head_projection(self) -> kernels.Projection | None:
+        """`logits` as the C++ decode plan's last projection (the same kernel on the same weights), or None where
+        it has no kernel there."""
+        model = self.model
+        if model.output is not None:
+            return getattr(model.output, "decode_projection", lambda: None)()
+        if model.int8_head is not None:
+            return kernels.int8_projection(*model.int8_head, None)
+        return kernels.blocked_projection(model.tok_embeddings.weight, None, self.packed_head)
+
+    def greedy(self, logits: Tensor) -> Tensor:
+        if self._greedy is not None and self._greedy[0] is logits:  # the C++ step's own argmax of these logits
+            return self._greedy[1]
+        chosen = kernels.argmax_rows(logits)  # 16 lanes at a time (ATen's walks a 49K-logit row in ~55 us)
+        return logits.argmax(-1) if chosen is None else chosen
+
     def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
         return kernels.cross_entropy_grad_(logits, target)  # one C++ pass per row for bf16 logits
 
@@ -265,4 +282,8 @@ class CpuBackend(TorchBackend):
         return fused_decode.FusedPrompts(pkv)
 
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any) -> Tensor:
-        return fused_decode.decode_step(self.model, tokens, pos, cache, prompts, head=self.logits)
+        logits, chosen = fused_decode.decode_step(
+            self.model, tokens, pos, cache, prompts, head=self.logits, head_projection=self.head_projection
+        )
+        self._greedy = (logits, chosen) if chosen is not None else None
+        return logits

@@ -4,9 +4,10 @@ At one new token per row the eager forward runs ~80 small PyTorch ops per layer 
 arithmetic. The step below makes seven kernel calls per layer: RMSNorm (fused with the residual add), the four
 projections (through the packed weights), SwiGLU, and one attention kernel that rotates q/k, writes the cache and
 adds the gated prompt attention of zero-init adapters (equation 8). Where every projection has a C++ kernel (bf16
-packs, int8 and int4 bases) the loop over layers runs in C++ too (`DecodePlan`, built once per batch: the same calls
-in the same order, without the interpreter between them); otherwise it runs here. Where the kernels are
-unavailable, decoding takes the model's forward, which computes the same thing.
+packs, int8 and int4 bases) the whole step runs in C++ (`DecodePlan`, built once per batch: the embedding rows, the
+RoPE values, the same calls in the same order, the output head and greedy decoding's argmax, without the interpreter
+between them); otherwise the loop runs here. Where the kernels are unavailable, decoding takes the model's forward,
+which computes the same thing.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class FusedPrompts:
     and the C++ plan of the batch's steps once the first step made it (for one cache)."""
 
     def __init__(self, pkv: dict[int, PromptKV] | None) -> None:
-        self.plan: tuple[KVCache, Any] | None = None  # (the cache it writes, the plan or None: the Python loop)
+        # (the cache it writes, the plan or None: the Python loop, whether the plan computes the logits too)
+        self.plan: tuple[KVCache, Any, bool] | None = None
         self.layers: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
         for li, p in (pkv or {}).items():
             if p.random_init:
@@ -55,13 +57,20 @@ def _linear(x: Tensor, m: nn.Linear) -> Tensor:
     return cpu_kernels.linear(x, m.weight, m.bias, packed)
 
 
-def _plan(model: Transformer, rows: int, cache: KVCache, prompts: FusedPrompts) -> Any | None:
+def _plan(
+    model: Transformer,
+    rows: int,
+    cache: KVCache,
+    prompts: FusedPrompts,
+    head_projection: Callable[[], cpu_kernels.Projection | None] | None = None,
+) -> Any | None:
     """The C++ plan of this batch's steps, or None where a projection has no C++ kernel (an unpacked weight, another
-    quantization) or the batch is larger than the kernels' decode-sized inputs (the Python loop then takes F.linear)."""
+    quantization) or the batch is larger than the kernels' decode-sized inputs (the Python loop then takes F.linear).
+    With `head_projection` giving one, the plan computes the logits too."""
     if prompts.plan is not None and prompts.plan[0] is cache:
         return prompts.plan[1]
     ext = cpu_kernels.native()
-    prompts.plan = (cache, None)
+    prompts.plan = (cache, None, False)
     if ext is None or not hasattr(ext, "DecodePlan") or rows > cpu_kernels.BLOCKED_MAX_ROWS:
         return None
     ps: list[cpu_kernels.Projection] = []
@@ -87,7 +96,10 @@ def _plan(model: Transformer, rows: int, cache: KVCache, prompts: FusedPrompts) 
         list(cache.v),
         *([lp[j] for lp in per_layer] for j in range(4)),
     )
-    prompts.plan = (cache, plan)
+    head = head_projection() if head_projection is not None else None
+    h = head or cpu_kernels.Projection(-1, torch.empty(0), torch.empty(0), None, 0)
+    plan.set_ends(model.tok_embeddings.weight, *model.rope_table(), h.kind, h.n, h.group, h.a, h.b, h.bias)
+    prompts.plan = (cache, plan, head is not None)
     return plan
 
 
@@ -99,18 +111,22 @@ def decode_step(
     cache: KVCache,
     prompts: FusedPrompts,
     head: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
+    head_projection: Callable[[], cpu_kernels.Projection | None] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Logits [B, vocab] for one new token per row: tokens [B], pos [B] (each row's position), cache rows 0..B-1
-    (fp32). `head` computes the logits from the final hidden states (default: the model's output projection)."""
+    (fp32), and their argmax [B] where the C++ plan computed it (else None). `head` computes the logits from the
+    final hidden states (default: the model's output projection); `head_projection`, where it gives one, is the same
+    head for the C++ plan, which then takes the whole step."""
     ext = cpu_kernels.native()
     assert ext is not None
+    plan = _plan(model, tokens.shape[0], cache, prompts, head_projection)
+    if plan is not None:
+        out = plan.step(tokens, pos)  # embeddings, RoPE and the layers (and the head and its argmax) in one call
+        return (out[0], out[1]) if len(out) == 2 else ((head or model.logits)(out[0]), None)
     layers = model.layers
     cos, sin = model.rope(pos)
     cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
     x = model.tok_embeddings(tokens)  # [B, dim], the residual stream, updated in place
-    plan = _plan(model, x.shape[0], cache, prompts)
-    if plan is not None:
-        return (head or model.logits)(plan.run(x, cos, sin, pos))
     eps = model.norm.eps
     h = ext.rms_norm(x, layers[0].attention_norm.weight, eps)
     for i, layer in enumerate(layers):
@@ -122,4 +138,4 @@ def decode_step(
         y = _linear(ext.silu_mul(_linear(h, ff.w13)), ff.w2)
         nxt = layers[i + 1].attention_norm.weight if i + 1 < len(layers) else model.norm.weight
         h = ext.add_rms_norm(x, y, nxt, eps)
-    return (head or model.logits)(h)
+    return (head or model.logits)(h), None

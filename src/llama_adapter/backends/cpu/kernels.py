@@ -320,10 +320,21 @@ def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) ->
     ext = native_with("int8")
     if ext is None:
         return None
-    xf = x.reshape(rows, x.shape[-1]).float()
     b = None if bias is None else bias.float()
-    out = ext.linear_int8(xf, qdata.contiguous(), scale.reshape(-1).float().contiguous(), b)
+    xr, sc = x.reshape(rows, x.shape[-1]).contiguous(), scale.reshape(-1).float().contiguous()
+    out = ext.linear_int8(xr, qdata.contiguous(), sc, b)
     return out.view(*x.shape[:-1], qdata.shape[0])
+
+
+def argmax_rows(logits: Tensor) -> Tensor | None:
+    """`logits.argmax(-1)` of bf16 logits [B, vocab] on the CPU through the C++ kernel (the same indices: the first
+    of each row's maximum, a row's first NaN where it has one); None where it does not apply."""
+    if logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.device.type != "cpu" or logits.shape[1] == 0:
+        return None
+    ext = native()
+    if ext is None or not hasattr(ext, "argmax_rows"):
+        return None
+    return ext.argmax_rows(logits.contiguous())
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -132,6 +132,13 @@ static const bool kBf16Dot = false;
 
 bool has_bf16_dot() { return kBf16Dot; }
 
+// AVX-512 Foundation alone: the int8 product, the decode step's attention and argmax_rows
+#if defined(__x86_64__)
+static const bool kAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+#else
+static const bool kAvx512 = false;
+#endif
+
 // x [M, K] bf16 contiguous, wp = pack(w) for w [N, K], bias [N] or None -> [M, N] bf16
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
                      const c10::optional<torch::Tensor>& bias) {
@@ -201,19 +208,16 @@ __attribute__((target("avx512f"))) static inline void int8_block(const float* x,
 using Int8BlockFn = void (*)(const float*, int64_t, const int8_t*, const float*, const float*, bf16*, int64_t,
                              int64_t);
 static const Int8BlockFn kInt8Fns[4] = {int8_block<1>, int8_block<2>, int8_block<3>, int8_block<4>};
-static const bool kInt8Avx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
-#else
-static const bool kInt8Avx512 = false;
 #endif
 
-bool has_int8_linear() { return kInt8Avx512; }
+bool has_int8_linear() { return kAvx512; }
 
-// x [M, K] fp32 contiguous (K % 16 == 0), q [N, K] int8 contiguous, scale [N] fp32, bias [N] fp32 or None
+// x [M, K] bf16 contiguous (K % 16 == 0), q [N, K] int8 contiguous, scale [N] fp32, bias [N] fp32 or None
 // -> [M, N] bf16
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(kInt8Avx512, "linear_int8: needs a CPU with AVX-512");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) % 16 == 0,
+  TORCH_CHECK(kAvx512, "linear_int8: needs a CPU with AVX-512");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.size(1) % 16 == 0,
               "linear_int8: x");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
               "linear_int8: q");
@@ -221,9 +225,12 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "linear_int8: scale");
   auto bc = bias.has_value() ? bias->contiguous() : torch::Tensor();
   TORCH_CHECK(!bc.defined() || (bc.numel() == N && bc.scalar_type() == at::kFloat), "linear_int8: bias");
-  auto y = torch::empty({M, N}, x.options().dtype(at::kBFloat16));
+  auto y = torch::empty({M, N}, x.options());
 #if defined(__x86_64__)
-  const float* xp = x.data_ptr<float>();
+  std::vector<float> xf(M * K);  // the inputs widened once here (an ATen cast was ~4 % of an int8 decode step)
+  const bf16* xb = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = f(xb[i]);
+  const float* xp = xf.data();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
@@ -1678,8 +1685,6 @@ __attribute__((target("avx512f"))) static void scores_avx512(const float* q, con
   }
 }
 
-static const bool kAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
-
 // e^x for x <= 0 (and -inf -> 0): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial
 // (relative error < 3e-7, the size of fp32 rounding).
 __attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
@@ -1878,6 +1883,69 @@ torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& 
   return y;
 }
 
+// ---- greedy decoding's choice: the index of each row's largest logit --------------------------------------
+// ATen's CPU argmax walks a row one element at a time: ~55 us for SmolLM2's 49152 fp32 logits (190 in bf16) on the
+// machines we measured, 1 % of an int8 decode step. This takes 16 lanes at a time: each lane keeps its largest value
+// and where it first saw it (a strict > keeps the first), then the lanes with the row's maximum give the smallest
+// of their indices, which is the first index of the maximum, as torch.argmax returns. A row with a NaN gives its
+// first NaN's index (torch counts NaN as the largest).
+static int64_t argmax_row_scalar(const bf16* x, int64_t V) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    if (std::isnan(f(x[i]))) return i;
+    if (f(x[i]) > f(x[best])) best = i;
+  }
+  return best;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) static int64_t argmax_row(const bf16* x, int64_t V) {
+  const int64_t whole = V / 16 * 16;
+  if (whole == 0) return argmax_row_scalar(x, V);
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < whole; i += 16, idx = _mm512_add_epi32(idx, step)) {
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 more = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, more, v);
+    at = _mm512_mask_mov_epi32(at, more, idx);
+  }
+  if (nan) return argmax_row_scalar(x, V);
+  const float top = _mm512_reduce_max_ps(best);
+  // lanes holding the maximum: the smallest index among them (lanes that never moved hold 0 with -inf, which is
+  // the maximum only when every value is -inf, and then index 0 is the answer)
+  const __mmask16 tops = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+  int64_t first = _mm512_mask_reduce_min_epi32(tops, at);
+  for (int64_t i = whole; i < V; ++i) {
+    if (std::isnan(f(x[i]))) return i;
+    if (f(x[i]) > f(x[first])) first = i;
+  }
+  return first;
+}
+#endif
+
+// x [B, V] bf16 contiguous -> [B] int64
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.size(1) > 0 &&
+                  x.size(1) < (int64_t{1} << 31), "argmax_rows: x [B, V] bf16");
+  const int64_t B = x.size(0), V = x.size(1);
+  auto out = torch::empty({B}, x.options().dtype(at::kLong));
+  const bf16* xp = x.data_ptr<bf16>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < B; ++r) {
+#if defined(__x86_64__)
+    op[r] = kAvx512 ? argmax_row(xp + r * V, V) : argmax_row_scalar(xp + r * V, V);
+#else
+    op[r] = argmax_row_scalar(xp + r * V, V);
+#endif
+  }
+  return out;
+}
+
 // ---- the layer stack of one decode step in one call ------------------------------------------------------
 // Called from Python, the step is ~7 calls a layer (200 for a 30-layer model) whose interpreter and argument
 // conversion cost ~1.5 ms a token on the machines we measured, a sixth of the step. The plan below is built once
@@ -1893,7 +1961,7 @@ struct Projection {
 
   torch::Tensor operator()(const torch::Tensor& x) const {
     if (kind == 0) return linear(x, a, n, bias);
-    if (kind == 1) return linear_int8(x.to(at::kFloat), a, b, bias);
+    if (kind == 1) return linear_int8(x, a, b, bias);
     TORCH_CHECK(kind == 2, "decode plan: unknown projection kind");
     auto y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16).contiguous(), a, group, b);
     if (y.size(1) != n) y = y.narrow(1, 0, n).contiguous();
@@ -1922,6 +1990,48 @@ class DecodePlan {
     for (size_t i = 0; i < 4 * L; ++i) proj_.push_back({kinds[i], ns[i], groups[i], a[i], b[i], bias[i]});
   }
 
+  // the step's two ends, for `step`: the token embeddings [V, dim] bf16, the model's RoPE tables cos/sin
+  // [positions, d] fp32 (rounded to bf16 here, as the Python step's .to(bfloat16)), and the output head as one more
+  // projection (head_kind < 0: none, `step` then returns the final norm's output)
+  void set_ends(const torch::Tensor& embed, const torch::Tensor& cos, const torch::Tensor& sin, int64_t head_kind,
+                int64_t head_n, int64_t head_group, const torch::Tensor& head_a, const torch::Tensor& head_b,
+                const c10::optional<torch::Tensor>& head_bias) {
+    TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kBFloat16, "decode plan: embeddings [V, dim] bf16");
+    TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.scalar_type() == at::kFloat &&
+                    sin.scalar_type() == at::kFloat, "decode plan: RoPE tables [positions, d] fp32");
+    embed_ = embed.contiguous(), cos_ = cos.contiguous(), sin_ = sin.contiguous();
+    head_.reset();
+    if (head_kind >= 0) head_ = Projection{head_kind, head_n, head_group, head_a, head_b, head_bias};
+  }
+
+  // one whole decode step from tokens [B] and positions [B] (int64), as the Python step computes it from
+  // model.tok_embeddings, model.rope and the head, in one call: [the logits [B, V] bf16, their argmax_rows [B]] with
+  // a head, else [the final norm's output]. Those small ops and the argmax were ~0.4 ms of a 6 ms SmolLM2-135M int8
+  // step on the Zen 4 we measured (~10x their time in a loop: run from caches the weight stream had just emptied).
+  std::vector<torch::Tensor> step(const torch::Tensor& tokens, const torch::Tensor& pos) {
+    TORCH_CHECK(embed_.defined(), "decode plan: step before set_ends");
+    TORCH_CHECK(tokens.dim() == 1 && pos.dim() == 1 && tokens.size(0) == pos.size(0) &&
+                    tokens.scalar_type() == at::kLong && pos.scalar_type() == at::kLong,
+                "decode plan: tokens, pos [B] int64");
+    const auto tk = tokens.contiguous(), ps = pos.contiguous();
+    const int64_t B = tk.size(0), V = embed_.size(0), D = embed_.size(1), S = cos_.size(0), d = cos_.size(1);
+    auto x = torch::empty({B, D}, embed_.options());
+    auto cos = torch::empty({B, d}, embed_.options()), sin = torch::empty({B, d}, embed_.options());
+    const int64_t *tp = tk.data_ptr<int64_t>(), *pp = ps.data_ptr<int64_t>();
+    const float *ct = cos_.data_ptr<float>(), *st = sin_.data_ptr<float>();
+    bf16 *xp = x.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+    for (int64_t r = 0; r < B; ++r) {
+      TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "decode plan: token id out of range");
+      TORCH_CHECK(pp[r] >= 0 && pp[r] < S, "decode plan: position past the RoPE table");
+      std::memcpy(xp + r * D, embed_.data_ptr<bf16>() + tp[r] * D, D * sizeof(bf16));
+      for (int64_t c = 0; c < d; ++c) cp[r * d + c] = b(ct[pp[r] * d + c]), sp[r * d + c] = b(st[pp[r] * d + c]);
+    }
+    auto h = run(x, cos, sin, ps);
+    if (!head_) return {h};
+    auto logits = (*head_)(h);
+    return {logits, argmax_rows(logits)};
+  }
+
   // x [B, dim] bf16: the token embeddings, used as the residual stream (updated in place); cos/sin [B, d] bf16;
   // pos [B] int64 -> the final norm's output [B, dim] bf16
   torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& pos) {
@@ -1939,6 +2049,8 @@ class DecodePlan {
 
  private:
   std::vector<Projection> proj_;
+  c10::optional<Projection> head_;
+  torch::Tensor embed_, cos_, sin_;
   std::vector<torch::Tensor> norms_;
   double eps_;
   int64_t n_heads_;
@@ -1973,11 +2085,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_qkv_backward", &rope_qkv_backward);
   m.def("attention", &attention);
   m.def("prefill_attention", &prefill_attention);
+  m.def("argmax_rows", &argmax_rows);
   py::class_<DecodePlan>(m, "DecodePlan")
       .def(py::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>,
                     double, int64_t, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>,
                     std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>>())
-      .def("run", &DecodePlan::run);
+      .def("set_ends", &DecodePlan::set_ends)
+      .def("step", &DecodePlan::step);
 }

@@ -15,9 +15,8 @@ with the `gguf` package, to a BF16 file (and a Q8_0 file re-quantized from them;
 file itself). Our int8 / int4 are torchao's quantizations of those bf16 weights (`--quantize`).
 
 Variants: `bf16` (vs llama.cpp BF16); `adapter`: ours in bf16 with a K=10, L=28 adapter attached (gates non-zero),
-compared with ours bf16 of the same round and, alternating, with the same process decoding without it (llama.cpp
-has no adapter); `int8` (vs Q8_0, and vs ours bf16); `int4`
-(vs Q4_1).
+compared with ours bf16 of the same round and, alternating, with the same process decoding without it (the median
+of 12 pairs' ratios; llama.cpp has no adapter); `int8` (vs Q8_0, and vs ours bf16); `int4` (vs Q4_1).
 
 Each round runs every variant of both implementations, each in a fresh process of its own, ours first in even
 rounds and llama.cpp first in odd ones; ratios are taken within a round and their median is reported, so a
@@ -102,6 +101,7 @@ def write_gguf(src: Path, dst: Path, qtype_name: str) -> Path:
 
 
 # ---- children: one implementation and variant, one process ---------------------------------------------------
+ADAPTER_PAIRS = 12  # with and without the adapter, alternating in one process
 REPEATS = 3  # each timing is the best of this many in its process: a shared machine's neighbours only slow it
 
 
@@ -195,12 +195,15 @@ def child_ours(model_path: str, variant: str, threads: int) -> dict[str, float]:
         "pct_read_bound": 100 * nb / step_s / 1e9 / bw,
     }
     if adapter is not None:  # the adapter's cost within this process: the same weights at the same addresses, the
-        # two alternating (separate processes differ by more than the cost: a base process is itself +-10 %)
-        with_a, without = [], []
-        for _ in range(2 * REPEATS):
-            with_a.append(timed(prompt, NEW))
-            without.append(timed(prompt, NEW, adapter=None))
-        out["adapter_cost_in_process"] = 1 - min(without) / min(with_a)
+        # two alternating, which goes first swapped each pair, the median of the pairs' ratios (separate processes
+        # differ by more than the cost: a base process is itself +-10 %; the best of 6 each moved by +-20 % here)
+        ratios = []
+        for i in range(ADAPTER_PAIRS):
+            first, second = (adapter, None) if i % 2 == 0 else (None, adapter)
+            t1, t2 = timed(prompt, NEW, adapter=first), timed(prompt, NEW, adapter=second)
+            with_a, without = (t1, t2) if first is not None else (t2, t1)
+            ratios.append(with_a / without)
+        out["adapter_cost_in_process"] = statistics.median(ratios) - 1
     return out
 
 

@@ -251,13 +251,13 @@ class BatchDecoder:
             return events
         last = torch.tensor([x - 1 for x in lens[:j]], device=self.device)
         logits = self.backend.logits(h[torch.arange(j, device=self.device), last])
-        temp, top_p, top_k, gens = self._make_knobs(joining)
-        tokens = sample(logits, temp, top_p, top_k, gens, greedy=self.backend.greedy(logits))
+        knobs = self._make_knobs(joining)
+        tokens = self._next_tokens(joining, logits, knobs)
         lps = self._logprobs(joining, logits, tokens)
         self.seqs.extend(joining)
         self._last = torch.cat([self._last, tokens[:, None]])
         self._pos = torch.cat([self._pos, torch.tensor(lens[:j], device=self.device)[:, None]])
-        self._pkv, self._knobs = (pkv, (temp, top_p, top_k, gens)) if n == 0 and not scoring else (None, None)
+        self._pkv, self._knobs = (pkv, knobs) if n == 0 and not scoring else (None, None)
         self._lp_rows = None
         self._fused = _UNSET
         events += self._accept(tokens.tolist(), first_row=n, lps=lps)
@@ -306,6 +306,19 @@ class BatchDecoder:
         top_k = torch.tensor([s.params.top_k for s in seqs], device=d)
         return temp, top_p, top_k, [s.generator for s in seqs]
 
+    def _next_tokens(
+        self,
+        seqs: Sequence[DecodeRequest],
+        logits: Tensor,
+        knobs: tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]],
+    ) -> Tensor:
+        """Each row's next token: the backend's argmax, and the sampler only where a row samples (its own check
+        for that is a tensor op and a sync, at every step)."""
+        tokens = self.backend.greedy(logits)
+        if any(s.params.temperature > 0 for s in seqs):
+            tokens = sample(logits, *knobs, greedy=tokens)
+        return tokens
+
     @torch.no_grad()
     def step(self) -> list[Event]:
         events = self._drop_cancelled()
@@ -322,9 +335,7 @@ class BatchDecoder:
         else:
             h = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv, return_hidden=True)
             logits = self.backend.logits(h[:, -1])
-        tokens = self.backend.greedy(logits)
-        if any(s.params.temperature > 0 for s in self.seqs):  # (sample's own check is a tensor op and a sync)
-            tokens = sample(logits, *self._knobs, greedy=tokens)
+        tokens = self._next_tokens(self.seqs, logits, self._knobs)
         if self._lp_rows is None:
             self._lp_rows = any(s.logprobs is not None for s in self.seqs)
         lps = self._logprobs(self.seqs, logits, tokens) if self._lp_rows else None

@@ -2039,6 +2039,7 @@ class DecodePlan {
     return {logits, argmax_rows(logits)};
   }
 
+ private:
   // x [B, dim] bf16: the token embeddings, used as the residual stream (updated in place); cos/sin [B, d] bf16;
   // pos [B] int64 -> the final norm's output [B, dim] bf16
   torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& pos) {
@@ -2054,7 +2055,6 @@ class DecodePlan {
     return h;
   }
 
- private:
   std::vector<Projection> proj_;
   c10::optional<Projection> head_;
   torch::Tensor embed_, cos_, sin_;

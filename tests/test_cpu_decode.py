@@ -23,7 +23,7 @@ from llama_adapter.backends.cpu import kernels as kernels
 from llama_adapter.inference.decoder import BatchDecoder, DecodeRequest, merge_prompt_kv
 from llama_adapter.inference.generate import generate_tokens
 from llama_adapter.inference.sampling import SamplingParams
-from llama_adapter.model import RMSNorm, apply_rope
+from llama_adapter.model import Attention, RMSNorm, apply_rope
 from llama_adapter.zero_init_attention import PromptKV
 
 pytestmark = [
@@ -356,3 +356,55 @@ def test_decoders_prefill_matches_the_forward_without_a_cache(ext, tiny_base) ->
         more = m(ids[:, :3], input_pos=torch.arange(12, 15)[None].expand(2, 3), cache=cache).float()  # a continuation
         whole = m(torch.cat([ids, ids[:, :3]], 1)).float()[:, 12:]
         assert (more - whole).abs().max() <= 0.03 * whole.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cache_write_is_atens_index_put_bit_for_bit(ext, dtype: torch.dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`CpuAttention.cached` writes a forward's keys/values into the fp32 cache with one C++ call: the same cache and
+    the same prefixes as the stock `Attention.cached` (two casts and index_put_), rows at different positions, keys
+    given as a strided view; a position past the cache is an error, as it is for index_put_."""
+    cfg = la.ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=64, max_seq_len=16)
+    stock, fast = Attention(cfg), Attention(cfg)
+    backend_cls = CpuBackend.SWAPS[Attention]
+    fast.__class__ = backend_cls
+    B, T, d = 2, 3, cfg.head_dim
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(B, T, 2, d, generator=g).to(dtype).transpose(1, 2)  # [B, n_kv, T, d], not contiguous
+    v = torch.randn(B, 2, T, d, generator=g).to(dtype)
+    rows = torch.tensor([[2], [0]]).expand(B, T)
+    pos = torch.tensor([[4, 5, 6], [0, 1, 2]])
+    caches = [(torch.randn(3, 2, 10, d, generator=g), torch.randn(3, 2, 10, d, generator=g)) for _ in range(2)]
+    caches[1] = (caches[0][0].clone(), caches[0][1].clone())
+    took = []
+    monkeypatch.setattr(kernels, "cache_write", lambda *a, _fn=kernels.cache_write: took.append(_fn(*a)) or took[-1])
+    with torch.no_grad():
+        want = stock.cached((*caches[0], (rows, pos), 7), k, v)
+        got = fast.cached((*caches[1], (rows, pos), 7), k, v)
+    assert took == [True]
+    for a, b in zip(caches[0] + want, caches[1] + got, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(caches[1][0][2, :, 4:7], k[0].float())  # written where each row's positions say
+    with pytest.raises(RuntimeError, match="beyond the cache"):
+        ext.cache_write(*caches[1], k, v, rows, pos + 5)
+
+
+def test_prefill_norms_are_the_decode_plans_norms(ext) -> None:  # type: ignore[no-untyped-def]
+    """Without gradients a bf16 RMSNorm (and the residual sum before it) takes the C++ pass the decode plan and
+    training's forward use: their values bit for bit, within a bf16 rounding of the stock ops."""
+    if not ext.has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: the stock ops")
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).bfloat16().requires_grad_(False)
+    norm.weight.uniform_(0.5, 1.5)
+    fast = RMSNorm(96, 1e-5).bfloat16().requires_grad_(False)
+    fast.load_state_dict(norm.state_dict())
+    fast.__class__ = CpuBackend.SWAPS[RMSNorm]
+    x, a = torch.randn(2, 7, 96).bfloat16(), torch.randn(2, 7, 96).bfloat16()
+    with torch.no_grad():
+        y = fast(x)
+        h, y2 = fast.add_norm(x, a)
+    assert torch.equal(y, ext.rms_norm(x.reshape(-1, 96), norm.weight, 1e-5).view(x.shape))
+    assert torch.equal(y, kernels.rms_norm(x, norm.weight, 1e-5))  # the training forward (grad mode on)
+    assert torch.equal(h, x + a) and torch.equal(y2, kernels.rms_norm(x + a, norm.weight, 1e-5))
+    with torch.no_grad():
+        _close(y, norm(x)), _close(y2, norm(x + a))

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 import llama_adapter as la
-from llama_adapter.backends.cpu import CpuBackend, PackedLinear
+from llama_adapter.backends.cpu import CpuAttention, CpuBackend, PackedLinear
 from llama_adapter.errors import QuantizeError, UserError
 
 pytest.importorskip("torchao")
@@ -47,12 +47,14 @@ def _ids(model: la.Transformer, rows: int = 2, length: int = 9) -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES)
 def test_quantize_replaces_the_projections_and_keeps_the_rest(tiny_base: Path, mode: str) -> None:
     """Every block projection is the mode's quantized module with a torchao weight; the untied head is int8; the
-    embedding and the norms keep the base dtype; the CPU backend neither packs nor re-wraps quantized layers."""
+    embedding and the norms keep the base dtype; the CPU backend neither packs nor re-wraps quantized layers, and the
+    attention keeps both its quantized prompts and the CPU backend's RoPE kernel (until the backend goes)."""
     m = la.load_model(tiny_base, dtype=torch.bfloat16, quantize=mode)
     cls = Int8Linear if mode == "int8" else Int4Linear
     for layer in m.layers:
         a, ff = layer.attention, layer.feed_forward
-        assert type(a) is QuantizedAttention
+        assert isinstance(a, QuantizedAttention) and isinstance(a, CpuAttention)
+        assert type(a).kv_weights is QuantizedAttention.kv_weights and type(a).heads is CpuAttention.heads
         for lin in (a.wqkv, a.wo, ff.w13, ff.w2):
             assert type(lin) is cls and is_quantized(lin.weight) and not lin.weight.requires_grad
             assert getattr(lin, "packed", None) is None
@@ -61,6 +63,8 @@ def test_quantize_replaces_the_projections_and_keeps_the_rest(tiny_base: Path, m
     assert quantization_of(m) == mode and isinstance(m.backend, CpuBackend)
     m.backend.prepare_decoding()  # packs nothing quantized
     assert not any(isinstance(x, PackedLinear) for x in m.layers.modules())
+    m.backend.uninstall()
+    assert all(type(layer.attention) is QuantizedAttention for layer in m.layers)
 
 
 @pytest.mark.parametrize("mode", MODES)

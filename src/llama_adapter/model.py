@@ -122,13 +122,18 @@ class Attention(nn.Module):
             pkv = pkv(self.kv_weights())
         B, T, _ = x.shape
         q, k, v = self.heads(self.wqkv(x), cos, sin)
-        if cache is not None:  # write this step's k/v at each row's positions, read back the prefix
-            kc, vc, (rows, pos), kv_len = cache
-            kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
-            vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
-            k, v = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
+        if cache is not None:
+            k, v = self.cached(cache, k, v)
         y = self.attend(q, k, v, mask, pkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+    def cached(self, cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this forward's keys/values [B, n_kv, T, d] into the layer's cache at each row's positions and give
+        back what to attend over: each row's cached prefix (a backend may swap in a fused write)."""
+        kc, vc, (rows, pos), kv_len = cache
+        kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
+        vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
+        return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
 
     def heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The fused projection's output [B, T, (H + 2 n_kv) d] -> queries [B, H, T, d], keys and values

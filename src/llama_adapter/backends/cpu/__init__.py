@@ -1,9 +1,10 @@
 """The CPU backend: the model's modules swapped for subclasses that reach the CPU kernels, chosen once.
 
 Each subclass computes what its parent computes (tests compare values and gradients) and differs only in how:
-- `CpuRMSNorm`: a hand-written backward while training (`kernels.rms_norm`), in bf16 with the residual sum before
-  it in the same pass (`kernels.add_rms_norm`);
-- `CpuAttention`: RoPE and the head split of bf16 training, one C++ pass each way (`kernels.rope_qkv`);
+- `CpuRMSNorm`: in bf16 one C++ pass a row (the decode plan's: the sum of squares in 16 lanes), with the residual
+  sum before it in the same pass (`kernels.add_rms_norm`); a hand-written backward while training;
+- `CpuAttention`: RoPE and the head split of bf16 training, one C++ pass each way (`kernels.rope_qkv`); a forward's
+  keys/values into the fp32 cache in one call (`kernels.cache_write`);
 - `CpuFeedForward`: the SwiGLU in bf16 training, forward and backward one C++ pass each (`kernels.swiglu`);
 - `CpuZeroInitAttention`: batched causal and few-keys attention while training (in bf16: eq. 8 whole as one
   autograd function, the causal softmax and the gated prompt attention plus the sum as C++ passes,
@@ -26,18 +27,27 @@ from torch import Tensor, nn
 
 from llama_adapter.backends.cpu import allocator, fused_decode, kernels
 from llama_adapter.backends.reference import TorchBackend
-from llama_adapter.model import Attention, FeedForward, KVCache, RMSNorm
+from llama_adapter.model import Attention, FeedForward, KVCache, LayerCache, RMSNorm
 from llama_adapter.zero_init_attention import PromptKV, ZeroInitAttention
+
+
+def _no_grad_on_cpu(x: Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 class CpuRMSNorm(RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
-        if kernels.use_cpu_training_kernels(x) and not torch.compiler.is_compiling():
-            return kernels.rms_norm(x, self.weight, self.eps)
+        if not torch.compiler.is_compiling():
+            if kernels.use_cpu_training_kernels(x):
+                return kernels.rms_norm(x, self.weight, self.eps)
+            if _no_grad_on_cpu(x):  # a prefill: the decode plan's norm, one pass
+                y = kernels.rms_norm_no_grad(x, self.weight, self.eps)
+                if y is not None:
+                    return y
         return super().forward(x)
 
     def add_norm(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-        if kernels.use_cpu_training_kernels(x) and not torch.compiler.is_compiling():
+        if (kernels.use_cpu_training_kernels(x) or _no_grad_on_cpu(x)) and not torch.compiler.is_compiling():
             fused = kernels.add_rms_norm(x, a, self.weight, self.eps)  # the sum written in the norm's pass
             if fused is not None:
                 return fused
@@ -61,6 +71,12 @@ class CpuAttention(Attention):
             if heads is not None:
                 return heads
         return super().heads(qkv, cos, sin)
+
+    def cached(self, cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        kc, vc, (rows, pos), kv_len = cache
+        if kernels.cache_write(kc, vc, k, v, rows, pos):  # both writes and casts in one C++ call
+            return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
+        return super().cached(cache, k, v)
 
 
 class CpuZeroInitAttention(ZeroInitAttention):
@@ -132,6 +148,19 @@ class PackedLinear(nn.Linear):
         return kernels.blocked_projection(self.weight, self.bias, self.packed)
 
 
+_STOCK_OF: dict[type[nn.Module], type[nn.Module]] = {}  # each class made by `_mixed` -> the class it was made for
+
+
+def _mixed(cpu: type[nn.Module], cls: type[nn.Module]) -> type[nn.Module]:
+    """`cpu`'s overrides over `cls` (a subclass of `cpu`'s stock parent), one class per pair."""
+    for made, of in _STOCK_OF.items():
+        if of is cls and issubclass(made, cpu):
+            return made
+    made = type(f"{cpu.__name__.removesuffix(cpu.__mro__[1].__name__)}{cls.__name__}", (cpu, cls), {})
+    _STOCK_OF[made] = cls
+    return made
+
+
 class CpuBackend(TorchBackend):
     name = "cpu"
     # oneDNN's head product (h @ W^T, a vocabulary of outputs) runs faster with more rows: a SmolLM2-135M step
@@ -158,12 +187,25 @@ class CpuBackend(TorchBackend):
 
     def install(self) -> None:
         for m in self._base_modules():
-            new = self.SWAPS.get(type(m))
+            new = self._swap_for(type(m))
             if new is not None:
                 m.__class__ = new
 
+    def _swap_for(self, cls: type[nn.Module]) -> type[nn.Module] | None:
+        """The class a base module of class `cls` runs as here: the stock classes' CPU subclasses (SWAPS), and for a
+        subclass of a stock block made elsewhere (`quantize.QuantizedAttention`), the CPU subclass's hooks mixed
+        over it (its own overrides kept). nn.Linear subclasses keep their class: a quantized projection's product
+        is already its own kernel."""
+        new = self.SWAPS.get(cls)
+        if new is not None or issubclass(cls, nn.Linear) or cls in _STOCK_OF:
+            return new
+        for stock, cpu in self.SWAPS.items():
+            if issubclass(cls, stock):
+                return _mixed(cpu, cls)
+        return None
+
     def uninstall(self) -> None:
-        stock = {new: old for old, new in self.SWAPS.items()}
+        stock = {new: old for old, new in self.SWAPS.items()} | _STOCK_OF
         for m in self._base_modules():
             old = stock.get(type(m))
             if old is not None:

@@ -552,6 +552,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
+def rms_norm_no_grad(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """`_RMSNorm`'s forward without autograd (a prefill's norms: the values of the decode plan's norm, one C++ call
+    instead of ATen's six ops), or None where the kernel does not take it (the caller takes the stock ops)."""
+    ext = _rms_ext(x, weight)
+    if ext is None:
+        return None
+    return ext.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps).view(x.shape)
+
+
 class _AddRMSNorm(torch.autograd.Function):
     """(h = x + a, RMSNorm(h)) of bf16 training rows with a frozen weight, one C++ pass each way: the residual sum is
     written in the norm's pass, and backward adds h's gradient from its other use (the next residual) to the norm's
@@ -580,10 +589,16 @@ class _AddRMSNorm(torch.autograd.Function):
 
 
 def add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor] | None:
-    """`RMSNorm.add_norm` for bf16 training with a frozen weight in one C++ pass each way (`_AddRMSNorm`); None where
-    it does not apply (no kernels, other dtypes, a weight that trains), and the caller takes the two ops."""
+    """`RMSNorm.add_norm` for bf16 with a frozen weight in one C++ pass each way (`_AddRMSNorm`; without gradients
+    its forward alone); None where it does not apply (no kernels, other dtypes, a weight that trains), and the
+    caller takes the two ops."""
     if _rms_ext(x, weight) is None or a.dtype != x.dtype or a.shape != x.shape or weight.requires_grad:
         return None
+    if not torch.is_grad_enabled():
+        shape = x.shape
+        rows = (x.reshape(-1, shape[-1]).contiguous(), a.reshape(-1, shape[-1]).contiguous())
+        h, y, _ = _native["ext"].add_rms_norm_train(*rows, weight, eps)
+        return h.view(shape), y.view(shape)
     h, y = _AddRMSNorm.apply(x, a, weight, eps)
     return h, y
 
@@ -747,6 +762,28 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     if k.stride(-1) != 1 or k.stride(-2) != d or k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
     return ext.prefill_attention(q, k, v)
+
+
+def cache_write(kc: Tensor, vc: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor) -> bool:
+    """`Attention.cached`'s two writes into an fp32 CPU cache (kc/vc[rows, :, pos] = k/v, widened) by one C++ call;
+    False where it does not apply (gradients, other dtypes, no kernels), and the caller takes ATen's index_put_."""
+    if (
+        torch.is_grad_enabled()
+        or kc.dtype != torch.float32
+        or vc.dtype != torch.float32
+        or k.dtype not in (torch.bfloat16, torch.float32)
+        or v.dtype != k.dtype
+        or kc.device.type != "cpu"
+        or not (kc.is_contiguous() and vc.is_contiguous())
+        or k.stride(-1) != 1
+        or v.stride(-1) != 1
+    ):
+        return False
+    ext = native()
+    if ext is None or not hasattr(ext, "cache_write"):
+        return False
+    ext.cache_write(kc, vc, k, v, rows, pos)
+    return True
 
 
 class _PromptAttention(torch.autograd.Function):

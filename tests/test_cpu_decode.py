@@ -301,6 +301,54 @@ def test_prefill_attention_is_causal_attention_in_fp32(ext, B, H, n_kv, T) -> No
     assert kernels.prefill_attention(q, k.bfloat16(), v.bfloat16()) is None  # only against a decoder's fp32 cache
 
 
+@pytest.mark.parametrize(("B", "H", "n_kv", "T"), [(1, 9, 3, 64), (2, 4, 4, 100)])
+def test_longer_prefills_attend_with_trainings_fused_kernel(ext, B, H, n_kv, T) -> None:  # type: ignore[no-untyped-def]
+    """From FUSED_PREFILL_MIN_TOKENS on, the prefill takes training's fused causal kernel on the cache's keys and
+    values as bf16 (what they were before the cache widened them): its output exactly, and within a bf16 rounding
+    of the probabilities (<= 2^-8 max|v|) and of the output of fp32 causal attention."""
+    if not kernels._fused_attention(T, 64):
+        pytest.skip("this CPU has no AVX512-BF16: the one-query kernel at every length")
+    assert T >= kernels.FUSED_PREFILL_MIN_TOKENS
+    torch.manual_seed(0)
+    d = 64
+    q = torch.randn(B, H, T, d).bfloat16()
+    cache_k, cache_v = (torch.randn(B, n_kv, T + 7, d).bfloat16().float() for _ in range(2))  # a decoder's cache
+    k, v = cache_k[:, :, :T], cache_v[:, :, :T]
+    with torch.no_grad():
+        out = kernels.prefill_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q.float(), k, v, is_causal=True, enable_gqa=True)
+    assert out is not None and out.dtype == torch.bfloat16
+    groups = (t.bfloat16().reshape(B * n_kv, -1, d).contiguous() for t in (q, k, v))
+    fused, _ = ext.fused_causal_attention(*groups, 1 / d**0.5, kernels._fused_attention(T, d))
+    assert torch.equal(out, fused.view(B, H, T, d))
+    bound = 2.0**-8 * (v.abs().amax(dim=(2, 3), keepdim=True).repeat_interleave(H // n_kv, 1) + ref.abs()) + 1e-6
+    assert ((out.double() - ref.double()).abs() <= bound.double()).all()
+
+
+def test_a_long_prefill_matches_the_forward_without_a_cache(ext, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A decoder's prefill of 80 tokens (heads of 64: the fused attention) gives the logits of a cacheless forward
+    (SDPA) to bf16 rounding."""
+    if not kernels._fused_attention(80, 64):
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(0)
+    cfg = la.ModelConfig(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, hidden_dim=128, max_seq_len=96)
+    m = la.Transformer(cfg).bfloat16()
+    backend_of(m)
+    ids = torch.randint(0, 64, (2, 80))
+    with torch.no_grad():
+        ref = m(ids).float()
+        cache = m.new_cache(2, 96, dtype=torch.float32)
+        engines = []
+        monkeypatch.setattr(
+            kernels,
+            "_fused_attention",
+            lambda T, d, _f=kernels._fused_attention: engines.append(_f(T, d)) or engines[-1],
+        )
+        pre = m(ids, input_pos=torch.arange(80)[None].expand(2, 80), cache=cache).float()
+    assert len(engines) == 2 and all(engines)  # each layer's prefill took the fused kernel
+    assert (pre - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
 @pytest.mark.parametrize("rows", [3, 9])
 def test_products_give_the_same_result_on_any_number_of_threads(ext, rows: int) -> None:  # type: ignore[no-untyped-def]
     """Threads take blocks of output rows as they come free; each row's sum is computed whole by one thread, so the

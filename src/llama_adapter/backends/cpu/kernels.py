@@ -749,16 +749,35 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(torch.softmax(scores, -1), v.reshape(B * n_kv, T, d)).view(B, H, T, d)
 
 
+# from this many tokens a prefill's attention takes training's fused kernel (one key/value group at a time, blocks of
+# queries against blocks of keys in the core's caches) rather than the decode step's one query at a time: per
+# SmolLM2-135M layer (9 heads, 3 key/value heads, d 64, 2 threads, the AMD EPYC VM) 0.164 vs 0.327 ms at 128
+# tokens, 1.96 vs 4.57 at 512, 7.4 vs 17.6 at 1024; equal at 32
+FUSED_PREFILL_MIN_TOKENS = 64
+
+
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-    """Causal attention of a decoder's bf16 prefill (q [B, H, T, d]) against its fp32 cache (k/v [B, n_kv, T, d]) by
-    the C++ kernel, in fp32 as the decode steps that follow; None where it does not apply (gradients, no kernels, not
-    bf16 queries with fp32 keys, d % 16), and the caller takes SDPA (so a forward without a cache is unchanged)."""
+    """Causal attention of a decoder's bf16 prefill (q [B, H, T, d]) against its fp32 cache (k/v [B, n_kv, T, d],
+    this forward's own bf16 keys and values widened) by C++ kernels; None where it does not apply (gradients, no
+    kernels, not bf16 queries with fp32 keys, d % 16), and the caller takes SDPA (a forward without a cache is
+    unchanged). Short prompts: the decode step's kernel, fp32 arithmetic as the steps that follow; from
+    FUSED_PREFILL_MIN_TOKENS on, training's fused kernel on the keys and values as bf16 again (exactly: they were
+    bf16 before the cache widened them): fp32 sums of bf16 products, the probabilities rounded to bf16 for their
+    product with the values, as training's forward and SDPA in bf16 do."""
     d = q.shape[-1]
     if torch.is_grad_enabled() or q.dtype != torch.bfloat16 or d % 16 != 0 or d > 256 or q.device.type != "cpu":
         return None
     ext = native()
     if k.dtype != torch.float32 or v.dtype != torch.float32 or ext is None or not hasattr(ext, "prefill_attention"):
         return None
+    B, H, T, _ = q.shape
+    engine = _fused_attention(T, d)
+    if T >= FUSED_PREFILL_MIN_TOKENS and engine:
+        n_kv = k.shape[1]
+        qg = q.reshape(B * n_kv, H // n_kv * T, d).contiguous()
+        kg, vg = (t.to(torch.bfloat16).reshape(B * n_kv, T, d) for t in (k, v))
+        y, _ = ext.fused_causal_attention(qg, kg, vg, 1.0 / math.sqrt(d), engine)
+        return y.view(B, H, T, d)
     if k.stride(-1) != 1 or k.stride(-2) != d or k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
     return ext.prefill_attention(q, k, v)

@@ -229,11 +229,12 @@ def test_quantize_model_after_loading_matches_quantizing_while_loading(tiny_base
             quantize_model(a, "int8" if mode == "int4" else "int4")
 
 
-@pytest.mark.parametrize("rows,K", [(1, 96), (3, 80), (5, 96), (9, 80)])
+@pytest.mark.parametrize("rows,K", [(1, 96), (3, 80), (5, 96), (9, 80), (9, 96), (32, 576)])
 def test_int8_kernel_computes_the_int8_product(rows: int, K: int) -> None:
     """The CPU backend's int8 product (decode-sized bf16 inputs) is x (q * scale)^T + bias, rounded once to bf16,
     on torchao's own int8 data; a row's result does not depend on the others (input rows go 4 at a time over each
-    block of weights); where the kernels are unavailable the layer takes torchao's product instead."""
+    block of weights, widened in registers up to 4 rows and into a scratch past 4 where the weights go to bf16 dot
+    products: the same sums either way); where the kernels are unavailable the layer takes torchao's product."""
     from llama_adapter.backends.cpu import kernels
     from llama_adapter.quantize import quantize_weight
 

@@ -215,6 +215,82 @@ __attribute__((target("avx512f"))) static inline void int8_block(const float* x,
 using Int8BlockFn = void (*)(const float*, int64_t, const int8_t*, const float*, const float*, bf16*, int64_t,
                              int64_t);
 static const Int8BlockFn kInt8Fns[4] = {int8_block<1>, int8_block<2>, int8_block<3>, int8_block<4>};
+
+// With AVX512-BF16 (and K % 32 == 0) the weights are widened exactly to bf16 instead (every int8 is a bf16) and
+// multiplied by the bf16 inputs as they are with the bf16 kernel's dot products: per 32 weights of a row two
+// widenings to fp32, one rounding to bf16 pairs (exact) and one `vdpbf16ps` per input row, where the fp32 kernel
+// above takes two widenings and two FMAs per input row. Up to 4 input rows widen in registers; past 4, each block of
+// 4 weight rows is widened once into a per-thread scratch and every group of 4 input rows reads it from L1. Both
+// sum the same products in the same order, so a row's result does not depend on how many rows came with it.
+// Measured on the AMD EPYC (Zen 4) VM, a SmolLM2-135M step's products alternating with the fp32 kernel above:
+// 1 row 5.56 vs 6.12 ms, 4 rows 8.53 vs 10.38, 8 rows 16.1 vs 18.3, 32 rows (a prompt) 42 vs 66.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512bh int8_pairs(const int8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // 32 values in order: exact (|q| <= 128 has 8 significant bits)
+}
+
+// the next 32 weights of the block's row r at input offset 32 k, with int8_block's prefetches (two lines per 32
+// inputs of the block's 4 rows)
+struct Int8Rows {
+  const int8_t* rows[4];
+  const char* ahead;
+  const char* near;
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline __m512bh widen(int64_t k, int r) const {
+    if (r < 2) {
+      _mm_prefetch(ahead + 128 * k + 64 * r, _MM_HINT_T1);  // never faults, even past the end
+      if (kInt8L1PrefetchBytes) _mm_prefetch(near + 128 * k + 64 * r, _MM_HINT_T0);
+    }
+    return int8_pairs(rows[r] + 32 * k);
+  }
+};
+
+// one block of 4 weight rows for up to MB = 4 input rows (row stride K): the weights widened from `w`, or, with
+// `scratch`, read from it (K / 32 * 4 vectors, as widened)
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline void int8_bf16_dots(
+    const bf16* x, int64_t K, int mb, const Int8Rows& w, const __m512bh* scratch, const float* scale,
+    const float* bias, bf16* y, int64_t N, int64_t n0) {
+  constexpr int NR = 4;
+  __m512 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K / 32; ++k) {
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = scratch ? scratch[k * NR + r] : w.widen(k, r);
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const __m512i*>(x + (m < mb ? m : 0) * K) + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    }
+  }
+  for (int m = 0; m < mb; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const int64_t row = n0 + r;
+      if (row < N) y[m * N + row] = b(_mm512_reduce_add_ps(acc[m][r]) * scale[row] + (bias ? bias[row] : 0.f));
+    }
+}
+
+// rows n0..n0+3 of q for all M input rows; `scratch`: K / 32 * 4 vectors of this thread's (used past 4 rows)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void int8_bf16_block(
+    const bf16* x, int64_t M, int64_t K, const int8_t* q, const float* scale, const float* bias, bf16* y, int64_t N,
+    int64_t n0, __m512bh* scratch) {
+  Int8Rows w;
+  for (int r = 0; r < 4; ++r) w.rows[r] = q + std::min<int64_t>(n0 + r, N - 1) * K;  // past N: repeat, not stored
+  w.ahead = reinterpret_cast<const char*>(q + n0 * K) + kPrefetchBytes;
+  w.near = reinterpret_cast<const char*>(q + n0 * K) + kInt8L1PrefetchBytes;
+  switch (M) {
+    case 1: return int8_bf16_dots<1>(x, K, 1, w, nullptr, scale, bias, y, N, n0);
+    case 2: return int8_bf16_dots<2>(x, K, 2, w, nullptr, scale, bias, y, N, n0);
+    case 3: return int8_bf16_dots<3>(x, K, 3, w, nullptr, scale, bias, y, N, n0);
+    case 4: return int8_bf16_dots<4>(x, K, 4, w, nullptr, scale, bias, y, N, n0);
+    default: break;
+  }
+  for (int64_t k = 0; k < K / 32; ++k)
+    for (int r = 0; r < 4; ++r) scratch[k * 4 + r] = w.widen(k, r);
+  for (int64_t m0 = 0; m0 < M; m0 += 4)
+    int8_bf16_dots<4>(x + m0 * K, K, static_cast<int>(std::min<int64_t>(4, M - m0)), w, scratch, scale, bias,
+                      y + m0 * N, N, n0);
+}
 #endif
 
 bool has_int8_linear() { return kAvx512; }
@@ -234,16 +310,25 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   TORCH_CHECK(!bc.defined() || (bc.numel() == N && bc.scalar_type() == at::kFloat), "linear_int8: bias");
   auto y = torch::empty({M, N}, x.options());
 #if defined(__x86_64__)
-  std::vector<float> xf(M * K);  // the inputs widened once here (an ATen cast per call was ~2 % of an int8 step)
-  const bf16* xb = x.data_ptr<bf16>();
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = f(xb[i]);
-  const float* xp = xf.data();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
   bf16* yp = y.data_ptr<bf16>();
-  const int64_t blocks = (N + 3) / 4;
-  for_chunks(blocks, std::max<int64_t>(1, 8192 / (4 * K)), [&](int64_t b0, int64_t b1) {
+  const int64_t blocks = (N + 3) / 4, piece = std::max<int64_t>(1, 8192 / (4 * K));
+  if (kBf16Dot && K % 32 == 0) {
+    const bf16* xb = x.data_ptr<bf16>();
+    for_chunks(blocks, piece, [&](int64_t b0, int64_t b1) {
+      // (64-byte aligned: a vector a slot)
+      std::unique_ptr<__m512bh[]> scratch(M > 4 ? new __m512bh[K / 32 * 4] : nullptr);
+      for (int64_t blk = b0; blk < b1; ++blk) int8_bf16_block(xb, M, K, qp, sp, bp, yp, N, blk * 4, scratch.get());
+    });
+    return y;
+  }
+  std::vector<float> xf(M * K);  // the inputs widened once here (an ATen cast per call was ~2 % of an int8 step)
+  const bf16* xb = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = f(xb[i]);
+  const float* xp = xf.data();
+  for_chunks(blocks, piece, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mb = std::min<int64_t>(4, M - m0);

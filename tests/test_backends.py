@@ -120,3 +120,30 @@ def test_a_cuda_model_gets_the_reference_backend(tiny_base: Path, device: torch.
     assert type(m.backend) is TorchBackend and backend_of(m) is m.backend
     kinds = {type(x) for x in m.modules()}
     assert not {CpuRMSNorm, CpuZeroInitAttention, PackedLinear} & kinds
+
+
+def test_subclasses_of_stock_blocks_get_the_cpu_hooks_unless_they_override_them(tiny_base: Path) -> None:
+    """A subclass of a stock block made outside the backend (as `quantize.QuantizedAttention`) runs with the CPU
+    subclass's hooks mixed over its own methods, and gets its class back on uninstall; one that overrides a hook the
+    CPU subclass replaces (here a norm with its own forward) keeps its class, so its computation stands."""
+    from llama_adapter.backends.cpu import CpuAttention
+    from llama_adapter.model import Attention
+
+    class PromptsElsewhere(Attention):
+        def kv_weights(self):  # type: ignore[no-untyped-def]
+            return super().kv_weights()
+
+    class OwnNorm(RMSNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    m = la.load_model(tiny_base, dtype=torch.float32)
+    m.backend.uninstall()
+    m.layers[0].attention.__class__ = PromptsElsewhere
+    m.layers[0].attention_norm.__class__ = OwnNorm
+    install(m)
+    a = m.layers[0].attention
+    assert isinstance(a, PromptsElsewhere) and isinstance(a, CpuAttention) and type(a).heads is CpuAttention.heads
+    assert type(m.layers[0].attention_norm) is OwnNorm and type(m.layers[1].attention_norm) is CpuRMSNorm
+    m.backend.uninstall()
+    assert type(m.layers[0].attention) is PromptsElsewhere and type(m.layers[0].attention_norm) is OwnNorm

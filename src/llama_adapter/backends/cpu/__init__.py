@@ -194,14 +194,16 @@ class CpuBackend(TorchBackend):
     def _swap_for(self, cls: type[nn.Module]) -> type[nn.Module] | None:
         """The class a base module of class `cls` runs as here: the stock classes' CPU subclasses (SWAPS), and for a
         subclass of a stock block made elsewhere (`quantize.QuantizedAttention`), the CPU subclass's hooks mixed
-        over it (its own overrides kept). nn.Linear subclasses keep their class: a quantized projection's product
-        is already its own kernel."""
+        over it, where it overrides none of them (else it keeps its class: its own computation stands). nn.Linear
+        subclasses keep their class: a quantized projection's product is already its own kernel."""
         new = self.SWAPS.get(cls)
         if new is not None or issubclass(cls, nn.Linear) or cls in _STOCK_OF:
             return new
         for stock, cpu in self.SWAPS.items():
             if issubclass(cls, stock):
-                return _mixed(cpu, cls)
+                hooks = [n for n, v in vars(cpu).items() if callable(v) and not n.startswith("__")]
+                if all(getattr(cls, n) is getattr(stock, n) for n in hooks):
+                    return _mixed(cpu, cls)
         return None
 
     def uninstall(self) -> None:

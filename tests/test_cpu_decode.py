@@ -408,9 +408,9 @@ def test_decoders_prefill_matches_the_forward_without_a_cache(ext, tiny_base) ->
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cache_write_is_atens_index_put_bit_for_bit(ext, dtype: torch.dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """`CpuAttention.cached` writes a forward's keys/values into the fp32 cache with one C++ call: the same cache and
-    the same prefixes as the stock `Attention.cached` (two casts and index_put_), rows at different positions, keys
-    given as a strided view; a position past the cache is an error, as it is for index_put_."""
+    """`CpuAttention.store` writes a forward's keys/values into the fp32 cache with one C++ call: the same cache, and
+    the same prefixes from `Attention.cached`, as the stock `Attention.store` (two casts and index_put_), rows at
+    different positions, keys given as a strided view; a position past the cache is an error, as for index_put_."""
     cfg = la.ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=64, max_seq_len=16)
     stock, fast = Attention(cfg), Attention(cfg)
     backend_cls = CpuBackend.SWAPS[Attention]

@@ -129,11 +129,15 @@ class Attention(nn.Module):
 
     def cached(self, cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this forward's keys/values [B, n_kv, T, d] into the layer's cache at each row's positions and give
-        back what to attend over: each row's cached prefix (a backend may swap in a fused write)."""
+        back what to attend over: each row's cached prefix."""
         kc, vc, (rows, pos), kv_len = cache
+        self.store(kc, vc, k, v, rows, pos)
+        return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
+
+    def store(self, kc: Tensor, vc: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor) -> None:
+        """kc/vc[rows, :, pos] = k/v in the cache's dtype (a backend may swap in a fused write)."""
         kc.transpose(1, 2)[rows, pos] = k.transpose(1, 2).to(kc.dtype)
         vc.transpose(1, 2)[rows, pos] = v.transpose(1, 2).to(vc.dtype)
-        return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
 
     def heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The fused projection's output [B, T, (H + 2 n_kv) d] -> queries [B, H, T, d], keys and values

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from llama_adapter.backends.cpu import allocator, fused_decode, kernels
 from llama_adapter.backends.reference import TorchBackend
-from llama_adapter.model import Attention, FeedForward, KVCache, LayerCache, RMSNorm
+from llama_adapter.model import Attention, FeedForward, KVCache, RMSNorm
 from llama_adapter.zero_init_attention import PromptKV, ZeroInitAttention
 
 
@@ -72,11 +72,9 @@ class CpuAttention(Attention):
                 return heads
         return super().heads(qkv, cos, sin)
 
-    def cached(self, cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        kc, vc, (rows, pos), kv_len = cache
-        if kernels.cache_write(kc, vc, k, v, rows, pos):  # both writes and casts in one C++ call
-            return kc[: k.shape[0], :, :kv_len], vc[: k.shape[0], :, :kv_len]
-        return super().cached(cache, k, v)
+    def store(self, kc: Tensor, vc: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor) -> None:
+        if not kernels.cache_write(kc, vc, k, v, rows, pos):  # both writes and casts in one C++ call
+            super().store(kc, vc, k, v, rows, pos)
 
 
 class CpuZeroInitAttention(ZeroInitAttention):

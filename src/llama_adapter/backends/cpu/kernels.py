@@ -590,15 +590,10 @@ class _AddRMSNorm(torch.autograd.Function):
 
 def add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor] | None:
     """`RMSNorm.add_norm` for bf16 with a frozen weight in one C++ pass each way (`_AddRMSNorm`; without gradients
-    its forward alone); None where it does not apply (no kernels, other dtypes, a weight that trains), and the
+    its forward); None where it does not apply (no kernels, other dtypes, a weight that trains), and the
     caller takes the two ops."""
     if _rms_ext(x, weight) is None or a.dtype != x.dtype or a.shape != x.shape or weight.requires_grad:
         return None
-    if not torch.is_grad_enabled():
-        shape = x.shape
-        rows = (x.reshape(-1, shape[-1]).contiguous(), a.reshape(-1, shape[-1]).contiguous())
-        h, y, _ = _native["ext"].add_rms_norm_train(*rows, weight, eps)
-        return h.view(shape), y.view(shape)
     h, y = _AddRMSNorm.apply(x, a, weight, eps)
     return h, y
 
@@ -638,6 +633,14 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv: int) -> 
 _causal_bias: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
 
+def _key_value_groups(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, H, T, d], k/v [B, n_kv, T, d] -> one batch entry per key/value head: the query heads that share it
+    stacked along the sequence [B * n_kv, H / n_kv * T, d], its keys and values [B * n_kv, T, d]."""
+    B, H, T, d = q.shape
+    n_kv = k.shape[1]
+    return q.reshape(B * n_kv, H // n_kv * T, d), k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
+
+
 def _causal_forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
     """bf16 causal attention as two batched products around the C++ softmax (`causal_softmax_`): the scores and
     probabilities [B * n_kv, rep * T, T] are computed once, in place; or, where `_fused_attention` names an engine,
@@ -646,8 +649,7 @@ def _causal_forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
     path."""
     B, H, T, d = q.shape
     n_kv = k.shape[1]
-    qg = q.reshape(B * n_kv, H // n_kv * T, d)
-    kg, vg = k.reshape(B * n_kv, T, d), v.reshape(B * n_kv, T, d)
+    qg, kg, vg = _key_value_groups(q, k, v)
     ctx.scale = 1.0 / math.sqrt(d)
     ctx.shape = (B, H, T, d, n_kv)
     ctx.fused = _fused_attention(T, d)
@@ -773,10 +775,8 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     B, H, T, _ = q.shape
     engine = _fused_attention(T, d)
     if T >= FUSED_PREFILL_MIN_TOKENS and engine:
-        n_kv = k.shape[1]
-        qg = q.reshape(B * n_kv, H // n_kv * T, d).contiguous()
-        kg, vg = (t.to(torch.bfloat16).reshape(B * n_kv, T, d) for t in (k, v))
-        y, _ = ext.fused_causal_attention(qg, kg, vg, 1.0 / math.sqrt(d), engine)
+        groups = _key_value_groups(q, k.to(torch.bfloat16), v.to(torch.bfloat16))
+        y, _ = ext.fused_causal_attention(*(t.contiguous() for t in groups), 1.0 / math.sqrt(d), engine)
         return y.view(B, H, T, d)
     if k.stride(-1) != 1 or k.stride(-2) != d or k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
@@ -784,7 +784,7 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
 
 
 def cache_write(kc: Tensor, vc: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor) -> bool:
-    """`Attention.cached`'s two writes into an fp32 CPU cache (kc/vc[rows, :, pos] = k/v, widened) by one C++ call;
+    """`Attention.store`'s two writes into an fp32 CPU cache (kc/vc[rows, :, pos] = k/v, widened) by one C++ call;
     False where it does not apply (gradients, other dtypes, no kernels), and the caller takes ATen's index_put_."""
     if (
         torch.is_grad_enabled()

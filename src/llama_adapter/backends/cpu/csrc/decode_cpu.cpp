@@ -1977,16 +1977,21 @@ torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& 
 
 // ---- a forward's keys and values into the fp32 cache ----------------------------------------------------------
 // k/v [B, n_kv, T, d] bf16 or fp32 (rows of d contiguous), rows/pos [B, T] int64 -> kc/vc[rows[b, t], :, pos[b, t]]
-// = k/v[b, :, t] widened to fp32 (exactly, as ATen's copy). What `Attention.cached` does with two index_put_ and two
+// = k/v[b, :, t] widened to fp32 (exactly, as ATen's copy). What `Attention.store` does with two index_put_ and two
 // casts, ~120-170 us a layer of a SmolLM2-135M 32-token prefill on the AMD EPYC VM, in one call.
-template <typename T>
-static void cache_rows(const T* src, int64_t sb, int64_t sh, int64_t st, float* dst, int64_t db, int64_t dh,
-                       int64_t dt, int64_t b, int64_t t, int64_t row, int64_t p, int64_t n_kv, int64_t d) {
-  for (int64_t h = 0; h < n_kv; ++h) {
-    const T* s = src + b * sb + h * sh + t * st;
-    float* o = dst + row * db + h * dh + p * dt;
-    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(s[c]);
-  }
+// src [B, n_kv, T, d] -> dst[rows[b, t], :, pos[b, t]] (rows/pos [B, T] contiguous)
+template <typename S>
+static void cache_from(const torch::Tensor& src, torch::Tensor& dst, const int64_t* rp, const int64_t* pp) {
+  const int64_t B = src.size(0), n_kv = src.size(1), T = src.size(2), d = src.size(3);
+  const S* sp = src.data_ptr<S>();
+  float* dp = dst.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < n_kv; ++h) {
+        const S* in = sp + b * src.stride(0) + h * src.stride(1) + t * src.stride(2);
+        float* out = dp + rp[b * T + t] * dst.stride(0) + h * dst.stride(1) + pp[b * T + t] * dst.stride(2);
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<float>(in[c]);
+      }
 }
 
 void cache_write(torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& k, const torch::Tensor& v,
@@ -1996,25 +2001,15 @@ void cache_write(torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& k, c
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type() &&
                   (k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kFloat) && k.stride(3) == 1 &&
                   v.stride(3) == 1 && k.size(1) == kc.size(1) && k.size(3) == kc.size(3), "cache_write: k/v");
-  const int64_t B = k.size(0), n_kv = k.size(1), T = k.size(2), d = k.size(3), R = kc.size(0), L = kc.size(2);
+  const int64_t B = k.size(0), T = k.size(2), R = kc.size(0), L = kc.size(2);
   const auto rows = rows_in.expand({B, T}).contiguous(), pos = pos_in.expand({B, T}).contiguous();
   TORCH_CHECK(rows.scalar_type() == at::kLong && pos.scalar_type() == at::kLong, "cache_write: rows/pos");
   const int64_t *rp = rows.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < R && pp[i] >= 0 && pp[i] < L, "cache_write: a position beyond the cache");
-  const int64_t db = kc.stride(0), dh = kc.stride(1), dt = kc.stride(2);
-  float *kd = kc.data_ptr<float>(), *vd = vc.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t row = rp[b * T + t], p = pp[b * T + t];
-      if (k.scalar_type() == at::kFloat) {
-        cache_rows(k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2), kd, db, dh, dt, b, t, row, p, n_kv, d);
-        cache_rows(v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), vd, db, dh, dt, b, t, row, p, n_kv, d);
-      } else {
-        cache_rows(k.data_ptr<bf16>(), k.stride(0), k.stride(1), k.stride(2), kd, db, dh, dt, b, t, row, p, n_kv, d);
-        cache_rows(v.data_ptr<bf16>(), v.stride(0), v.stride(1), v.stride(2), vd, db, dh, dt, b, t, row, p, n_kv, d);
-      }
-    }
+  const auto write = k.scalar_type() == at::kFloat ? cache_from<float> : cache_from<bf16>;
+  write(k, kc, rp, pp);
+  write(v, vc, rp, pp);
 }
 
 // ---- greedy decoding's choice: the index of each row's largest logit --------------------------------------

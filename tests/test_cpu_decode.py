@@ -269,6 +269,41 @@ def test_decode_plan_runs_the_python_loops_kernels_bit_for_bit(ext, tiny_base, t
         assert torch.equal(k0, k1)
 
 
+def test_an_advancing_step_writes_the_next_inputs_in_place(ext, tiny_base) -> None:  # type: ignore[no-untyped-def]
+    """A greedy batch's step may leave its next inputs where they were read from: with `advance`, the plan writes
+    each row's argmax into `tokens` and adds 1 to `pos`, in place, and computes what the step without it computes;
+    the Python loop (no plan) leaves both untouched and says so. Greedy decoding gives the same tokens either way."""
+    m = _bf16_model(tiny_base)
+    backend = backend_of(m)
+    ids = torch.randint(3, m.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for advance in (False, True):
+        cache = m.new_cache(3, 12, dtype=torch.float32)
+        fused = cpu_decode.FusedPrompts(None)
+        with torch.no_grad():
+            m(ids, input_pos=torch.arange(6)[None].expand(3, 6), cache=cache)
+            tokens, pos = ids[:, -1].clone(), torch.tensor([5, 5, 5])
+            before = (tokens.clone(), pos.clone())
+            logits = backend.decode_step(tokens, pos, cache, fused, advance=advance)
+        assert backend.advanced(logits) == advance
+        if advance:
+            assert torch.equal(tokens, logits.argmax(-1)) and torch.equal(pos, before[1] + 1)
+        else:
+            assert torch.equal(tokens, before[0]) and torch.equal(pos, before[1])
+        runs.append(logits)
+    assert torch.equal(runs[0], runs[1])
+    strided = torch.tensor([[5, 6], [7, 8]])[:, 0]  # a view with stride 2: nowhere to write in place
+    with torch.no_grad(), pytest.raises(RuntimeError, match="contiguous"):
+        cache = m.new_cache(2, 8, dtype=torch.float32)
+        backend.decode_step(strided, torch.tensor([0, 0]), cache, cpu_decode.FusedPrompts(None), advance=True)
+    m.layers[1].feed_forward.w2.packed = None  # no plan: the Python loop, which does not advance
+    tokens, pos = torch.tensor([5]), torch.tensor([0])
+    with torch.no_grad():
+        cache = m.new_cache(1, 8, dtype=torch.float32)
+        logits = backend.decode_step(tokens, pos, cache, cpu_decode.FusedPrompts(None), advance=True)
+    assert not backend.advanced(logits) and tokens.item() == 5 and pos.item() == 0
+
+
 def test_decode_plan_is_not_made_where_a_projection_has_no_kernel(ext, tiny_base) -> None:  # type: ignore[no-untyped-def]
     """An unpacked projection (packing skipped for memory, or a changed weight) sends the step to the Python loop,
     which takes F.linear for it; the logits are still the forward's."""
@@ -352,10 +387,12 @@ def test_a_long_prefill_matches_the_forward_without_a_cache(ext, monkeypatch) ->
 @pytest.mark.parametrize("rows", [3, 9])
 def test_products_give_the_same_result_on_any_number_of_threads(ext, rows: int) -> None:  # type: ignore[no-untyped-def]
     """Threads take blocks of output rows as they come free; each row's sum is computed whole by one thread, so the
-    result does not depend on the split (nor, for int8 past 4 input rows, on which thread widened a block)."""
+    result does not depend on the split (nor, for int8 past 4 input rows, on which thread widened a block). A
+    prefill's RMSNorm rows spread over the threads the same way."""
     torch.manual_seed(0)
     x, w = torch.randn(rows, 256).bfloat16(), torch.randn(4099, 256).bfloat16()
     q, s = torch.randint(-127, 128, (4099, 256), dtype=torch.int8), torch.rand(4099)
+    long, nw = torch.randn(100 * rows, 256).bfloat16(), torch.rand(256).bfloat16()
     threads = torch.get_num_threads()
     outs = []
     try:
@@ -363,12 +400,15 @@ def test_products_give_the_same_result_on_any_number_of_threads(ext, rows: int) 
             torch.set_num_threads(n)
             bf = ext.linear(x, ext.pack(w), 4099, None) if ext.has_bf16_dot() else None
             i8 = ext.linear_int8(x, q, s, None) if ext.has_int8_linear() else None
-            outs.append((bf, i8))
+            outs.append((bf, i8, ext.rms_norm(long, nw, 1e-5)))
     finally:
         torch.set_num_threads(threads)
-    for bf, i8 in outs[1:]:
+    for bf, i8, normed in outs[1:]:
         assert bf is None or torch.equal(bf, outs[0][0])
         assert i8 is None or torch.equal(i8, outs[0][1])
+        assert torch.equal(normed, outs[0][2])
+    by_row = torch.cat([ext.rms_norm(long[i : i + 1], nw, 1e-5) for i in range(0, len(long), 97)])
+    assert torch.equal(by_row, outs[0][2][::97])
 
 
 def test_greedy_choice_is_torch_argmax_ties_nans_and_tails_included(ext) -> None:  # type: ignore[no-untyped-def]

@@ -65,5 +65,12 @@ class TorchBackend:
         """The batch's prompt K/V laid out for `decode_step`, or None where there is no fused step."""
         return None
 
-    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any) -> Tensor:
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any, advance: bool = False) -> Tensor:
+        """Logits [B, vocab] of one new token per row (tokens [B] at positions pos [B]) with `prompts` from
+        `fused_prompts`. With `advance` the backend may also write each row's greedy choice into `tokens` and add 1
+        to `pos`, in place (a greedy batch's next inputs); `advanced(logits)` says whether it did."""
         raise NotImplementedError("this backend has no fused decode step")
+
+    def advanced(self, logits: Tensor) -> bool:
+        """Whether the `decode_step` that gave these logits already advanced its tokens and positions."""
+        return False

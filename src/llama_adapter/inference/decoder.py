@@ -158,6 +158,7 @@ class BatchDecoder:
         self._knobs: tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]] | None = None
         self._fused: Any = _UNSET  # the batch's prompts laid out for the backend's fused decode step (None: none)
         self._lp_rows: bool | None = None  # whether any live row wants logprobs (None: work it out at the next step)
+        self._views: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # _row_views: (_last, _pos, their views)
 
     # ---- membership ----------------------------------------------------------------------------------
     @property
@@ -331,7 +332,8 @@ class BatchDecoder:
         if self._knobs is None:
             self._knobs = self._make_knobs(self.seqs)
         if self._fused is not None:
-            logits = self.backend.decode_step(self._last[:, 0], self._pos[:, 0], self.cache, self._fused)
+            greedy = not any(s.params.temperature > 0 for s in self.seqs)
+            logits = self.backend.decode_step(*self._row_views(), self.cache, self._fused, advance=greedy)
         else:
             h = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv, return_hidden=True)
             logits = self.backend.logits(h[:, -1])
@@ -339,10 +341,19 @@ class BatchDecoder:
         if self._lp_rows is None:
             self._lp_rows = any(s.logprobs is not None for s in self.seqs)
         lps = self._logprobs(self.seqs, logits, tokens) if self._lp_rows else None
-        self._last = tokens[:, None]
-        self._pos = self._pos + 1
+        if not self.backend.advanced(logits):  # (where it did, _last and _pos already hold the next step's inputs)
+            self._last = tokens[:, None]
+            self._pos = self._pos + 1
         events += self._accept(tokens.tolist(), first_row=0, lps=lps)
         return events
+
+    def _row_views(self) -> tuple[Tensor, Tensor]:
+        """The rows' last tokens and positions as [B] views of `_last` and `_pos` ([B, 1]), made again only when
+        those change (membership, or a step the backend did not advance): each view is a tensor op, and between two
+        decode steps, whose weight stream has just emptied the caches, one costs ~10 us."""
+        if self._views is None or self._views[0] is not self._last or self._views[1] is not self._pos:
+            self._views = (self._last, self._pos, self._last[:, 0], self._pos[:, 0])
+        return self._views[2], self._views[3]
 
     @staticmethod
     def _batch_prompt_kv(seqs: Sequence[DecodeRequest]) -> PKV | None:

@@ -174,6 +174,7 @@ class CpuBackend(TorchBackend):
         self.head_gradient_pack: kernels.TrainingPack | None = None  # the loss's (softmax - onehot) W, packed
         self.head_gradient_packs_made = 0
         self._greedy: tuple[Tensor, Tensor] | None = None  # the last fused step's (logits, their argmax)
+        self._advanced: Tensor | None = None  # the last fused step's logits, where it advanced tokens and pos
 
     SWAPS: dict[type[nn.Module], type[nn.Module]] = {
         RMSNorm: CpuRMSNorm,
@@ -323,9 +324,20 @@ class CpuBackend(TorchBackend):
             return None
         return fused_decode.FusedPrompts(pkv)
 
-    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any) -> Tensor:
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, prompts: Any, advance: bool = False) -> Tensor:
         logits, chosen = fused_decode.decode_step(
-            self.model, tokens, pos, cache, prompts, head=self.logits, head_projection=self.head_projection
+            self.model,
+            tokens,
+            pos,
+            cache,
+            prompts,
+            head=self.logits,
+            head_projection=self.head_projection,
+            advance=advance,
         )
         self._greedy = (logits, chosen) if chosen is not None else None
+        self._advanced = logits if advance and chosen is not None else None
         return logits
+
+    def advanced(self, logits: Tensor) -> bool:
+        return self._advanced is logits

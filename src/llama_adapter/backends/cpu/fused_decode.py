@@ -112,16 +112,19 @@ def decode_step(
     prompts: FusedPrompts,
     head: Callable[[Tensor], Tensor] | None = None,
     head_projection: Callable[[], cpu_kernels.Projection | None] | None = None,
+    advance: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits [B, vocab] for one new token per row: tokens [B], pos [B] (each row's position), cache rows 0..B-1
     (fp32), and their argmax [B] where the C++ plan computed it (else None). `head` computes the logits from the
     final hidden states (default: the model's output projection); `head_projection`, where it gives one, is the same
-    head for the C++ plan, which then takes the whole step."""
+    head for the C++ plan, which then takes the whole step. With `advance` (tokens and pos contiguous), where the
+    plan computed the argmax it also wrote it into `tokens` and added 1 to `pos`, in place (a greedy batch's next
+    inputs, without the tensor ops between steps); elsewhere both are left as they were."""
     ext = cpu_kernels.native()
     assert ext is not None
     plan = _plan(model, tokens.shape[0], cache, prompts, head_projection)
     if plan is not None:
-        out = plan.step(tokens, pos)  # embeddings, RoPE and the layers (and the head and its argmax) in one call
+        out = plan.step(tokens, pos, advance)  # embeddings, RoPE and the layers (and the head and argmax) in one call
         return (out[0], out[1]) if len(out) == 2 else ((head or model.logits)(out[0]), None)
     layers = model.layers
     cos, sin = model.rope(pos)

@@ -347,3 +347,23 @@ def test_int4_loading_quantizes_q_k_v_and_gate_up_as_they_arrive(tmp_path: Path)
         else:
             assert torch.equal(wa, wb), name
     assert sum(isinstance(w, Int4OpaqueTensor) for w in a.state_dict().values()) == 4 * cfg.n_layers
+
+
+def test_an_int8_projection_for_the_decode_plan_is_kept_until_its_weight_changes(tiny_base: Path) -> None:
+    """A batch's decode plan is made again at every change of membership: an int8 layer hands it the same
+    projection while its torchao tensors are the same and unchanged, and a new one after an in-place change (the
+    plan must never run on stale scales)."""
+    from llama_adapter.backends.cpu import kernels
+
+    if kernels.native_with("int8") is None:
+        pytest.skip(f"no int8 kernel here ({kernels.native_unavailable()})")
+    m = la.load_model(tiny_base, dtype=torch.bfloat16, quantize="int8")
+    layer = m.layers[0].attention.wo
+    assert isinstance(layer, Int8Linear)
+    first = layer.decode_projection()
+    assert first is not None and layer.decode_projection() is first
+    w: Any = layer.weight
+    with torch.no_grad():
+        w.scale.mul_(2)
+    again = layer.decode_projection()
+    assert again is not None and again is not first and torch.equal(again.b, w.scale.reshape(-1).float())

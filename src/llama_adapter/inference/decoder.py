@@ -253,7 +253,7 @@ class BatchDecoder:
         last = torch.tensor([x - 1 for x in lens[:j]], device=self.device)
         logits = self.backend.logits(h[torch.arange(j, device=self.device), last])
         knobs = self._make_knobs(joining)
-        tokens = self._next_tokens(joining, logits, knobs)
+        tokens = self._next_tokens(joining, logits, knobs, self._samples(joining))
         lps = self._logprobs(joining, logits, tokens)
         self.seqs.extend(joining)
         self._last = torch.cat([self._last, tokens[:, None]])
@@ -312,13 +312,19 @@ class BatchDecoder:
         seqs: Sequence[DecodeRequest],
         logits: Tensor,
         knobs: tuple[Tensor, Tensor, Tensor, list[torch.Generator | None]],
+        samples: bool,
     ) -> Tensor:
-        """Each row's next token: the backend's argmax, and the sampler only where a row samples (its own check
-        for that is a tensor op and a sync, at every step)."""
+        """Each row's next token: the backend's argmax, and the sampler only where a row samples (`samples`, from
+        `_samples(seqs)`: the sampler's own check for that is a tensor op and a sync, at every step)."""
         tokens = self.backend.greedy(logits)
-        if any(s.params.temperature > 0 for s in seqs):
+        if samples:
             tokens = sample(logits, *knobs, greedy=tokens)
         return tokens
+
+    @staticmethod
+    def _samples(seqs: Sequence[DecodeRequest]) -> bool:
+        """Whether any of the rows samples (temperature > 0) rather than taking the argmax."""
+        return any(s.params.temperature > 0 for s in seqs)
 
     @torch.no_grad()
     def step(self) -> list[Event]:
@@ -331,13 +337,13 @@ class BatchDecoder:
             self._fused = self.backend.fused_prompts(self._pkv)
         if self._knobs is None:
             self._knobs = self._make_knobs(self.seqs)
+        samples = self._samples(self.seqs)
         if self._fused is not None:
-            greedy = not any(s.params.temperature > 0 for s in self.seqs)
-            logits = self.backend.decode_step(*self._row_views(), self.cache, self._fused, advance=greedy)
+            logits = self.backend.decode_step(*self._row_views(), self.cache, self._fused, advance=not samples)
         else:
             h = self.model(self._last, input_pos=self._pos, cache=self.cache, prompt_kv=self._pkv, return_hidden=True)
             logits = self.backend.logits(h[:, -1])
-        tokens = self._next_tokens(self.seqs, logits, self._knobs)
+        tokens = self._next_tokens(self.seqs, logits, self._knobs, samples)
         if self._lp_rows is None:
             self._lp_rows = any(s.logprobs is not None for s in self.seqs)
         lps = self._logprobs(self.seqs, logits, tokens) if self._lp_rows else None

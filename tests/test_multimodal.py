@@ -392,6 +392,58 @@ def test_generate_cli_with_image(
     assert "nope.png: image file not found" in capsys.readouterr().err
 
 
+def test_chat_cli_conditions_every_turn_on_its_image(
+    tiny_base: Path,
+    encoder: ImageEncoder,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """`llama-adapter chat --image`: every answer is the Python API's for the same conversation and that image's
+    features; `/image FILE` changes the image and starts the conversation again, `/image none` drops it; a missing
+    file, or an image for the base alone, is told in one line and the chat goes on."""
+    from llama_adapter.cli import main
+    from llama_adapter.inference.chat import prepare_chat
+    from llama_adapter.inference.generate import generate
+    from llama_adapter.multimodal.modalities import AdapterEncoders
+
+    model = _mm_model(tiny_base, encoder)
+    with torch.no_grad():
+        model.adapters["mm"].gates.fill_(0.5)
+    adapter = save_adapter(model, "mm", tmp_path / "mm.safetensors")
+    x, y = tmp_path / "x.png", tmp_path / "y.png"
+    random_image(1).save(x)
+    random_image(2).save(y)
+    encoders = AdapterEncoders()
+
+    def answer(turns: list[tuple[str, str]], image: Path | None) -> str:
+        prompt, ids = prepare_chat(model, turns, "mm")
+        feats = None if image is None else encoders.features(model.adapters["mm"], {"image": str(image)})
+        kw = {"temperature": 0.0, "max_new_tokens": 4, "strip_separator": prompt.strip_separator}
+        return generate(model, [ids], adapter="mm", image_features=feats, **kw)[0]
+
+    q = "What is shown?"
+    a1, a2 = answer([("user", q)], x), answer([("user", q)], y)
+    a3 = answer([("user", q), ("assistant", a2.strip()), ("user", "And now?")], y)
+    a4 = answer([("user", q)], None)
+    assert len({a1, a2, a4}) == 3  # the image decides the answer here, so a dropped or stale one would show
+    lines = iter([q, "/image nope.png", "/image " + str(y), q, "And now?", "/image none", q, "/adapter none",
+                  "/image " + str(y), "hi", "/quit"])  # fmt: skip
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = ["chat", "--base", str(tiny_base), "--adapter", f"mm={adapter}", "--dtype", "float32"]
+    assert main([*args, "--temperature", "0", "--max-new-tokens", "4", "--image", str(x)]) == 0
+    out = capsys.readouterr()
+    assert out.out == "".join(a + "\n" for a in (a1, a2, a3, a4))
+    assert "nope.png: image file not found" in out.err
+    assert f"(image: {y}; conversation cleared)" in out.err and "(image: none; conversation cleared)" in out.err
+    assert "the base alone takes no image" in out.err
+
+    assert main(["chat", "--base", str(tiny_base), "--dtype", "float32", "--image", str(x)]) == 2
+    assert "--image needs a multi-modal adapter" in capsys.readouterr().err
+    assert main([*args, "--image", str(tmp_path / "gone.png")]) == 2  # before the first question
+    assert "gone.png: image file not found" in capsys.readouterr().err
+
+
 def test_server_chat_with_image_content_part(tiny_base: Path, encoder: ImageEncoder, clip_dir: Path) -> None:
     """OpenAI chat message with an image_url data-URL part: same answer as `generate` with those features."""
     import base64

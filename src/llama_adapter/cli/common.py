@@ -152,16 +152,45 @@ def template_choice(args: argparse.Namespace) -> str | None:
     return "raw" if args.raw else args.template
 
 
-def image_features(model: Any, adapter: str | None, image: str, encoder_dir: str | None) -> Any:
-    """Encode one image file with the adapter's image encoder (`--image-encoder` or metadata)."""
+MEDIA = ("image", "audio", "video")  # the condition inputs of multi-modal adapters, as flags and chat commands
 
-    enc_dir = encoder_dir or (model.adapters[adapter].meta.get("image_encoder") if adapter else None)
-    if adapter is None or model.adapters[adapter].visual_proj is None:
-        raise UserError("--image needs a multi-modal adapter (one with a visual projection)")
-    if not enc_dir:
-        raise UserError("--image needs --image-encoder DIR (the adapter does not name its image encoder)")
-    from llama_adapter.multimodal.encoder import ImageEncoder, load_image
 
-    dev = model.tok_embeddings.weight.device
-    enc = ImageEncoder.load(enc_dir, device=dev)
-    return enc.encode([load_image(image)])
+def add_media_args(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """--image / --audio / --video and the encoder directories, for adapters trained with them (`scope`: what the
+    input conditions, appended to each input's help)."""
+    p.add_argument("--image", default=None, help=f"image file (multi-modal adapters){scope}")
+    p.add_argument("--image-encoder", default=None, help="image encoder directory (default: the adapter's)")
+    p.add_argument(
+        "--audio", default=None, help=f"audio file: WAV, FLAC, OGG, ... (adapters trained with audio){scope}"
+    )
+    p.add_argument("--audio-encoder", default=None, help="audio encoder directory (default: the adapter's)")
+    p.add_argument(
+        "--video",
+        default=None,
+        help=f"video file, frames through the image encoder (adapters trained with video){scope}",
+    )
+
+
+def media_inputs(args: argparse.Namespace) -> dict[str, str]:
+    """{modality: file} of the --image / --audio / --video given."""
+    return {m: getattr(args, m) for m in MEDIA if getattr(args, m)}
+
+
+def media_encoders(model: Any, args: argparse.Namespace) -> Any:
+    """The `AdapterEncoders` of --image-encoder / --audio-encoder (each encoder loaded once, when first needed)."""
+    from llama_adapter.multimodal.modalities import AdapterEncoders
+
+    dirs = {"image": args.image_encoder, "audio": args.audio_encoder}
+    return AdapterEncoders(model.tok_embeddings.weight.device, dirs)
+
+
+def condition_features(
+    model: Any, adapter: str | None, inputs: dict[str, str], encoders: Any, adapter_label: str = "the adapter"
+) -> Any:
+    """The condition vector [1, F] of `inputs` for `adapter` (None without inputs); UserError where the adapter
+    does not take them or a file is missing."""
+    if not inputs:
+        return None
+    if adapter is None:
+        raise UserError(f"--{next(iter(inputs))} needs a multi-modal adapter (--adapter FILE)")
+    return encoders.features(model.adapters[adapter], inputs, adapter_label=adapter_label)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from llama_adapter.cli.common import (
+    add_media_args,
     add_model_args,
     add_sampling_args,
     add_template_args,
+    condition_features,
     load_adapter_file,
     load_base,
+    media_encoders,
+    media_inputs,
     sampling_kwargs,
     template_choice,
 )
@@ -32,31 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("instruction", help="the instruction (or, with --raw, the whole prompt)")
     p.add_argument("--input", default="", help="optional input/context for the instruction")
     add_template_args(p, raw_help="send the text as is, without any template")
-    p.add_argument("--image", default=None, help="image file (multi-modal adapters)")
-    p.add_argument("--image-encoder", default=None, help="image encoder directory (default: the adapter's)")
-    p.add_argument("--audio", default=None, help="audio file: WAV, FLAC, OGG, ... (adapters trained with audio)")
-    p.add_argument("--audio-encoder", default=None, help="audio encoder directory (default: the adapter's)")
-    p.add_argument(
-        "--video", default=None, help="video file, frames through the image encoder (adapters trained with video)"
-    )
+    add_media_args(p)
     p.add_argument("--no-stream", action="store_true", help="print the response only when complete")
     add_sampling_args(p)
     p.set_defaults(func=run)
-
-
-def _condition(model: Any, name: str | None, args: argparse.Namespace) -> Any:
-    """The condition features of --image / --audio / --video (None without any), from the adapter's encoders."""
-    inputs = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
-    if not inputs:
-        return None
-    if name is None:
-        raise UserError(f"--{next(iter(inputs))} needs a multi-modal adapter (--adapter FILE)")
-    from llama_adapter.multimodal.modalities import AdapterEncoders
-
-    encoders = AdapterEncoders(
-        model.tok_embeddings.weight.device, {"image": args.image_encoder, "audio": args.audio_encoder}
-    )
-    return encoders.features(model.adapters[name], inputs, adapter_label=f"adapter {args.adapter}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     ids = prompt.encode(model.tokenizer)
-    feats = _condition(model, name, args)
+    feats = condition_features(model, name, media_inputs(args), media_encoders(model, args), f"adapter {args.adapter}")
     answer = ""
     try:
         if args.no_stream:

@@ -502,3 +502,55 @@ def test_server_chat_with_input_audio_part(tiny_base: Path, whisper_dir: Path) -
             client.chat.completions.create(model="base", max_tokens=2, messages=msgs)
     finally:
         server.stop()
+
+
+def test_server_chat_with_video_url_part(tiny_base: Path, clip_dir: Path, tmp_path: Path) -> None:
+    """A `video_url` content part (vLLM's extension): the same answer as `generate` with that video's features; a
+    part that is not a video, a video for a model that takes none, and frames over the server's pixel limit are
+    400s."""
+    import openai
+    from test_server import _Running
+
+    from llama_adapter.inference.generate import generate
+    from llama_adapter.serving.app import create_app
+    from llama_adapter.templates import format_prompt
+
+    model = la.load_model(tiny_base, dtype=torch.float32)
+    model.add_adapter("vi", la.AdapterConfig(prompt_length=2, layers=2))
+    enc = VideoEncoder(ImageEncoder.load(clip_dir), frames=2)
+    attach_projection(model, "vi", {"video": enc})
+    a = model.adapters["vi"]
+    with torch.no_grad():
+        a.gates.fill_(1.0)
+        for p in a.visual_proj.parameters():  # a strong video token: answers must differ
+            p.normal_(0, 1.0)
+    a.meta["template"] = "alpaca"
+    clip = write_video(tmp_path / "v.mp4", [(255, 0, 0), (0, 0, 255)] * 2).read_bytes()
+    feats = condition_vector(a, {"video": enc.encode([load_video(clip, 2)])})
+    prompt = format_prompt("alpaca", "What colour?")
+    kw = dict(adapter="vi", max_new_tokens=6, temperature=0.0, strip_separator=True)
+    with_video = generate(model, [prompt], image_features=feats, **kw)
+    assert with_video != generate(model, [prompt], **kw)  # the video must matter, or the check proves nothing
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    server = _Running(create_app(model, max_batch_size=2, max_context=128, max_image_pixels=32 * 32))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+        part = {"type": "video_url", "video_url": {"url": url}}
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "What colour?"}, part]}]
+        r = client.chat.completions.create(model="vi", max_tokens=6, temperature=0, messages=msgs)
+        assert r.choices[0].message.content == with_video[0]
+        junk = {"type": "video_url", "video_url": "data:video/mp4;base64," + base64.b64encode(b"hello").decode()}
+        with pytest.raises(openai.BadRequestError, match="video_url is not a video"):
+            client.chat.completions.create(model="vi", max_tokens=2, messages=[{"role": "user", "content": [junk]}])
+        with pytest.raises(openai.BadRequestError, match="at most one video"):
+            client.chat.completions.create(
+                model="vi", max_tokens=2, messages=[{"role": "user", "content": [part, part]}]
+            )
+        with pytest.raises(openai.BadRequestError, match="this model does not take video"):
+            client.chat.completions.create(model="base", max_tokens=2, messages=msgs)
+        big = write_video(tmp_path / "big.mp4", [(0, 255, 0)] * 2, size=48).read_bytes()  # over 32 x 32
+        part = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(big).decode()}}
+        with pytest.raises(openai.BadRequestError, match="frames of 48 x 48 pixels are over"):
+            client.chat.completions.create(model="vi", max_tokens=2, messages=[{"role": "user", "content": [part]}])
+    finally:
+        server.stop()

@@ -74,6 +74,21 @@ def frame_count(data: bytes) -> int:
         return 0
 
 
+def frame_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a video's frames as its header gives them ((0, 0) when it does not say or cannot be
+    read): what a server checks before it decodes a clip a client sent."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                return 0, 0
+            ctx = container.streams.video[0].codec_context
+            return int(ctx.width or 0), int(ctx.height or 0)
+    except (av.FFmpegError, OSError, ValueError):
+        return 0, 0
+
+
 def load_video(src: str | os.PathLike[str] | bytes, n: int = DEFAULT_FRAMES) -> list[Image.Image]:
     """`n` RGB frames sampled uniformly (`frame_indices`) from a video file, raw bytes or a data URL.
 

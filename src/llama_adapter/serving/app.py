@@ -14,8 +14,8 @@
 
 The request's `model` names an adapter or the base; an adapter of the registry (`serving.registry`: an
 --adapter-dir file, or one evicted past --max-adapters) that is not resident is loaded on its first request.
-Extensions to the OpenAI parameters: `top_k`, image content parts (and OpenAI's `input_audio` parts for adapters
-trained with audio). Completions take `n`, `best_of`, `echo` and
+Extensions to the OpenAI parameters: `top_k`, image content parts (and OpenAI's `input_audio` parts, and vLLM's
+`video_url` ones, for adapters trained with audio or video). Completions take `n`, `best_of`, `echo` and
 `logprobs`, chats `n`, `logprobs` and `top_logprobs`: log-probabilities are the model's own (log_softmax of the
 logits before temperature/top-p/top-k). Bodies are `protocol.CompletionBody` / `ChatBody` (shown in /docs).
 Unspecified temperature/top_p default to the paper's 0.1/0.75. Errors use OpenAI's body
@@ -295,16 +295,19 @@ class Server:
             self._encoders[enc_dir] = ImageEncoder.load(enc_dir, device=self.model.tok_embeddings.weight.device)
         return self._encoders[enc_dir].encode([image])
 
-    def condition_features(self, adapter: str | None, images: Sequence[Image], audios: Sequence[str]) -> Tensor:
-        """The condition vector of a chat's image (from `open_images`) and audio clip (a data URL) for the
+    def condition_features(
+        self, adapter: str | None, images: Sequence[Image], audios: Sequence[str], videos: Sequence[str] = ()
+    ) -> Tensor:
+        """The condition vector of a chat's image (from `open_images`), audio clip and video (data URLs) for the
         adapter's projection, each through the adapter's own encoder for its modality (the one it records, else
-        `--image-encoder` / `--audio-encoder`). 400 when the model does not take one of them, or a clip cannot be
-        decoded. Blocking: call it in a worker thread."""
+        `--image-encoder` / `--audio-encoder`). 400 when the model does not take one of them, a clip cannot be
+        decoded, or a video's frames claim more than `max_image_pixels` pixels. Blocking: call it in a worker
+        thread."""
         a = self.model.adapters[adapter] if adapter is not None and adapter in self.model.adapters else None
-        if not audios and a is not None and isinstance(a.visual_proj, VisualProjection):
+        if not audios and not videos and a is not None and isinstance(a.visual_proj, VisualProjection):
             return self.image_features(adapter, images[0])  # an image adapter as before eq. 10 was widened
         if a is None or a.visual_proj is None:
-            what = "audio" if audios else "images"
+            what = "audio" if audios else "video" if videos else "images"
             raise bad(f"this model does not take {what}", param="messages")
         from llama_adapter.multimodal.modalities import AdapterEncoders
 
@@ -321,9 +324,27 @@ class Server:
         if audios:
             inputs["audio"] = audios[0]
         try:
+            if videos:
+                inputs["video"] = self._video_bytes(videos[0])
             return cast(Tensor, self._media.features(a, inputs, adapter_label="this model"))
         except UserError as e:
             raise bad(str(e), param="messages") from None
+
+    def _video_bytes(self, url: str) -> bytes:
+        """A video_url's bytes, once its header's frame size is within `max_image_pixels` (a clip is decoded frame
+        by frame into images, so a frame is held to an image's limit)."""
+        from llama_adapter.errors import VideoError
+        from llama_adapter.multimodal.media import read_media
+        from llama_adapter.multimodal.video import frame_size
+
+        data, _ = read_media(url, VideoError, "video")
+        w, h = frame_size(data)
+        if w * h > self.max_image_pixels:
+            raise bad(
+                f"video_url frames of {w} x {h} pixels are over this server's limit of {self.max_image_pixels}",
+                param="messages",
+            )
+        return data
 
     # ---- decoding ------------------------------------------------------------------------------------------
     def submit(self, seqs: list[DecodeRequest]) -> asyncio.Queue[Event]:
@@ -613,8 +634,10 @@ async def chat_completions(request: Request) -> Any:
     adapter = await srv.acquire(req.model)
     try:
         prompt = await asyncio.to_thread(srv.render_chat, adapter, req.messages)
-        media = images or req.audios
-        feats = await asyncio.to_thread(srv.condition_features, adapter, images, req.audios) if media else None
+        media = images or req.audios or req.videos
+        feats = (
+            await asyncio.to_thread(srv.condition_features, adapter, images, req.audios, req.videos) if media else None
+        )
         ids = await srv.encode_async(prompt.text, bos=prompt.bos)
         sep = prompt.strip_separator
         seqs = [

@@ -162,7 +162,18 @@ class AudioPart(Strict):
     input_audio: InputAudio
 
 
-ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+class VideoURL(Strict):
+    url: str = Field(description="a base64 data URL: data:video/...;base64,...")
+
+
+class VideoPart(Strict):
+    """Extension (vLLM's `video_url` part): a video for an adapter trained with video (at most one per request)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL | str
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):
@@ -301,6 +312,7 @@ class ChatRequest:
     n: int = 1
     audios: list[str] = field(default_factory=list)  # data URLs of input_audio parts (at most one)
     logprobs: int | None = None
+    videos: list[str] = field(default_factory=list)  # data URLs of video_url parts (at most one)
 
 
 # ---- conversion ---------------------------------------------------------------------------------------------
@@ -375,7 +387,8 @@ def chat_request(body: ChatBody) -> ChatRequest:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     audios: list[str] = []
-    messages, images = messages_of(body, audios)
+    videos: list[str] = []
+    messages, images = messages_of(body, audios, videos)
     return ChatRequest(
         body.model,
         sampling_params(body, default_max=256),
@@ -385,6 +398,7 @@ def chat_request(body: ChatBody) -> ChatRequest:
         n=body.n or 1,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         audios=audios,
+        videos=videos,
     )
 
 
@@ -445,11 +459,34 @@ def check_audio(part: InputAudio) -> str:
     return f"data:audio/{part.format};base64,{part.data}"
 
 
+# a video's first bytes: an ISO BMFF box (MP4, MOV, 3GP: "ftyp" at offset 4), EBML (WebM, MKV), AVI, MPEG-PS,
+# Ogg, FLV
+VIDEO_SIGNATURES = (b"\x1a\x45\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"OggS", b"FLV")
+
+
+def check_video_url(url: str) -> str:
+    """`url` if it is a base64 data URL whose first bytes look like a video container (MP4/MOV, WebM/MKV, AVI,
+    MPEG-PS, Ogg, FLV); the frames are decoded later, for a model that takes video."""
+    if not url.startswith("data:") or ";base64," not in url:
+        raise bad("video_url must be a base64 data URL (data:video/...;base64,...)", param="messages")
+    try:
+        head = base64.b64decode(url.split(";base64,", 1)[1][:16], validate=True)
+    except (binascii.Error, ValueError):
+        head = b""
+    if head[4:8] != b"ftyp" and not head.startswith(VIDEO_SIGNATURES):
+        raise bad("video_url is not a video (no MP4, WebM, AVI, MPEG, Ogg or FLV header)", param="messages")
+    return url
+
+
 def content_text(
-    content: list[TextPart | ImagePart | AudioPart], images: list[str], audios: list[str] | None = None
+    content: list[TextPart | ImagePart | AudioPart | VideoPart],
+    images: list[str],
+    audios: list[str] | None = None,
+    videos: list[str] | None = None,
 ) -> str:
     """The text of a message's content parts; the data URLs of image parts go to `images`, those of audio parts to
-    `audios` (not decoded yet; an audio part is refused where `audios` is None)."""
+    `audios`, of video parts to `videos` (not decoded yet; an audio or video part is refused where its list is
+    None)."""
     texts = []
     for part in content:
         if isinstance(part, TextPart):
@@ -458,15 +495,24 @@ def content_text(
             if audios is None:
                 raise bad("input_audio parts are not accepted here", param="messages")
             audios.append(check_audio(part.input_audio))
+        elif isinstance(part, VideoPart):
+            if videos is None:
+                raise bad("video_url parts are not accepted here", param="messages")
+            videos.append(
+                check_video_url(part.video_url.url if isinstance(part.video_url, VideoURL) else part.video_url)
+            )
         else:
             url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
             images.append(check_data_url(url))
     return "\n".join(texts)
 
 
-def messages_of(f: MessagesField, audios: list[str] | None = None) -> tuple[list[Message], list[str]]:
+def messages_of(
+    f: MessagesField, audios: list[str] | None = None, videos: list[str] | None = None
+) -> tuple[list[Message], list[str]]:
     """`messages` as [(role, text)] ending with a user turn ("developer" is a system message), and the data URLs
-    of their image parts (at most 1); those of their audio parts (at most 1) go to `audios`."""
+    of their image parts (at most 1); those of their audio parts (at most 1) go to `audios`, of their video parts
+    (at most 1) to `videos`."""
     images: list[str] = []
     out: list[Message] = []
     for m in f.messages:
@@ -476,13 +522,15 @@ def messages_of(f: MessagesField, audios: list[str] | None = None) -> tuple[list
             content = ""
         if content is None:
             raise bad("message content must be a string or a list of parts", param="messages")
-        out.append((role, content if isinstance(content, str) else content_text(content, images, audios)))
+        out.append((role, content if isinstance(content, str) else content_text(content, images, audios, videos)))
     if out[-1][0] != "user":
         raise bad("the last message must be from the user", param="messages")
     if len(images) > 1:
         raise bad("at most one image per request", param="messages")
     if audios is not None and len(audios) > 1:
         raise bad("at most one audio clip per request", param="messages")
+    if videos is not None and len(videos) > 1:
+        raise bad("at most one video per request", param="messages")
     return out, images
 
 

@@ -25,6 +25,7 @@ from tiny import make_checkpoint
 
 import llama_adapter as la
 from llama_adapter.cli import main
+from llama_adapter.gguf_loading import GGUFFile, _rope_scaling
 from llama_adapter.loading import checkpoint_files
 
 TEMPLATE = (
@@ -95,6 +96,10 @@ def write_gguf(
         w.add_chat_template(template)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_rope_factors(c))
+    if rope.get("rope_type") == "yarn":  # as convert_hf_to_gguf.py writes Qwen2.5's
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -218,6 +223,32 @@ def test_mistral_and_llama31_rope_freqs(tmp_path: Path, one_thread: None) -> Non
     ids = torch.randint(3, 300, (1, 160), generator=torch.Generator().manual_seed(0))  # far enough to tell
     with torch.no_grad():
         torch.testing.assert_close(m(ids), _hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2_yarn_rope_scaling(tmp_path: Path, one_thread: None) -> None:
+    """YaRN arrives as llama.cpp's rope.scaling metadata (type, factor, original context) and gives transformers'
+    logits past the original context; DeepSeek-style attention-scale keys are refused in one line."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    hf = make_checkpoint(tmp_path / "hf", "qwen2", max_position_embeddings=256, rope_scaling=dict(yarn))
+    (tmp_path / "gguf").mkdir()
+    path = write_gguf(hf, tmp_path / "gguf" / "tiny-yarn.gguf")
+    m = la.load_model(path, dtype=torch.float32)
+    assert m.config.rope_scaling == yarn
+    ids = torch.randint(3, 300, (1, 100), generator=torch.Generator().manual_seed(0))  # past 32 positions
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), _hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+    w = gguf.GGUFWriter(str(tmp_path / "gguf" / "deepseek-like.gguf"), "qwen2")
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(40.0)
+    w.add_rope_scaling_orig_ctx_len(4096)
+    w.add_rope_scaling_yarn_log_mul(0.1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GGUFFile(tmp_path / "gguf" / "deepseek-like.gguf", gguf.GGUFReader(tmp_path / "gguf" / "deepseek-like.gguf"))
+    with pytest.raises(la.CheckpointError, match="YaRN with qwen2.rope.scaling.yarn_log_multiplier = 0.1"):
+        _rope_scaling(f, 16)
 
 
 def test_config_tokenizer_and_chat_template(llama_gguf: Path, tiny_base: Path) -> None:

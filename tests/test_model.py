@@ -33,6 +33,14 @@ FAMILIES = {
     ),
     "mistral": ("mistral", dict(num_key_value_heads=2, head_dim=24)),
     "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # Qwen2.5's long-context setting: YaRN over an original context shorter than the test's 40 tokens
+    "qwen2_yarn": (
+        "qwen2",
+        dict(
+            tie_word_embeddings=True,
+            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+    ),
 }
 
 
@@ -102,6 +110,70 @@ def test_config_reads_top_level_rope_fields(tmp_path: Path) -> None:
     c["rope_scaling"] = LLAMA3_ROPE
     (tmp_path / "config.json").write_text(json.dumps(c))
     assert la.ModelConfig.from_hf(tmp_path / "config.json").rope_scaling["factor"] == 8.0
+
+
+@pytest.mark.parametrize(
+    "yarn",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 32},
+        {"factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+        {"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 0.707},
+        {"factor": 2.0, "original_max_position_embeddings": 128, "attention_factor": 1.25},
+    ],
+)
+def test_yarn_frequencies_and_scale_are_transformers(yarn: dict[str, object]) -> None:
+    """YaRN: each frequency interpolated, kept or blended on the ramp between beta_fast and beta_slow turns over
+    the original context, and cos / sin scaled by the attention factor: as transformers computes them (its
+    `ROPE_INIT_FUNCTIONS["yarn"]`), for the paper's defaults, other betas without truncation, DeepSeek's mscale
+    pair and an explicit factor."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llama_adapter.model import rope_attention_factor, rope_frequencies
+
+    hf = transformers.Qwen2Config(
+        hidden_size=64, num_attention_heads=2, max_position_embeddings=8192, rope_theta=10000.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **yarn},
+    )  # fmt: skip
+    ref_inv, ref_scale = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    cfg = la.ModelConfig(
+        vocab_size=10, dim=64, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=8, rope_theta=10000.0,
+        rope_scaling={"rope_type": "yarn", **yarn}, max_seq_len=64,
+    )  # fmt: skip
+    torch.testing.assert_close(rope_frequencies(cfg), ref_inv, rtol=1e-6, atol=0)
+    assert rope_attention_factor(cfg) == pytest.approx(ref_scale, rel=1e-12)
+    model = la.Transformer(cfg)
+    cos, sin = model.rope_table()
+    f = torch.outer(torch.arange(64, dtype=torch.float32), ref_inv)
+    torch.testing.assert_close(cos, torch.cat([f, f], -1).cos() * ref_scale)
+    torch.testing.assert_close(sin[:, f.shape[1] :], f.sin() * ref_scale)
+
+
+def test_config_fills_yarn_defaults_as_transformers(tmp_path: Path) -> None:
+    """A top-level `rope_scaling` of type yarn without `original_max_position_embeddings` (or `factor`) takes them
+    from `max_position_embeddings`, as transformers does; unsupported kinds fail with the file named."""
+    import json
+
+    c = {
+        "model_type": "qwen2",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "max_position_embeddings": 32768,
+        "rope_scaling": {"type": "yarn", "factor": 4.0},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    s = la.ModelConfig.from_hf(tmp_path / "config.json").rope_scaling
+    assert s == {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    c["rope_scaling"] = {"type": "yarn", "original_max_position_embeddings": 8192}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    assert la.ModelConfig.from_hf(tmp_path / "config.json").rope_scaling["factor"] == 4.0
+    c["rope_scaling"] = {"type": "longrope", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(la.CheckpointError, match="rope scaling 'longrope' is not supported"):
+        la.ModelConfig.from_hf(tmp_path / "config.json")
 
 
 def _meta_state(model: la.Transformer) -> dict[str, torch.Tensor]:

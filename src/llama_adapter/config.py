@@ -40,7 +40,7 @@ class ModelConfig:
     head_dim: int = 0  # 0 -> dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # rope_type: linear, llama3, or freq_factors (GGUF's rope_freqs)
+    rope_scaling: dict[str, Any] | None = None  # rope_type: linear, llama3, yarn, or freq_factors (GGUF's rope_freqs)
     max_seq_len: int = 4096
     qkv_bias: bool = False
     tie_embeddings: bool = False
@@ -88,8 +88,12 @@ class ModelConfig:
                 scaling["rope_type"] = kind
                 if kind == "default":
                     scaling = None
-                elif kind not in ("llama3", "linear"):
-                    raise CheckpointError(f"{path}: rope scaling {kind!r} is not supported (llama3, linear)")
+                elif kind not in ("llama3", "linear", "yarn"):
+                    raise CheckpointError(f"{path}: rope scaling {kind!r} is not supported (llama3, linear, yarn)")
+                elif kind == "yarn":  # as transformers fills them in
+                    scaling.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 4096))
+                    if scaling.get("factor") is None:
+                        scaling["factor"] = c["max_position_embeddings"] / scaling["original_max_position_embeddings"]
             eos = c.get("eos_token_id", 2)
             n_heads = int(c["num_attention_heads"])
             return cls(

@@ -219,13 +219,17 @@ def gguf_config(path: str | Path) -> ModelConfig:
 
 
 def _rope_scaling(f: GGUFFile, head_dim: int) -> dict[str, Any] | None:
-    """Linear scaling from metadata; Llama-3.1-style per-frequency divisors from the `rope_freqs` tensor."""
+    """Linear or YaRN scaling from metadata; Llama-3.1-style per-frequency divisors from the `rope_freqs` tensor."""
     kind = f.arch_get("rope.scaling.type")
     factor = f.arch_get("rope.scaling.factor")
     if kind is None and f.arch_get("rope.scale_linear") is not None:  # the first GGUF files' spelling
         kind, factor = "linear", f.arch_get("rope.scale_linear")
+    if kind == "yarn":
+        return _yarn_scaling(f, factor)
     if kind not in (None, "none", "linear"):
-        raise CheckpointError(f"{f.path}: rope scaling {kind!r} is not supported (linear, or Llama-3.1's rope_freqs)")
+        raise CheckpointError(
+            f"{f.path}: rope scaling {kind!r} is not supported (linear, yarn, or Llama-3.1's rope_freqs)"
+        )
     linear = float(factor) if kind == "linear" and factor else 1.0
     if "rope_freqs.weight" in f.tensors:
         factors = (f.tensor("rope_freqs.weight").flatten() * linear).tolist()
@@ -235,6 +239,25 @@ def _rope_scaling(f: GGUFFile, head_dim: int) -> dict[str, Any] | None:
             )
         return {"rope_type": "freq_factors", "factors": factors}
     return {"rope_type": "linear", "factor": linear} if linear != 1.0 else None
+
+
+def _yarn_scaling(f: GGUFFile, factor: Any) -> dict[str, Any]:
+    """YaRN as llama.cpp's converter writes it for Qwen2.5 (factor, original context, optional betas): the same
+    frequencies and cos/sin scale as transformers (`model.yarn_blend`, `model.rope_attention_factor`). The extra
+    attention-scale keys DeepSeek-style files carry are refused rather than guessed at."""
+    for key in ("rope.scaling.attn_factor", "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_log_multiplier"):
+        value = f.arch_get(key)
+        if value is not None and float(value) not in (0.0, 1.0):
+            raise CheckpointError(f"{f.path}: YaRN with {f.arch}.{key} = {value} is not supported")
+    orig = f.arch_get("rope.scaling.original_context_length")
+    if not factor or not orig:
+        raise CheckpointError(f"{f.path}: YaRN rope scaling needs rope.scaling.factor and original_context_length")
+    out: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(orig)}
+    for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        value = f.arch_get(f"rope.scaling.{key}")
+        if value is not None:
+            out[name] = float(value)
+    return out
 
 
 def _f32(value: Any) -> float:

@@ -64,7 +64,47 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> Te
         inv = torch.where(is_mid, mid, scaled)
     elif s and s["rope_type"] == "freq_factors":  # GGUF files (llama.cpp): one divisor per frequency (Llama-3.1)
         inv = inv / torch.tensor(s["factors"], dtype=torch.float32, device=device)
+    elif s and s["rope_type"] == "yarn":  # YaRN (Peng et al., 2023; Qwen2.5's long context): see yarn_blend
+        inv = yarn_blend(inv, d, cfg.rope_theta, s)
     return inv
+
+
+def yarn_blend(inv: Tensor, d: int, theta: float, s: dict[str, Any]) -> Tensor:
+    """YaRN's frequencies: the ones that turn fewer than `beta_slow` (default 1) times over the original context are
+    divided by `factor` (interpolated), those that turn more than `beta_fast` (default 32) times are kept
+    (extrapolated), and in between the two blend along a linear ramp over the frequency index, whose ends are
+    those turn counts' indices, rounded outwards unless `truncate` is false (as transformers places them)."""
+    factor, old = float(s["factor"]), float(s["original_max_position_embeddings"])
+    fast, slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def index_of(turns: float) -> float:  # the frequency index that turns `turns` times over `old` positions
+        return d * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = index_of(fast), index_of(slow)
+    if s.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=inv.device) - lo) / ((hi - lo) or 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the frequency as it is), 0: interpolate
+    return inv / factor * (1 - keep) + inv * keep
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The scale YaRN puts on cos and sin (so on q . k twice): `attention_factor` where the config gives it, else
+    0.1 ln(factor) + 1 (DeepSeek's `mscale` / `mscale_all_dim` form where both are given); 1 for other ropes."""
+    s = cfg.rope_scaling
+    if not s or s["rope_type"] != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    factor = float(s["factor"])
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(factor, float(s["mscale"])) / mscale(factor, float(s["mscale_all_dim"]))
+    return mscale(factor)
 
 
 def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
@@ -300,7 +340,9 @@ class Transformer(nn.Module):
             inv = rope_frequencies(self.config, dev)
             t = torch.arange(self.config.max_seq_len, device=dev, dtype=torch.float32)
             f = torch.outer(t, inv)
-            self._rope = (torch.cat([f, f], dim=-1).cos(), torch.cat([-f.sin(), f.sin()], dim=-1))
+            a = rope_attention_factor(self.config)  # 1 but for YaRN
+            cos, sin = torch.cat([f, f], dim=-1).cos(), torch.cat([-f.sin(), f.sin()], dim=-1)
+            self._rope = (cos * a, sin * a) if a != 1.0 else (cos, sin)
         return self._rope
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:

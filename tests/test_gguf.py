@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,15 +55,21 @@ def _llama3_rope_factors(c: dict) -> np.ndarray:
 
 
 def write_gguf(
-    hf_dir: Path, out: Path, qtype: str = "F32", name: str = "tiny", template: str | None = TEMPLATE
+    hf_dir: Path,
+    out: Path,
+    qtype: str = "F32",
+    name: str = "tiny",
+    template: str | None = TEMPLATE,
+    split_max_tensors: int = 0,
 ) -> Path:
-    """A GGUF file of the checkpoint in `hf_dir`, laid out as llama.cpp's convert_hf_to_gguf.py lays it out."""
+    """A GGUF file of the checkpoint in `hf_dir`, laid out as llama.cpp's convert_hf_to_gguf.py lays it out
+    (`split_max_tensors`: in parts of at most that many tensors, named as llama-gguf-split names them)."""
     c = json.loads((hf_dir / "config.json").read_text())
     arch = "qwen2" if c["model_type"] == "qwen2" else "llama"  # llama.cpp writes Mistral as "llama"
     n_heads, n_kv = c["num_attention_heads"], c["num_key_value_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
     rope = c.get("rope_parameters") or {}
-    w = gguf.GGUFWriter(str(out), arch)
+    w = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
@@ -249,6 +256,32 @@ def test_qwen2_yarn_rope_scaling(tmp_path: Path, one_thread: None) -> None:
     f = GGUFFile(tmp_path / "gguf" / "deepseek-like.gguf", gguf.GGUFReader(tmp_path / "gguf" / "deepseek-like.gguf"))
     with pytest.raises(la.CheckpointError, match="YaRN with qwen2.rope.scaling.yarn_log_multiplier = 0.1"):
         _rope_scaling(f, 16)
+
+
+def test_split_model_reads_from_its_first_part(tmp_path: Path, tiny_base: Path, llama_gguf: Path) -> None:
+    """A model in parts (NAME-0000i-of-0000n.gguf) loads from the first: the same weights as the one-file model;
+    another part, a missing part, or a first part renamed so its siblings cannot be found, is told in one line."""
+    (tmp_path / "split").mkdir()
+    write_gguf(tiny_base, tmp_path / "split" / "tiny.gguf", split_max_tensors=12)
+    parts = sorted((tmp_path / "split").glob("*.gguf"))
+    assert len(parts) >= 3 and parts[0].name == f"tiny-00001-of-{len(parts):05d}.gguf"
+    whole, split = la.load_model(llama_gguf, dtype=torch.float32), la.load_model(parts[0], dtype=torch.float32)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert checkpoint_files(parts[0]) == parts
+    with pytest.raises(
+        la.CheckpointError, match=f"part 2 of a split GGUF model; pass its first part .*{parts[0].name}"
+    ):
+        la.load_config(parts[1])
+    renamed = tmp_path / "split" / "first.gguf"
+    parts[0].rename(renamed)
+    with pytest.raises(la.CheckpointError, match="not named NAME-00001-of-"):
+        la.load_config(renamed)
+    (tmp_path / "missing").mkdir()
+    for q in parts[:-1]:
+        shutil.copy(q if q != parts[0] else renamed, tmp_path / "missing" / q.name)
+    with pytest.raises(la.CheckpointError, match=f"{parts[-1].name}: part of the split GGUF model .* not found"):
+        la.load_config(tmp_path / "missing" / parts[0].name)
 
 
 def test_config_tokenizer_and_chat_template(llama_gguf: Path, tiny_base: Path) -> None:

@@ -1,4 +1,4 @@
-"""A frozen base from one GGUF file (llama.cpp's format): config, weights, tokenizer and chat template.
+"""A frozen base from a GGUF file (llama.cpp's format): config, weights, tokenizer and chat template.
 
 Many people keep their local models as GGUF files. One file carries what a checkpoint directory does: the
 architecture numbers as metadata, the weights (often quantized), the tokenizer's vocabulary and merges, the
@@ -16,7 +16,9 @@ What llama.cpp's converter changes, and what we undo:
   it un-permutes for the `llama` architecture only.)
 - Llama-3.1's rope scaling is not metadata but a `rope_freqs` tensor of one divisor per frequency; it becomes
   `rope_scaling = {"rope_type": "freq_factors", "factors": [...]}`, which `model.rope_frequencies` applies
-  exactly as llama.cpp does.
+  exactly as llama.cpp does; YaRN is metadata (`rope.scaling.*`), read as transformers' yarn rope_scaling;
+- a model split into parts (`NAME-00001-of-0000N.gguf`, llama-gguf-split's naming) is read from its first part:
+  the metadata is there, the tensors are in all of them.
 
 The tokenizer is rebuilt from the metadata by `transformers`' GGUF conversion (the same code that serves
 `AutoTokenizer.from_pretrained(dir, gguf_file=...)`), so a GGUF base tokenizes as transformers does.
@@ -26,7 +28,8 @@ The tokenizer is rebuilt from the metadata by `transformers`' GGUF conversion (t
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from llama_adapter.config import ModelConfig
 from llama_adapter.errors import CheckpointError, TemplateError
 from llama_adapter.tokenizer import Tokenizer
 
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's split naming
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")  # general.architecture; Mistral files say "llama"
 _PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes for its rotary layout
 _INSTALL = "pip install 'llama-adapter[gguf]'"
@@ -52,9 +56,23 @@ def is_gguf(path: str | Path) -> bool:
 class GGUFFile:
     """One opened GGUF file: metadata values decoded on demand, tensors by name, dequantized on demand."""
 
-    def __init__(self, path: Path, reader: Any) -> None:
+    def __init__(self, path: Path, reader: Any, parts: Sequence[tuple[Path, Any]] = ()) -> None:
+        """`parts`: the other files of a split model ((path, reader) of parts 2..n; `reader` is the first's, which
+        holds the metadata); their tensors join the first's."""
         self.path, self.reader = path, reader
+        no = int(self.get("split.no", 0) or 0)
+        if no > 0:  # (a later part has no architecture of its own to complain about)
+            count = int(self.get("split.count", 0) or 0)
+            m = SPLIT_NAME.match(path.name)
+            hint = f" ({path.parent / (m['stem'] + f'-00001-of-{count:05d}.gguf')})" if m else ""
+            raise CheckpointError(f"{path}: part {no + 1} of a split GGUF model; pass its first part{hint}")
+        self.files = [path, *(q for q, _ in parts)]
         self.tensors: dict[str, Any] = {t.name: t for t in reader.tensors}
+        for q, r in parts:
+            for t in r.tensors:
+                if t.name in self.tensors:
+                    raise CheckpointError(f"{q}: tensor {t.name} is also in another part of {path.name}'s model")
+                self.tensors[t.name] = t
         arch = self.get("general.architecture")
         if not isinstance(arch, str):
             raise CheckpointError(f"{path}: no general.architecture in the GGUF metadata")
@@ -138,11 +156,36 @@ def _open(path: str, resolved: str, mtime_ns: int, size: int) -> GGUFFile:
         from gguf.quants import dequantize  # noqa: F401 -- gguf >= 0.10 has it; older releases cannot load models
     except ImportError:
         raise CheckpointError(f"{path}: reading a GGUF file needs the gguf package: {_INSTALL}") from None
-    try:
-        reader = GGUFReader(resolved)
-    except (ValueError, OSError, IndexError, KeyError) as e:  # bad magic, unknown version, truncated file
-        raise CheckpointError(f"{path}: not a readable GGUF file ({_one_line(e)})") from None
-    return GGUFFile(Path(path), reader)
+
+    def read(p: str | Path) -> Any:
+        try:
+            return GGUFReader(p)
+        except (ValueError, OSError, IndexError, KeyError) as e:  # bad magic, unknown version, truncated file
+            raise CheckpointError(f"{p}: not a readable GGUF file ({_one_line(e)})") from None
+
+    reader = read(resolved)
+    first = GGUFFile(Path(path), reader)
+    count = int(first.get("split.count", 1) or 1)
+    if count <= 1:
+        return first
+    return GGUFFile(Path(path), reader, [(q, read(q)) for q in _split_parts(first, count)])
+
+
+def _split_parts(first: GGUFFile, count: int) -> list[Path]:
+    """Parts 2..count of a split model (llama-gguf-split, or a converter's --split-max-size), named as llama.cpp
+    names them beside the first part, which must be the one given (it holds the metadata)."""
+    p = first.path
+    m = SPLIT_NAME.match(p.name)
+    if m is None or int(m["count"]) != count:
+        raise CheckpointError(
+            f"{p}: the first of {count} parts of a split GGUF model, but not named NAME-00001-of-{count:05d}.gguf, "
+            "so its other parts cannot be found (merge them: llama-gguf-split --merge FIRST OUT.gguf)"
+        )
+    parts = [p.parent / f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(2, count + 1)]
+    for q in parts:
+        if not q.is_file():
+            raise CheckpointError(f"{q}: part of the split GGUF model {p.name} not found")
+    return parts
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -154,10 +197,9 @@ def gguf_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(
             f"{p}: GGUF architecture {arch!r} is not supported (supported: llama (LLaMA, Mistral), qwen2)"
         )
-    if int(f.get("split.count", 1) or 1) > 1:
-        raise CheckpointError(
-            f"{p}: one part of a split GGUF model; merge the parts first (llama-gguf-split --merge FIRST OUT.gguf)"
-        )
+    expected = f.get("split.tensors.count")
+    if expected is not None and int(expected) != len(f.tensors):
+        raise CheckpointError(f"{p}: its parts hold {len(f.tensors)} tensors, the split model has {int(expected)}")
     if int(f.arch_get("expert_count", 0) or 0) > 0:
         raise CheckpointError(f"{p}: a mixture-of-experts GGUF model; only dense LLaMA-family models are supported")
     if "blk.0.attn_output.bias" in f.tensors:

@@ -376,5 +376,7 @@ def _meta_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path
 def checkpoint_files(path: str | Path) -> list[Path]:
     p = resolve_base(path)
     if is_gguf(p):
-        return [p]
+        from llama_adapter.gguf_loading import open_gguf
+
+        return list(open_gguf(p).files)  # a split model's every part
     return _hf_files(p) if detect_layout(p) == "hf" else _meta_shards(p)

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -463,6 +464,20 @@ def test_finetune_and_generate_with_audio_and_video(
     assert "does not take images" in capsys.readouterr().err
 
 
+def _strong_adapter(model: la.Transformer, name: str, modality: str, enc: Any) -> Any:
+    """A multi-modal adapter `name` on `enc` (alpaca template) whose condition token is strong: open gates and a
+    random projection, so that answers with and without the input differ and a server that dropped it would show."""
+    model.add_adapter(name, la.AdapterConfig(prompt_length=2, layers=2))
+    attach_projection(model, name, {modality: enc})
+    a = model.adapters[name]
+    with torch.no_grad():
+        a.gates.fill_(1.0)
+        for p in a.visual_proj.parameters():
+            p.normal_(0, 1.0)
+    a.meta["template"] = "alpaca"
+    return a
+
+
 def test_server_chat_with_input_audio_part(tiny_base: Path, whisper_dir: Path) -> None:
     """OpenAI `input_audio` content part: the same answer as `generate` with that clip's features."""
     import openai
@@ -473,15 +488,8 @@ def test_server_chat_with_input_audio_part(tiny_base: Path, whisper_dir: Path) -
     from llama_adapter.templates import format_prompt
 
     model = la.load_model(tiny_base, dtype=torch.float32)
-    model.add_adapter("au", la.AdapterConfig(prompt_length=2, layers=2))
     enc = AudioEncoder.load(whisper_dir)
-    attach_projection(model, "au", {"audio": enc})
-    a = model.adapters["au"]
-    with torch.no_grad():
-        a.gates.fill_(1.0)
-        for p in a.visual_proj.parameters():  # a strong audio token: answers must differ
-            p.normal_(0, 1.0)
-    a.meta["template"] = "alpaca"
+    a = _strong_adapter(model, "au", "audio", enc)
     wav = _wav_bytes(tone(440), RATE)
     feats = condition_vector(a, {"audio": enc.encode([load_audio(wav)])})
     prompt = format_prompt("alpaca", "What pitch?")
@@ -516,15 +524,8 @@ def test_server_chat_with_video_url_part(tiny_base: Path, clip_dir: Path, tmp_pa
     from llama_adapter.templates import format_prompt
 
     model = la.load_model(tiny_base, dtype=torch.float32)
-    model.add_adapter("vi", la.AdapterConfig(prompt_length=2, layers=2))
     enc = VideoEncoder(ImageEncoder.load(clip_dir), frames=2)
-    attach_projection(model, "vi", {"video": enc})
-    a = model.adapters["vi"]
-    with torch.no_grad():
-        a.gates.fill_(1.0)
-        for p in a.visual_proj.parameters():  # a strong video token: answers must differ
-            p.normal_(0, 1.0)
-    a.meta["template"] = "alpaca"
+    a = _strong_adapter(model, "vi", "video", enc)
     clip = write_video(tmp_path / "v.mp4", [(255, 0, 0), (0, 0, 255)] * 2).read_bytes()
     feats = condition_vector(a, {"video": enc.encode([load_video(clip, 2)])})
     prompt = format_prompt("alpaca", "What colour?")

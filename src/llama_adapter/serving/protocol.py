@@ -430,16 +430,25 @@ def parse_messages(body: dict[str, Any]) -> tuple[list[Message], list[str]]:
 IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
 
+def _head(b64: str) -> bytes:
+    """The first 12 bytes a base64 payload decodes to (empty where it is not base64): enough to tell a format by."""
+    try:
+        return base64.b64decode(b64[:16], validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _data_url_head(url: str, part: str, kind: str) -> bytes:
+    """The first bytes of a `part` (image_url, video_url) that must be a base64 data URL of a `kind`."""
+    if not url.startswith("data:") or ";base64," not in url:
+        raise bad(f"{part} must be a base64 data URL (data:{kind}/...;base64,...)", param="messages")
+    return _head(url.split(";base64,", 1)[1])
+
+
 def check_data_url(url: str) -> str:
     """`url` if it is a base64 data URL whose first bytes look like an image (PNG, JPEG, GIF, WebP, BMP, TIFF);
     only its head is decoded here: the image itself is decoded later, for a model that takes images."""
-    if not url.startswith("data:") or ";base64," not in url:
-        raise bad("image_url must be a base64 data URL (data:image/...;base64,...)", param="messages")
-    try:
-        head = base64.b64decode(url.split(";base64,", 1)[1][:16], validate=True)
-    except (binascii.Error, ValueError):
-        head = b""
-    if not head.startswith(IMAGE_SIGNATURES):
+    if not _data_url_head(url, "image_url", "image").startswith(IMAGE_SIGNATURES):
         raise bad("image_url is not a readable image (no image header)", param="messages")
     return url
 
@@ -450,11 +459,7 @@ AUDIO_SIGNATURES = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\xff\xf3",
 def check_audio(part: InputAudio) -> str:
     """The clip of an input_audio part as a data URL, if its base64 decodes and its first bytes look like audio
     (WAV, FLAC, OGG, MP3); the samples are decoded later, for a model that takes audio."""
-    try:
-        head = base64.b64decode(part.data[:16], validate=True)
-    except (binascii.Error, ValueError):
-        head = b""
-    if not head.startswith(AUDIO_SIGNATURES):
+    if not _head(part.data).startswith(AUDIO_SIGNATURES):
         raise bad("input_audio data is not base64 audio (no WAV, FLAC, OGG or MP3 header)", param="messages")
     return f"data:audio/{part.format};base64,{part.data}"
 
@@ -467,12 +472,7 @@ VIDEO_SIGNATURES = (b"\x1a\x45\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"OggS", 
 def check_video_url(url: str) -> str:
     """`url` if it is a base64 data URL whose first bytes look like a video container (MP4/MOV, WebM/MKV, AVI,
     MPEG-PS, Ogg, FLV); the frames are decoded later, for a model that takes video."""
-    if not url.startswith("data:") or ";base64," not in url:
-        raise bad("video_url must be a base64 data URL (data:video/...;base64,...)", param="messages")
-    try:
-        head = base64.b64decode(url.split(";base64,", 1)[1][:16], validate=True)
-    except (binascii.Error, ValueError):
-        head = b""
+    head = _data_url_head(url, "video_url", "video")
     if head[4:8] != b"ftyp" and not head.startswith(VIDEO_SIGNATURES):
         raise bad("video_url is not a video (no MP4, WebM, AVI, MPEG, Ogg or FLV header)", param="messages")
     return url

@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_template_args(p, raw_help="no template: a plain User:/Assistant: transcript")
     p.add_argument("--system", default="", help="system message (for instruction templates: before the first one)")
-    add_media_args(p, scope="; conditions every turn, /image FILE changes it")
+    add_media_args(p, scope="; conditions every turn, /image /audio /video FILE change it")
     add_sampling_args(p)
     p.set_defaults(func=run)
 

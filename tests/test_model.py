@@ -151,7 +151,8 @@ def test_yarn_frequencies_and_scale_are_transformers(yarn: dict[str, object]) ->
 
 def test_config_fills_yarn_defaults_as_transformers(tmp_path: Path) -> None:
     """A top-level `rope_scaling` of type yarn without `original_max_position_embeddings` (or `factor`) takes them
-    from `max_position_embeddings`, as transformers does; unsupported kinds fail with the file named."""
+    from `max_position_embeddings`, as transformers does, and the context becomes the original one times the
+    factor; unsupported kinds fail with the file named."""
     import json
 
     c = {
@@ -165,8 +166,10 @@ def test_config_fills_yarn_defaults_as_transformers(tmp_path: Path) -> None:
         "rope_scaling": {"type": "yarn", "factor": 4.0},
     }
     (tmp_path / "config.json").write_text(json.dumps(c))
-    s = la.ModelConfig.from_hf(tmp_path / "config.json").rope_scaling
+    cfg = la.ModelConfig.from_hf(tmp_path / "config.json")
+    s = cfg.rope_scaling
     assert s == {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert cfg.max_seq_len == 131072  # what YaRN is added for: 4 x the original context (as vLLM reads it)
     c["rope_scaling"] = {"type": "yarn", "original_max_position_embeddings": 8192}
     (tmp_path / "config.json").write_text(json.dumps(c))
     assert la.ModelConfig.from_hf(tmp_path / "config.json").rope_scaling["factor"] == 4.0

@@ -107,7 +107,7 @@ class ModelConfig:
                 norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(theta),
                 rope_scaling=scaling,
-                max_seq_len=int(c.get("max_position_embeddings", 4096)),
+                max_seq_len=context_length(int(c.get("max_position_embeddings", 4096)), scaling),
                 qkv_bias=bool(c.get("attention_bias", mtype == "qwen2")),
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                 model_type=mtype,
@@ -189,6 +189,16 @@ class ModelConfig:
             "hidden_act": "silu",
         }
         return d
+
+
+def context_length(max_positions: int, rope_scaling: dict[str, Any] | None) -> int:
+    """The positions a model can take: its `max_position_embeddings`, or, with YaRN, the original context times the
+    factor where that is longer (Qwen2.5 enables 128K by adding YaRN to a config that still says 32K; vLLM reads
+    it the same way)."""
+    if rope_scaling and rope_scaling.get("rope_type") == "yarn":
+        stretched = float(rope_scaling["factor"]) * float(rope_scaling["original_max_position_embeddings"])
+        return max(max_positions, int(stretched))
+    return max_positions
 
 
 def _read_json(path: Path) -> dict[str, Any]:

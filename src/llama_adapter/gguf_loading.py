@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from llama_adapter.chat_template import ChatTemplate
-from llama_adapter.config import ModelConfig
+from llama_adapter.config import ModelConfig, context_length
 from llama_adapter.errors import CheckpointError, TemplateError
 from llama_adapter.tokenizer import Tokenizer
 
@@ -236,6 +236,7 @@ def gguf_config(path: str | Path) -> ModelConfig:
         if value is not None and int(value) not in eos:
             eos.append(int(value))
     bos, pad = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.padding_token_id")
+    scaling = _rope_scaling(f, head_dim)
     try:
         return ModelConfig(
             vocab_size=f.rows("token_embd.weight"),
@@ -247,8 +248,8 @@ def gguf_config(path: str | Path) -> ModelConfig:
             head_dim=head_dim,
             norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
             rope_theta=_f32(f.arch_get("rope.freq_base", 10000.0)),
-            rope_scaling=_rope_scaling(f, head_dim),
-            max_seq_len=int(f.arch_get("context_length", 4096)),
+            rope_scaling=scaling,
+            max_seq_len=context_length(int(f.arch_get("context_length", 4096)), scaling),
             qkv_bias="blk.0.attn_q.bias" in f.tensors,
             tie_embeddings="output.weight" not in f.tensors,
             model_type=model_type,

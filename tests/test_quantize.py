@@ -351,8 +351,8 @@ def test_int4_loading_quantizes_q_k_v_and_gate_up_as_they_arrive(tmp_path: Path)
 
 def test_an_int8_projection_for_the_decode_plan_is_kept_until_its_weight_changes(tiny_base: Path) -> None:
     """A batch's decode plan is made again at every change of membership: an int8 layer hands it the same
-    projection while its torchao tensors are the same and unchanged, and a new one after an in-place change (the
-    plan must never run on stale scales)."""
+    projection while its tensors are the same and unchanged, and a new one after an in-place change or a new tensor
+    (the plan must never run on stale scales or without its bias)."""
     from llama_adapter.backends.cpu import kernels
 
     if kernels.native_with("int8") is None:
@@ -367,3 +367,9 @@ def test_an_int8_projection_for_the_decode_plan_is_kept_until_its_weight_changes
         w.scale.mul_(2)
     again = layer.decode_projection()
     assert again is not None and again is not first and torch.equal(again.b, w.scale.reshape(-1).float())
+    layer.bias = torch.nn.Parameter(torch.ones(layer.out_features), requires_grad=False)  # a new tensor, version 0
+    with_bias = layer.decode_projection()
+    assert with_bias is not None and with_bias is not again and with_bias.bias is not None
+    layer.bias = torch.nn.Parameter(torch.full((layer.out_features,), 2.0), requires_grad=False)  # version 0 again
+    other = layer.decode_projection()
+    assert other is not None and other.bias is not None and torch.equal(other.bias, layer.bias.float())

@@ -56,9 +56,7 @@ def is_gguf(path: str | Path) -> bool:
 class GGUFFile:
     """One opened GGUF file: metadata values decoded on demand, tensors by name, dequantized on demand."""
 
-    def __init__(self, path: Path, reader: Any, parts: Sequence[tuple[Path, Any]] = ()) -> None:
-        """`parts`: the other files of a split model ((path, reader) of parts 2..n; `reader` is the first's, which
-        holds the metadata); their tensors join the first's."""
+    def __init__(self, path: Path, reader: Any) -> None:
         self.path, self.reader = path, reader
         no = int(self.get("split.no", 0) or 0)
         if no > 0:  # (a later part has no architecture of its own to complain about)
@@ -66,13 +64,8 @@ class GGUFFile:
             m = SPLIT_NAME.match(path.name)
             hint = f" ({path.parent / (m['stem'] + f'-00001-of-{count:05d}.gguf')})" if m else ""
             raise CheckpointError(f"{path}: part {no + 1} of a split GGUF model; pass its first part{hint}")
-        self.files = [path, *(q for q, _ in parts)]
+        self.files = [path]
         self.tensors: dict[str, Any] = {t.name: t for t in reader.tensors}
-        for q, r in parts:
-            for t in r.tensors:
-                if t.name in self.tensors:
-                    raise CheckpointError(f"{q}: tensor {t.name} is also in another part of {path.name}'s model")
-                self.tensors[t.name] = t
         arch = self.get("general.architecture")
         if not isinstance(arch, str):
             raise CheckpointError(f"{path}: no general.architecture in the GGUF metadata")
@@ -131,6 +124,16 @@ class GGUFFile:
         shape = tuple(reversed([int(d) for d in t.shape]))
         return torch.from_numpy(np.require(values, dtype=np.float32, requirements=["C", "W"]).reshape(shape))
 
+    def join(self, parts: Sequence[tuple[Path, Any]]) -> None:
+        """Add the tensors of a split model's other parts ((path, reader) of parts 2..n; this file, the first,
+        holds the metadata)."""
+        for q, r in parts:
+            for t in r.tensors:
+                if t.name in self.tensors:
+                    raise CheckpointError(f"{q}: tensor {t.name} is also in another part of {self.path.name}'s model")
+                self.tensors[t.name] = t
+            self.files.append(q)
+
     def _tensor(self, name: str) -> Any:
         t = self.tensors.get(name)
         if t is None:
@@ -163,12 +166,11 @@ def _open(path: str, resolved: str, mtime_ns: int, size: int) -> GGUFFile:
         except (ValueError, OSError, IndexError, KeyError) as e:  # bad magic, unknown version, truncated file
             raise CheckpointError(f"{p}: not a readable GGUF file ({_one_line(e)})") from None
 
-    reader = read(resolved)
-    first = GGUFFile(Path(path), reader)
-    count = int(first.get("split.count", 1) or 1)
-    if count <= 1:
-        return first
-    return GGUFFile(Path(path), reader, [(q, read(q)) for q in _split_parts(first, count)])
+    f = GGUFFile(Path(path), read(resolved))
+    count = int(f.get("split.count", 1) or 1)
+    if count > 1:
+        f.join([(q, read(q)) for q in _split_parts(f, count)])
+    return f
 
 
 def _split_parts(first: GGUFFile, count: int) -> list[Path]:

@@ -22,7 +22,14 @@ from llama_adapter.backends import install as install_backend
 from llama_adapter.chat_template import ChatTemplate
 from llama_adapter.config import DTYPES, ModelConfig
 from llama_adapter.errors import CheckpointError
-from llama_adapter.gguf_loading import gguf_chat_template, gguf_config, gguf_tokenizer, gguf_weights, is_gguf
+from llama_adapter.gguf_loading import (
+    gguf_chat_template,
+    gguf_config,
+    gguf_tokenizer,
+    gguf_weights,
+    is_gguf,
+    open_gguf,
+)
 from llama_adapter.model import Transformer
 from llama_adapter.tokenizer import Tokenizer, find_tokenizer
 
@@ -376,7 +383,5 @@ def _meta_weights(p: Path, cfg: ModelConfig) -> Iterator[tuple[str, Tensor, Path
 def checkpoint_files(path: str | Path) -> list[Path]:
     p = resolve_base(path)
     if is_gguf(p):
-        from llama_adapter.gguf_loading import open_gguf
-
         return list(open_gguf(p).files)  # a split model's every part
     return _hf_files(p) if detect_layout(p) == "hf" else _meta_shards(p)

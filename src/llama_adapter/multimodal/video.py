@@ -63,30 +63,30 @@ def _decode(data: bytes, name: str, keep: set[int] | None) -> tuple[int, dict[in
     return count, frames
 
 
-def frame_count(data: bytes) -> int:
-    """The frame count a video's header claims (0 when it does not say)."""
-    import av
-
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            return int(container.streams.video[0].frames) if container.streams.video else 0
-    except (av.FFmpegError, OSError, ValueError):
-        return 0
-
-
-def frame_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of a video's frames as its header gives them ((0, 0) when it does not say or cannot be
-    read): what a server checks before it decodes a clip a client sent."""
+def _stream_header(data: bytes) -> tuple[int, int, int]:
+    """(frame count, width, height) of a video's first video stream as its header gives them (0 where it does
+    not say, all 0 where there is no video stream or the container cannot be read)."""
     import av
 
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
-                return 0, 0
-            ctx = container.streams.video[0].codec_context
-            return int(ctx.width or 0), int(ctx.height or 0)
+                return 0, 0, 0
+            stream = container.streams.video[0]
+            return int(stream.frames or 0), int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
     except (av.FFmpegError, OSError, ValueError):
-        return 0, 0
+        return 0, 0, 0
+
+
+def frame_count(data: bytes) -> int:
+    """The frame count a video's header claims (0 when it does not say)."""
+    return _stream_header(data)[0]
+
+
+def frame_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a video's frames as its header gives them ((0, 0) when it does not say or cannot be
+    read): what a server checks before it decodes a clip a client sent."""
+    return _stream_header(data)[1:]
 
 
 def load_video(src: str | os.PathLike[str] | bytes, n: int = DEFAULT_FRAMES) -> list[Image.Image]:

@@ -80,7 +80,7 @@ def test_norm_residual_and_swiglu_kernels_match_the_model_ops(ext) -> None:  # t
             assert torch.equal(ext.silu_mul(g), F.silu(gate) * up), (rows, width)
 
 
-@pytest.mark.parametrize("n_heads,n_kv,d", [(4, 4, 16), (6, 2, 16), (6, 2, 64)])
+@pytest.mark.parametrize("n_heads,n_kv,d", [(4, 4, 16), (6, 2, 16), (6, 2, 64), (4, 2, 8)])
 def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n_heads, n_kv, d) -> None:  # type: ignore[no-untyped-def]
     """Rows at different positions; row 0 uses a 5-prompt adapter, row 1 a 3-prompt one (masked), row 2 none. The
     rotation is apply_rope's bit for bit, whole vectors at a time where the halves of a head are (d = 64)."""
@@ -100,6 +100,12 @@ def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n
 
     kc2, vc2 = kc.clone(), vc.clone()
     y = ext.attention(qkv, cos, sin, kc2, vc2, pos, n_heads, pk, pv, gate, pmask)
+    # a bf16 cache (a bf16 model's) holding the same values: the same writes and the same result, bit for bit
+    kb, vb = kc.bfloat16(), vc.bfloat16()
+    kf, vf = kb.float(), vb.float()
+    yb = ext.attention(qkv, cos, sin, kb, vb, pos, n_heads, pk, pv, gate, pmask)
+    yf = ext.attention(qkv, cos, sin, kf, vf, pos, n_heads, pk, pv, gate, pmask)
+    assert torch.equal(yb, yf) and torch.equal(kb.float(), kf) and torch.equal(vb.float(), vf)
 
     q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], -1)
     q = apply_rope(q.view(B, n_heads, 1, d), cos[:, None, None], sin[:, None, None])
@@ -202,6 +208,54 @@ def test_decode_step_computes_the_forwards_logits(ext, tiny_base, tmp_path, fami
     assert (eager - base_eager).abs().max() > 0.1 * eager.abs().max()  # the adapters' prompts took part
     _, fresh = _step_both_ways(m, ["fresh", "fresh", "fresh"])
     assert torch.equal(fresh, base_fused)  # zero-init: a fresh adapter computes exactly what the base computes
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_bf16_models_cache_is_bf16_and_decodes_as_fp32s_bit_for_bit(ext, tiny_base, quantize, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A bf16 model's keys and values are bf16 values (the projections' outputs, RoPE's rounded results), so the CPU
+    decoder keeps them in a bf16 cache, half the memory of fp32 and half a long context's reading at every step, and
+    the kernels widen them exactly: a long prefill (training's fused kernel), a continuation over the cache
+    (masked), the C++ plan's steps and the Python loop's, an eager one-token forward and a short prefill (the
+    decode kernel) give the logits of an fp32 cache bit for bit, and fill the cache with the same values."""
+    m = _bf16_model(tiny_base, quantize=quantize)
+    backend = backend_of(m)
+    assert backend.kv_cache_dtype == torch.bfloat16 and backend.prompt_kv_dtype == torch.float32
+    assert BatchDecoder(m, 2, 32).cache.k[0].dtype == torch.bfloat16
+    B, T = 3, 70
+    ids = torch.randint(3, m.config.vocab_size, (B, T + 5), generator=torch.Generator().manual_seed(2))
+    pkv = _fp32_prompts(m, ["a", "b", None])
+
+    def run(dtype: torch.dtype, plan: bool) -> tuple[torch.Tensor, la.model.KVCache]:
+        cache, logits = m.new_cache(B, 96, dtype=dtype), []
+        at = lambda t0, t1: torch.arange(t0, t1)[None].expand(B, t1 - t0)  # noqa: E731
+        prompts = cpu_decode.FusedPrompts(pkv)
+        with torch.no_grad():
+            logits.append(m(ids[:, :66], input_pos=at(0, 66), cache=cache, prompt_kv=pkv)[:, -1])
+            logits.append(m(ids[:, 66:T], input_pos=at(66, T), cache=cache, prompt_kv=pkv)[:, -1])
+            for t in range(T, T + 4):
+                pos = torch.full((B,), t)
+                head = backend.head_projection
+                step = cpu_decode.decode_step(m, ids[:, t], pos, cache, prompts, head_projection=head)
+                assert (prompts.plan is not None and prompts.plan[1] is not None) == plan
+                logits.append(step[0])
+            logits.append(m(ids[:, T + 4 :], input_pos=at(T + 4, T + 5), cache=cache, prompt_kv=pkv)[:, -1])
+            short = m.new_cache(B, 16, dtype=dtype)
+            logits.append(m(ids[:, :9], input_pos=at(0, 9), cache=short, prompt_kv=pkv)[:, -1])
+        return torch.stack([x.float() for x in logits]), cache
+
+    took: list[bool] = []  # the prefills over the cache took the C++ kernels (the two from position 0, per layer)
+    real = kernels.prefill_attention
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *a: took.append(real(*a) is not None) or real(*a))
+    for plan in (True, False):
+        if not plan:
+            monkeypatch.setattr(cpu_decode, "_plan", lambda *a, **k: None)  # the Python loop over the same kernels
+        want, fp32 = run(torch.float32, plan)
+        got, bf16 = run(torch.bfloat16, plan)
+        assert torch.equal(got, want), plan
+        assert took == [True] * 4 * m.config.n_layers
+        took.clear()
+        for a, b in zip(bf16.k + bf16.v, fp32.k + fp32.v, strict=True):
+            assert a.dtype == torch.bfloat16 and torch.equal(a.float(), b)
 
 
 def test_decoder_takes_the_fused_path_and_rows_stay_independent(ext, tiny_base, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -333,7 +387,12 @@ def test_prefill_attention_is_causal_attention_in_fp32(ext, B, H, n_kv, T) -> No
     assert (out.double() - ref.double()).abs().max() < (ref.double() - ref.bfloat16().double()).abs().max() + 0.02
     with torch.enable_grad():
         assert kernels.prefill_attention(q, k, v) is None  # training keeps its differentiable path
-    assert kernels.prefill_attention(q, k.bfloat16(), v.bfloat16()) is None  # only against a decoder's fp32 cache
+    with torch.no_grad():  # a bf16 cache (a bf16 model's): the same values widened, the same result bit for bit
+        kb, vb = k.bfloat16(), v.bfloat16()
+        from_bf16 = kernels.prefill_attention(q, kb, vb)
+        from_fp32 = kernels.prefill_attention(q, kb.float(), vb.float())
+        assert from_bf16 is not None and from_fp32 is not None and torch.equal(from_bf16, from_fp32)
+        assert kernels.prefill_attention(q, kb, vb.float()) is None  # keys and values of one dtype
 
 
 @pytest.mark.parametrize(("B", "H", "n_kv", "T"), [(1, 9, 3, 64), (2, 4, 4, 100)])
@@ -446,11 +505,13 @@ def test_decoders_prefill_matches_the_forward_without_a_cache(ext, tiny_base) ->
         assert (more - whole).abs().max() <= 0.03 * whole.abs().max()
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cache_write_is_atens_index_put_bit_for_bit(ext, dtype: torch.dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """`CpuAttention.store` writes a forward's keys/values into the fp32 cache with one C++ call: the same cache, and
-    the same prefixes from `Attention.cached`, as the stock `Attention.store` (two casts and index_put_), rows at
-    different positions, keys given as a strided view; a position past the cache is an error, as for index_put_."""
+def test_cache_write_is_atens_index_put_bit_for_bit(ext, dtype, cache_dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`CpuAttention.store` writes a forward's keys/values into the cache (fp32, or a bf16 model's bf16) with one C++
+    call: the same cache, and the same prefixes from `Attention.cached`, as the stock `Attention.store` (two casts
+    and index_put_: fp32 keys into a bf16 cache rounded as ATen rounds them), rows at different positions, keys
+    given as a strided view; a position past the cache is an error, as for index_put_."""
     cfg = la.ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=64, max_seq_len=16)
     stock, fast = Attention(cfg), Attention(cfg)
     backend_cls = CpuBackend.SWAPS[Attention]
@@ -461,7 +522,10 @@ def test_cache_write_is_atens_index_put_bit_for_bit(ext, dtype: torch.dtype, mon
     v = torch.randn(B, 2, T, d, generator=g).to(dtype)
     rows = torch.tensor([[2], [0]]).expand(B, T)
     pos = torch.tensor([[4, 5, 6], [0, 1, 2]])
-    caches = [(torch.randn(3, 2, 10, d, generator=g), torch.randn(3, 2, 10, d, generator=g)) for _ in range(2)]
+    caches = [
+        (torch.randn(3, 2, 10, d, generator=g).to(cache_dtype), torch.randn(3, 2, 10, d, generator=g).to(cache_dtype))
+        for _ in range(2)
+    ]
     caches[1] = (caches[0][0].clone(), caches[0][1].clone())
     took = []
     monkeypatch.setattr(kernels, "cache_write", lambda *a, _fn=kernels.cache_write: took.append(_fn(*a)) or took[-1])
@@ -471,7 +535,7 @@ def test_cache_write_is_atens_index_put_bit_for_bit(ext, dtype: torch.dtype, mon
     assert took == [True]
     for a, b in zip(caches[0] + want, caches[1] + got, strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(caches[1][0][2, :, 4:7], k[0].float())  # written where each row's positions say
+    assert torch.equal(caches[1][0][2, :, 4:7], k[0].to(cache_dtype))  # written where each row's positions say
     with pytest.raises(RuntimeError, match="beyond the cache"):
         ext.cache_write(*caches[1], k, v, rows, pos + 5)
 

@@ -6,6 +6,7 @@ import copy
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 import llama_adapter as la
 from llama_adapter.backends import backend_of
+from llama_adapter.backends.cpu import CpuBackend
 from llama_adapter.backends.cpu import kernels as kernels
+from llama_adapter.backends.reference import TorchBackend
 from llama_adapter.zero_init_attention import PromptKV
 
 pytestmark = pytest.mark.cpu_only  # the CPU backend's own kernels: nothing to test on another device
@@ -330,6 +333,48 @@ def test_bf16_training_loss_takes_the_fused_softmax_and_agrees_with_aten(monkeyp
         out += [loss.detach(), torch.autograd.grad(loss, h)[0].float()]
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_training_loss_keeps_one_logits_buffer_whose_contents_never_matter(dtype: torch.dtype) -> None:
+    """On the CPU backend the training loss writes every step's logits into the same memory (a fresh buffer of
+    48 MiB per step sometimes found no free block and was page-faulted in while the head's product wrote it): the
+    buffer grows where a step needs more rows and is otherwise the same tensor, and whatever it held before (NaN
+    here) leaves the loss and the gradients exactly as a new buffer per call gives them."""
+    cfg = la.ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+    model = _cpu_model(cfg, dtype, adapted=2)
+    with torch.no_grad():
+        model.adapters["a"].gates.fill_(0.5)
+    backend = model.backend
+    assert isinstance(backend, CpuBackend)
+    fresh = TorchBackend.loss_logits_buffer.__get__(backend)  # the reference's: a new tensor per call
+
+    def step(rows: int, buffer: Any) -> list[torch.Tensor]:
+        from llama_adapter.training import loss as loss_module
+
+        ids = torch.randint(0, cfg.vocab_size, (1, rows + 1), generator=torch.Generator().manual_seed(rows))
+        model.zero_grad(set_to_none=True)
+        kept = backend.loss_logits_buffer
+        backend.loss_logits_buffer = buffer  # type: ignore[method-assign]
+        try:
+            loss, _ = loss_module.batch_loss(model, "a", {"input_ids": ids, "labels": ids}, chunk=16)
+        finally:
+            backend.loss_logits_buffer = kept  # type: ignore[method-assign]
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in model.trainable_parameters("a"))]
+
+    seen = []
+    for rows in (9, 40, 12, 40):  # chunks of 9 rows, then 16 (grown), then the same memory
+        got = step(rows, backend.loss_logits_buffer)
+        buf = backend._loss_logits
+        assert buf is not None and buf.dtype == dtype
+        seen.append((buf.data_ptr(), buf.numel()))
+        buf.fill_(float("nan"))  # what the last step left there must not reach the next one
+        want = step(rows, fresh)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    assert seen[0][1] == 9 * cfg.vocab_size and seen[1][1] == 16 * cfg.vocab_size
+    assert seen[1] == seen[2] == seen[3]
 
 
 @pytest.mark.skipif(not kernels._onednn_bf16(), reason="needs oneDNN's bf16 linear")

@@ -6,12 +6,13 @@ by the decoder), from the device the model's weights are on:
 
 - `reference.TorchBackend` (GPUs and anything else): the stock modules; PyTorch's fused SDPA kernels do the work.
 - `backends.cpu.CpuBackend`: swaps in subclasses of `RMSNorm`, `ZeroInitAttention` and `nn.Linear` that compute
-  the same values with fewer, larger kernels on a CPU (training and decoding), keeps the decoding KV cache in
-  fp32, lays frozen bf16 weights out for decoding, and offers a fused C++ decode step.
+  the same values with fewer, larger kernels on a CPU (training and decoding), keeps a bf16 model's decoding KV
+  cache in bf16 (its kernels attend in fp32; other models' in fp32), lays frozen bf16 weights out for decoding,
+  and offers a fused C++ decode step.
 
-What a backend offers the decoder (`inference.decoder.BatchDecoder`): `kv_cache_dtype`, `prepare_decoding()`,
-`logits(hidden)`, `greedy(logits)`, and optionally a fused step (`fused_prompts(pkv)` -> a handle or None,
-`decode_step(...)`).
+What a backend offers the decoder (`inference.decoder.BatchDecoder`): `kv_cache_dtype`, `prompt_kv_dtype`,
+`prepare_decoding()`, `logits(hidden)`, `greedy(logits)`, and optionally a fused step (`fused_prompts(pkv)` -> a
+handle or None, `decode_step(...)`).
 Install a backend after moving the model to its device: the CPU one computes the same values on any device, but
 only pays off on a CPU.
 """

@@ -33,7 +33,13 @@ class TorchBackend:
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:
+        """The decoder's KV cache dtype (the reference: the model's)."""
         return self.model.tok_embeddings.weight.dtype
+
+    @property
+    def prompt_kv_dtype(self) -> torch.dtype:
+        """The dtype the decoder holds adapters' prompt keys/values in (the reference: the cache's)."""
+        return self.kv_cache_dtype
 
     def prepare_decoding(self) -> None:
         """Lay weights out for decoding, once per decoder (the reference keeps them as they are)."""
@@ -54,6 +60,11 @@ class TorchBackend:
         overwritten by softmax - onehot; None (logits untouched) where the backend has none and the loss takes
         PyTorch's ops (`training.loss`)."""
         return None
+
+    def loss_logits_buffer(self, rows: int, vocab: int, like: Tensor) -> Tensor:
+        """An uninitialised [rows, vocab] tensor of `like`'s dtype and device for the training loss's chunks of
+        logits (`training.loss`), which the loss is done with when it returns (the reference: a new one each call)."""
+        return like.new_empty(rows, vocab)
 
     def logits_grad_product(self, dlogits: Tensor, weight: Tensor, out: Tensor) -> bool:
         """out = dlogits @ weight, the training loss's gradient of the hidden rows from that of their logits

@@ -150,6 +150,7 @@ class BatchDecoder:
         self.eos = eos
         self.device = model.tok_embeddings.weight.device
         self.kv_dtype = self.backend.kv_cache_dtype
+        self.prompt_dtype = self.backend.prompt_kv_dtype
         self.cache: KVCache = model.new_cache(max_batch, self.max_len, dtype=self.kv_dtype)
         self.seqs: list[DecodeRequest] = []
         self._last = torch.zeros(0, 1, dtype=torch.long, device=self.device)
@@ -176,12 +177,12 @@ class BatchDecoder:
         )
 
     def prompt_kv_for(self, seq: DecodeRequest) -> PKV | None:
-        """The request's prompt K/V in the cache dtype: cached per adapter, or projected with its image."""
+        """The request's prompt K/V in the backend's dtype for them: cached per adapter, or projected with its image."""
         if seq.adapter is None:
             return None
         if seq.image_features is not None:
-            return to_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)), self.kv_dtype)
-        return self.prompt_cache.get(self.model, seq.adapter, self.kv_dtype)
+            return to_dtype(self.model.prompt_kv(seq.adapter, 1, seq.image_features.to(self.device)), self.prompt_dtype)
+        return self.prompt_cache.get(self.model, seq.adapter, self.prompt_dtype)
 
     def forget_adapter(self, name: str) -> None:
         """Drop cached prompt K/V of an adapter; live requests keep theirs."""

@@ -49,14 +49,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         fused: FusedSoftmax | None,
         product: GradProduct | None,
+        buffer: LogitsBuffer | None,
     ) -> Tensor:
         n_rows, vocab = h.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         # two buffers for the whole call, reused by every chunk: fresh [chunk, vocab] tensors per chunk cost
-        # more in page faults (CPU) or allocator churn than the softmax itself
+        # more in page faults (CPU) or allocator churn than the softmax itself (a backend may keep the logits'
+        # one from call to call: `buffer`)
         c = min(chunk, n_rows)
-        logits_buf = h.new_empty(c, vocab)
+        logits_buf = buffer(c, vocab, h) if buffer is not None else h.new_empty(c, vocab)
         probs_buf = logits_buf if h.dtype == torch.float32 else None  # an fp32 buffer, made when first needed
         wt = weight.t()
         for s in range(0, n_rows, chunk):
@@ -88,15 +90,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None, None
+        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None, None, None
 
 
 # (logits [n, vocab], target [n]) -> each row's CE, logits overwritten by softmax - onehot; or None: not applicable
 FusedSoftmax = Callable[[Tensor, Tensor], Tensor | None]
 # (dlogits [n, vocab], W [vocab, dim], out [n, dim]) -> True where out = dlogits @ W was written; False: not applicable
 GradProduct = Callable[[Tensor, Tensor, Tensor], bool]
+# (rows, vocab, h) -> an uninitialised [rows, vocab] tensor of h's dtype and device for the chunks' logits, which the
+# loss overwrites and no longer needs when it returns (a backend's may be the same memory at every call)
+LogitsBuffer = Callable[[int, int, Tensor], Tensor]
 
 
 LOSS_CHUNK = 256  # rows of logits at a time where no backend says otherwise
@@ -109,13 +114,15 @@ def linear_cross_entropy(
     chunk: int = LOSS_CHUNK,
     fused: FusedSoftmax | None = None,
     product: GradProduct | None = None,
+    buffer: LogitsBuffer | None = None,
 ) -> Tensor:
     """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result. `fused`: a backend's
     one-step softmax (`TorchBackend.cross_entropy_grad_`), tried on each chunk of logits; `product`: a backend's
-    gradient product (`TorchBackend.logits_grad_product`), tried on each piece of GRAD_ROWS rows."""
+    gradient product (`TorchBackend.logits_grad_product`), tried on each piece of GRAD_ROWS rows; `buffer`: a
+    backend's logits buffer (`TorchBackend.loss_logits_buffer`)."""
     if weight.requires_grad:  # a trainable head: plain autograd
         return F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
-    return _LinearCrossEntropy.apply(h, weight, target, chunk, fused, product)
+    return _LinearCrossEntropy.apply(h, weight, target, chunk, fused, product, buffer)
 
 
 def output_weight(model: Transformer) -> Tensor:
@@ -143,6 +150,8 @@ def batch_loss(
     backend = model.backend
     fused = backend.cross_entropy_grad_ if backend is not None else None
     product = backend.logits_grad_product if backend is not None else None
+    buffer = backend.loss_logits_buffer if backend is not None else None
     if chunk is None:
         chunk = backend.loss_chunk if backend is not None else LOSS_CHUNK
-    return linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk, fused, product), int(mask.sum())
+    loss = linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk, fused, product, buffer)
+    return loss, int(mask.sum())

@@ -4,7 +4,7 @@ Each subclass computes what its parent computes (tests compare values and gradie
 - `CpuRMSNorm`: in bf16 one C++ pass a row (the decode plan's: the sum of squares in 16 lanes), with the residual
   sum before it in the same pass (`kernels.add_rms_norm`); a hand-written backward while training;
 - `CpuAttention`: RoPE and the head split of bf16 training, one C++ pass each way (`kernels.rope_qkv`); a forward's
-  keys/values into the fp32 cache in one call (`kernels.cache_write`);
+  keys/values into the cache (bf16 for a bf16 model, else fp32) in one call (`kernels.cache_write`);
 - `CpuFeedForward`: the SwiGLU in bf16 training, forward and backward one C++ pass each (`kernels.swiglu`);
 - `CpuZeroInitAttention`: batched causal and few-keys attention while training (in bf16: eq. 8 whole as one
   autograd function, the causal softmax and the gated prompt attention plus the sum as C++ passes,
@@ -64,6 +64,15 @@ class CpuFeedForward(FeedForward):
         return super().forward(x)
 
 
+# marks the keys/values a forward attends over from its cache (`CpuAttention.cached`): the prefill kernels take
+# those, while a forward without a cache (the same bf16 keys in a bf16 model) keeps the stock attention unchanged
+_FROM_CACHE = "_llama_adapter_from_cache"
+
+
+def _from_cache(t: Tensor) -> bool:
+    return bool(getattr(t, _FROM_CACHE, False))
+
+
 class CpuAttention(Attention):
     def heads(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if qkv.device.type == "cpu" and not torch.compiler.is_compiling():  # apply_rope's values bit for bit, as above
@@ -75,6 +84,12 @@ class CpuAttention(Attention):
     def store(self, kc: Tensor, vc: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor) -> None:
         if not kernels.cache_write(kc, vc, k, v, rows, pos):  # both writes and casts in one C++ call
             super().store(kc, vc, k, v, rows, pos)
+
+    def cached(self, cache: Any, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        kc, vc = super().cached(cache, k, v)
+        setattr(kc, _FROM_CACHE, True)
+        setattr(vc, _FROM_CACHE, True)
+        return kc, vc
 
 
 class CpuZeroInitAttention(ZeroInitAttention):
@@ -101,10 +116,11 @@ class CpuZeroInitAttention(ZeroInitAttention):
         if mask is None and q.shape[2] > 1:
             if kernels.use_cpu_training_kernels(q):
                 return kernels.causal_attention(q, k, v)
-            y = kernels.prefill_attention(q, k, v)  # a prefill (no gradients), where the C++ kernel applies
+            # a decoder's prefill (no gradients, over its cache), where the C++ kernel applies
+            y = kernels.prefill_attention(q, k, v) if _from_cache(k) else None
             if y is not None:
                 return y
-        return super().token_attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # (an fp32 cache feeding a prefill)
+        return super().token_attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # (a cache of another dtype)
 
     def few_keys_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         if kernels.use_cpu_training_kernels(q):
@@ -175,6 +191,7 @@ class CpuBackend(TorchBackend):
         self.head_gradient_packs_made = 0
         self._greedy: tuple[Tensor, Tensor] | None = None  # the last fused step's (logits, their argmax)
         self._advanced: Tensor | None = None  # the last fused step's logits, where it advanced tokens and pos
+        self._loss_logits: Tensor | None = None  # the training loss's logits buffer, kept from step to step
 
     SWAPS: dict[type[nn.Module], type[nn.Module]] = {
         RMSNorm: CpuRMSNorm,
@@ -216,6 +233,7 @@ class CpuBackend(TorchBackend):
                 m.__class__ = old
         self.packed_head = None
         self.head_gradient_pack = None
+        self._loss_logits = None
 
     def _base_modules(self) -> list[nn.Module]:
         """Every module of the frozen base (not the adapters: their visual projections keep stock Linears)."""
@@ -225,7 +243,17 @@ class CpuBackend(TorchBackend):
 
     @property
     def kv_cache_dtype(self) -> torch.dtype:
-        # small bf16 batched matmuls are slow on CPUs (kernels.decode_attention): keys/values are kept in fp32
+        """bf16 for a bf16 model where the C++ kernels are built: its keys and values are bf16 values, which the
+        kernels' fp32 attention widens exactly, so the cache takes half the memory, and a long context's step half
+        the reading, of an fp32 one, for the same results. fp32 otherwise (the eager attention works in fp32:
+        small bf16 batched matmuls are slow on CPUs, `kernels.decode_attention`)."""
+        bf16 = self.model.tok_embeddings.weight.dtype == torch.bfloat16
+        return torch.bfloat16 if bf16 and kernels.native() is not None else torch.float32
+
+    @property
+    def prompt_kv_dtype(self) -> torch.dtype:
+        # fp32: a prefill's gated prompt attention (the model's own ops) then runs in fp32, as the decode steps'
+        # (the prompts' K/V are a few rows a layer)
         return torch.float32
 
     def prepare_training(self) -> None:
@@ -301,6 +329,16 @@ class CpuBackend(TorchBackend):
 
     def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
         return kernels.cross_entropy_grad_(logits, target)  # one C++ pass per row for bf16 logits
+
+    def loss_logits_buffer(self, rows: int, vocab: int, like: Tensor) -> Tensor:
+        """The same memory at every call (grown where a call needs more): a step's 48 MiB of logits (512 x 49152
+        bf16) allocated afresh each step now and then met no free block of that size in the heap, which then grew,
+        and every page of the new block was faulted in while the head's product wrote it; on the 2-core VM of
+        docs/parts/finetune.md 23 huge-page faults added ~0.2 s to such a step (~1.8 s) in its first ten."""
+        buf, n = self._loss_logits, rows * vocab
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._loss_logits = like.new_empty(n)
+        return buf[:n].view(rows, vocab)
 
     def logits_grad_product(self, dlogits: Tensor, weight: Tensor, out: Tensor) -> bool:
         if dlogits.dtype != weight.dtype:

@@ -115,7 +115,7 @@ def decode_step(
     advance: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits [B, vocab] for one new token per row: tokens [B], pos [B] (each row's position), cache rows 0..B-1
-    (fp32), and their argmax [B] where the C++ plan computed it (else None). `head` computes the logits from the
+    (bf16 or fp32), and their argmax [B] where the C++ plan computed it (else None). `head` computes the logits from the
     final hidden states (default: the model's output projection); `head_projection`, where it gives one, is the same
     head for the C++ plan, which then takes the whole step. With `advance` (tokens and pos contiguous), where the
     plan computed the argmax it also wrote it into `tokens` and added 1 to `pos`, in place (a greedy batch's next

@@ -758,19 +758,23 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 FUSED_PREFILL_MIN_TOKENS = 64
 
 
+# the CPU kernels' KV cache element types (a bf16 model's cache is bf16: `CpuBackend.kv_cache_dtype`)
+KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-    """Causal attention of a decoder's bf16 prefill (q [B, H, T, d]) against its fp32 cache (k/v [B, n_kv, T, d],
-    this forward's own bf16 keys and values widened) by C++ kernels; None where it does not apply (gradients, no
-    kernels, not bf16 queries with fp32 keys, d % 16), and the caller takes SDPA (a forward without a cache is
-    unchanged). Short prompts: the decode step's kernel, fp32 arithmetic as the steps that follow; from
-    FUSED_PREFILL_MIN_TOKENS on, training's fused kernel on the keys and values as bf16 again (exactly: they were
-    bf16 before the cache widened them): fp32 sums of bf16 products, the probabilities rounded to bf16 for their
-    product with the values, as training's forward and SDPA in bf16 do."""
+    """Causal attention of a decoder's bf16 prefill (q [B, H, T, d]) against its cache (k/v [B, n_kv, T, d], this
+    forward's own bf16 keys and values, as they are in a bf16 cache or widened in an fp32 one) by C++ kernels; None
+    where it does not apply (gradients, no kernels, not bf16 queries with fp32 or bf16 keys, d % 16), and the
+    caller takes SDPA (a forward without a cache is unchanged). Short prompts: the decode step's kernel, fp32
+    arithmetic as the steps that follow; from FUSED_PREFILL_MIN_TOKENS on, training's fused kernel on the keys and
+    values as bf16 (exactly: they were bf16 before an fp32 cache widened them): fp32 sums of bf16 products, the
+    probabilities rounded to bf16 for their product with the values, as training's forward and SDPA in bf16 do."""
     d = q.shape[-1]
     if torch.is_grad_enabled() or q.dtype != torch.bfloat16 or d % 16 != 0 or d > 256 or q.device.type != "cpu":
         return None
     ext = native()
-    if k.dtype != torch.float32 or v.dtype != torch.float32 or ext is None or not hasattr(ext, "prefill_attention"):
+    if k.dtype not in KV_CACHE_DTYPES or v.dtype != k.dtype or ext is None or not hasattr(ext, "prefill_attention"):
         return None
     B, H, T, _ = q.shape
     engine = _fused_attention(T, d)
@@ -784,12 +788,13 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
 
 
 def cache_write(kc: Tensor, vc: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor) -> bool:
-    """`Attention.store`'s two writes into an fp32 CPU cache (kc/vc[rows, :, pos] = k/v, widened) by one C++ call;
-    False where it does not apply (gradients, other dtypes, no kernels), and the caller takes ATen's index_put_."""
+    """`Attention.store`'s two writes into an fp32 or bf16 CPU cache (kc/vc[rows, :, pos] = k/v, in the cache's
+    dtype) by one C++ call; False where it does not apply (gradients, other dtypes, no kernels), and the caller takes
+    ATen's index_put_."""
     if (
         torch.is_grad_enabled()
-        or kc.dtype != torch.float32
-        or vc.dtype != torch.float32
+        or kc.dtype not in KV_CACHE_DTYPES
+        or vc.dtype != kc.dtype
         or k.dtype not in (torch.bfloat16, torch.float32)
         or v.dtype != k.dtype
         or kc.device.type != "cpu"
@@ -908,14 +913,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prompts: Pro
     """One new token per row: attention over its cached keys plus the gated prompt attention of zero-init
     adapters (equation 8), in one pass. q [B, H, 1, d]; k/v [B, n_kv, L, d]; mask [B, 1, 1, L].
 
-    Computed in the cache's dtype: the decoder keeps a CPU cache in fp32 because oneDNN's bf16 batched matmul
-    costs ~200 us per call at these sizes (a new kernel for every cache length) and MKL's fp32 one ~20 us.
+    Computed in fp32 from a bf16 or fp32 cache (the C++ decode step's arithmetic, which this path stands in for
+    where that step does not apply): oneDNN's bf16 batched matmul costs ~200 us per call at these sizes (a new
+    kernel for every cache length) and MKL's fp32 one ~20 us.
     """
     B, H, _, d = q.shape
     n_kv = k.shape[1]
-    qg = q.view(B, n_kv, H // n_kv, d).to(k.dtype) * (1.0 / math.sqrt(d))  # a group's query heads are its rows
-    y = _attend(qg, k, v, mask)
+    work = torch.float32 if k.dtype in (torch.bfloat16, torch.float16) else k.dtype
+    qg = q.view(B, n_kv, H // n_kv, d).to(work) * (1.0 / math.sqrt(d))  # a group's query heads are its rows
+    y = _attend(qg, k.to(work), v.to(work), mask)
     if prompts is not None:
         gate = prompts.gate.view(B, n_kv, H // n_kv, 1)
-        y = y + _attend(qg.to(prompts.k.dtype), prompts.k, prompts.v, prompts.mask) * gate
+        pk, pv = prompts.k.to(work), prompts.v.to(work)
+        y = y + _attend(qg.to(pk.dtype), pk, pv, prompts.mask) * gate
     return y.view(B, H, 1, d).to(q.dtype)

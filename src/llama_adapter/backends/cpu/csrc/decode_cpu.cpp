@@ -5,7 +5,8 @@
 // Why: at one token per row, eager PyTorch spends ~80 small ops per layer (views, casts, RoPE, cache writes,
 // two softmaxes) whose fixed cost exceeds their arithmetic, and oneDNN's bf16 product with one row reads its
 // weights at about half the speed the memory allows. Each function below does the work of many such ops, with
-// the same roundings as the eager path (bf16 results of fp32 arithmetic, fp32 attention against an fp32 cache).
+// the same roundings as the eager path (bf16 results of fp32 arithmetic, fp32 attention; a bf16 model's cache holds
+// its bf16 keys and values as they are, which the attention widens exactly).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -1738,14 +1739,25 @@ torch::Tensor rope_qkv_backward(const torch::Tensor& dq, const torch::Tensor& dk
 #define VECTORIZED
 #endif
 
+// A KV cache's elements: fp32, or bf16 for a bf16 model, whose keys and values are bf16 values to begin with (the
+// projections' outputs, RoPE's rounded results), so the cache holds them exactly in half the bytes of fp32 and the
+// attention below widens them back to the same fp32 values: the same results from either cache.
+static inline float kv_float(float x) { return x; }
+static inline float kv_float(bf16 x) { return f(x); }
+template <typename T>
+static inline T kv_store(float x) {
+  return static_cast<T>(x);  // (bf16: round to nearest even, exact for a bf16 value)
+}
+
 // q . k with 16 independent partial sums, so the compiler can keep them in vector lanes
-static inline float dot(const float* q, const float* k, int64_t d) {
+template <typename T>
+static inline float dot(const float* q, const T* k, int64_t d) {
   float acc[16] = {0.f};
   int64_t t = 0;
   for (; t + 16 <= d; t += 16)
-    for (int u = 0; u < 16; ++u) acc[u] += q[t + u] * k[t + u];
+    for (int u = 0; u < 16; ++u) acc[u] += q[t + u] * kv_float(k[t + u]);
   float s = 0.f;
-  for (; t < d; ++t) s += q[t] * k[t];
+  for (; t < d; ++t) s += q[t] * kv_float(k[t]);
   for (int u = 0; u < 16; ++u) s += acc[u];
   return s;
 }
@@ -1753,7 +1765,15 @@ static inline float dot(const float* q, const float* k, int64_t d) {
 #if defined(__x86_64__)
 // scores[j] = q . k_j for n keys (row stride sk), d % 16 == 0 and d <= 256: four keys at a time, so the four
 // horizontal sums share one shuffle tree (per-key sums would cost more than the products at d = 64)
-__attribute__((target("avx512f"))) static void scores_avx512(const float* q, const float* k, int64_t n, int64_t d,
+// 16 of a cache's keys or values as fp32 (bf16 widened exactly)
+__attribute__((target("avx512f"))) static inline __m512 kv16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) static inline __m512 kv16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <typename T>
+__attribute__((target("avx512f"))) static void scores_avx512(const float* q, const T* k, int64_t n, int64_t d,
                                                              int64_t sk, float* scores) {
   const int64_t dv = d / 16;
   __m512 qv[16];
@@ -1762,8 +1782,8 @@ __attribute__((target("avx512f"))) static void scores_avx512(const float* q, con
   for (; j + 4 <= n; j += 4) {
     __m512 a[4];
     for (int r = 0; r < 4; ++r) {
-      a[r] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + (j + r) * sk));
-      for (int64_t c = 1; c < dv; ++c) a[r] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + (j + r) * sk + 16 * c), a[r]);
+      a[r] = _mm512_mul_ps(qv[0], kv16(k + (j + r) * sk));
+      for (int64_t c = 1; c < dv; ++c) a[r] = _mm512_fmadd_ps(qv[c], kv16(k + (j + r) * sk + 16 * c), a[r]);
     }
     const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
     const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
@@ -1775,8 +1795,8 @@ __attribute__((target("avx512f"))) static void scores_avx512(const float* q, con
     for (int r = 0; r < 4; ++r) scores[j + r] = out[4 * r];
   }
   for (; j < n; ++j) {
-    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + j * sk));
-    for (int64_t c = 1; c < dv; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + j * sk + 16 * c), a);
+    __m512 a = _mm512_mul_ps(qv[0], kv16(k + j * sk));
+    for (int64_t c = 1; c < dv; ++c) a = _mm512_fmadd_ps(qv[c], kv16(k + j * sk + 16 * c), a);
     scores[j] = _mm512_reduce_add_ps(a);
   }
 }
@@ -1799,8 +1819,9 @@ __attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
 }
 
 // softmax(q k^T) v over n keys (mask: false = left out), d % 16 == 0 and d <= 256
+template <typename T>
 __attribute__((target("avx512f"))) static void softmax_attend_avx512(
-    const float* __restrict q, const float* __restrict k, const float* __restrict v, int64_t n, int64_t d, int64_t sk,
+    const float* __restrict q, const T* __restrict k, const T* __restrict v, int64_t n, int64_t d, int64_t sk,
     const bool* __restrict mask, float* __restrict scores, float* __restrict out) {
   scores_avx512(q, k, n, d, sk, scores);
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -1830,17 +1851,16 @@ __attribute__((target("avx512f"))) static void softmax_attend_avx512(
   for (int64_t c = 0; c < dv; ++c) acc[c] = _mm512_setzero_ps();
   for (j = 0; j < n; ++j) {
     const __m512 pj = _mm512_set1_ps(scores[j]);
-    for (int64_t c = 0; c < dv; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * sk + 16 * c), acc[c]);
+    for (int64_t c = 0; c < dv; ++c) acc[c] = _mm512_fmadd_ps(pj, kv16(v + j * sk + 16 * c), acc[c]);
   }
   for (int64_t c = 0; c < dv; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
 }
 #endif
 
-VECTORIZED static void softmax_attend(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                                      int64_t sk, const bool* mask, float* scores, float* out) {
-#if defined(__x86_64__)
-  if (kAvx512 && d % 16 == 0 && d <= 256) return softmax_attend_avx512(q, k, v, n, d, sk, mask, scores, out);
-#endif
+template <typename T>
+static inline __attribute__((always_inline)) void softmax_attend_generic(const float* q, const T* k, const T* v,
+                                                                         int64_t n, int64_t d, int64_t sk,
+                                                                         const bool* mask, float* scores, float* out) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     float s = dot(q, k + j * sk, d);
@@ -1854,29 +1874,47 @@ VECTORIZED static void softmax_attend(const float* q, const float* k, const floa
   for (int64_t t = 0; t < d; ++t) out[t] = 0.f;
   for (int64_t j = 0; j < n; ++j) {
     const float p = scores[j] * inv;
-    const float* vj = v + j * sk;
-    for (int64_t t = 0; t < d; ++t) out[t] += p * vj[t];
+    const T* vj = v + j * sk;
+    for (int64_t t = 0; t < d; ++t) out[t] += p * kv_float(vj[t]);
   }
 }
 
+// (one function per cache type: target_clones makes its copies of a plain function, not of a template)
+VECTORIZED static void softmax_attend(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                                      int64_t sk, const bool* mask, float* scores, float* out) {
+#if defined(__x86_64__)
+  if (kAvx512 && d % 16 == 0 && d <= 256) return softmax_attend_avx512(q, k, v, n, d, sk, mask, scores, out);
+#endif
+  softmax_attend_generic(q, k, v, n, d, sk, mask, scores, out);
+}
+
+VECTORIZED static void softmax_attend(const float* q, const bf16* k, const bf16* v, int64_t n, int64_t d,
+                                      int64_t sk, const bool* mask, float* scores, float* out) {
+#if defined(__x86_64__)
+  if (kAvx512 && d % 16 == 0 && d <= 256) return softmax_attend_avx512(q, k, v, n, d, sk, mask, scores, out);
+#endif
+  softmax_attend_generic(q, k, v, n, d, sk, mask, scores, out);
+}
+
 // qkv [B, (H + 2 n_kv) d] bf16 (this step's projections); cos/sin [B, d] bf16 (sin signed as in model.apply_rope);
-// kc/vc [>=B, n_kv, L, d] fp32 caches; pos [B] int64. Rotates q and k, writes k/v at pos, attends over 0..pos.
-// Prompts (optional): pk/pv [B (stride may be 0), n_kv, K, d] fp32, gate [B, H] fp32, pmask [B, K] bool.
+// kc/vc [>=B, n_kv, L, d] caches, both fp32 or both bf16; pos [B] int64. Rotates q and k, writes k/v at pos, attends
+// over 0..pos. Prompts (optional): pk/pv [B (stride may be 0), n_kv, K, d] fp32, gate [B, H] fp32, pmask [B, K] bool.
 // Returns y [B, H d] bf16 = bf16(token attention + gate * prompt attention).
-torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                        torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& pos, int64_t n_heads,
-                        const c10::optional<torch::Tensor>& pk, const c10::optional<torch::Tensor>& pv,
-                        const c10::optional<torch::Tensor>& gate, const c10::optional<torch::Tensor>& pmask) {
+template <typename T>
+static torch::Tensor attention_over(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                    torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& pos, int64_t n_heads,
+                                    const c10::optional<torch::Tensor>& pk, const c10::optional<torch::Tensor>& pv,
+                                    const c10::optional<torch::Tensor>& gate,
+                                    const c10::optional<torch::Tensor>& pmask) {
   const int64_t B = qkv.size(0), n_kv = kc.size(1), L = kc.size(2), d = kc.size(3), H = n_heads;
   TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (H + 2 * n_kv) * d, "attention: qkv");
-  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat, "attention: cache");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && pos.is_contiguous(), "attention: rope/pos");
   const bool prompts = pk.has_value();
   const int64_t rep = H / n_kv, half = d / 2;
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const bf16 *qp = qkv.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
   const int64_t* posp = pos.data_ptr<int64_t>();
-  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
+  T *kcp = kc.data_ptr<T>(), *vcp = vc.data_ptr<T>();
   // one head x rotated into out, with apply_rope's bf16 roundings: rope_head's vectors where the halves are whole
   // vectors (with the scalar form, a SmolLM2-135M layer's call took 8.9 us at the first position, 2.4 with these)
 #if defined(__x86_64__)
@@ -1898,12 +1936,12 @@ torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, cons
     TORCH_CHECK(p >= 0 && p < L, "attention: position beyond the cache");
     for (int64_t g = 0; g < n_kv; ++g) {
       const bf16* vx = row + (H + n_kv + g) * d;
-      float* kd = kcp + ((i * n_kv + g) * L + p) * d;
-      float* vd = vcp + ((i * n_kv + g) * L + p) * d;
+      T* kd = kcp + ((i * n_kv + g) * L + p) * d;
+      T* vd = vcp + ((i * n_kv + g) * L + p) * d;
       rotate(row + (H + g) * d, cp + i * d, sp + i * d, rotated.data());
       for (int64_t t = 0; t < d; ++t) {
-        kd[t] = f(rotated[t]);
-        vd[t] = f(vx[t]);
+        kd[t] = kv_store<T>(f(rotated[t]));
+        vd[t] = kv_store<T>(f(vx[t]));
       }
     }
   }
@@ -1949,13 +1987,24 @@ torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, cons
   return y;
 }
 
-// causal softmax(q k^T / sqrt(d)) v of a prefill without gradients: q [B, H, T, d] bf16, k/v [B, n_kv, T, d] fp32
-// (rows of d contiguous; a cache's slices do) -> [B, H, T, d] bf16. Query t attends to keys 0..t, one query at a
+torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                        torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& pos, int64_t n_heads,
+                        const c10::optional<torch::Tensor>& pk, const c10::optional<torch::Tensor>& pv,
+                        const c10::optional<torch::Tensor>& gate, const c10::optional<torch::Tensor>& pmask) {
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == vc.scalar_type() &&
+                  (kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kBFloat16), "attention: cache");
+  return kc.scalar_type() == at::kFloat ? attention_over<float>(qkv, cos, sin, kc, vc, pos, n_heads, pk, pv, gate, pmask)
+                                        : attention_over<bf16>(qkv, cos, sin, kc, vc, pos, n_heads, pk, pv, gate, pmask);
+}
+
+// causal softmax(q k^T / sqrt(d)) v of a prefill without gradients: q [B, H, T, d] bf16, k/v [B, n_kv, T, d] fp32 or
+// bf16 (rows of d contiguous; a cache's slices do) -> [B, H, T, d] bf16. Query t attends to keys 0..t, one query at a
 // time by the decode step's kernel (fp32 arithmetic, as the decode step's), queries handed to threads in chunks.
 // SDPA's CPU kernels took 2-3x longer at T = 512, d = 64 (40 % of a 512-token prefill of SmolLM2-135M).
-torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v) {
+template <typename KV>
+static torch::Tensor prefill_attention_over(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(q_in.dim() == 4 && q_in.scalar_type() == at::kBFloat16, "prefill_attention: q");
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.sizes() == v.sizes() &&
+  TORCH_CHECK(k.sizes() == v.sizes() &&
                   k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3) &&
                   k.stride(1) == v.stride(1) && k.stride(0) == v.stride(0), "prefill_attention: k/v");
   const auto q = q_in.contiguous();
@@ -1965,7 +2014,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& 
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   auto y = torch::empty_like(q);
   const bf16* qp = q.data_ptr<bf16>();
-  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const KV *kp = k.data_ptr<KV>(), *vp = v.data_ptr<KV>();
   bf16* yp = y.data_ptr<bf16>();
   for_chunks(B * H * T, 16, [&](int64_t w0, int64_t w1) {
     std::vector<float> qf(d), o(d), scores(T);
@@ -1979,29 +2028,36 @@ torch::Tensor prefill_attention(const torch::Tensor& q_in, const torch::Tensor& 
   return y;
 }
 
-// ---- a forward's keys and values into the fp32 cache ----------------------------------------------------------
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16), "prefill_attention: k/v");
+  return k.scalar_type() == at::kFloat ? prefill_attention_over<float>(q, k, v) : prefill_attention_over<bf16>(q, k, v);
+}
+
+// ---- a forward's keys and values into the cache ---------------------------------------------------------------
 // k/v [B, n_kv, T, d] bf16 or fp32 (rows of d contiguous), rows/pos [B, T] int64 -> kc/vc[rows[b, t], :, pos[b, t]]
-// = k/v[b, :, t] widened to fp32 (exactly, as ATen's copy). What `Attention.store` does with two index_put_ and two
+// = k/v[b, :, t] in the cache's dtype, fp32 or bf16 (as ATen's copy: widened exactly, or rounded to nearest even). What `Attention.store` does with two index_put_ and two
 // casts, ~120-170 us a layer of a SmolLM2-135M 32-token prefill on the AMD EPYC VM, in one call.
 // src [B, n_kv, T, d] -> dst[rows[b, t], :, pos[b, t]] (rows/pos [B, T] contiguous)
-template <typename S>
+template <typename S, typename D>
 static void cache_from(const torch::Tensor& src, torch::Tensor& dst, const int64_t* rp, const int64_t* pp) {
   const int64_t B = src.size(0), n_kv = src.size(1), T = src.size(2), d = src.size(3);
   const S* sp = src.data_ptr<S>();
-  float* dp = dst.data_ptr<float>();
+  D* dp = dst.data_ptr<D>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < n_kv; ++h) {
         const S* in = sp + b * src.stride(0) + h * src.stride(1) + t * src.stride(2);
-        float* out = dp + rp[b * T + t] * dst.stride(0) + h * dst.stride(1) + pp[b * T + t] * dst.stride(2);
-        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<float>(in[c]);
+        D* out = dp + rp[b * T + t] * dst.stride(0) + h * dst.stride(1) + pp[b * T + t] * dst.stride(2);
+        for (int64_t c = 0; c < d; ++c) out[c] = kv_store<D>(static_cast<float>(in[c]));
       }
 }
 
 void cache_write(torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& k, const torch::Tensor& v,
                  const torch::Tensor& rows_in, const torch::Tensor& pos_in) {
   TORCH_CHECK(kc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
-                  kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat, "cache_write: caches");
+                  kc.scalar_type() == vc.scalar_type() &&
+                  (kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kBFloat16), "cache_write: caches");
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type() &&
                   (k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kFloat) && k.stride(3) == 1 &&
                   v.stride(3) == 1 && k.size(1) == kc.size(1) && k.size(3) == kc.size(3), "cache_write: k/v");
@@ -2011,7 +2067,9 @@ void cache_write(torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& k, c
   const int64_t *rp = rows.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < R && pp[i] >= 0 && pp[i] < L, "cache_write: a position beyond the cache");
-  const auto write = k.scalar_type() == at::kFloat ? cache_from<float> : cache_from<bf16>;
+  const bool from_fp32 = k.scalar_type() == at::kFloat, to_fp32 = kc.scalar_type() == at::kFloat;
+  const auto write = from_fp32 ? (to_fp32 ? cache_from<float, float> : cache_from<float, bf16>)
+                               : (to_fp32 ? cache_from<bf16, float> : cache_from<bf16, bf16>);
   write(k, kc, rp, pp);
   write(v, vc, rp, pp);
 }
@@ -2106,7 +2164,7 @@ struct Projection {
 class DecodePlan {
  public:
   // per layer i: projections 4i..4i+3 (wqkv, wo, w13, w2), norms 2i, 2i+1 (attention, feed-forward) and the final
-  // norm last; caches kc/vc [rows, n_kv, L, d] fp32; prompts (pk, pv, gate, pmask) per layer or None
+  // norm last; caches kc/vc [rows, n_kv, L, d] fp32 or bf16; prompts (pk, pv, gate, pmask) per layer or None
   DecodePlan(std::vector<int64_t> kinds, std::vector<int64_t> ns, std::vector<int64_t> groups,
              std::vector<torch::Tensor> a, std::vector<torch::Tensor> b, std::vector<c10::optional<torch::Tensor>> bias,
              std::vector<torch::Tensor> norms, double eps, int64_t n_heads, std::vector<torch::Tensor> kc,

@@ -99,12 +99,12 @@ def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n
     pmask[1, 3:] = False
 
     kc2, vc2 = kc.clone(), vc.clone()
-    y = ext.attention(qkv, cos, sin, kc2, vc2, pos, n_heads, pk, pv, gate, pmask)
+    y = ext.attention(qkv, cos, sin, kc2, vc2, pos, n_heads, pk, pv, gate, pmask, 0)
     # a bf16 cache (a bf16 model's) holding the same values: the same writes and the same result, bit for bit
     kb, vb = kc.bfloat16(), vc.bfloat16()
     kf, vf = kb.float(), vb.float()
-    yb = ext.attention(qkv, cos, sin, kb, vb, pos, n_heads, pk, pv, gate, pmask)
-    yf = ext.attention(qkv, cos, sin, kf, vf, pos, n_heads, pk, pv, gate, pmask)
+    yb = ext.attention(qkv, cos, sin, kb, vb, pos, n_heads, pk, pv, gate, pmask, 0)
+    yf = ext.attention(qkv, cos, sin, kf, vf, pos, n_heads, pk, pv, gate, pmask, 0)
     assert torch.equal(yb, yf) and torch.equal(kb.float(), kf) and torch.equal(vb.float(), vf)
 
     q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], -1)
@@ -116,6 +116,14 @@ def test_attention_kernel_rotates_writes_the_cache_and_adds_gated_prompts(ext, n
     mask = (torch.arange(L) <= pos[:, None])[:, None, None]
     ref = kernels.decode_attention(q, kc, vc, mask, PromptKV(pk, pv, gate, mask=pmask[:, None, None]))
     _close(y.view(B, n_heads, 1, d), ref)
+    # a sliding window of 3 positions (the row's own included): the same writes, attention over the last 3 only
+    kw, vw = kc2.clone(), vc2.clone()
+    yw = ext.attention(qkv, cos, sin, kw, vw, pos, n_heads, pk, pv, gate, pmask, 3)
+    assert torch.equal(kw, kc2) and torch.equal(vw, vc2)
+    band = mask & (torch.arange(L) > pos[:, None] - 3)[:, None, None]
+    ref = kernels.decode_attention(q, kc, vc, band, PromptKV(pk, pv, gate, mask=pmask[:, None, None]))
+    _close(yw.view(B, n_heads, 1, d), ref)
+    assert not torch.equal(yw[:2], y[:2]) and torch.equal(yw[2], y[2])  # rows at positions 3 and 7 lost keys; 0 not
 
 
 def _vm_flags(address: int) -> list[str]:
@@ -256,6 +264,52 @@ def test_a_bf16_models_cache_is_bf16_and_decodes_as_fp32s_bit_for_bit(ext, tiny_
         took.clear()
         for a, b in zip(bf16.k + bf16.v, fp32.k + fp32.v, strict=True):
             assert a.dtype == torch.bfloat16 and torch.equal(a.float(), b)
+
+
+def test_a_sliding_window_holds_in_decoding_and_training(ext, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A Mistral whose queries see their last 8 positions only (v0.1's window is 4096): past the window, the decode
+    steps (the C++ plan's, the Python loop's, the model's forward over the cache) give the logits of the forward
+    without a cache, whose mask is banded (tests/test_model.py: transformers' logits), and differ from attention over
+    every position; a training forward (gradients on) takes the same mask."""
+    from tiny import make_checkpoint
+
+    m = _bf16_model(make_checkpoint(tmp_path, "mistral", tokenizer=False, sliding_window=8))
+    assert m.config.sliding_window == 8 and cpu_decode.supported(m)
+    B, T, P = 2, 20, 5
+    ids = torch.randint(3, m.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+    rows = ["a", "b"]
+    pkv = _fp32_prompts(m, rows)
+    with torch.no_grad():
+        want = m(ids, adapter=rows)[:, P:].float()  # logits predicting tokens P+1..T
+    with torch.enable_grad():
+        trained = m(ids, adapter=rows)[:, P:].float()
+    assert trained.requires_grad and (trained - want).abs().max() <= 0.03 * want.abs().max()
+    m.config.sliding_window = None
+    with torch.no_grad():
+        unwindowed = m(ids, adapter=rows)[:, P:].float()
+    m.config.sliding_window = 8
+    assert (unwindowed[:, -1] - want[:, -1]).abs().max() > 0.1 * want.abs().max()  # the window took effect
+
+    def decode(step: str) -> torch.Tensor:
+        cache = m.new_cache(B, 32, dtype=backend_of(m).kv_cache_dtype)
+        at = lambda t0, t1: torch.arange(t0, t1)[None].expand(B, t1 - t0)  # noqa: E731
+        prompts = cpu_decode.FusedPrompts(pkv)
+        with torch.no_grad():
+            out = [m(ids[:, : P + 1], input_pos=at(0, P + 1), cache=cache, prompt_kv=pkv)[:, -1]]
+            for t in range(P + 1, T):
+                if step == "forward":
+                    out.append(m(ids[:, t : t + 1], input_pos=at(t, t + 1), cache=cache, prompt_kv=pkv)[:, -1])
+                else:
+                    head = backend_of(m).head_projection
+                    out.append(cpu_decode.decode_step(m, ids[:, t], torch.full((B,), t), cache, prompts, None, head)[0])
+            assert (prompts.plan is not None and prompts.plan[1] is not None) == (step == "plan")
+        return torch.stack(out, 1).float()
+
+    for step in ("plan", "forward", "loop"):
+        if step == "loop":
+            monkeypatch.setattr(cpu_decode, "_plan", lambda *a, **k: None)
+        got = decode(step)
+        assert (got - want).abs().max() <= 0.03 * want.abs().max(), step
 
 
 def test_decoder_takes_the_fused_path_and_rows_stay_independent(ext, tiny_base, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from naive import adapter_tensors, naive_logits
 from tiny import make_checkpoint
 
 import llama_adapter as la
+from llama_adapter.errors import CheckpointError
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -32,6 +33,8 @@ FAMILIES = {
         ),
     ),
     "mistral": ("mistral", dict(num_key_value_heads=2, head_dim=24)),
+    # Mistral-7B-v0.1's sliding window (4096 positions there), shorter than the test's 40 tokens
+    "mistral_window": ("mistral", dict(num_key_value_heads=2, sliding_window=8)),
     "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     # Qwen2.5's long-context setting: YaRN over an original context shorter than the test's 40 tokens
     "qwen2_yarn": (
@@ -66,6 +69,8 @@ def test_logits_match_transformers(family: tuple[str, Path], device: torch.devic
         assert ours.config.rope_scaling["rope_type"] == "llama3" and ours.config.eos_token_ids == [2, 3]
     if name == "mistral":
         assert ours.config.head_dim == 24
+    if name == "mistral_window":
+        assert ours.config.sliding_window == 8
 
 
 def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(family: tuple[str, Path], device: torch.device) -> None:
@@ -110,6 +115,35 @@ def test_config_reads_top_level_rope_fields(tmp_path: Path) -> None:
     c["rope_scaling"] = LLAMA3_ROPE
     (tmp_path / "config.json").write_text(json.dumps(c))
     assert la.ModelConfig.from_hf(tmp_path / "config.json").rope_scaling["factor"] == 8.0
+
+
+def test_config_reads_mistrals_sliding_window(tmp_path: Path) -> None:
+    """Mistral's `sliding_window` is kept where it is shorter than the context (v0.1's 4096 of 32768), dropped where
+    it is null (v0.2, v0.3) or no shorter; Qwen2's per-layer window (`use_sliding_window`) is refused in one line
+    rather than applied to the wrong layers; the window is written back for a Mistral config."""
+    import json
+
+    c = {
+        "model_type": "mistral",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "max_position_embeddings": 32768,
+        "sliding_window": 4096,
+    }
+    f = tmp_path / "config.json"
+    for window, want in ((4096, 4096), (None, None), (32768, None)):
+        f.write_text(json.dumps({**c, "sliding_window": window}))
+        cfg = la.ModelConfig.from_hf(f)
+        assert cfg.sliding_window == want
+        assert cfg.to_hf_dict()["sliding_window"] == want
+    f.write_text(json.dumps({**c, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}))
+    with pytest.raises(CheckpointError, match="per-layer sliding window"):
+        la.ModelConfig.from_hf(f)
+    f.write_text(json.dumps({**c, "model_type": "qwen2", "use_sliding_window": False}))
+    assert la.ModelConfig.from_hf(f).sliding_window is None  # (Qwen2's configs carry a window they do not use)
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,8 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     pad_token_id: int | None = None
+    # each query attends to at most this many positions, its own included (Mistral-7B-v0.1's 4096); None: all before
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -96,6 +98,10 @@ class ModelConfig:
                         scaling["factor"] = c["max_position_embeddings"] / scaling["original_max_position_embeddings"]
             eos = c.get("eos_token_id", 2)
             n_heads = int(c["num_attention_heads"])
+            window = c.get("sliding_window") if mtype == "mistral" else None
+            if mtype == "qwen2" and c.get("use_sliding_window"):  # transformers: the layers from max_window_layers on
+                raise CheckpointError(f"{path}: Qwen2's per-layer sliding window (use_sliding_window) is not supported")
+            max_positions = context_length(int(c.get("max_position_embeddings", 4096)), scaling)
             return cls(
                 vocab_size=int(c["vocab_size"]),
                 dim=int(c["hidden_size"]),
@@ -107,13 +113,15 @@ class ModelConfig:
                 norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(theta),
                 rope_scaling=scaling,
-                max_seq_len=context_length(int(c.get("max_position_embeddings", 4096)), scaling),
+                max_seq_len=max_positions,
                 qkv_bias=bool(c.get("attention_bias", mtype == "qwen2")),
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                 model_type=mtype,
                 bos_token_id=c.get("bos_token_id"),
                 eos_token_ids=[int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
                 pad_token_id=c.get("pad_token_id"),
+                # a window as long as the context takes nothing away
+                sliding_window=int(window) if window and int(window) < max_positions else None,
             )
         except KeyError as e:
             raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
@@ -188,6 +196,8 @@ class ModelConfig:
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
             "hidden_act": "silu",
         }
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
         return d
 
 

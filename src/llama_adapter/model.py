@@ -381,15 +381,22 @@ class Transformer(nn.Module):
         dtype = self.tok_embeddings.weight.dtype
         cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)
         mask = None
+        window = c.sliding_window
         if cache is None:
             kv_len = 0
+            if window is not None and T > window:  # keys are the same tokens: each query sees the last `window`
+                mask = self._window_mask(input_pos, input_pos, window)
         else:
             kv_len = kv_len or int(input_pos.max()) + 1
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is beyond the cache length {cache.max_len}")
-            mask = (torch.arange(kv_len, device=input_ids.device) <= input_pos[:, :, None])[:, None]
-            if T > 1 and kv_len == T and bool((input_pos == torch.arange(T, device=input_ids.device)).all()):
-                mask = None  # a prefill from position 0: plain causal attention (SDPA's causal kernel is faster)
+            key_pos = torch.arange(kv_len, device=input_ids.device)[None]
+            if window is not None and kv_len > window:
+                mask = self._window_mask(input_pos, key_pos, window)
+            else:
+                mask = (key_pos[:, None] <= input_pos[:, :, None])[:, None]
+                if T > 1 and kv_len == T and bool((input_pos == key_pos).all()):
+                    mask = None  # a prefill from position 0: plain causal attention (SDPA's causal kernel is faster)
         x = self.tok_embeddings(input_ids)
         if plan is not None:
             first_adapted = plan.first
@@ -414,6 +421,13 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, lc, kv)
         x = self.norm(x)
         return x if return_hidden else self.logits(x)
+
+    @staticmethod
+    def _window_mask(query_pos: Tensor, key_pos: Tensor, window: int) -> Tensor:
+        """[B, 1, T, S]: query t sees key s where pos_s <= pos_t < pos_s + window (a sliding-window causal mask;
+        positions [B or 1, T] and [B or 1, S])."""
+        q, k = query_pos[:, :, None], key_pos[:, None, :]
+        return ((k <= q) & (q - k < window))[:, None]
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The output projection (the embedding matrix itself when the checkpoint ties them)."""

@@ -99,6 +99,7 @@ def _plan(
     head = head_projection() if head_projection is not None else None
     h = head or cpu_kernels.Projection(-1, torch.empty(0), torch.empty(0), None, 0)
     plan.set_ends(model.tok_embeddings.weight, *model.rope_table(), h.kind, h.n, h.group, h.a, h.b, h.bias)
+    plan.set_window(model.config.sliding_window or 0)
     prompts.plan = (cache, plan, head is not None)
     return plan
 
@@ -130,13 +131,14 @@ def decode_step(
     cos, sin = model.rope(pos)
     cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
     x = model.tok_embeddings(tokens)  # [B, dim], the residual stream, updated in place
-    eps = model.norm.eps
+    eps, window = model.norm.eps, model.config.sliding_window or 0
     h = ext.rms_norm(x, layers[0].attention_norm.weight, eps)
     for i, layer in enumerate(layers):
         a, ff = layer.attention, layer.feed_forward
         p = prompts.layers.get(i)
         pk, pv, gate, mask = p if p is not None else (None, None, None, None)
-        y = ext.attention(_linear(h, a.wqkv), cos, sin, cache.k[i], cache.v[i], pos, a.n_heads, pk, pv, gate, mask)
+        qkv = _linear(h, a.wqkv)
+        y = ext.attention(qkv, cos, sin, cache.k[i], cache.v[i], pos, a.n_heads, pk, pv, gate, mask, window)
         h = ext.add_rms_norm(x, _linear(y, a.wo), layer.ffn_norm.weight, eps)
         y = _linear(ext.silu_mul(_linear(h, ff.w13)), ff.w2)
         nxt = layers[i + 1].attention_norm.weight if i + 1 < len(layers) else model.norm.weight

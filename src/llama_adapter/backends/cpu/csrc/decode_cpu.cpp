@@ -1898,14 +1898,14 @@ VECTORIZED static void softmax_attend(const float* q, const bf16* k, const bf16*
 
 // qkv [B, (H + 2 n_kv) d] bf16 (this step's projections); cos/sin [B, d] bf16 (sin signed as in model.apply_rope);
 // kc/vc [>=B, n_kv, L, d] caches, both fp32 or both bf16; pos [B] int64. Rotates q and k, writes k/v at pos, attends
-// over 0..pos. Prompts (optional): pk/pv [B (stride may be 0), n_kv, K, d] fp32, gate [B, H] fp32, pmask [B, K] bool.
+// over 0..pos, or over the last `window` positions of it where window > 0 (a sliding window). Prompts (optional): pk/pv [B (stride may be 0), n_kv, K, d] fp32, gate [B, H] fp32, pmask [B, K] bool.
 // Returns y [B, H d] bf16 = bf16(token attention + gate * prompt attention).
 template <typename T>
 static torch::Tensor attention_over(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                                     torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& pos, int64_t n_heads,
                                     const c10::optional<torch::Tensor>& pk, const c10::optional<torch::Tensor>& pv,
                                     const c10::optional<torch::Tensor>& gate,
-                                    const c10::optional<torch::Tensor>& pmask) {
+                                    const c10::optional<torch::Tensor>& pmask, int64_t window) {
   const int64_t B = qkv.size(0), n_kv = kc.size(1), L = kc.size(2), d = kc.size(3), H = n_heads;
   TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (H + 2 * n_kv) * d, "attention: qkv");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && pos.is_contiguous(), "attention: rope/pos");
@@ -1963,8 +1963,10 @@ static torch::Tensor attention_over(const torch::Tensor& qkv, const torch::Tenso
       pmp = pmask->data_ptr<bool>();
     }
   }
+  // the first position each row attends to
+  auto first = [&](int64_t i) { return window > 0 ? std::max<int64_t>(0, posp[i] + 1 - window) : int64_t{0}; };
   int64_t work = 0;  // multiply-adds; a short cache is not worth waking the other threads for
-  for (int64_t i = 0; i < B; ++i) work += (posp[i] + 1 + Kp) * H * d;
+  for (int64_t i = 0; i < B; ++i) work += (posp[i] + 1 - first(i) + Kp) * H * d;
   at::parallel_for(0, B * H, work < (1 << 16) ? B * H : 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> q(d), o(d), po(d), scores(std::max<int64_t>(L, Kp));
     std::vector<bf16> qr(d);
@@ -1973,8 +1975,8 @@ static torch::Tensor attention_over(const torch::Tensor& qkv, const torch::Tenso
       const bf16* row = qp + i * (H + 2 * n_kv) * d;
       rotate(row + h * d, cp + i * d, sp + i * d, qr.data());
       for (int64_t t = 0; t < d; ++t) q[t] = f(qr[t]) * scale;
-      const int64_t base = (i * n_kv + g) * L * d;
-      softmax_attend(q.data(), kcp + base, vcp + base, posp[i] + 1, d, d, nullptr, scores.data(), o.data());
+      const int64_t s0 = first(i), base = ((i * n_kv + g) * L + s0) * d;
+      softmax_attend(q.data(), kcp + base, vcp + base, posp[i] + 1 - s0, d, d, nullptr, scores.data(), o.data());
       if (prompts) {
         softmax_attend(q.data(), pkp + i * pks0 + g * Kp * d, pvp + i * pvs0 + g * Kp * d, Kp, d, d,
                        pmp ? pmp + i * Kp : nullptr, scores.data(), po.data());
@@ -1990,11 +1992,13 @@ static torch::Tensor attention_over(const torch::Tensor& qkv, const torch::Tenso
 torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                         torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& pos, int64_t n_heads,
                         const c10::optional<torch::Tensor>& pk, const c10::optional<torch::Tensor>& pv,
-                        const c10::optional<torch::Tensor>& gate, const c10::optional<torch::Tensor>& pmask) {
+                        const c10::optional<torch::Tensor>& gate, const c10::optional<torch::Tensor>& pmask,
+                        int64_t window) {
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == vc.scalar_type() &&
                   (kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kBFloat16), "attention: cache");
-  return kc.scalar_type() == at::kFloat ? attention_over<float>(qkv, cos, sin, kc, vc, pos, n_heads, pk, pv, gate, pmask)
-                                        : attention_over<bf16>(qkv, cos, sin, kc, vc, pos, n_heads, pk, pv, gate, pmask);
+  TORCH_CHECK(window >= 0, "attention: window");
+  const auto over = kc.scalar_type() == at::kFloat ? attention_over<float> : attention_over<bf16>;
+  return over(qkv, cos, sin, kc, vc, pos, n_heads, pk, pv, gate, pmask, window);
 }
 
 // causal softmax(q k^T / sqrt(d)) v of a prefill without gradients: q [B, H, T, d] bf16, k/v [B, n_kv, T, d] fp32 or
@@ -2181,6 +2185,12 @@ class DecodePlan {
     for (size_t i = 0; i < 4 * L; ++i) proj_.push_back({kinds[i], ns[i], groups[i], a[i], b[i], bias[i]});
   }
 
+  // the model's sliding window (0: none), as `attention` takes it
+  void set_window(int64_t window) {
+    TORCH_CHECK(window >= 0, "decode plan: window");
+    window_ = window;
+  }
+
   // the step's two ends, for `step`: the token embeddings [V, dim] bf16, the model's RoPE tables cos/sin
   // [positions, d] fp32 (rounded to bf16 here, as the Python step's .to(bfloat16)), and the output head as one more
   // projection (head_kind < 0: none, `step` then returns the final norm's output)
@@ -2243,7 +2253,8 @@ class DecodePlan {
     const size_t L = kc_.size();
     for (size_t i = 0; i < L; ++i) {
       const Projection* p = &proj_[4 * i];
-      auto y = attention(p[0](h), cos, sin, kc_[i], vc_[i], pos, n_heads_, pk_[i], pv_[i], gate_[i], pmask_[i]);
+      auto y = attention(p[0](h), cos, sin, kc_[i], vc_[i], pos, n_heads_, pk_[i], pv_[i], gate_[i], pmask_[i],
+                         window_);
       h = add_rms_norm(x, p[1](y), norms_[2 * i + 1], eps_);
       y = p[3](silu_mul(p[2](h)));
       h = add_rms_norm(x, y, norms_[i + 1 < L ? 2 * i + 2 : 2 * L], eps_);
@@ -2257,6 +2268,7 @@ class DecodePlan {
   std::vector<torch::Tensor> norms_;
   double eps_;
   int64_t n_heads_;
+  int64_t window_ = 0;  // set_window
   std::vector<torch::Tensor> kc_, vc_;
   std::vector<c10::optional<torch::Tensor>> pk_, pv_, gate_, pmask_;
 };
@@ -2297,5 +2309,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>,
                     std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>>())
       .def("set_ends", &DecodePlan::set_ends)
+      .def("set_window", &DecodePlan::set_window)
       .def("step", &DecodePlan::step, py::arg("tokens"), py::arg("pos"), py::arg("advance") = false);
 }

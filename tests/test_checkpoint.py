@@ -166,3 +166,11 @@ def test_adapter_for_another_base_names_both_shapes(tiny_base: Path, tmp_path: P
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(la.AdapterError, match="junk.safetensors"):
         other.load_adapter(tmp_path / "junk.safetensors")
+
+
+def test_info_shows_a_sliding_window(tmp_path: Path) -> None:
+    """`info` names a Mistral's sliding window (v0.1: 4096 of its 32768 positions), which every forward applies."""
+    rc, out, _ = _cli("info", str(make_checkpoint(tmp_path, "mistral", tokenizer=False, sliding_window=8)))
+    assert rc == 0 and "context=256 sliding_window=8" in out
+    rc, out, _ = _cli("info", str(make_checkpoint(tmp_path / "full", "mistral", tokenizer=False, sliding_window=None)))
+    assert rc == 0 and "sliding_window" not in out

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             f"({a['n_kv_heads']} kv), head_dim {a['head_dim']}, mlp {a['hidden_dim']}, vocab {a['vocab_size']}"
         )
         print(f"rope          theta {a['rope_theta']}, scaling {a['rope_scaling']}")
-        print(f"other         qkv_bias={a['qkv_bias']} tied={a['tie_embeddings']} context={a['max_seq_len']}")
+        window = f" sliding_window={a['sliding_window']}" if a.get("sliding_window") else ""
+        print(f"other         qkv_bias={a['qkv_bias']} tied={a['tie_embeddings']} context={a['max_seq_len']}{window}")
         for f, s in info["files"].items():
             print(f"  {f:<40}{_size(s)}")
         print(f"total size    {_size(info['total_size'])}")

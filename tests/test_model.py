@@ -46,6 +46,9 @@ FAMILIES = {
     ),
 }
 
+# the fields of a config.json the readers need, for tests of how they read the rest
+_TINY_CONFIG = dict(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
@@ -99,12 +102,8 @@ def test_config_reads_top_level_rope_fields(tmp_path: Path) -> None:
     import json
 
     c = {
+        **_TINY_CONFIG,
         "model_type": "llama",
-        "vocab_size": 10,
-        "hidden_size": 8,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 16,
         "rope_theta": 500000.0,
         "rope_scaling": {**LLAMA3_ROPE, "rope_type": None, "type": "llama3"},
         "eos_token_id": [128001, 128008, 128009],
@@ -124,12 +123,8 @@ def test_config_reads_mistrals_sliding_window(tmp_path: Path) -> None:
     import json
 
     c = {
+        **_TINY_CONFIG,
         "model_type": "mistral",
-        "vocab_size": 10,
-        "hidden_size": 8,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 16,
         "max_position_embeddings": 32768,
         "sliding_window": 4096,
     }
@@ -190,12 +185,8 @@ def test_config_fills_yarn_defaults_as_transformers(tmp_path: Path) -> None:
     import json
 
     c = {
+        **_TINY_CONFIG,
         "model_type": "qwen2",
-        "vocab_size": 10,
-        "hidden_size": 8,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 16,
         "max_position_embeddings": 32768,
         "rope_scaling": {"type": "yarn", "factor": 4.0},
     }

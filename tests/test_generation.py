@@ -105,6 +105,71 @@ def test_eos_per_row_stops_early(model):
     assert ends[1][0] in ("length", "stop")
 
 
+def _draws(logits: torch.Tensor, n: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """n tokens drawn for one row of logits [V], as n rows of a batch, each with its own seeded generator."""
+    from llama_adapter.inference.sampling import sample
+
+    rows = logits[None].expand(n, -1)
+    knobs = (torch.full((n,), temperature), torch.full((n,), top_p), torch.full((n,), top_k))
+    return sample(rows, *knobs, [torch.Generator().manual_seed(i) for i in range(n)])
+
+
+def test_sampler_draws_from_the_nucleus_in_proportion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Top-p keeps the tokens with at most top_p of the probability ranked before them (ties ranked by token id)
+    and draws among them in proportion: 4,000 seeded draws land on the nucleus only, at its renormalised
+    frequencies (within 4 standard deviations); top-k cuts it further; top-p 1 draws from every token; a nucleus
+    wider than the CANDIDATES ranked by topk is ranked whole; rows draw alike alone and in a batch of every kind."""
+    from llama_adapter.inference import sampling
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randperm(300, generator=g)[:4]  # the likely tokens, somewhere in a vocabulary of 300
+    logits = torch.full((300,), -30.0)
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits[ids] = probs.log()
+    n = 4000
+
+    def assert_frequencies(got: torch.Tensor, tokens: torch.Tensor, p: torch.Tensor) -> None:
+        counts = torch.stack([(got == t).sum() for t in tokens]).double()
+        assert int(counts.sum()) == n  # nothing drawn outside
+        want = p.double() / p.sum() * n
+        assert ((counts - want).abs() <= 4 * (want * (1 - want / n)).sqrt()).all(), (counts, want)
+
+    assert_frequencies(_draws(logits, n, top_p=0.75), ids[:3], probs[:3])  # 0.9 before the 4th: cut
+    assert_frequencies(_draws(logits, n, top_p=0.75, top_k=2), ids[:2], probs[:2])
+    assert_frequencies(_draws(logits, n, top_p=0.95), ids, probs)
+    # temperature 0.5 squares them: 0.53, 0.3, 0.13, 0.03 of their sum, 0.83 before the 3rd, 0.97 before the 4th
+    assert_frequencies(_draws(logits, n, temperature=0.5, top_p=0.9), ids[:3], probs[:3] ** 2)
+    everything = _draws(torch.zeros(8), n)  # top-p 1: the whole (here flat) distribution
+    assert_frequencies(everything, torch.arange(8), torch.ones(8))
+
+    flat = torch.zeros(1000)  # a nucleus of 501 equal tokens, past the 64 candidates: ranked whole, ties by id
+    wide = _draws(flat, n, top_p=0.5)
+    assert int(wide.max()) == 500 and len(wide.unique()) > 450
+    tied = torch.full((300,), -5.0)
+    tied[[7, 3, 5]] = 2.0  # three tokens tied first: a tiny top-p keeps the one of lowest id, however it is found
+    assert set(_draws(tied, 50, top_p=0.01).tolist()) == {3}
+    monkeypatch.setattr(sampling, "CANDIDATES", 1)
+    assert set(_draws(tied, 50, top_p=0.01).tolist()) == {3} and set(_draws(tied, 50, top_p=0.5).tolist()) == {3, 5}
+    monkeypatch.undo()
+    for _ in range(5):  # 100 tokens tied first: topk's 64 are any of them, the nucleus is the lowest id
+        many = torch.full((1000,), -5.0)
+        many[torch.randperm(1000, generator=g)[:100]] = 2.0
+        assert set(_draws(many, 20, top_p=0.001).tolist()) == {int((many == 2.0).nonzero()[0])}
+
+    # one batch of a candidate row, a whole-distribution row, a wide row and a greedy row = each row alone
+    rows = torch.stack([logits, torch.zeros(300), flat[:300], logits])
+    knobs = (torch.tensor([0.7, 1.0, 1.0, 0.0]), torch.tensor([0.75, 1.0, 0.5, 0.75]), torch.zeros(4, dtype=torch.long))
+
+    def gens() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in (11, 12, 13, 14)]
+
+    for _ in range(3):
+        together = sampling.sample(rows, *knobs, gens())
+        alone = [sampling.sample(rows[i : i + 1], *(k[i : i + 1] for k in knobs), gens()[i : i + 1]) for i in range(4)]
+        assert together.tolist() == torch.cat(alone).tolist()
+        assert int(together[3]) == int(logits.argmax())
+
+
 def test_sampling_seed_reproducible_and_batch_independent(model):
     p = PROMPTS[0]
     a = generate(model, [p], adapter="a", temperature=1.0, top_p=0.9, seed=123, max_new_tokens=12)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llama_adapter.inference.sampling import sample_at
 from llama_adapter.model import KVCache, Transformer
 from llama_adapter.zero_init_attention import PromptKV
 
@@ -54,6 +55,13 @@ class TorchBackend:
         """Each row's most likely token [B] from logits [B, vocab]: the first index of the row's maximum, as
         `torch.argmax` gives it (greedy decoding's choice, taken at every step)."""
         return logits.argmax(-1)
+
+    def sample(
+        self, logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u: Tensor, greedy: Tensor
+    ) -> Tensor:
+        """Each row's next token from logits [B, vocab]: greedy's where its temperature is 0, else its draw at the
+        uniform number u (`inference.sampling.sample_at`, which the reference takes)."""
+        return sample_at(logits, temperature, top_p, top_k, u, greedy)
 
     def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
         """The training loss's softmax in one step: each row's cross-entropy (fp32), with `logits` [n, vocab]

@@ -25,7 +25,7 @@ from torch import Tensor
 from llama_adapter.adapter_batch import batch_prompt_kv, can_share_batch
 from llama_adapter.backends import backend_of
 from llama_adapter.inference.prompt_cache import SHARED, PromptKVCache, to_dtype
-from llama_adapter.inference.sampling import SamplingParams, sample
+from llama_adapter.inference.sampling import SamplingParams, uniforms
 from llama_adapter.inference.text_stream import TextStream
 from llama_adapter.model import KVCache, Transformer
 from llama_adapter.zero_init_attention import PromptKV
@@ -319,7 +319,8 @@ class BatchDecoder:
         `_samples(seqs)`: the sampler's own check for that is a tensor op and a sync, at every step)."""
         tokens = self.backend.greedy(logits)
         if samples:
-            tokens = sample(logits, *knobs, greedy=tokens)
+            temperature, top_p, top_k, generators = knobs
+            tokens = self.backend.sample(logits, temperature, top_p, top_k, uniforms(generators, logits.device), tokens)
         return tokens
 
     @staticmethod

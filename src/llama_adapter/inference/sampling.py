@@ -80,17 +80,29 @@ def sample(
     A sampling row keeps the tokens of its nucleus (ranked by probability, ties by token id: those with at most
     top_p of the probability ranked before them, the first always, at most top_k of them) and draws one of them in
     proportion to its probability, by inverting their cumulative sum at one uniform number from the row's own
-    generator. Each row's
-    tokens are ranked alone (the CANDIDATES best, or the whole row where its nucleus may reach further; no ranking
-    where it keeps every token), so a seeded row gives the same tokens whatever else is in the batch.
+    generator. Each row's tokens are ranked alone (the CANDIDATES best, or the whole row where its nucleus may reach
+    further; no ranking where it keeps every token), so a seeded row gives the same tokens whatever else is in the
+    batch.
     """
     if greedy is None:
         greedy = logits.argmax(-1)
     sampling = temperature > 0
     if not bool(sampling.any()):
         return greedy
+    return sample_at(logits, temperature, top_p, top_k, uniforms(generators, logits.device), greedy)
+
+
+def uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> Tensor:
+    """One number in [0, 1) a row [B], each from the row's own generator (None: the global one), drawn at every step
+    in which any row samples: where a sampling row lands in its nucleus (`sample_at`)."""
+    return torch.stack([torch.rand((), generator=g, device=device) for g in generators])
+
+
+def sample_at(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u: Tensor, greedy: Tensor) -> Tensor:
+    """`sample` with each row's uniform number u [B] drawn (`uniforms`): a backend's sampler takes the same ones."""
+    sampling = temperature > 0
     x = logits.float() / temperature.clamp_min(1e-5)[:, None]
-    V, dev = x.shape[-1], x.device
+    V = x.shape[-1]
     top = x.amax(-1, keepdim=True)
     lse = top + _exp(x - top).sum(-1, keepdim=True).log()
     whole = sampling & (top_p >= 1) & (top_k <= 0)  # the whole distribution: no ranking needed
@@ -102,7 +114,6 @@ def sample(
     kept = _kept(probs, top_p, top_k).sum(-1, keepdim=True)
     edge_tie = cand_x[:, -1:] == cand_x.gather(-1, (kept - 1).clamp_min(0))
     reach = sampling & ~whole & (k < V) & ((kept[:, 0] == k) | edge_tie[:, 0])
-    u = torch.stack([torch.rand((), generator=g, device=dev) for g in generators])  # one draw a row, every row
     rows = sampling & ~whole & ~reach  # the nucleus among the candidates
     if bool(rows.all()):  # (the usual batch: no row needs more, so no row is picked out)
         return _draw(probs, cand, top_p, top_k, u)

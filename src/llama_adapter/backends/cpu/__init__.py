@@ -327,6 +327,12 @@ class CpuBackend(TorchBackend):
         chosen = kernels.argmax_rows(logits)  # 16 lanes at a time (ATen's walks a 49K-logit row in ~55 us)
         return logits.argmax(-1) if chosen is None else chosen
 
+    def sample(
+        self, logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u: Tensor, greedy: Tensor
+    ) -> Tensor:
+        chosen = kernels.sample_rows(logits, temperature, top_p, top_k, u, greedy)  # one C++ pass a row
+        return super().sample(logits, temperature, top_p, top_k, u, greedy) if chosen is None else chosen
+
     def cross_entropy_grad_(self, logits: Tensor, target: Tensor) -> Tensor | None:
         return kernels.cross_entropy_grad_(logits, target)  # one C++ pass per row for bf16 logits
 

@@ -337,6 +337,19 @@ def argmax_rows(logits: Tensor) -> Tensor | None:
     return ext.argmax_rows(logits.contiguous())
 
 
+def sample_rows(
+    logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u: Tensor, greedy: Tensor
+) -> Tensor | None:
+    """`inference.sampling.sample_at` for CPU logits [B, V] (bf16 or fp32) in one C++ pass a row (the tokens within
+    e^-12 of the best ranked, the whole row only where they hold less than top_p); None where it does not apply."""
+    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    ext = native()
+    if ext is None or not hasattr(ext, "sample_rows") or logits.shape[1] == 0:
+        return None
+    return ext.sample_rows(logits.contiguous(), temperature, top_p, top_k, u, greedy)
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up of h = [gate | up] [rows, 2F] bf16, forward and backward one C++ pass each."""
 

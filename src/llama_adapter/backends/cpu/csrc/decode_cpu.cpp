@@ -2191,9 +2191,8 @@ static int64_t sample_row(const T* logits, int64_t V, float temperature, float t
   const float m = top / t;  // = the largest logit / t: rounding a quotient keeps the order
   auto prob_of = [&](float x, float lse) { return x - lse < -80.f ? 0.f : std::exp(x - lse); };
   const float lse = m + std::log(sum_exp(logits, V, t, m));
-  auto pick = [&](const std::vector<std::pair<float, int64_t>>& toks, size_t n) {
-    float total = 0.f;
-    for (size_t j = 0; j < n; ++j) total += prob_of(toks[j].first, lse);
+  // the token at u of the first n tokens' cumulative sum, whose total the caller has summed in the same order
+  auto pick = [&](const std::vector<std::pair<float, int64_t>>& toks, size_t n, float total) {
     const float target = u * total;
     float c = 0.f;
     for (size_t j = 0; j < n; ++j) {
@@ -2219,7 +2218,11 @@ static int64_t sample_row(const T* logits, int64_t V, float temperature, float t
   }
   if (ranked.empty()) {
     for (int64_t i = 0; i < V; ++i) ranked.emplace_back(static_cast<float>(logits[i]) / t, i);
-    if (whole) return pick(ranked, ranked.size());  // every token, in id order
+    if (whole) {  // every token, in id order
+      float total = 0.f;
+      for (const auto& tok : ranked) total += prob_of(tok.first, lse);
+      return pick(ranked, ranked.size(), total);
+    }
   }
   std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -2230,7 +2233,7 @@ static int64_t sample_row(const T* logits, int64_t V, float temperature, float t
     if (before > top_p || (top_k > 0 && static_cast<int64_t>(kept) >= top_k)) break;
     before += prob_of(ranked[kept].first, lse);
   }
-  return pick(ranked, std::max<size_t>(kept, 1));
+  return pick(ranked, kept, before);  // (kept >= 1: the first is always kept)
 }
 
 // logits [B, V] bf16 or fp32; temperature, top_p [B] fp32; top_k, greedy [B] int64; u [B] fp32 in [0, 1) -> [B]

@@ -72,6 +72,23 @@ def test_swapped_modules_compute_what_the_stock_ones_compute(tiny_base: Path) ->
     torch.testing.assert_close(fast_train, stock_train, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_projection_runs_once_a_forward(tiny_base: Path, dtype: torch.dtype) -> None:
+    """The CPU backend's SwiGLU takes the fused projection's output: where its kernel does not apply (fp32, a CPU
+    without AVX512-BF16) the stock SwiGLU does, and no projection is computed twice (it once was: 1.5x a forward's
+    MLP products), with or without gradients."""
+    m = la.load_model(tiny_base, dtype=dtype)
+    calls: dict[str, int] = {}
+    for name, mod in m.layers.named_modules():
+        if isinstance(mod, nn.Linear):
+            mod.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    ids = torch.randint(3, m.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    m(ids)
+    with torch.no_grad():
+        m(ids)
+    assert calls and set(calls.values()) == {2}, calls
+
+
 def test_backend_follows_the_model_to_another_device(tiny_base: Path) -> None:
     """A model moved after loading gets the backend of its new device when next used; here: meta, a non-CPU
     device every machine has."""

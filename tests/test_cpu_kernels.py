@@ -880,3 +880,53 @@ def test_bf16_training_step_takes_the_fused_attention_with_the_same_values(
             assert torch.equal(a, p)
         else:
             assert ((a - p).abs().max() <= 1e-2 * p.abs().max()).item()
+
+
+class _ProductDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The multiply-adds of every matrix product dispatched while active, by the dtype of its operands."""
+
+    PRODUCTS = {"aten.mm": 0, "aten.bmm": 0, "aten.addmm": 1, "aten.baddbmm": 1}  # (any overload: out= too)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        first = self.PRODUCTS.get(str(func.overloadpacket))
+        if first is not None:
+            a, b = args[first], args[first + 1]
+            self.flops[a.dtype] = self.flops.get(a.dtype, 0) + a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_where_bf16_products_are_slow_training_multiplies_widened_operands(tiny_base: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On CPUs where oneDNN has no bf16 matmul (AVX2 alone: AMD Zen 2/3, Intel client chips) ATen's bf16 products
+    are plain loops (a SmolLM2-135M training step 208 s there, against 6 s for fp32). There the products of a bf16
+    training step (projections both ways, the attention's, the loss's head both ways) run in fp32 on the widened
+    operands, rounded to bf16 where the bf16 products round: what stays bf16 is the adapter's own prompt K/V
+    projections (K rows a layer), and the loss and the adapter's gradients are those of the bf16 products within
+    their rounding."""
+    m = la.load_model(tiny_base, dtype=torch.bfloat16)
+    a = m.add_adapter("a", la.AdapterConfig(prompt_length=3, layers=2))
+    with torch.no_grad():
+        a.gates.normal_(0, 0.5)
+    m.train()
+    from llama_adapter.training.loss import batch_loss
+
+    ids = torch.randint(3, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], dict[torch.dtype, int]]:
+        m.zero_grad(set_to_none=True)
+        with _ProductDtypes() as seen:
+            loss, _ = batch_loss(m, "a", batch)
+            loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.trainable_parameters("a")], seen.flops
+
+    loss_ref, grads_ref, _ = run()
+    monkeypatch.setattr(kernels, "_onednn_bf16", lambda: False)
+    loss, grads, flops = run()
+    assert flops.get(torch.bfloat16, 0) < 0.01 * flops[torch.float32], flops
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=0)
+    for g, r in zip(grads, grads_ref, strict=True):
+        assert (g.float() - r.float()).abs().max() <= 0.1 * r.float().abs().max() + 1e-6

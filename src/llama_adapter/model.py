@@ -198,8 +198,12 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).split(self.hidden, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.swiglu(self.w13(x)))
+
+    def swiglu(self, h: Tensor) -> Tensor:
+        """silu(gate) * up of the fused projection's output h = [gate | up] (a backend's kernel may take it)."""
+        gate, up = h.split(self.hidden, dim=-1)
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):

@@ -74,6 +74,11 @@ class TorchBackend:
         logits (`training.loss`), which the loss is done with when it returns (the reference: a new one each call)."""
         return like.new_empty(rows, vocab)
 
+    def logits_product(self, h: Tensor, weight: Tensor, out: Tensor) -> bool:
+        """out = h @ weight^T, the training loss's logits [n, vocab] of hidden rows h, in a faster form of the
+        backend's; False (out untouched) where it has none and the loss takes `torch.mm` (`training.loss`)."""
+        return False
+
     def logits_grad_product(self, dlogits: Tensor, weight: Tensor, out: Tensor) -> bool:
         """out = dlogits @ weight, the training loss's gradient of the hidden rows from that of their logits
         [n, vocab], in a faster form of the backend's; False (out untouched) where it has none and the loss takes

@@ -50,6 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         fused: FusedSoftmax | None,
         product: GradProduct | None,
         buffer: LogitsBuffer | None,
+        logits_product: LogitsProduct | None,
     ) -> Tensor:
         n_rows, vocab = h.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -65,7 +66,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = target[s : s + chunk]
             n = len(y)
             logits = logits_buf[:n]
-            torch.mm(h[s : s + n], wt, out=logits)
+            if logits_product is None or not logits_product(h[s : s + n], weight, logits):
+                torch.mm(h[s : s + n], wt, out=logits)
             row_loss = fused(logits, y) if fused is not None else None  # the steps below at once (a backend's)
             if row_loss is not None:
                 total += row_loss.sum()
@@ -90,15 +92,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None, None, None
+        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None, None, None, None
 
 
 # (logits [n, vocab], target [n]) -> each row's CE, logits overwritten by softmax - onehot; or None: not applicable
 FusedSoftmax = Callable[[Tensor, Tensor], Tensor | None]
 # (dlogits [n, vocab], W [vocab, dim], out [n, dim]) -> True where out = dlogits @ W was written; False: not applicable
 GradProduct = Callable[[Tensor, Tensor, Tensor], bool]
+# (h [n, dim], W [vocab, dim], out [n, vocab]) -> True where out = h @ W^T was written; False: not applicable
+LogitsProduct = Callable[[Tensor, Tensor, Tensor], bool]
 # (rows, vocab, h) -> an uninitialised [rows, vocab] tensor of h's dtype and device for the chunks' logits, which the
 # loss overwrites and no longer needs when it returns (a backend's may be the same memory at every call)
 LogitsBuffer = Callable[[int, int, Tensor], Tensor]
@@ -115,14 +119,16 @@ def linear_cross_entropy(
     fused: FusedSoftmax | None = None,
     product: GradProduct | None = None,
     buffer: LogitsBuffer | None = None,
+    logits_product: LogitsProduct | None = None,
 ) -> Tensor:
     """Summed cross-entropy of rows h [N, dim] against a frozen output matrix; fp32 result. `fused`: a backend's
     one-step softmax (`TorchBackend.cross_entropy_grad_`), tried on each chunk of logits; `product`: a backend's
     gradient product (`TorchBackend.logits_grad_product`), tried on each piece of GRAD_ROWS rows; `buffer`: a
-    backend's logits buffer (`TorchBackend.loss_logits_buffer`)."""
+    backend's logits buffer (`TorchBackend.loss_logits_buffer`); `logits_product`: a backend's product of the
+    logits (`TorchBackend.logits_product`), tried on each chunk."""
     if weight.requires_grad:  # a trainable head: plain autograd
         return F.cross_entropy(F.linear(h, weight).float(), target, reduction="sum")
-    return _LinearCrossEntropy.apply(h, weight, target, chunk, fused, product, buffer)
+    return _LinearCrossEntropy.apply(h, weight, target, chunk, fused, product, buffer, logits_product)
 
 
 def output_weight(model: Transformer) -> Tensor:
@@ -151,7 +157,8 @@ def batch_loss(
     fused = backend.cross_entropy_grad_ if backend is not None else None
     product = backend.logits_grad_product if backend is not None else None
     buffer = backend.loss_logits_buffer if backend is not None else None
+    logits_product = backend.logits_product if backend is not None else None
     if chunk is None:
         chunk = backend.loss_chunk if backend is not None else LOSS_CHUNK
-    loss = linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk, fused, product, buffer)
+    loss = linear_cross_entropy(sel, output_weight(model), tgt[mask], chunk, fused, product, buffer, logits_product)
     return loss, int(mask.sum())

@@ -5,7 +5,8 @@ Each subclass computes what its parent computes (tests compare values and gradie
   sum before it in the same pass (`kernels.add_rms_norm`); a hand-written backward while training;
 - `CpuAttention`: RoPE and the head split of bf16 training, one C++ pass each way (`kernels.rope_qkv`); a forward's
   keys/values into the cache (bf16 for a bf16 model, else fp32) in one call (`kernels.cache_write`);
-- `CpuFeedForward`: the SwiGLU in bf16 training, forward and backward one C++ pass each (`kernels.swiglu`);
+- `CpuFeedForward`: the SwiGLU in bf16 (training and prefill), forward and backward one C++ pass each
+  (`kernels.swiglu`);
 - `CpuZeroInitAttention`: batched causal and few-keys attention while training (in bf16: eq. 8 whole as one
   autograd function, the causal softmax and the gated prompt attention plus the sum as C++ passes,
   `kernels.gated_causal_attention`; `causal_attention` / `add_prompt_attention` where only one applies), and
@@ -55,13 +56,13 @@ class CpuRMSNorm(RMSNorm):
 
 
 class CpuFeedForward(FeedForward):
-    def forward(self, x: Tensor) -> Tensor:
+    def swiglu(self, h: Tensor) -> Tensor:
         # with or without gradients: the kernel's values are ATen's bit for bit (a prefill saves ATen's three ops)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            y = kernels.swiglu(self.w13(x))
+        if h.device.type == "cpu" and not torch.compiler.is_compiling():
+            y = kernels.swiglu(h)
             if y is not None:
-                return self.w2(y)
-        return super().forward(x)
+                return y
+        return super().swiglu(h)
 
 
 # marks the keys/values a forward attends over from its cache (`CpuAttention.cached`): the prefill kernels take
@@ -145,6 +146,7 @@ class PackedLinear(nn.Linear):
             and not w.requires_grad
             and x.numel() >= kernels.TRAINING_PACK_MIN_ROWS * x.shape[-1]
             and kernels.can_pack(w)  # (a plain bf16 CPU matrix)
+            and not kernels.widens_bf16_products(x, w)  # (oneDNN multiplies bf16 here)
         ):
             pack = self.training_pack
             if pack is None or not pack.valid_for(w):
@@ -346,7 +348,16 @@ class CpuBackend(TorchBackend):
             buf = self._loss_logits = like.new_empty(n)
         return buf[:n].view(rows, vocab)
 
+    def logits_product(self, h: Tensor, weight: Tensor, out: Tensor) -> bool:
+        if not kernels.widens_bf16_products(h, weight):
+            return False
+        kernels.widened_mm(h, weight.t(), out)
+        return True
+
     def logits_grad_product(self, dlogits: Tensor, weight: Tensor, out: Tensor) -> bool:
+        if kernels.widens_bf16_products(dlogits, weight):
+            kernels.widened_mm(dlogits, weight, out)
+            return True
         if dlogits.dtype != weight.dtype:
             return False
         pack = self.head_gradient_pack

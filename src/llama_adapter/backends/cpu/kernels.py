@@ -23,6 +23,7 @@ everything runs on the PyTorch paths, which compute the same things.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import mmap
 import os
@@ -79,6 +80,8 @@ def native() -> Any | None:
                 file=sys.stderr,
             )
         _native["ext"], _native["bf16_dot"] = ext, bool(ext.has_bf16_dot())
+        # the blocked bf16 product of decoding: AVX512-BF16 dot products, or AVX2 FMAs on the widened weights
+        _native["blocked"] = bool(getattr(ext, "has_blocked_linear", ext.has_bf16_dot)())
         _native["int8"] = bool(getattr(ext, "has_int8_linear", lambda: False)())
         # SLEEF's vector expf as libtorch exports it, and AVX512-BF16: the exact SwiGLU (decoding's and training's)
         # and the training loss's softmax
@@ -115,8 +118,8 @@ def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> 
 
 def native_with(feature: str) -> Any | None:
     """The compiled kernels where this CPU has what `feature` needs, read once at load ("bf16_dot": AVX512-BF16;
-    "exact_silu": that and libtorch's SLEEF expf; "int8": AVX-512; "fused_attention": an engine for training's
-    causal attention), else None."""
+    "exact_silu": that and libtorch's SLEEF expf; "blocked" and "int8": the decode products, AVX-512 or AVX2 with
+    FMA; "fused_attention": an engine for training's causal attention), else None."""
     ext = native()
     return ext if ext is not None and _native.get(feature, False) else None
 
@@ -163,7 +166,11 @@ def can_pack(weight: Tensor) -> bool:
     )  # (an inference tensor has no version counter to tell a changed weight)
 
 
+@functools.cache
 def _onednn_bf16() -> bool:
+    """oneDNN multiplies bf16 matrices on this CPU (AVX512-BF16, AMX, AVX-512 or AVX2-VNNI-NE); elsewhere (AVX2 alone:
+    AMD Zen 2/3, Intel client CPUs before them) ATen's bf16 matmul falls back to plain loops, ~7x slower than its
+    fp32 one (19.5 against 147 GFLOP/s on the 2-core Zen 3 VM of docs/parts/inference.md)."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return (
         mkldnn is not None
@@ -175,8 +182,9 @@ def _onednn_bf16() -> bool:
 
 
 def _blocked_kernel(weight: Tensor) -> Any | None:
-    """The C++ extension where a packable `weight` takes its blocked layout (AVX512-BF16, K % 32 == 0), else None."""
-    return native_with("bf16_dot") if weight.shape[1] % 32 == 0 else None
+    """The C++ extension where a packable `weight` takes its blocked layout (AVX512-BF16 or AVX2, K % 32 == 0),
+    else None."""
+    return native_with("blocked") if weight.shape[1] % 32 == 0 else None
 
 
 def pack_linear(weight: Tensor, kind: str | None = None) -> PackedWeight | None:
@@ -274,14 +282,63 @@ class Projection:
 BLOCKED_MAX_ROWS = 32  # measured on the SmolLM2-135M shape: the blocked kernel wins up to here, F.linear beyond
 
 
+def widens_bf16_products(x: Tensor, weight: Tensor) -> bool:
+    """Whether a product of these operands takes `widened_linear` / `widened_mm`: both bf16 on a CPU where oneDNN
+    has no bf16 matmul (`_onednn_bf16`), so ATen's would run its plain loops, and the weight frozen (not inside a
+    compiled block, which leaves its products to inductor)."""
+    return not weight.requires_grad and weight.dtype == torch.bfloat16 and _widens(x)
+
+
+def _widens(x: Tensor) -> bool:
+    """bf16 products of `x` take fp32 on the widened operands (see `widens_bf16_products`)."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not _onednn_bf16()
+    )
+
+
+class _WidenedFrozenLinear(torch.autograd.Function):
+    """x W^T + b for bf16 x and a frozen bf16 W (and b) as ATen's fp32 matmul of the widened operands, rounded once
+    to bf16; backward dx = g W the same way. bf16 products are exact in fp32 and ATen's bf16 matmul sums in fp32
+    too, so the values are its values up to the order of the sums: on the Zen 3 VM (AVX2, no AVX-512) ATen's fp32
+    matmul ran 114-121 GFLOP/s there against ~20 for its bf16 one, the widening a pass over the weight a call."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None]:
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        dx = torch.mm(g.reshape(-1, g.shape[-1]).float(), weight.float()).to(g.dtype)
+        return dx.view(*g.shape[:-1], weight.shape[1]), None, None
+
+
+def widened_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _WidenedFrozenLinear.apply(x, weight, bias)
+
+
+def widened_mm(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out = a @ b (bf16, no gradient) as ATen's fp32 matmul of the widened operands, rounded once."""
+    out.copy_(torch.mm(a.float(), b.float()))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeight | None) -> Tensor:
-    """F.linear, through the packed weight when there is a valid one and no gradient is wanted."""
+    """F.linear, through the packed weight when there is a valid one and no gradient is wanted; where bf16 products
+    would run ATen's plain loops (`widens_bf16_products`), in fp32 on the widened operands."""
     if packed is None or torch.is_grad_enabled() or x.dtype != weight.dtype or not packed.valid_for(weight):
+        if widens_bf16_products(x, weight) and (bias is None or not bias.requires_grad):
+            return widened_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     if packed.kind == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, packed.packed, bias, "none", [], "")
     rows = x.numel() // x.shape[-1]
-    if rows > BLOCKED_MAX_ROWS:  # a prefill: compute-bound, where oneDNN's own GEMM is faster
+    if rows > BLOCKED_MAX_ROWS and _onednn_bf16():  # a prefill: compute-bound, where oneDNN's own GEMM is faster
         return F.linear(x, weight, bias)
     ext = native()
     assert ext is not None  # a "blocked" pack is only ever made by the compiled kernels
@@ -306,14 +363,16 @@ def int8_projection(qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Projec
 
 def linear_int8(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor | None:
     """x (q * scale)^T in bf16 for int8 weights q [N, K] with one fp32 scale per row (torchao's `Int8Tensor`, read
-    in place) through the C++ kernel; None where it does not apply (no kernels or AVX-512, gradients, not bf16,
-    K % 16, more than BLOCKED_MAX_ROWS rows), and the caller takes torchao's product."""
+    in place) through the C++ kernel; None where it does not apply (no kernels, neither AVX-512 nor AVX2, gradients,
+    not bf16, K % 16, more than BLOCKED_MAX_ROWS rows where oneDNN multiplies bf16), and the caller takes torchao's
+    product."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         torch.is_grad_enabled()
         or x.dtype != torch.bfloat16
         or x.shape[-1] % 16 != 0
-        or not 0 < rows <= BLOCKED_MAX_ROWS
+        or rows == 0
+        or (rows > BLOCKED_MAX_ROWS and _onednn_bf16())  # (torchao's product widens to a bf16 matmul: ATen's loops)
         or qdata.dtype != torch.int8
     ):
         return None
@@ -738,7 +797,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
     Query heads sharing a key head are stacked along the sequence axis, so each key/value head takes part in
     one batched matmul without being repeated. bf16 with the C++ kernels: the softmax and its backward one pass
-    each (`_CausalAttention`); else the scale and the causal mask ride in one baddbmm before ATen's softmax.
+    each (`_CausalAttention`); else the scale and the causal mask ride in one baddbmm before ATen's softmax, in
+    fp32 on the widened q/k/v where bf16 products would run ATen's plain loops (the result rounded once to bf16:
+    on the Zen 3 VM the bf16 batched products took 8.4 s of a 17.9 s SmolLM2-135M training step).
     """
     if (
         q.dtype == torch.bfloat16
@@ -747,6 +808,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         and native_with("exact_silu") is not None
     ):
         return _CausalAttention.apply(q, k, v)
+    if _widens(q):
+        return causal_attention(q.float(), k.float(), v.float()).to(q.dtype)
     B, H, T, d = q.shape
     n_kv = k.shape[1]
     rep = H // n_kv
@@ -916,6 +979,8 @@ def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> 
 
 
 def _attend(q_scaled: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    if _widens(q_scaled):  # (as causal_attention)
+        return _attend(q_scaled.float(), k.float(), v.float(), mask).to(q_scaled.dtype)
     scores = torch.matmul(q_scaled, k.transpose(-1, -2))
     if mask is not None:
         scores = torch.where(mask, scores, float("-inf"))

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -126,11 +127,87 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline vo
 
 using BlockFn = void (*)(const bf16*, int64_t, const __m512i*, int, const bf16*, bf16*, int64_t, int64_t);
 static const BlockFn kBlockFns[4] = {block_dot<1, 4>, block_dot<2, 4>, block_dot<3, 4>, block_dot<4, 4>};
+
+// ---- the same product on AVX2 + FMA (AMD Zen 2/3, Intel client CPUs without AVX-512) ------------------------
+// There is no bf16 dot product there (and ATen's bf16 matmul falls back to plain loops: ~20 GFLOP/s against ~150 in
+// fp32 on a 2-core Zen 3, where the blocked bf16 product of one row read 18 GB/s through F.linear). A bf16 is the top
+// half of an fp32, so a 32-bit lane holding two neighbouring bf16 weights gives the even one as an fp32 by a shift
+// left of 16 and the odd one by masking off the low half: two integer operations per 16 weights, then FMAs with
+// the inputs widened once a call into the same order (per 16 inputs the 8 even ones, then the 8 odd ones). Each
+// product is exact; a row's sums run in one fixed order, whatever rows come with it. With 16 ymm registers a block's
+// 4 weight rows meet up to 3 input rows at once (12 accumulators), the inputs read from L1.
+#define AVX2_FN __attribute__((target("avx2,fma")))
+
+// n bf16 (n % 16 == 0) -> fp32 in pair order: per 16 values the 8 at even offsets, then the 8 at odd ones
+AVX2_FN static void widen_pairs(const bf16* x, int64_t n, float* out) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_slli_epi32(v, 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8), _mm256_and_si256(v, high));
+  }
+}
+
+// the four sums of four 8-lane accumulators (lane r: the sum of a_r)
+AVX2_FN static inline __m128 sum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// one block of 4 weight rows (blk: K / 32 x 4 rows x 32 bf16) for MB input rows of widen_pairs' order (stride K)
+template <int MB>
+AVX2_FN static void block_dot_avx2(const float* xw, int64_t K, const bf16* blk, const bf16* bias, bf16* y,
+                                   int64_t N, int64_t n) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[MB][kRows];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kRows; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K / kDepth; ++k) {
+    const bf16* w = blk + k * kRows * kDepth;
+    const char* ahead = reinterpret_cast<const char*>(w) + kBlockedPrefetchBytes;
+    for (int r = 0; r < kRows; ++r) _mm_prefetch(ahead + 64 * r, _MM_HINT_T1);  // never faults, even past the end
+    for (int r = 0; r < kRows; ++r)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kDepth * r + 16 * h));
+        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        for (int m = 0; m < MB; ++m) {
+          const float* xm = xw + m * K + kDepth * k + 16 * h;
+          acc[m][r] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xm), acc[m][r]);
+          acc[m][r] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xm + 8), acc[m][r]);
+        }
+      }
+  }
+  for (int m = 0; m < MB; ++m) {
+    alignas(16) float out[4];
+    _mm_store_ps(out, sum4x8(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = n + r;
+      if (row < N) y[m * N + row] = b(out[r] + (bias ? f(bias[row]) : 0.f));
+    }
+  }
+}
+
+// many input rows (a prefill) meet a weight block this many bytes of widened inputs at a time, which stay in L2:
+// SmolLM2-135M's products at 512 rows on the 2-core Zen 3 VM, 32-256 KiB: 102-110 GFLOP/s; all rows at once
+// (from L3): 80-84; ATen's fp32 matmul of the widened operands 114-118, its bf16 one ~20
+constexpr int64_t kAvx2RowChunkBytes = 64 << 10;
+using Avx2BlockFn = void (*)(const float*, int64_t, const bf16*, const bf16*, bf16*, int64_t, int64_t);
+static const Avx2BlockFn kAvx2BlockFns[3] = {block_dot_avx2<1>, block_dot_avx2<2>, block_dot_avx2<3>};
 #endif
 
-// the CPU's features, asked once at load time (linear runs ~120 times per decode step)
+// the CPU's features, asked once at load time (linear runs ~120 times per decode step).
+// LLAMA_ADAPTER_CPU_ISA=avx2 (or avx512: AVX-512 without its BF16 part; none: no vector kernels) caps them below
+// what the CPU has, as oneDNN's ONEDNN_MAX_CPU_ISA does: the tests run the AVX2 kernels on AVX-512 CPUs that way.
+static int isa_cap() {
+  const char* e = std::getenv("LLAMA_ADAPTER_CPU_ISA");
+  const std::string s = e ? e : "";
+  return s == "none" ? 0 : s == "avx2" ? 1 : s == "avx512" ? 2 : 3;
+}
+static const int kIsaCap = isa_cap();
+
 #if defined(__x86_64__)
-static const bool kBf16Dot = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") &&
+static const bool kBf16Dot = (__builtin_cpu_init(), kIsaCap >= 3 && __builtin_cpu_supports("avx512bf16") &&
                               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"));
 #else
 static const bool kBf16Dot = false;
@@ -138,9 +215,20 @@ static const bool kBf16Dot = false;
 
 bool has_bf16_dot() { return kBf16Dot; }
 
+// AVX2 with FMA: the blocked and int8 products where AVX-512 is missing
+#if defined(__x86_64__)
+static const bool kAvx2 = (__builtin_cpu_init(), kIsaCap >= 1 && __builtin_cpu_supports("avx2") &&
+                           __builtin_cpu_supports("fma"));
+#else
+static const bool kAvx2 = false;
+#endif
+
+// the blocked bf16 product (pack / linear): AVX512-BF16 dot products, or AVX2 FMAs
+bool has_blocked_linear() { return kBf16Dot || kAvx2; }
+
 // AVX-512 Foundation alone: the int8 product, the decode step's attention and argmax_rows
 #if defined(__x86_64__)
-static const bool kAvx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+static const bool kAvx512 = (__builtin_cpu_init(), kIsaCap >= 2 && __builtin_cpu_supports("avx512f"));
 #else
 static const bool kAvx512 = false;
 #endif
@@ -148,7 +236,7 @@ static const bool kAvx512 = false;
 // x [M, K] bf16 contiguous, wp = pack(w) for w [N, K], bias [N] or None -> [M, N] bf16
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
                      const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(kBf16Dot, "linear: needs a CPU with AVX512-BF16");
+  TORCH_CHECK(kBf16Dot || kAvx2, "linear: needs a CPU with AVX512-BF16 or AVX2");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "linear: x");
   TORCH_CHECK(wp.dim() == 4 && wp.is_contiguous() && wp.size(1) * kDepth == x.size(1) &&
                   wp.size(0) * kRows >= N && wp.size(0) * kRows < N + kRows, "linear: packed weight");
@@ -162,6 +250,26 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
   const __m512i* wbase = reinterpret_cast<const __m512i*>(wp.data_ptr<bf16>());
   bf16* yp = y.data_ptr<bf16>();
   const int64_t per_block = K / kDepth * kRows;  // 64-byte vectors per block
+  if (!kBf16Dot) {
+    std::vector<float> xw(M * K);  // the inputs in widen_pairs' order, once for every block
+    widen_pairs(xp, M * K, xw.data());
+    const bf16* wb = wp.data_ptr<bf16>();
+    // many rows (a prefill): a weight block meets a chunk of rows' inputs at a time, which stay in L2 (the next
+    // chunk reads the weights again, from L3 or memory) where all of a long prompt's would come from L3
+    const int64_t chunk = std::max<int64_t>(3, (kAvx2RowChunkBytes / (4 * K)) / 3 * 3);
+    for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+      const int64_t c1 = std::min(M, c0 + chunk);
+      for_chunks(blocks, std::max<int64_t>(1, 2048 / per_block), [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk)
+          for (int64_t m0 = c0; m0 < c1; m0 += 3) {
+            const int64_t mb = std::min<int64_t>(3, c1 - m0);
+            kAvx2BlockFns[mb - 1](xw.data() + m0 * K, K, wb + blk * per_block * kDepth, bp, yp + m0 * N, N,
+                                  blk * kRows);
+          }
+      });
+    }
+    return y;
+  }
   for_chunks(blocks, std::max<int64_t>(1, 2048 / per_block), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -216,6 +324,41 @@ __attribute__((target("avx512f"))) static inline void int8_block(const float* x,
 using Int8BlockFn = void (*)(const float*, int64_t, const int8_t*, const float*, const float*, bf16*, int64_t,
                              int64_t);
 static const Int8BlockFn kInt8Fns[4] = {int8_block<1>, int8_block<2>, int8_block<3>, int8_block<4>};
+
+// The same on AVX2 + FMA: 8 weights at a time (vpmovsxbd, vcvtdq2ps, one FMA per input row), up to 3 input rows
+// against the block's 4 weight rows (12 accumulators of 16 ymm registers), the prefetches as above.
+template <int MB>
+AVX2_FN static void int8_block_avx2(const float* x, int64_t K, const int8_t* q, const float* scale,
+                                    const float* bias, bf16* y, int64_t N, int64_t n0) {
+  constexpr int NR = 4;
+  const int8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = q + std::min<int64_t>(n0 + r, N - 1) * K;  // past N: repeat, not stored
+  __m256 acc[MB][NR];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  const char* ahead = reinterpret_cast<const char*>(q + n0 * K) + kPrefetchBytes;
+  const char* near = reinterpret_cast<const char*>(q + n0 * K) + kInt8L1PrefetchBytes;
+  for (int64_t k = 0; k < K; k += 16) {
+    _mm_prefetch(ahead + 4 * k, _MM_HINT_T1);  // never faults, even past the end
+    if (kInt8L1PrefetchBytes) _mm_prefetch(near + 4 * k, _MM_HINT_T0);
+    for (int h = 0; h < 16; h += 8)
+      for (int r = 0; r < NR; ++r) {
+        const __m256 wv = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + k + h))));
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + h), acc[m][r]);
+      }
+  }
+  for (int m = 0; m < MB; ++m) {
+    alignas(16) float out[4];
+    _mm_store_ps(out, sum4x8(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+    for (int r = 0; r < NR; ++r) {
+      const int64_t row = n0 + r;
+      if (row < N) y[m * N + row] = b(out[r] * scale[row] + (bias ? bias[row] : 0.f));
+    }
+  }
+}
+
+static const Int8BlockFn kInt8Avx2Fns[3] = {int8_block_avx2<1>, int8_block_avx2<2>, int8_block_avx2<3>};
 
 // With AVX512-BF16 (and K % 32 == 0) the weights are widened exactly to bf16 instead (every int8 is a bf16) and
 // multiplied by the bf16 inputs as they are with the bf16 kernel's dot products: per 32 weights of a row two
@@ -294,13 +437,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void int8
 }
 #endif
 
-bool has_int8_linear() { return kAvx512; }
+bool has_int8_linear() { return kAvx512 || kAvx2; }
 
 // x [M, K] bf16 contiguous (K % 16 == 0), q [N, K] int8 contiguous, scale [N] fp32, bias [N] fp32 or None
 // -> [M, N] bf16
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(kAvx512, "linear_int8: needs a CPU with AVX-512");
+  TORCH_CHECK(kAvx512 || kAvx2, "linear_int8: needs a CPU with AVX-512 or AVX2");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.size(1) % 16 == 0,
               "linear_int8: x");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
@@ -329,11 +472,12 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   const bf16* xb = x.data_ptr<bf16>();
   for (int64_t i = 0; i < M * K; ++i) xf[i] = f(xb[i]);
   const float* xp = xf.data();
+  const int64_t group = kAvx512 ? 4 : 3;  // input rows a call
   for_chunks(blocks, piece, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-        kInt8Fns[mb - 1](xp + m0 * K, K, qp, sp, bp, yp + m0 * N, N, blk * 4);
+      for (int64_t m0 = 0; m0 < M; m0 += group) {
+        const int64_t mb = std::min<int64_t>(group, M - m0);
+        (kAvx512 ? kInt8Fns : kInt8Avx2Fns)[mb - 1](xp + m0 * K, K, qp, sp, bp, yp + m0 * N, N, blk * 4);
       }
   });
 #endif
@@ -845,7 +989,7 @@ static bool amx_permitted() {
   // Linux hands out the tile state on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), once per process
   return tile && bf && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
 }
-static const bool kAmx = amx_permitted();
+static const bool kAmx = kIsaCap >= 3 && amx_permitted();
 #else
 static const bool kAmx = false;
 #endif
@@ -1855,6 +1999,89 @@ __attribute__((target("avx512f"))) static void softmax_attend_avx512(
   }
   for (int64_t c = 0; c < dv; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
 }
+
+// The same on AVX2 + FMA, 8 lanes (d % 8 == 0, d <= 128): the keys' sums four at a time through sum4x8, e^x from
+// the same polynomial with 2^n made in the exponent bits (x clamped at -87, where 2^n is still normal; below it,
+// and at -inf, 0).
+AVX2_FN static inline __m256 kv8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2_FN static inline __m256 kv8(const bf16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+template <typename T>
+AVX2_FN static void scores_avx2(const float* q, const T* k, int64_t n, int64_t d, int64_t sk, float* scores) {
+  const int64_t dv = d / 8;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    __m256 a[4];
+    for (int r = 0; r < 4; ++r) {
+      const T* kj = k + (j + r) * sk;
+      a[r] = _mm256_mul_ps(_mm256_loadu_ps(q), kv8(kj));
+      for (int64_t c = 1; c < dv; ++c) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), kv8(kj + 8 * c), a[r]);
+    }
+    _mm_storeu_ps(scores + j, sum4x8(a[0], a[1], a[2], a[3]));
+  }
+  for (; j < n; ++j) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), kv8(k + j * sk));
+    for (int64_t c = 1; c < dv; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), kv8(k + j * sk + 8 * c), a);
+    const __m256 z = _mm256_setzero_ps();
+    scores[j] = _mm_cvtss_f32(sum4x8(a, z, z, z));
+  }
+}
+
+AVX2_FN static inline __m256 exp_avx2(__m256 x) {
+  const __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);  // (and -inf)
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 in two parts, as exp_avx512
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(zero, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
+}
+
+template <typename T>
+AVX2_FN static void softmax_attend_avx2(const float* __restrict q, const T* __restrict k, const T* __restrict v,
+                                        int64_t n, int64_t d, int64_t sk, const bool* __restrict mask,
+                                        float* __restrict scores, float* __restrict out) {
+  scores_avx2(q, k, n, d, sk, scores);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (mask)
+    for (int64_t j = 0; j < n; ++j) scores[j] = mask[j] ? scores[j] : ninf;
+  float mx = ninf;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, scores[j]);
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
+    _mm256_storeu_ps(scores + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  const __m256 z = _mm256_setzero_ps();
+  float sum = _mm_cvtss_f32(sum4x8(sv, z, z, z));
+  for (; j < n; ++j) {
+    const float e = _mm256_cvtss_f32(exp_avx2(_mm256_set1_ps(scores[j] - mx)));
+    sum += scores[j] = e;
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / sum);
+  const int64_t dv = d / 8;
+  __m256 acc[16];
+  for (int64_t c = 0; c < dv; ++c) acc[c] = _mm256_setzero_ps();
+  for (j = 0; j < n; ++j) {
+    const __m256 pj = _mm256_set1_ps(scores[j]);
+    for (int64_t c = 0; c < dv; ++c) acc[c] = _mm256_fmadd_ps(pj, kv8(v + j * sk + 8 * c), acc[c]);
+  }
+  for (int64_t c = 0; c < dv; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], inv));
+}
 #endif
 
 template <typename T>
@@ -1884,6 +2111,7 @@ VECTORIZED static void softmax_attend(const float* q, const float* k, const floa
                                       int64_t sk, const bool* mask, float* scores, float* out) {
 #if defined(__x86_64__)
   if (kAvx512 && d % 16 == 0 && d <= 256) return softmax_attend_avx512(q, k, v, n, d, sk, mask, scores, out);
+  if (kAvx2 && d % 8 == 0 && d <= 128) return softmax_attend_avx2(q, k, v, n, d, sk, mask, scores, out);
 #endif
   softmax_attend_generic(q, k, v, n, d, sk, mask, scores, out);
 }
@@ -1892,6 +2120,7 @@ VECTORIZED static void softmax_attend(const float* q, const bf16* k, const bf16*
                                       int64_t sk, const bool* mask, float* scores, float* out) {
 #if defined(__x86_64__)
   if (kAvx512 && d % 16 == 0 && d <= 256) return softmax_attend_avx512(q, k, v, n, d, sk, mask, scores, out);
+  if (kAvx2 && d % 8 == 0 && d <= 128) return softmax_attend_avx2(q, k, v, n, d, sk, mask, scores, out);
 #endif
   softmax_attend_generic(q, k, v, n, d, sk, mask, scores, out);
 }
@@ -2400,6 +2629,7 @@ class DecodePlan {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_dot", &has_bf16_dot);
+  m.def("has_blocked_linear", &has_blocked_linear);
   m.def("pack", &pack);
   m.def("linear", &linear);
   m.def("has_int8_linear", &has_int8_linear);

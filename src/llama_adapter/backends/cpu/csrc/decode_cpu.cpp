@@ -135,7 +135,7 @@ static const BlockFn kBlockFns[4] = {block_dot<1, 4>, block_dot<2, 4>, block_dot
 // left of 16 and the odd one by masking off the low half: two integer operations per 16 weights, then FMAs with
 // the inputs widened once a call into the same order (per 16 inputs the 8 even ones, then the 8 odd ones). Each
 // product is exact; a row's sums run in one fixed order, whatever rows come with it. With 16 ymm registers a block's
-// 4 weight rows meet up to 3 input rows at once (12 accumulators), the inputs read from L1.
+// 4 weight rows meet up to 2 input rows at once (block_dot_avx2).
 #define AVX2_FN __attribute__((target("avx2,fma")))
 
 // n bf16 (n % 16 == 0) -> fp32 in pair order: per 16 values the 8 at even offsets, then the 8 at odd ones
@@ -154,7 +154,14 @@ AVX2_FN static inline __m128 sum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) 
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// one block of 4 weight rows (blk: K / 32 x 4 rows x 32 bf16) for MB input rows of widen_pairs' order (stride K)
+// many input rows (a prefill) meet a weight block this many bytes of widened inputs at a time, which stay in L2:
+// SmolLM2-135M's products at 512 rows on the 2-core Zen 3 VM, 32-256 KiB: 102-110 GFLOP/s; all rows at once
+// (from L3): 80-84; ATen's fp32 matmul of the widened operands 114-118, its bf16 one ~20
+constexpr int64_t kAvx2RowChunkBytes = 64 << 10;
+
+// one block of 4 weight rows (blk: K / 32 x 4 rows x 32 bf16) for MB <= 2 input rows of widen_pairs' order (stride
+// K), their 16 inputs at a time in registers (8 accumulators, 4 inputs, 2 weights of 16 ymm registers): 1.18x the
+// same with 3 rows read from L1 at every FMA (medians of 7 in-process pairs at 27, 64 and 512 rows on the Zen 3 VM)
 template <int MB>
 AVX2_FN static void block_dot_avx2(const float* xw, int64_t K, const bf16* blk, const bf16* bias, bf16* y,
                                    int64_t N, int64_t n) {
@@ -165,18 +172,23 @@ AVX2_FN static void block_dot_avx2(const float* xw, int64_t K, const bf16* blk, 
   for (int64_t k = 0; k < K / kDepth; ++k) {
     const bf16* w = blk + k * kRows * kDepth;
     const char* ahead = reinterpret_cast<const char*>(w) + kBlockedPrefetchBytes;
-    for (int r = 0; r < kRows; ++r) _mm_prefetch(ahead + 64 * r, _MM_HINT_T1);  // never faults, even past the end
-    for (int r = 0; r < kRows; ++r)
-      for (int h = 0; h < 2; ++h) {
+    for (int r = 0; r < kRows; ++r) _mm_prefetch(ahead + 64 * r, _MM_HINT_T1);
+    for (int h = 0; h < 2; ++h) {
+      __m256 xe[MB], xo[MB];
+      for (int m = 0; m < MB; ++m) {
+        xe[m] = _mm256_loadu_ps(xw + m * K + kDepth * k + 16 * h);
+        xo[m] = _mm256_loadu_ps(xw + m * K + kDepth * k + 16 * h + 8);
+      }
+      for (int r = 0; r < kRows; ++r) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kDepth * r + 16 * h));
         const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
         for (int m = 0; m < MB; ++m) {
-          const float* xm = xw + m * K + kDepth * k + 16 * h;
-          acc[m][r] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xm), acc[m][r]);
-          acc[m][r] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xm + 8), acc[m][r]);
+          acc[m][r] = _mm256_fmadd_ps(even, xe[m], acc[m][r]);
+          acc[m][r] = _mm256_fmadd_ps(odd, xo[m], acc[m][r]);
         }
       }
+    }
   }
   for (int m = 0; m < MB; ++m) {
     alignas(16) float out[4];
@@ -188,12 +200,8 @@ AVX2_FN static void block_dot_avx2(const float* xw, int64_t K, const bf16* blk, 
   }
 }
 
-// many input rows (a prefill) meet a weight block this many bytes of widened inputs at a time, which stay in L2:
-// SmolLM2-135M's products at 512 rows on the 2-core Zen 3 VM, 32-256 KiB: 102-110 GFLOP/s; all rows at once
-// (from L3): 80-84; ATen's fp32 matmul of the widened operands 114-118, its bf16 one ~20
-constexpr int64_t kAvx2RowChunkBytes = 64 << 10;
 using Avx2BlockFn = void (*)(const float*, int64_t, const bf16*, const bf16*, bf16*, int64_t, int64_t);
-static const Avx2BlockFn kAvx2BlockFns[3] = {block_dot_avx2<1>, block_dot_avx2<2>, block_dot_avx2<3>};
+static const Avx2BlockFn kAvx2BlockFns[2] = {block_dot_avx2<1>, block_dot_avx2<2>};
 #endif
 
 // the CPU's features, asked once at load time (linear runs ~120 times per decode step).
@@ -256,13 +264,13 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
     const bf16* wb = wp.data_ptr<bf16>();
     // many rows (a prefill): a weight block meets a chunk of rows' inputs at a time, which stay in L2 (the next
     // chunk reads the weights again, from L3 or memory) where all of a long prompt's would come from L3
-    const int64_t chunk = std::max<int64_t>(3, (kAvx2RowChunkBytes / (4 * K)) / 3 * 3);
+    const int64_t chunk = std::max<int64_t>(2, (kAvx2RowChunkBytes / (4 * K)) / 2 * 2);
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
       const int64_t c1 = std::min(M, c0 + chunk);
       for_chunks(blocks, std::max<int64_t>(1, 2048 / per_block), [&](int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk)
-          for (int64_t m0 = c0; m0 < c1; m0 += 3) {
-            const int64_t mb = std::min<int64_t>(3, c1 - m0);
+          for (int64_t m0 = c0; m0 < c1; m0 += 2) {
+            const int64_t mb = std::min<int64_t>(2, c1 - m0);
             kAvx2BlockFns[mb - 1](xw.data() + m0 * K, K, wb + blk * per_block * kDepth, bp, yp + m0 * N, N,
                                   blk * kRows);
           }

@@ -296,27 +296,42 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
 // four rows at a time), widens 16 weights at a time to fp32 and multiplies by fp32 inputs: each product is exact
 // (bf16 x int8), sums are fp32, and the row's scale (and bias) are applied once to the sum before rounding to bf16.
 #if defined(__x86_64__)
+// A block of 4 int8 weight rows from row n0 (past N the last is repeated, its results not stored), and its
+// prefetches: the block's 4 rows are one contiguous stretch of 4 K bytes read 64 bytes a step, which the hardware
+// prefetcher follows poorly (9 GB/s a core measured on an AMD EPYC, 29 with a prefetch two blocks ahead into L1): the
+// line kPrefetchBytes ahead is prefetched into L2 each step (on the Xeon we measured, 37 GB/s vs 32 two blocks
+// ahead), on AMD CPUs the one kInt8L1PrefetchBytes ahead into L1 too.
+struct Int8Block {
+  const int8_t* rows[4];
+  const char* ahead;
+  const char* near;
+  Int8Block(const int8_t* q, int64_t K, int64_t N, int64_t n0)
+      : ahead(reinterpret_cast<const char*>(q + n0 * K) + kPrefetchBytes),
+        near(reinterpret_cast<const char*>(q + n0 * K) + kInt8L1PrefetchBytes) {
+    for (int r = 0; r < 4; ++r) rows[r] = q + std::min<int64_t>(n0 + r, N - 1) * K;
+  }
+  // the prefetches of the step that reads inputs k .. k + 15 of the 4 rows (never faults, even past the end)
+  void prefetch(int64_t k) const {
+    _mm_prefetch(ahead + 4 * k, _MM_HINT_T1);
+    if (kInt8L1PrefetchBytes) _mm_prefetch(near + 4 * k, _MM_HINT_T0);
+  }
+};
+
 template <int MB>
 __attribute__((target("avx512f"))) static inline void int8_block(const float* x, int64_t K, const int8_t* q,
                                                                  const float* scale, const float* bias, bf16* y,
                                                                  int64_t N, int64_t n0) {
   constexpr int NR = 4;
-  const int8_t* rows[NR];
-  for (int r = 0; r < NR; ++r) rows[r] = q + std::min<int64_t>(n0 + r, N - 1) * K;  // past N: repeat, not stored
+  const Int8Block w(q, K, N, n0);
   __m512 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  // the block's 4 rows are one contiguous stretch of 4 K bytes read 64 bytes a step, which the hardware prefetcher
-  // follows poorly (9 GB/s a core measured on an AMD EPYC, 29 with a prefetch two blocks ahead into L1): the line
-  // kPrefetchBytes ahead is prefetched into L2 each step (on the Xeon we measured, 37 GB/s vs 32 two blocks ahead)
-  const char* ahead = reinterpret_cast<const char*>(q + n0 * K) + kPrefetchBytes;
-  const char* near = reinterpret_cast<const char*>(q + n0 * K) + kInt8L1PrefetchBytes;
   for (int64_t k = 0; k < K; k += 16) {
-    _mm_prefetch(ahead + 4 * k, _MM_HINT_T1);  // never faults, even past the end
-    if (kInt8L1PrefetchBytes) _mm_prefetch(near + 4 * k, _MM_HINT_T0);
+    w.prefetch(k);
     __m512 wv[NR];
     for (int r = 0; r < NR; ++r)
-      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k))));
+      wv[r] =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.rows[r] + k))));
     for (int m = 0; m < MB; ++m) {
       const __m512 xv = _mm512_loadu_ps(x + m * K + k);
       for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
@@ -339,20 +354,16 @@ template <int MB>
 AVX2_FN static void int8_block_avx2(const float* x, int64_t K, const int8_t* q, const float* scale,
                                     const float* bias, bf16* y, int64_t N, int64_t n0) {
   constexpr int NR = 4;
-  const int8_t* rows[NR];
-  for (int r = 0; r < NR; ++r) rows[r] = q + std::min<int64_t>(n0 + r, N - 1) * K;  // past N: repeat, not stored
+  const Int8Block w(q, K, N, n0);
   __m256 acc[MB][NR];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  const char* ahead = reinterpret_cast<const char*>(q + n0 * K) + kPrefetchBytes;
-  const char* near = reinterpret_cast<const char*>(q + n0 * K) + kInt8L1PrefetchBytes;
   for (int64_t k = 0; k < K; k += 16) {
-    _mm_prefetch(ahead + 4 * k, _MM_HINT_T1);  // never faults, even past the end
-    if (kInt8L1PrefetchBytes) _mm_prefetch(near + 4 * k, _MM_HINT_T0);
+    w.prefetch(k);
     for (int h = 0; h < 16; h += 8)
       for (int r = 0; r < NR; ++r) {
         const __m256 wv = _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + k + h))));
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.rows[r] + k + h))));
         for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + h), acc[m][r]);
       }
   }
@@ -1955,18 +1966,16 @@ __attribute__((target("avx512f"))) static void scores_avx512(const float* q, con
 
 // e^x for x <= 0 (and -inf -> 0): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial
 // (relative error < 3e-7, the size of fp32 rounding).
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+constexpr float kExpTaylor[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};  // Horner, highest first
+
 __attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is 0 in fp32; keeps n finite for -inf
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 0);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts, exact product
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), 0);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);  // ln2 in two parts, exact product
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTaylor[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -2041,17 +2050,12 @@ AVX2_FN static void scores_avx2(const float* q, const T* k, int64_t n, int64_t d
 AVX2_FN static inline __m256 exp_avx2(__m256 x) {
   const __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);  // (and -inf)
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 in two parts, as exp_avx512
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[i]));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(zero, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }

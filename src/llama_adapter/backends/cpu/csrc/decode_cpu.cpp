@@ -138,13 +138,23 @@ static const BlockFn kBlockFns[4] = {block_dot<1, 4>, block_dot<2, 4>, block_dot
 // 4 weight rows meet up to 2 input rows at once (block_dot_avx2).
 #define AVX2_FN __attribute__((target("avx2,fma")))
 
+// 16 bf16 at p as fp32: the 8 at even offsets (each pair's low half shifted up) and the 8 at odd ones (the low half
+// masked off); the inputs and the weights are split alike, so their products meet in the same lanes
+struct Bf16Pairs {
+  __m256 even, odd;
+  AVX2_FN explicit Bf16Pairs(const bf16* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+
 // n bf16 (n % 16 == 0) -> fp32 in pair order: per 16 values the 8 at even offsets, then the 8 at odd ones
 AVX2_FN static void widen_pairs(const bf16* x, int64_t n, float* out) {
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t i = 0; i < n; i += 16) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_slli_epi32(v, 16));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8), _mm256_and_si256(v, high));
+    const Bf16Pairs v(x + i);
+    _mm256_storeu_ps(out + i, v.even);
+    _mm256_storeu_ps(out + i + 8, v.odd);
   }
 }
 
@@ -165,7 +175,6 @@ constexpr int64_t kAvx2RowChunkBytes = 64 << 10;
 template <int MB>
 AVX2_FN static void block_dot_avx2(const float* xw, int64_t K, const bf16* blk, const bf16* bias, bf16* y,
                                    int64_t N, int64_t n) {
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[MB][kRows];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < kRows; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -180,12 +189,10 @@ AVX2_FN static void block_dot_avx2(const float* xw, int64_t K, const bf16* blk, 
         xo[m] = _mm256_loadu_ps(xw + m * K + kDepth * k + 16 * h + 8);
       }
       for (int r = 0; r < kRows; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kDepth * r + 16 * h));
-        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        const Bf16Pairs wv(w + kDepth * r + 16 * h);
         for (int m = 0; m < MB; ++m) {
-          acc[m][r] = _mm256_fmadd_ps(even, xe[m], acc[m][r]);
-          acc[m][r] = _mm256_fmadd_ps(odd, xo[m], acc[m][r]);
+          acc[m][r] = _mm256_fmadd_ps(wv.even, xe[m], acc[m][r]);
+          acc[m][r] = _mm256_fmadd_ps(wv.odd, xo[m], acc[m][r]);
         }
       }
     }
@@ -393,17 +400,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __
   return _mm512_cvtne2ps_pbh(hi, lo);  // 32 values in order: exact (|q| <= 128 has 8 significant bits)
 }
 
-// the next 32 weights of the block's row r at input offset 32 k, with int8_block's prefetches (two lines per 32
-// inputs of the block's 4 rows)
-struct Int8Rows {
-  const int8_t* rows[4];
-  const char* ahead;
-  const char* near;
+// the next 32 weights of the block's row r at input offset 32 k, with int8_block's prefetches (those of inputs
+// 32 k and 32 k + 16: two lines per 32 inputs of the block's 4 rows)
+struct Int8Rows : Int8Block {
+  using Int8Block::Int8Block;
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline __m512bh widen(int64_t k, int r) const {
-    if (r < 2) {
-      _mm_prefetch(ahead + 128 * k + 64 * r, _MM_HINT_T1);  // never faults, even past the end
-      if (kInt8L1PrefetchBytes) _mm_prefetch(near + 128 * k + 64 * r, _MM_HINT_T0);
-    }
+    if (r < 2) prefetch(32 * k + 16 * r);
     return int8_pairs(rows[r] + 32 * k);
   }
 };
@@ -437,10 +439,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline vo
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void int8_bf16_block(
     const bf16* x, int64_t M, int64_t K, const int8_t* q, const float* scale, const float* bias, bf16* y, int64_t N,
     int64_t n0, __m512bh* scratch) {
-  Int8Rows w;
-  for (int r = 0; r < 4; ++r) w.rows[r] = q + std::min<int64_t>(n0 + r, N - 1) * K;  // past N: repeat, not stored
-  w.ahead = reinterpret_cast<const char*>(q + n0 * K) + kPrefetchBytes;
-  w.near = reinterpret_cast<const char*>(q + n0 * K) + kInt8L1PrefetchBytes;
+  const Int8Rows w(q, K, N, n0);
   switch (M) {
     case 1: return int8_bf16_dots<1>(x, K, 1, w, nullptr, scale, bias, y, N, n0);
     case 2: return int8_bf16_dots<2>(x, K, 2, w, nullptr, scale, bias, y, N, n0);

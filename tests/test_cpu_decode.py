@@ -485,10 +485,11 @@ def test_decode_plan_is_not_made_where_a_projection_has_no_kernel(ext, tiny_base
     assert fused.plan is not None and fused.plan[1] is None
 
 
-@pytest.mark.parametrize(("B", "H", "n_kv", "T"), [(1, 9, 3, 37), (2, 4, 4, 5), (1, 2, 1, 1)])
+@pytest.mark.parametrize(("B", "H", "n_kv", "T"), [(1, 9, 3, 37), (2, 4, 4, 5), (1, 2, 1, 1), (2, 8, 2, 70)])
 def test_prefill_attention_is_causal_attention_in_fp32(ext, B, H, n_kv, T) -> None:  # type: ignore[no-untyped-def]
-    """The decoder's prefill attends with the decode step's fp32 kernel, query t to keys 0..t: equal to fp32 causal
-    SDPA to fp32 rounding before the one rounding to bf16 (so within one bf16 ulp)."""
+    """The decoder's prefill attends in fp32, query t to keys 0..t (the decode step's kernel, or on AVX2 from 16
+    tokens on query rows 3 at a time against blocks of 32 keys): equal to fp32 causal SDPA to fp32 rounding before
+    the one rounding to bf16 (so within one bf16 ulp)."""
     torch.manual_seed(0)
     d = 64
     q = torch.randn(B, H, T, d).bfloat16()
@@ -657,9 +658,10 @@ def test_cache_write_is_atens_index_put_bit_for_bit(ext, dtype, cache_dtype, mon
 
 def test_prefill_norms_are_the_decode_plans_norms(ext) -> None:  # type: ignore[no-untyped-def]
     """Without gradients a bf16 RMSNorm (and the residual sum before it) takes the C++ pass the decode plan and
-    training's forward use: their values bit for bit, within a bf16 rounding of the stock ops."""
-    if not ext.has_bf16_dot():
-        pytest.skip("this CPU has no AVX512-BF16: the stock ops")
+    training's forward use (AVX512-BF16; on AVX2 the decode plan's): their values bit for bit, within a bf16 rounding
+    of the stock ops."""
+    if not ext.has_blocked_linear():
+        pytest.skip("this CPU has neither AVX512-BF16 nor AVX2: the stock ops")
     torch.manual_seed(0)
     norm = RMSNorm(96, 1e-5).bfloat16().requires_grad_(False)
     norm.weight.uniform_(0.5, 1.5)
@@ -671,8 +673,11 @@ def test_prefill_norms_are_the_decode_plans_norms(ext) -> None:  # type: ignore[
         y = fast(x)
         h, y2 = fast.add_norm(x, a)
     assert torch.equal(y, ext.rms_norm(x.reshape(-1, 96), norm.weight, 1e-5).view(x.shape))
-    assert torch.equal(y, kernels.rms_norm(x, norm.weight, 1e-5))  # the training forward (grad mode on)
-    assert torch.equal(h, x + a) and torch.equal(y2, kernels.rms_norm(x + a, norm.weight, 1e-5))
+    assert torch.equal(h, x + a)
+    assert torch.equal(y2, ext.rms_norm((x + a).reshape(-1, 96), norm.weight, 1e-5).view(x.shape))
+    if ext.has_bf16_dot():  # the training forward (grad mode on) takes the same pass
+        assert torch.equal(y, kernels.rms_norm(x, norm.weight, 1e-5))
+        assert torch.equal(y2, kernels.rms_norm(x + a, norm.weight, 1e-5))
     with torch.no_grad():
         _close(y, norm(x)), _close(y2, norm(x + a))
 
@@ -693,6 +698,7 @@ def test_the_avx2_kernels_hold_on_cpus_that_have_more(ext) -> None:  # type: ign
         pytest.skip("runs where the CPU has AVX-512 (elsewhere these tests already take the AVX2 kernels)")
     tests = Path(__file__).parent
     selection = "blocked_linear or int8_kernel or decode_plan_runs or products_give or advancing or bf16_models_cache"
+    selection += " or prefill_attention_is or prefill_norms or bit_exact_swiglu or rotary_embedding_is"
     env = {**os.environ, "LLAMA_ADAPTER_CPU_ISA": "avx2"}
     probe = "from llama_adapter.backends.cpu import kernels as k; e = k.native(); "
     probe += "print(e.has_bf16_dot(), e.has_blocked_linear(), e.has_int8_linear())"
@@ -700,7 +706,7 @@ def test_the_avx2_kernels_hold_on_cpus_that_have_more(ext) -> None:  # type: ign
     assert seen.stdout.split() == ["False", "True", "True"], seen.stdout + seen.stderr  # AVX2's kernels only
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection]
     run = subprocess.run(
-        [*cmd, str(tests / "test_cpu_decode.py"), str(tests / "test_quantize.py")],
+        [*cmd, *(str(tests / f) for f in ("test_cpu_decode.py", "test_quantize.py", "test_cpu_kernels.py"))],
         env=env,
         capture_output=True,
         text=True,

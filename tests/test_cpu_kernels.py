@@ -528,6 +528,11 @@ def test_bf16_rms_norm_with_a_frozen_weight_takes_one_pass_each_way(monkeypatch:
 needs_bf16_kernels = pytest.mark.skipif(
     kernels.native_with("exact_silu") is None, reason="needs the C++ kernels on AVX512-BF16"
 )
+# the row kernels a forward without gradients takes: AVX512-BF16's, or AVX2's (SLEEF's 8-wide expf for the SwiGLU)
+needs_vector_rows = pytest.mark.skipif(
+    kernels.native_with("exact_silu") is None and kernels.native_with("silu_rows") is None,
+    reason="needs the C++ kernels on AVX512-BF16 or AVX2",
+)
 
 
 @needs_bf16_kernels
@@ -585,7 +590,7 @@ def test_bf16_training_residual_sum_and_norm_in_one_pass_bit_for_bit(monkeypatch
     assert step()[2].abs().sum() > 0 and len(calls) == 3
 
 
-@needs_bf16_kernels
+@needs_vector_rows
 def test_bf16_training_rotary_embedding_is_apply_ropes_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rotation and head split of bf16 training (`CpuAttention.heads`, one C++ pass each way) round as
     `model.apply_rope` does: a training step's loss and adapter gradients are equal with and without it."""
@@ -600,7 +605,7 @@ def test_bf16_training_rotary_embedding_is_apply_ropes_bit_for_bit(monkeypatch: 
         assert torch.equal(s, f)
 
 
-@needs_bf16_kernels
+@needs_vector_rows
 def test_a_prefill_without_gradients_takes_the_bit_exact_swiglu_and_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
     """Outside training too (a prompt's prefill, scoring), a bf16 forward takes the SwiGLU and RoPE kernels whose
     values are ATen's bit for bit (a 512-token prefill of SmolLM2-135M: 0.74x the time): the logits of a no-grad

@@ -86,6 +86,8 @@ def native() -> Any | None:
         # SLEEF's vector expf as libtorch exports it, and AVX512-BF16: the exact SwiGLU (decoding's and training's)
         # and the training loss's softmax
         _native["exact_silu"] = bool(getattr(ext, "has_exact_silu", lambda: False)())
+        # AVX2 without AVX512-BF16: SLEEF's 8-wide expf, the SwiGLU of a forward without gradients (ATen's values)
+        _native["silu_rows"] = bool(getattr(ext, "has_silu_rows_avx2", lambda: False)())
         # the engine of training's causal attention in one pass per key/value group: "amx" (AMX-BF16 tiles usable
         # by this process), "avx512" (AVX512-BF16 dot products) or "" (ATen's batched products)
         _native["fused_attention"] = str(getattr(ext, "fused_attention_kind", lambda: "")())
@@ -429,9 +431,12 @@ def swiglu(h: Tensor) -> Tensor | None:
     mul and silu_backward round). None where it does not apply (no AVX512-BF16 or SLEEF, not bf16)."""
     if h.device.type != "cpu" or h.dtype != torch.bfloat16 or h.shape[-1] % 2:
         return None
-    if native_with("exact_silu") is None:
-        return None
     rows = h.reshape(-1, h.shape[-1]).contiguous()
+    if native_with("exact_silu") is None:
+        ext = native_with("silu_rows")  # (AVX2: a forward without gradients, a prefill's)
+        if ext is None or torch.is_grad_enabled():
+            return None
+        return ext.silu_mul(rows).view(*h.shape[:-1], h.shape[-1] // 2)
     return _SwiGLU.apply(rows).view(*h.shape[:-1], h.shape[-1] // 2)
 
 
@@ -620,6 +625,14 @@ def _rms_ext(x: Tensor, weight: Tensor) -> Any | None:
     return native_with("bf16_dot")
 
 
+def _rms_rows_ext(x: Tensor, weight: Tensor) -> Any | None:
+    """The C++ kernels where their rows without gradients are vectors: `_rms_ext`'s, or AVX2's (bf16 rows of a
+    width divisible by 8 on CPUs without AVX512-BF16, where the blocked products are AVX2's too)."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[-1] % 8 or x.device.type != "cpu":
+        return None
+    return _rms_ext(x, weight) or native_with("blocked")
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
@@ -627,7 +640,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def rms_norm_no_grad(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     """`_RMSNorm`'s forward without autograd (a prefill's norms: the values of the decode plan's norm, one C++ call
     instead of ATen's six ops), or None where the kernel does not take it (the caller takes the stock ops)."""
-    ext = _rms_ext(x, weight)
+    ext = _rms_rows_ext(x, weight)
     if ext is None:
         return None
     return ext.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps).view(x.shape)
@@ -664,8 +677,15 @@ def add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tens
     """`RMSNorm.add_norm` for bf16 with a frozen weight in one C++ pass each way (`_AddRMSNorm`; without gradients
     its forward); None where it does not apply (no kernels, other dtypes, a weight that trains), and the
     caller takes the two ops."""
-    if _rms_ext(x, weight) is None or a.dtype != x.dtype or a.shape != x.shape or weight.requires_grad:
+    if a.dtype != x.dtype or a.shape != x.shape or weight.requires_grad:
         return None
+    if _rms_ext(x, weight) is None:
+        ext = _rms_rows_ext(x, weight)  # (AVX2: a forward without gradients, a prefill's)
+        if ext is None or torch.is_grad_enabled():
+            return None
+        D = x.shape[-1]
+        h, y = ext.add_rms_norm_rows(x.reshape(-1, D).contiguous(), a.reshape(-1, D).contiguous(), weight, eps)
+        return h.view(x.shape), y.view(x.shape)
     h, y = _AddRMSNorm.apply(x, a, weight, eps)
     return h, y
 
@@ -695,7 +715,7 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv: int) -> 
         or cos.shape[:2] != (1, 1)
         or d % 32 != 0
         or not qkv.is_contiguous()
-        or native_with("bf16_dot") is None
+        or native_with("blocked") is None  # (AVX512-BF16 or AVX2: the vector kernels)
     ):
         return None
     q, k, v = _RopeQKV.apply(qkv, cos.contiguous(), sin.contiguous(), n_heads, n_kv)

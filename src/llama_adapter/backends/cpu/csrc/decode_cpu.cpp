@@ -164,10 +164,10 @@ AVX2_FN static inline __m128 sum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) 
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// many input rows (a prefill) meet a weight block this many bytes of widened inputs at a time, which stay in L2:
-// SmolLM2-135M's products at 512 rows on the 2-core Zen 3 VM, 32-256 KiB: 102-110 GFLOP/s; all rows at once
-// (from L3): 80-84; ATen's fp32 matmul of the widened operands 114-118, its bf16 one ~20
-constexpr int64_t kAvx2RowChunkBytes = 64 << 10;
+// many input rows (a prefill) are taken this many at a time by a unit of the product's work: SmolLM2-135M's
+// products at 512 rows on the 2-core Zen 3 VM, groups of 32-128 rows: 118-160 GFLOP/s as the machine's noise
+// goes (78-88 on one core, its FMA peak; MKL's fp32 GEMM 76-84 there), ATen's bf16 matmul ~20
+constexpr int64_t kAvx2RowGroup = 64;
 
 // one block of 4 weight rows (blk: K / 32 x 4 rows x 32 bf16) for MB <= 2 input rows of widen_pairs' order (stride
 // K), their 16 inputs at a time in registers (8 accumulators, 4 inputs, 2 weights of 16 ymm registers): 1.18x the
@@ -266,23 +266,28 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t N,
   bf16* yp = y.data_ptr<bf16>();
   const int64_t per_block = K / kDepth * kRows;  // 64-byte vectors per block
   if (!kBf16Dot) {
-    std::vector<float> xw(M * K);  // the inputs in widen_pairs' order, once for every block
-    widen_pairs(xp, M * K, xw.data());
+    std::unique_ptr<float[]> xw(new float[M * K]);  // the inputs in widen_pairs' order, once for every block
     const bf16* wb = wp.data_ptr<bf16>();
-    // many rows (a prefill): a weight block meets a chunk of rows' inputs at a time, which stay in L2 (the next
-    // chunk reads the weights again, from L3 or memory) where all of a long prompt's would come from L3
-    const int64_t chunk = std::max<int64_t>(2, (kAvx2RowChunkBytes / (4 * K)) / 2 * 2);
-    for (int64_t c0 = 0; c0 < M; c0 += chunk) {
-      const int64_t c1 = std::min(M, c0 + chunk);
-      for_chunks(blocks, std::max<int64_t>(1, 2048 / per_block), [&](int64_t b0, int64_t b1) {
-        for (int64_t blk = b0; blk < b1; ++blk)
-          for (int64_t m0 = c0; m0 < c1; m0 += 2) {
-            const int64_t mb = std::min<int64_t>(2, c1 - m0);
-            kAvx2BlockFns[mb - 1](xw.data() + m0 * K, K, wb + blk * per_block * kDepth, bp, yp + m0 * N, N,
+    for_chunks(M * K / 16, kRowPiece / 16, [&](int64_t v0, int64_t v1) {
+      widen_pairs(xp + 16 * v0, 16 * (v1 - v0), xw.get() + 16 * v0);
+    });
+    // a unit of work: a piece of weight blocks (~128 KiB, in L2) and a group of input rows; each 2 rows' inputs
+    // (in L1) meet the piece's blocks in turn. One parallel region a call (a prefill's rows in L2-sized chunks, each
+    // its own region, measured the same at 512 rows on the Zen 3 VM, and waited at every chunk's end)
+    const int64_t piece = std::max<int64_t>(1, 2048 / per_block), G = kAvx2RowGroup;
+    const int64_t pieces = (blocks + piece - 1) / piece, groups = (M + G - 1) / G;
+    for_chunks(pieces * groups, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t b0 = it / groups * piece, b1 = std::min(blocks, b0 + piece);
+        const int64_t g0 = it % groups * G, g1 = std::min(M, g0 + G);
+        for (int64_t m0 = g0; m0 < g1; m0 += 2) {
+          const int64_t mb = std::min<int64_t>(2, g1 - m0);
+          for (int64_t blk = b0; blk < b1; ++blk)
+            kAvx2BlockFns[mb - 1](xw.get() + m0 * K, K, wb + blk * per_block * kDepth, bp, yp + m0 * N, N,
                                   blk * kRows);
-          }
-      });
-    }
+        }
+      }
+    });
     return y;
   }
   for_chunks(blocks, std::max<int64_t>(1, 2048 / per_block), [&](int64_t b0, int64_t b1) {
@@ -510,6 +515,68 @@ static void rms_row(const bf16* h, const bf16* w, bf16* out, int64_t D, float ep
   for (int64_t i = 0; i < D; ++i) out[i] = b(f(w[i]) * f(b(f(h[i]) * r)));
 }
 
+#if defined(__x86_64__)
+// ---- AVX2 rows: RMSNorm, the residual add and the SwiGLU where AVX512-BF16 is missing -------------------------
+// (a 512-token prefill of SmolLM2-135M on the 2-core Zen 3 VM spent ~70 ms in ATen's ops for these)
+AVX2_FN static inline __m256 widen8(const bf16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// 8 fp32 values as bf16, rounded to nearest even as c10::BFloat16 (a NaN: its quiet NaN)
+AVX2_FN static inline __m128i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+AVX2_FN static inline void store8_bf16(bf16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v));
+}
+
+AVX2_FN static inline __m256 round8_bf16(__m256 v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16_bits8(v)), 16));
+}
+
+// rms_train_row's formula and roundings in 8 lanes (D % 8 == 0)
+AVX2_FN static void rms_row_avx2(const bf16* x, const bf16* w, bf16* y, int64_t D, float eps) {
+  __m256 ss = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) ss = _mm256_fmadd_ps(widen8(x + i), widen8(x + i), ss);
+  const __m256 z = _mm256_setzero_ps();
+  const float r = 1.f / std::sqrt(_mm_cvtss_f32(sum4x8(ss, z, z, z)) / static_cast<float>(D) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  for (int64_t i = 0; i < D; i += 8)
+    store8_bf16(y + i, _mm256_mul_ps(widen8(w + i), round8_bf16(_mm256_mul_ps(widen8(x + i), rv))));
+}
+
+// h = x + a over n bf16 values (n % 8 == 0), each sum rounded once as ATen's add (h may be x: in place)
+AVX2_FN static void add_rows_avx2(const bf16* x, const bf16* a, bf16* h, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) store8_bf16(h + i, _mm256_add_ps(widen8(x + i), widen8(a + i)));
+}
+
+// silu_mul_row (below) in 8 lanes with SLEEF's 8-wide expf, as ATen's AVX2 silu: its vectors cover runs of 32
+// elements of a row (64 where the CPU has AVX-512: ATen's kernels then are its AVX-512 ones), std::exp the rest
+using ExpF8 = __m256 (*)(__m256);
+static const ExpF8 kSleefExp8 = reinterpret_cast<ExpF8>(dlsym(RTLD_DEFAULT, "Sleef_expf8_u10"));
+static const int64_t kAtenSiluRun = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") ? 64 : 32);
+
+AVX2_FN static void silu_mul_row_avx2(const bf16* g, const bf16* u, bf16* out, int64_t F) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t i = 0;
+  for (const int64_t runs = F / kAtenSiluRun * kAtenSiluRun; i < runs; i += 8) {
+    const __m256 x = widen8(g + i);
+    const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, kSleefExp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    store8_bf16(out + i, _mm256_mul_ps(round8_bf16(silu), widen8(u + i)));
+  }
+  for (; i < F; ++i) {
+    const float x = f(g[i]);
+    out[i] = b(f(b(x / (1.f + std::exp(-x)))) * f(u[i]));
+  }
+}
+#endif
+
 // h [B, 2F] = [gate | up] -> silu(gate) * up, with the values of ATen's ops in FeedForward.forward, bit for bit.
 // ATen's CPU silu on bf16 computes x / (1 + e^-x) in fp32, e^x by SLEEF's expf (1-ulp) in vectors of 16 over runs
 // of 64 elements of a row and by std::exp on the rest, and rounds to bf16; its bf16 product rounds the fp32
@@ -561,6 +628,15 @@ bool has_exact_silu() {
 #endif
 }
 
+// libtorch exports SLEEF's 8-wide expf and the CPU has AVX2 without AVX512-BF16: silu_mul's AVX2 rows (no backward)
+bool has_silu_rows_avx2() {
+#if defined(__x86_64__)
+  return kSleefExp8 != nullptr && kAvx2 && !kBf16Dot;
+#else
+  return false;
+#endif
+}
+
 torch::Tensor silu_mul(const torch::Tensor& h) {
 #if defined(__x86_64__)
   if (has_exact_silu() && h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kBFloat16 && h.size(1) % 2 == 0) {
@@ -570,6 +646,17 @@ torch::Tensor silu_mul(const torch::Tensor& h) {
     bf16* op = out.data_ptr<bf16>();
     for_chunks(B, kRowPiece / F, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) silu_mul_row(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
+    });
+    return out;
+  }
+  if (has_silu_rows_avx2() && h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kBFloat16 &&
+      h.size(1) % 2 == 0) {
+    const int64_t B = h.size(0), F = h.size(1) / 2;
+    auto out = torch::empty({B, F}, h.options());
+    const bf16* hp = h.data_ptr<bf16>();
+    bf16* op = out.data_ptr<bf16>();
+    for_chunks(B, kRowPiece / F, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) silu_mul_row_avx2(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
     });
     return out;
   }
@@ -647,6 +734,10 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
         rms_train_row(xp + i * D, wp, op + i * D, D, (float)eps);
         continue;
       }
+      if (kAvx2 && D % 8 == 0) {
+        rms_row_avx2(xp + i * D, wp, op + i * D, D, (float)eps);
+        continue;
+      }
 #endif
       rms_row(xp + i * D, wp, op + i * D, D, (float)eps);
     }
@@ -665,9 +756,31 @@ torch::Tensor add_rms_norm(torch::Tensor& x, const torch::Tensor& y, const torch
   int64_t i = 0;
 #if defined(__x86_64__)
   if (kBf16Dot && n % 16 == 0) add_rows(xp, yp, xp, n), i = n;
+  else if (kAvx2 && n % 8 == 0) add_rows_avx2(xp, yp, xp, n), i = n;
 #endif
   for (; i < n; ++i) xp[i] = b(f(xp[i]) + f(yp[i]));
   return rms_norm(x, w, eps);
+}
+
+// x, a [R, D] bf16 contiguous -> (h = x + a, rms_norm(h)): a prefill's residual sum and norm without gradients, the
+// rows spread over the threads (add_rms_norm's values; x is left as it is)
+std::vector<torch::Tensor> add_rms_norm_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w,
+                                             double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && a.sizes() == x.sizes() &&
+                  a.is_contiguous() && a.scalar_type() == at::kBFloat16, "add_rms_norm_rows: x, a");
+  auto h = torch::empty_like(x);
+  const int64_t R = x.size(0), D = x.size(1);
+  const bf16 *xp = x.data_ptr<bf16>(), *ap = a.data_ptr<bf16>();
+  bf16* hp = h.data_ptr<bf16>();
+  for_chunks(R, kRowPiece / std::max<int64_t>(1, D), [&](int64_t r0, int64_t r1) {
+    int64_t i = r0 * D;
+#if defined(__x86_64__)
+    if (kBf16Dot && D % 16 == 0) add_rows(xp + i, ap + i, hp + i, (r1 - r0) * D), i = r1 * D;
+    else if (kAvx2 && D % 8 == 0) add_rows_avx2(xp + i, ap + i, hp + i, (r1 - r0) * D), i = r1 * D;
+#endif
+    for (; i < r1 * D; ++i) hp[i] = b(f(xp[i]) + f(ap[i]));
+  });
+  return {h, rms_norm(h, w, eps)};
 }
 
 // x [R, D] bf16 contiguous (D % 16 == 0), w [D] bf16 -> (y [R, D] bf16, r [R] fp32)
@@ -1821,6 +1934,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void rope
   }
 }
 
+// rope_head in 8 lanes (CPUs with AVX2 and without AVX512-BF16): the same products, roundings and sums
+AVX2_FN static void rope_head_avx2(const bf16* x, const bf16* cs, const bf16* sn, bf16* out, int64_t d, bool backward) {
+  const int64_t h = d / 2;
+  for (int64_t i = 0; i < h; i += 8) {
+    const __m256 lo = widen8(x + i), hi = widen8(x + h + i);
+    const __m256 s_lo = widen8(sn + i), s_hi = widen8(sn + h + i);
+    const __m256 a = round8_bf16(_mm256_mul_ps(lo, widen8(cs + i)));
+    const __m256 c = round8_bf16(_mm256_mul_ps(hi, widen8(cs + h + i)));
+    store8_bf16(out + i, _mm256_add_ps(a, round8_bf16(_mm256_mul_ps(hi, backward ? s_hi : s_lo))));
+    store8_bf16(out + h + i, _mm256_add_ps(c, round8_bf16(_mm256_mul_ps(lo, backward ? s_lo : s_hi))));
+  }
+}
+
 // Between the fused projection's rows [B * T, (H + 2 n_kv) d] and the heads q [B, H, T, d], k and v [B, n_kv, T, d]:
 // forward rotates each row's q and k into the heads, backward the heads' gradients into a row (rope_head's
 // transpose); v is copied either way. The source is only read (`rows` of the forward is its const input).
@@ -1836,7 +1962,7 @@ static void rope_rows(bf16* rows, bf16* q, bf16* k, bf16* v, const bf16* cos, co
         bf16* src = kBackward ? head : part;
         bf16* dst = kBackward ? part : head;
         if (rotate)
-          rope_head(src, cos + t * d, sin + t * d, dst, d, kBackward);
+          (kBf16Dot ? rope_head : rope_head_avx2)(src, cos + t * d, sin + t * d, dst, d, kBackward);
         else
           std::copy(src, src + d, dst);
       };
@@ -1852,7 +1978,7 @@ static void rope_rows(bf16* rows, bf16* q, bf16* k, bf16* v, const bf16* cos, co
 #endif
 
 static void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t T, int64_t d) {
-  TORCH_CHECK(kBf16Dot, "rope: needs AVX512-BF16");
+  TORCH_CHECK(kBf16Dot || kAvx2, "rope: needs AVX512-BF16 or AVX2");
   TORCH_CHECK(d % 32 == 0, "rope: head_dim must be a multiple of 32");
   for (const auto* t : {&cos, &sin})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16 && t->numel() == T * d,
@@ -2241,6 +2367,140 @@ torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, cons
   return over(qkv, cos, sin, kc, vc, pos, n_heads, pk, pv, gate, pmask, window);
 }
 
+#if defined(__x86_64__)
+// ---- a prefill's causal attention on AVX2: query rows 3 at a time against keys 32 at a time -----------------
+// One query row at a time (the decode step's kernel) loads and widens every key and value once per row and sums
+// each score across a vector's lanes: 34 GFLOP/s on the 2-core Zen 3 VM at T = 512, d = 64. Here a key/value
+// head's keys are widened once, transposed into blocks of 32 ([d][32]), and 3 query rows (the heads that share it,
+// or neighbouring positions) meet a block in 12 accumulators, 32 scores each of the 3 rows with no sums across
+// lanes; their probabilities then meet the widened values 32 channels at a time the same way. fp32 throughout,
+// as the one-row kernel (the sums in another order: equal to fp32 rounding).
+constexpr int64_t kPrefillRows = 3, kPrefillKeys = 32, kPrefillTile = 16;  // rows a pass, keys a block, positions a unit
+
+// k/v [T, d] of one key/value head -> kt [ceil(T / 32)][d][32] (keys past T: 0) and vf [T][d], fp32
+template <typename KV>
+static void widen_keys_values(const KV* k, const KV* v, int64_t T, int64_t d, float* kt, float* vf) {
+  for (int64_t jb = 0; jb < (T + kPrefillKeys - 1) / kPrefillKeys; ++jb)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t jj = 0; jj < kPrefillKeys; ++jj) {
+        const int64_t j = jb * kPrefillKeys + jj;
+        kt[(jb * d + c) * kPrefillKeys + jj] = j < T ? kv_float(k[j * d + c]) : 0.f;
+      }
+  for (int64_t i = 0; i < T * d; ++i) vf[i] = kv_float(v[i]);
+}
+
+// s[r][0..32) = q_r . keys of the block ktb ([d][32]) for R rows of q ([R][d], stride d; s: stride ss)
+template <int R>
+AVX2_FN static void prefill_scores(const float* q, int64_t d, const float* ktb, float* s, int64_t ss) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < 4; ++x) acc[r][x] = _mm256_setzero_ps();
+  int64_t c = 0;
+  do {  // (d > 0: as a for loop, GCC 12 stored the 12 accumulators to the stack at every step, 2.6x slower)
+    __m256 qv[R];  // (12 accumulators, 3 rows' broadcasts and one block vector: the 16 ymm registers)
+    for (int r = 0; r < R; ++r) qv[r] = _mm256_broadcast_ss(q + r * d + c);
+    for (int x = 0; x < 4; ++x) {
+      const __m256 kx = _mm256_loadu_ps(ktb + c * kPrefillKeys + 8 * x);
+      for (int r = 0; r < R; ++r) acc[r][x] = _mm256_fmadd_ps(qv[r], kx, acc[r][x]);
+    }
+  } while (++c < d);
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < 4; ++x) _mm256_storeu_ps(s + r * ss + 8 * x, acc[r][x]);
+}
+
+// o[r] = sum_j<n p[r][j] v[j] for R rows of p (stride ps) over vf [n][d] (d % 32 == 0), o [R][d]
+template <int R>
+AVX2_FN static void prefill_attend(const float* p, int64_t ps, const float* vf, int64_t d, int64_t n, float* o) {
+  for (int64_t c0 = 0; c0 < d; c0 += 32) {
+    __m256 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int x = 0; x < 4; ++x) acc[r][x] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      __m256 pv[R];
+      for (int r = 0; r < R; ++r) pv[r] = _mm256_broadcast_ss(p + r * ps + j);
+      for (int x = 0; x < 4; ++x) {
+        const __m256 vx = _mm256_loadu_ps(vf + j * d + c0 + 8 * x);
+        for (int r = 0; r < R; ++r) acc[r][x] = _mm256_fmadd_ps(pv[r], vx, acc[r][x]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int x = 0; x < 4; ++x) _mm256_storeu_ps(o + r * d + c0 + 8 * x, acc[r][x]);
+  }
+}
+
+// s[0..n) -> exp(s - max) (s[n..end): 0); returns 1 / their sum
+AVX2_FN static float prefill_softmax(float* s, int64_t n, int64_t end) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mxv));
+    _mm256_storeu_ps(s + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  const __m256 z = _mm256_setzero_ps();
+  float sum = _mm_cvtss_f32(sum4x8(sv, z, z, z));
+  for (; j < n; ++j) sum += s[j] = _mm256_cvtss_f32(exp_avx2(_mm256_set1_ps(s[j] - mx)));
+  for (; j < end; ++j) s[j] = 0.f;
+  return 1.f / sum;
+}
+
+using PrefillScoresFn = void (*)(const float*, int64_t, const float*, float*, int64_t);
+using PrefillAttendFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+static const PrefillScoresFn kPrefillScores[kPrefillRows] = {prefill_scores<1>, prefill_scores<2>, prefill_scores<3>};
+static const PrefillAttendFn kPrefillAttend[kPrefillRows] = {prefill_attend<1>, prefill_attend<2>, prefill_attend<3>};
+
+// prefill_attention_over's arguments (q contiguous; d % 32 == 0): the blocked AVX2 form
+template <typename KV>
+static void prefill_attention_blocked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                      torch::Tensor& y) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), n_kv = k.size(1), rep = H / n_kv;
+  const int64_t sb = k.stride(0), sh = k.stride(1), blocks = (T + kPrefillKeys - 1) / kPrefillKeys;
+  const int64_t ktn = blocks * kPrefillKeys * d, groups = B * n_kv, tiles = (T + kPrefillTile - 1) / kPrefillTile;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const bf16* qp = q.data_ptr<bf16>();
+  const KV *kp = k.data_ptr<KV>(), *vp = v.data_ptr<KV>();
+  bf16* yp = y.data_ptr<bf16>();
+  std::unique_ptr<float[]> kt(new float[groups * ktn]), vf(new float[groups * T * d]);
+  for_chunks(groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t head = g / n_kv * sb + g % n_kv * sh;
+      widen_keys_values(kp + head, vp + head, T, d, kt.get() + g * ktn, vf.get() + g * T * d);
+    }
+  });
+  // a unit: one key/value head's query heads at kPrefillTile positions; the longest (last) positions first, so the
+  // short ones even out the threads' ends
+  for_chunks(groups * tiles, 1, [&](int64_t u0, int64_t u1) {
+    const int64_t ss = blocks * kPrefillKeys;
+    std::vector<float> qf(kPrefillRows * d), s(kPrefillRows * ss), o(kPrefillRows * d);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = u % groups, tile = tiles - 1 - u / groups, i = g / n_kv;
+      const int64_t t0 = tile * kPrefillTile, rows = (std::min(T, t0 + kPrefillTile) - t0) * rep;
+      const float *ktg = kt.get() + g * ktn, *vfg = vf.get() + g * T * d;
+      for (int64_t r0 = 0; r0 < rows; r0 += kPrefillRows) {  // rows in (position, head) order
+        const int R = static_cast<int>(std::min(kPrefillRows, rows - r0));
+        int64_t at[kPrefillRows];  // each row's offset in q and y
+        for (int r = 0; r < R; ++r) {
+          const int64_t t = t0 + (r0 + r) / rep, h = g % n_kv * rep + (r0 + r) % rep;
+          at[r] = ((i * H + h) * T + t) * d;
+          for (int64_t c = 0; c < d; ++c) qf[r * d + c] = f(qp[at[r] + c]) * scale;
+        }
+        const int64_t n = t0 + (r0 + R - 1) / rep + 1;  // the last row's keys: the most of the R rows
+        for (int64_t jb = 0; jb * kPrefillKeys < n; ++jb)
+          kPrefillScores[R - 1](qf.data(), d, ktg + jb * kPrefillKeys * d, s.data() + jb * kPrefillKeys, ss);
+        float inv[kPrefillRows];
+        for (int r = 0; r < R; ++r) inv[r] = prefill_softmax(s.data() + r * ss, t0 + (r0 + r) / rep + 1, n);
+        kPrefillAttend[R - 1](s.data(), ss, vfg, d, n, o.data());
+        for (int r = 0; r < R; ++r)
+          for (int64_t c = 0; c < d; ++c) yp[at[r] + c] = b(o[r * d + c] * inv[r]);
+      }
+    }
+  });
+}
+#endif
+
 // causal softmax(q k^T / sqrt(d)) v of a prefill without gradients: q [B, H, T, d] bf16, k/v [B, n_kv, T, d] fp32 or
 // bf16 (rows of d contiguous; a cache's slices do) -> [B, H, T, d] bf16. Query t attends to keys 0..t, one query at a
 // time by the decode step's kernel (fp32 arithmetic, as the decode step's), queries handed to threads in chunks.
@@ -2259,6 +2519,12 @@ static torch::Tensor prefill_attention_over(const torch::Tensor& q_in, const tor
   auto y = torch::empty_like(q);
   const bf16* qp = q.data_ptr<bf16>();
   const KV *kp = k.data_ptr<KV>(), *vp = v.data_ptr<KV>();
+#if defined(__x86_64__)
+  if (kAvx2 && !kAvx512 && d % 32 == 0 && d <= 256 && T >= kPrefillTile) {
+    prefill_attention_blocked<KV>(q, k, v, y);
+    return y;
+  }
+#endif
   bf16* yp = y.data_ptr<bf16>();
   for_chunks(B * H * T, 16, [&](int64_t w0, int64_t w1) {
     std::vector<float> qf(d), o(d), scores(T);
@@ -2647,6 +2913,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
+  m.def("add_rms_norm_rows", &add_rms_norm_rows);
+  m.def("has_silu_rows_avx2", &has_silu_rows_avx2);
   m.def("silu_mul", &silu_mul);
   m.def("silu_mul_backward", &silu_mul_backward);
   m.def("rms_norm_train", &rms_norm_train);

@@ -2185,6 +2185,24 @@ AVX2_FN static inline __m256 exp_avx2(__m256 x) {
   return _mm256_andnot_ps(zero, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }
 
+// s[0..n) -> exp(s - max(s)) in place; returns their sum (a softmax's numerators and denominator)
+AVX2_FN static float exp_sum_avx2(float* s, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mxv));
+    _mm256_storeu_ps(s + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  const __m256 z = _mm256_setzero_ps();
+  float sum = _mm_cvtss_f32(sum4x8(sv, z, z, z));
+  for (; j < n; ++j) sum += s[j] = _mm256_cvtss_f32(exp_avx2(_mm256_set1_ps(s[j] - mx)));
+  return sum;
+}
+
 template <typename T>
 AVX2_FN static void softmax_attend_avx2(const float* __restrict q, const T* __restrict k, const T* __restrict v,
                                         int64_t n, int64_t d, int64_t sk, const bool* __restrict mask,
@@ -2193,27 +2211,11 @@ AVX2_FN static void softmax_attend_avx2(const float* __restrict q, const T* __re
   const float ninf = -std::numeric_limits<float>::infinity();
   if (mask)
     for (int64_t j = 0; j < n; ++j) scores[j] = mask[j] ? scores[j] : ninf;
-  float mx = ninf;
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, scores[j]);
-  const __m256 mxv = _mm256_set1_ps(mx);
-  __m256 sv = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
-    _mm256_storeu_ps(scores + j, e);
-    sv = _mm256_add_ps(sv, e);
-  }
-  const __m256 z = _mm256_setzero_ps();
-  float sum = _mm_cvtss_f32(sum4x8(sv, z, z, z));
-  for (; j < n; ++j) {
-    const float e = _mm256_cvtss_f32(exp_avx2(_mm256_set1_ps(scores[j] - mx)));
-    sum += scores[j] = e;
-  }
-  const __m256 inv = _mm256_set1_ps(1.f / sum);
+  const __m256 inv = _mm256_set1_ps(1.f / exp_sum_avx2(scores, n));
   const int64_t dv = d / 8;
   __m256 acc[16];
   for (int64_t c = 0; c < dv; ++c) acc[c] = _mm256_setzero_ps();
-  for (j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const __m256 pj = _mm256_set1_ps(scores[j]);
     for (int64_t c = 0; c < dv; ++c) acc[c] = _mm256_fmadd_ps(pj, kv8(v + j * sk + 8 * c), acc[c]);
   }
@@ -2430,21 +2432,9 @@ AVX2_FN static void prefill_attend(const float* p, int64_t ps, const float* vf, 
 
 // s[0..n) -> exp(s - max) (s[n..end): 0); returns 1 / their sum
 AVX2_FN static float prefill_softmax(float* s, int64_t n, int64_t end) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-  const __m256 mxv = _mm256_set1_ps(mx);
-  __m256 sv = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mxv));
-    _mm256_storeu_ps(s + j, e);
-    sv = _mm256_add_ps(sv, e);
-  }
-  const __m256 z = _mm256_setzero_ps();
-  float sum = _mm_cvtss_f32(sum4x8(sv, z, z, z));
-  for (; j < n; ++j) sum += s[j] = _mm256_cvtss_f32(exp_avx2(_mm256_set1_ps(s[j] - mx)));
-  for (; j < end; ++j) s[j] = 0.f;
-  return 1.f / sum;
+  const float inv = 1.f / exp_sum_avx2(s, n);
+  std::fill(s + n, s + end, 0.f);
+  return inv;
 }
 
 using PrefillScoresFn = void (*)(const float*, int64_t, const float*, float*, int64_t);

@@ -639,24 +639,15 @@ bool has_silu_rows_avx2() {
 
 torch::Tensor silu_mul(const torch::Tensor& h) {
 #if defined(__x86_64__)
-  if (has_exact_silu() && h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kBFloat16 && h.size(1) % 2 == 0) {
+  // AVX512-BF16's rows, else AVX2's (each ATen's values bit for bit on such a CPU)
+  const auto row = has_exact_silu() ? silu_mul_row : has_silu_rows_avx2() ? silu_mul_row_avx2 : nullptr;
+  if (row != nullptr && h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kBFloat16 && h.size(1) % 2 == 0) {
     const int64_t B = h.size(0), F = h.size(1) / 2;
     auto out = torch::empty({B, F}, h.options());
     const bf16* hp = h.data_ptr<bf16>();
     bf16* op = out.data_ptr<bf16>();
     for_chunks(B, kRowPiece / F, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) silu_mul_row(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
-    });
-    return out;
-  }
-  if (has_silu_rows_avx2() && h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kBFloat16 &&
-      h.size(1) % 2 == 0) {
-    const int64_t B = h.size(0), F = h.size(1) / 2;
-    auto out = torch::empty({B, F}, h.options());
-    const bf16* hp = h.data_ptr<bf16>();
-    bf16* op = out.data_ptr<bf16>();
-    for_chunks(B, kRowPiece / F, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) silu_mul_row_avx2(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
+      for (int64_t r = r0; r < r1; ++r) row(hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
     });
     return out;
   }

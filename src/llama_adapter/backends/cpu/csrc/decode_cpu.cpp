@@ -2368,7 +2368,9 @@ torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& cos, cons
 // or neighbouring positions) meet a block in 12 accumulators, 32 scores each of the 3 rows with no sums across
 // lanes; their probabilities then meet the widened values 32 channels at a time the same way. fp32 throughout,
 // as the one-row kernel (the sums in another order: equal to fp32 rounding).
-constexpr int64_t kPrefillRows = 3, kPrefillKeys = 32, kPrefillTile = 16;  // rows a pass, keys a block, positions a unit
+// rows a pass, keys a block, at most this many positions a unit of the threads' work (fewer in a short prompt, so
+// it still makes units enough to share: T / 32 of them, at least one), a prompt from this many tokens on
+constexpr int64_t kPrefillRows = 3, kPrefillKeys = 32, kPrefillTile = 16, kPrefillMinTokens = 16;
 
 // k/v [T, d] of one key/value head -> kt [ceil(T / 32)][d][32] (keys past T: 0) and vf [T][d], fp32
 template <typename KV>
@@ -2439,7 +2441,8 @@ static void prefill_attention_blocked(const torch::Tensor& q, const torch::Tenso
                                       torch::Tensor& y) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), n_kv = k.size(1), rep = H / n_kv;
   const int64_t sb = k.stride(0), sh = k.stride(1), blocks = (T + kPrefillKeys - 1) / kPrefillKeys;
-  const int64_t ktn = blocks * kPrefillKeys * d, groups = B * n_kv, tiles = (T + kPrefillTile - 1) / kPrefillTile;
+  const int64_t ktn = blocks * kPrefillKeys * d, groups = B * n_kv;
+  const int64_t tile_len = std::clamp<int64_t>(T / 32, 1, kPrefillTile), tiles = (T + tile_len - 1) / tile_len;
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const bf16* qp = q.data_ptr<bf16>();
   const KV *kp = k.data_ptr<KV>(), *vp = v.data_ptr<KV>();
@@ -2451,14 +2454,17 @@ static void prefill_attention_blocked(const torch::Tensor& q, const torch::Tenso
       widen_keys_values(kp + head, vp + head, T, d, kt.get() + g * ktn, vf.get() + g * T * d);
     }
   });
-  // a unit: one key/value head's query heads at kPrefillTile positions; the longest (last) positions first, so the
-  // short ones even out the threads' ends
+  // a unit: one key/value head's query heads at tile_len positions, whose cost grows with the position. The
+  // guided schedule hands a thread the first half of the units at once, so they alternate long and short (the last
+  // tile, the first, the last but one, ...): any run of them costs about its share. Longest first instead gave the
+  // first thread 3/4 of the work (two threads 1.5x one at T = 512 on the Zen 3 VM)
   for_chunks(groups * tiles, 1, [&](int64_t u0, int64_t u1) {
     const int64_t ss = blocks * kPrefillKeys;
     std::vector<float> qf(kPrefillRows * d), s(kPrefillRows * ss), o(kPrefillRows * d);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t g = u % groups, tile = tiles - 1 - u / groups, i = g / n_kv;
-      const int64_t t0 = tile * kPrefillTile, rows = (std::min(T, t0 + kPrefillTile) - t0) * rep;
+      const int64_t g = u % groups, nth = u / groups, i = g / n_kv;
+      const int64_t tile = nth % 2 == 0 ? tiles - 1 - nth / 2 : nth / 2;
+      const int64_t t0 = tile * tile_len, rows = (std::min(T, t0 + tile_len) - t0) * rep;
       const float *ktg = kt.get() + g * ktn, *vfg = vf.get() + g * T * d;
       for (int64_t r0 = 0; r0 < rows; r0 += kPrefillRows) {  // rows in (position, head) order
         const int R = static_cast<int>(std::min(kPrefillRows, rows - r0));
@@ -2501,7 +2507,7 @@ static torch::Tensor prefill_attention_over(const torch::Tensor& q_in, const tor
   const bf16* qp = q.data_ptr<bf16>();
   const KV *kp = k.data_ptr<KV>(), *vp = v.data_ptr<KV>();
 #if defined(__x86_64__)
-  if (kAvx2 && !kAvx512 && d % 32 == 0 && d <= 256 && T >= kPrefillTile) {
+  if (kAvx2 && !kAvx512 && d % 32 == 0 && d <= 256 && T >= kPrefillMinTokens) {
     prefill_attention_blocked<KV>(q, k, v, y);
     return y;
   }

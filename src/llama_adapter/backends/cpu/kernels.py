@@ -428,7 +428,8 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(h: Tensor) -> Tensor | None:
     """silu(gate) * up for h = [gate | up] (..., 2F) in bf16 on a CPU, with a backward of one pass instead of
     autograd's five kernels; values and gradients are ATen's bit for bit (`silu_mul_backward` rounds where ATen's
-    mul and silu_backward round). None where it does not apply (no AVX512-BF16 or SLEEF, not bf16)."""
+    mul and silu_backward round). On AVX2 without AVX512-BF16 the forward alone (no gradients: a prefill's), the
+    same values. None where it does not apply (neither, no SLEEF in libtorch, not bf16)."""
     if h.device.type != "cpu" or h.dtype != torch.bfloat16 or h.shape[-1] % 2:
         return None
     rows = h.reshape(-1, h.shape[-1]).contiguous()
@@ -863,9 +864,11 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     forward's own bf16 keys and values, as they are in a bf16 cache or widened in an fp32 one) by C++ kernels; None
     where it does not apply (gradients, no kernels, not bf16 queries with fp32 or bf16 keys, d % 16), and the
     caller takes SDPA (a forward without a cache is unchanged). Short prompts: the decode step's kernel, fp32
-    arithmetic as the steps that follow; from FUSED_PREFILL_MIN_TOKENS on, training's fused kernel on the keys and
-    values as bf16 (exactly: they were bf16 before an fp32 cache widened them): fp32 sums of bf16 products, the
-    probabilities rounded to bf16 for their product with the values, as training's forward and SDPA in bf16 do."""
+    arithmetic as the steps that follow (on CPUs with AVX2 and no AVX-512, from 16 tokens on, a blocked form of
+    it: 3 query rows against 32 keys at a time, fp32 too); from FUSED_PREFILL_MIN_TOKENS on (AVX512-BF16),
+    training's fused kernel on the keys and values as bf16 (exactly: they were bf16 before an fp32 cache widened
+    them): fp32 sums of bf16 products, the probabilities rounded to bf16 for their product with the values, as
+    training's forward and SDPA in bf16 do."""
     d = q.shape[-1]
     if torch.is_grad_enabled() or q.dtype != torch.bfloat16 or d % 16 != 0 or d > 256 or q.device.type != "cpu":
         return None

@@ -2491,7 +2491,8 @@ static void prefill_attention_blocked(const torch::Tensor& q, const torch::Tenso
 // causal softmax(q k^T / sqrt(d)) v of a prefill without gradients: q [B, H, T, d] bf16, k/v [B, n_kv, T, d] fp32 or
 // bf16 (rows of d contiguous; a cache's slices do) -> [B, H, T, d] bf16. Query t attends to keys 0..t, one query at a
 // time by the decode step's kernel (fp32 arithmetic, as the decode step's), queries handed to threads in chunks.
-// SDPA's CPU kernels took 2-3x longer at T = 512, d = 64 (40 % of a 512-token prefill of SmolLM2-135M).
+// SDPA's CPU kernels took 2-3x longer at T = 512, d = 64 (40 % of a 512-token prefill of SmolLM2-135M). Where AVX2
+// is the widest ISA, from kPrefillMinTokens on (d % 32 == 0): prefill_attention_blocked, fp32 too.
 template <typename KV>
 static torch::Tensor prefill_attention_over(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(q_in.dim() == 4 && q_in.scalar_type() == at::kBFloat16, "prefill_attention: q");

@@ -627,11 +627,11 @@ def _rms_ext(x: Tensor, weight: Tensor) -> Any | None:
 
 
 def _rms_rows_ext(x: Tensor, weight: Tensor) -> Any | None:
-    """The C++ kernels where their rows without gradients are vectors: `_rms_ext`'s, or AVX2's (bf16 rows of a
-    width divisible by 8 on CPUs without AVX512-BF16, where the blocked products are AVX2's too)."""
+    """The C++ kernels where their rows without gradients are vectors (bf16 rows of a width divisible by 8): on
+    AVX512-BF16 (16 lanes where the width allows) or AVX2, the CPUs of the blocked products."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[-1] % 8 or x.device.type != "cpu":
         return None
-    return _rms_ext(x, weight) or native_with("blocked")
+    return native_with("blocked")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

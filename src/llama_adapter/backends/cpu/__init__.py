@@ -342,7 +342,7 @@ class CpuBackend(TorchBackend):
         """The same memory at every call (grown where a call needs more): a step's 48 MiB of logits (512 x 49152
         bf16) allocated afresh each step now and then met no free block of that size in the heap, which then grew,
         and every page of the new block was faulted in while the head's product wrote it; on the 2-core VM of
-        docs/parts/finetune.md 23 huge-page faults added ~0.2 s to such a step (~1.8 s) in its first ten."""
+        docs/speed/training.md 23 huge-page faults added ~0.2 s to such a step (~1.8 s) in its first ten."""
         buf, n = self._loss_logits, rows * vocab
         if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
             buf = self._loss_logits = like.new_empty(n)

@@ -172,7 +172,7 @@ def can_pack(weight: Tensor) -> bool:
 def _onednn_bf16() -> bool:
     """oneDNN multiplies bf16 matrices on this CPU (AVX512-BF16, AMX, AVX-512 or AVX2-VNNI-NE); elsewhere (AVX2 alone:
     AMD Zen 2/3, Intel client CPUs before them) ATen's bf16 matmul falls back to plain loops, ~7x slower than its
-    fp32 one (19.5 against 147 GFLOP/s on the 2-core Zen 3 VM of docs/parts/inference.md)."""
+    fp32 one (19.5 against 147 GFLOP/s on the 2-core Zen 3 VM of docs/speed/decoding.md)."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return (
         mkldnn is not None

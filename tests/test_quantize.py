@@ -19,6 +19,7 @@ from llama_adapter.errors import QuantizeError, UserError
 
 pytest.importorskip("torchao")
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor  # noqa: E402
+from torchao.quantization import Int8Tensor, PerRow  # noqa: E402
 
 pytestmark = pytest.mark.cpu_only  # the quantized bases run on the CPU only
 
@@ -326,6 +327,24 @@ def test_int4_quantizes_blocks_of_rows_into_the_pack_of_the_whole(monkeypatch: p
     assert torch.equal(torch.nn.functional.linear(x, blocks), torch.nn.functional.linear(x, whole))
 
 
+def test_int8_quantizes_blocks_of_rows_into_the_tensors_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 weights too are quantized a block of rows at a time (torchao's temporaries for a whole output head were
+    ~4x its bf16 size): one scale per row, so the blocks give torchao's tensors of the whole weight, bit for bit,
+    including a short last block."""
+    import llama_adapter.quantize as q
+
+    monkeypatch.setattr(q, "INT8_CHUNK_ROWS", 64)
+    w = (torch.randn(64 * 3 + 17, 96) * torch.rand(64 * 3 + 17, 1) * 4).bfloat16()
+    whole = Int8Tensor.from_hp(w, PerRow())
+    blocks: Any = q.quantize_weight(w, "int8")
+    assert isinstance(blocks, Int8Tensor) and blocks.shape == w.shape and blocks.dtype == w.dtype
+    for part in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(blocks, part), getattr(whole, part)), part
+    assert blocks.block_size == whole.block_size
+    x = torch.randn(3, 96).bfloat16()
+    assert torch.equal(torch.nn.functional.linear(x, blocks), torch.nn.functional.linear(x, whole))
+
+
 def test_int4_loading_quantizes_q_k_v_and_gate_up_as_they_arrive(tmp_path: Path) -> None:
     """Where every part of a fused projection is a multiple of 64 rows, loading quantizes each part as it is read
     and joins the packs (the full-precision fused weight is never made): the same weights as quantizing the fused
@@ -347,6 +366,58 @@ def test_int4_loading_quantizes_q_k_v_and_gate_up_as_they_arrive(tmp_path: Path)
         else:
             assert torch.equal(wa, wb), name
     assert sum(isinstance(w, Int4OpaqueTensor) for w in a.state_dict().values()) == 4 * cfg.n_layers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loading_reads_what_it_quantizes_a_block_of_rows_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A quantized load reads each matrix it quantizes from the file a block of rows at a time (the full-precision
+    matrix is never held: the peak of loading is the quantized base plus one block), cast to the base dtype block
+    by block; int8's fused parts, quantized joined, are read whole. The result is the same model, bit for bit, as
+    quantizing the full-precision one."""
+    from tiny import make_checkpoint
+
+    import llama_adapter.quantize as q
+    from llama_adapter.loading import FileRows
+
+    path = make_checkpoint(
+        tmp_path,
+        tokenizer=False,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    monkeypatch.setattr(q, "INT8_CHUNK_ROWS", 48)
+    monkeypatch.setattr(q, "INT4_CHUNK_ROWS", 64)
+    reads: dict[str, list[int]] = {}
+    rows = FileRows.rows
+
+    def spy(self: FileRows, start: int, stop: int) -> torch.Tensor:
+        reads.setdefault(self.key, []).append(stop - start)
+        return rows(self, start, stop)
+
+    monkeypatch.setattr(FileRows, "rows", spy)
+    a = la.load_model(path, dtype=torch.bfloat16, quantize=mode)
+    cfg = a.config
+    fused_parts = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    for key, sizes in reads.items():
+        n = cfg.vocab_size if "lm_head" in key else cfg.hidden_dim if "gate" in key or "up_" in key else cfg.dim
+        n = cfg.n_kv_heads * cfg.head_dim if "k_proj" in key or "v_proj" in key else n
+        assert sum(sizes) == n, (key, sizes)  # every row read once
+        if mode == "int8" and any(part in key for part in fused_parts):
+            assert sizes == [n], key  # read whole, to be joined and then quantized
+        else:  # the output head is int8 in both modes
+            assert max(sizes) == min(n, q.INT8_CHUNK_ROWS if mode == "int8" or "lm_head" in key else 64), (key, sizes)
+    assert len(reads) == 1 + 7 * cfg.n_layers  # the head and every projection; the embedding and norms as before
+    b = quantize_model(la.load_model(path, dtype=torch.bfloat16), mode)
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if is_quantized(wa):
+            names = wa.__tensor_flatten__()[0]
+            assert all(torch.equal(getattr(wa, n), getattr(wb, n)) for n in names), name
+        else:
+            assert torch.equal(wa, wb), name
 
 
 def test_an_int8_projection_for_the_decode_plan_is_kept_until_its_weight_changes(tiny_base: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +140,9 @@ def load_model(
         if quantize is not None:
             from llama_adapter.quantize import is_quantized, mode_for, quantize_weight, quantizes
 
-            if is_quantized(t):  # quantized by the reader, part by part
+            if isinstance(t, FileRows):  # read and quantized a block of rows at a time
+                t = quantize_weight(_CastRows(t, dtype), mode_for(name, quantize)) if quantizes(name) else t.read()
+            if is_quantized(t):  # quantized by the reader, part by part, or just above
                 state[name] = t
                 continue
         state[name] = t.to(device=device, dtype=dtype)
@@ -207,12 +208,39 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors_unmapped(f: Path) -> Iterator[tuple[str, Tensor]]:
-    """A safetensors file one tensor at a time with plain reads into fresh memory, no memory map.
+class FileRows:
+    """A matrix of a safetensors file, read a block of rows at a time (`quantize.RowSource`) or whole (`read`),
+    each read a plain one into fresh memory: quantizing it as it is read then holds one block in full precision,
+    not the matrix (`load_model(..., quantize=)`)."""
+
+    def __init__(self, path: Path, key: str, offset: int, dtype: torch.dtype, shape: list[int]) -> None:
+        self.path, self.key, self.offset, self.dtype, self.shape = path, key, offset, dtype, torch.Size(shape)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"{self.key}: rows {start}..{stop} of {self.shape[0]}")
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset + start * row_bytes)
+                if fh.readinto(buf.numpy().data) != buf.numel():
+                    raise OSError(f"{self.key} is cut short")
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read safetensors ({type(e).__name__}: {e})") from None
+        return buf.view(self.dtype).view(stop - start, self.shape[1])
+
+    def read(self) -> Tensor:
+        return self.rows(0, self.shape[0])
+
+
+def _read_safetensors_unmapped(f: Path, rows_of: Callable[[str], bool] = lambda k: False) -> Iterator[tuple[str, Any]]:
+    """A safetensors file one tensor at a time with plain reads into fresh memory, no memory map; the matrices
+    `rows_of(key)` names as `FileRows`, read later by whoever quantizes them.
 
     A map keeps every page it has touched in the process's resident memory until it is closed, so a base that is
     quantized as it is read would peak at the whole file plus its quantized copy; read this way it peaks at the
-    quantized weights plus one full-precision tensor (`load_model(..., quantize=)`)."""
+    quantized weights plus one block of rows in full precision (`load_model(..., quantize=)`)."""
     try:
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
@@ -221,23 +249,46 @@ def _read_safetensors_unmapped(f: Path) -> Iterator[tuple[str, Tensor]]:
                 if k == "__metadata__":
                     continue
                 start, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                if len(info["shape"]) == 2 and rows_of(k):
+                    if (end - start) != info["shape"][0] * info["shape"][1] * dtype.itemsize:
+                        raise ValueError(f"{k}: {end - start} bytes for shape {info['shape']}")
+                    yield k, FileRows(f, k, 8 + n + start, dtype, info["shape"])
+                    continue
                 buf = torch.empty(end - start, dtype=torch.uint8)
                 fh.seek(8 + n + start)
                 if fh.readinto(buf.numpy().data) != end - start:
                     raise OSError(f"{k} is cut short")
-                held = [buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])]
+                held = [buf.view(dtype).reshape(info["shape"])]
                 del buf
                 yield k, held.pop()  # this frame keeps no reference: the reader may free it while we wait
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
 
 
-def _read_tensors(f: Path, unmapped: bool = False) -> Iterator[tuple[str, Tensor]]:
+class _CastRows:
+    """`FileRows` whose blocks come cast to `dtype` (as a weight read whole is cast before it is quantized)."""
+
+    def __init__(self, rows: FileRows, dtype: torch.dtype) -> None:
+        self.source, self.dtype, self.shape = rows, dtype, rows.shape
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self.source.rows(start, stop).to(self.dtype)
+
+
+def _whole(t: Any) -> Tensor:
+    """A tensor as read, or a `FileRows` read whole."""
+    return t.read() if isinstance(t, FileRows) else t
+
+
+def _read_tensors(
+    f: Path, unmapped: bool = False, rows_of: Callable[[str], bool] = lambda k: False
+) -> Iterator[tuple[str, Any]]:
     if f.suffix == ".bin":
         yield from _torch_load(f).items()
         return
     if unmapped:
-        yield from _read_safetensors_unmapped(f)
+        yield from _read_safetensors_unmapped(f, rows_of)
         return
     try:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
@@ -254,12 +305,24 @@ def _hf_weights(
     `quantize`, parts that can be quantized on their own are, on arrival (`quantize.quantize_part`), and their
     packs joined: the full-precision copy of a fused projection is then never made."""
     pending: dict[str, dict[str, Tensor]] = {}
-    prepare: Callable[[str, Tensor], Tensor] = lambda key, t: t  # noqa: E731
+    prepare: Callable[[str, Any], Tensor] = lambda key, t: t  # noqa: E731
     join: Callable[[list[Tensor]], Tensor] = torch.cat
+    rows_of: Callable[[str], bool] = lambda k: False  # noqa: E731
     if quantize is not None:
         from llama_adapter.quantize import join_rows, quantize_part
 
-        prepare, join = partial(quantize_part, cfg=cfg, mode=quantize), join_rows
+        def prepare(key: str, t: Any) -> Tensor:  # a part quantized on its own, or read whole to be joined
+            return _whole(quantize_part(key, t, cfg=cfg, mode=quantize))
+
+        join = join_rows
+        # the matrices that are quantized: read a block of rows at a time (a fused projection's parts: those
+        # `quantize_part` cannot take are read whole)
+        rows_of = lambda k: (
+            k.endswith(".weight")
+            and (  # noqa: E731
+                (k == "lm_head.weight" and not cfg.tie_embeddings) or "_proj." in k
+            )
+        )
     fuse = {
         "q_proj": ("wqkv", 0),
         "k_proj": ("wqkv", 1),
@@ -269,7 +332,7 @@ def _hf_weights(
     }
     pat = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
     for f in _hf_files(p):
-        for k, t in _read_tensors(f, unmapped):
+        for k, t in _read_tensors(f, unmapped, rows_of):
             if k == "model.embed_tokens.weight":
                 yield "tok_embeddings.weight", t, f
             elif k == "model.norm.weight":

@@ -30,7 +30,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import re
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ INT4_ROWS = 16
 INT4_PACK_ROWS = 64
 INT4_CHUNK_ROWS = 2 * INT4_PACK_ROWS
 INT4_GROUP_SIZES = (INT4_GROUP_SIZE,)
+# rows quantized to int8 at a time: one scale per row, so blocks of rows give the whole's tensors (tested); torchao's
+# temporaries for a whole matrix (fp32 copies) took ~4x its bf16 size (+504 MB for TinyLlama's 32000 x 2048 head)
+INT8_CHUNK_ROWS = 256
 # int8 inputs of up to this many rows (decoding) that the C++ kernel does not take go to ATen's int8 weight-only
 # product; more rows (a prefill) to torchao's, which widens the weight once and runs one GEMM
 INT8_PACK_MAX_ROWS = 32
@@ -108,37 +111,72 @@ def mode_for(name: str, mode: str) -> str:
     return "int8" if name == "output.weight" else mode
 
 
-def quantize_weight(w: Tensor, mode: str) -> Tensor:
+@runtime_checkable
+class RowSource(Protocol):
+    """A matrix that hands out blocks of its rows without being held whole (`loading` reads a checkpoint's tensor
+    this way while quantizing it: a block of rows in full precision at a time instead of the whole tensor)."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows start..stop-1 as a fresh tensor."""
+        ...
+
+
+def _rows(w: Tensor | RowSource, start: int, stop: int) -> Tensor:
+    stop = min(stop, w.shape[0])
+    return w.rows(start, stop) if isinstance(w, RowSource) else w[start:stop].detach()
+
+
+# the dimension of the weight's rows in each part of a torchao tensor (qdata, scale, zero_point: 0)
+_ROW_DIM = {"scale_and_zero": 1}  # int4: [groups, rows, 2]
+
+
+def _by_rows(w: Tensor | RowSource, rows: int, quantize: Any) -> Any:
+    """`quantize` (a block of rows -> a torchao tensor whose parts hold one entry per weight row along `_ROW_DIM`)
+    applied to `rows` rows of `w` at a time, the parts written into tensors of the whole's size: torchao's
+    temporaries, and a row source's full-precision rows, are then those of one block."""
+    n = w.shape[0]
+    first = quantize(_rows(w, 0, min(n, rows)))
+    trim_heap()
+    if n <= rows:
+        return first
+    names, attributes = first.__tensor_flatten__()
+    whole = {}
+    for k in names:
+        shape = list(getattr(first, k).shape)
+        shape[_ROW_DIM.get(k, 0)] = n
+        whole[k] = getattr(first, k).new_empty(shape)
+    for i in range(0, n, rows):
+        part = first if i == 0 else quantize(_rows(w, i, i + rows))
+        for k in names:
+            whole[k].narrow(_ROW_DIM.get(k, 0), i, min(rows, n - i)).copy_(getattr(part, k))
+        del part
+        trim_heap()
+    size = torch.Size((n, w.shape[1]))
+    if "shape" in attributes:  # (int4's tensor keeps its logical shape as an attribute)
+        attributes = {**attributes, "shape": size}
+    return type(first).__tensor_unflatten__(whole, attributes, size, None)
+
+
+def quantize_weight(w: Tensor | RowSource, mode: str) -> Tensor:
     """`w` [out, in] as torchao's quantized tensor for `mode` (int4: `w` itself where the kernel cannot take its
-    shape: no group size divides `in`, or `out` is not a multiple of INT4_ROWS)."""
+    shape: no group size divides `in`, or `out` is not a multiple of INT4_ROWS), quantized a block of rows at a time
+    (the same tensors as quantizing it whole, tested): loading then holds one block's temporaries, not a matrix's."""
     config = _torchao(mode)
-    w = w.detach()
     if mode == "int8":
         from torchao.quantization.quant_api import _int8_weight_only_quantize_tensor
 
-        q = _int8_weight_only_quantize_tensor(w, config)
-        trim_heap()
-        return q
+        return _by_rows(w, INT8_CHUNK_ROWS, lambda block: _int8_weight_only_quantize_tensor(block, config))
     group = next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), None)
     if group is None or w.shape[0] % INT4_ROWS != 0:
-        return w
+        return _rows(w, 0, w.shape[0]) if isinstance(w, RowSource) else w.detach()
     # bf16 scales whatever the base dtype: ATen's int4 kernel is vectorised for bf16 only (its fp32 path is a
-    # scalar reference, ~100x slower on a 2048 x 5632 projection), so int4 products run in bf16 (`Int4Linear`)
-    n, rows = w.shape[0], INT4_CHUNK_ROWS
-    if n <= rows:
-        return config.from_hp(w.to(torch.bfloat16), [1, group])
-    # a block of rows at a time, into the final tensors: torchao's temporaries (int32 codes, fp32 statistics: ~10
-    # bytes a weight) then stay those of one block, not of a whole fused projection (the peak of a loading base)
-    first = config.from_hp(w[:rows].to(torch.bfloat16), [1, group])
-    qdata = first.qdata.new_empty((n, *first.qdata.shape[1:]))
-    scale_and_zero = first.scale_and_zero.new_empty((first.scale_and_zero.shape[0], n, 2))
-    for i in range(0, n, rows):
-        part = first if i == 0 else config.from_hp(w[i : i + rows].to(torch.bfloat16), [1, group])
-        qdata[i : i + rows] = part.qdata
-        scale_and_zero[:, i : i + rows] = part.scale_and_zero
-        del part
-        trim_heap()
-    return config(qdata, scale_and_zero, [1, group], w.shape)
+    # scalar reference, ~100x slower on a 2048 x 5632 projection), so int4 products run in bf16 (`Int4Linear`).
+    # Blocks of INT4_CHUNK_ROWS, a multiple of the 64 rows torchao's CPU pack lays out together: their packs, joined,
+    # are the whole's pack (torchao's temporaries are ~10 bytes a weight)
+    return _by_rows(w, INT4_CHUNK_ROWS, lambda block: config.from_hp(block.to(torch.bfloat16), [1, group]))
 
 
 def _parts_rows(name: str, cfg: ModelConfig) -> list[int]:
@@ -148,7 +186,7 @@ def _parts_rows(name: str, cfg: ModelConfig) -> list[int]:
     return [cfg.hidden_dim] * 2
 
 
-def quantize_part(name: str, t: Tensor, *, cfg: ModelConfig, mode: str) -> Tensor:
+def quantize_part(name: str, t: Tensor | RowSource, *, cfg: ModelConfig, mode: str) -> Tensor | RowSource:
     """A part of the fused projection `name` (q, k or v of wqkv; gate or up of w13) quantized on its own where the
     packs of the parts, joined (`join_rows`), are the pack of the fused weight: int4, every part a multiple of 64
     rows (the rows torchao's CPU pack lays out together) and its width of the group size. Else `t` unchanged, and
@@ -317,11 +355,12 @@ def int8_into_huge_pages(model: Transformer) -> None:
         return
     del rows  # (each old storage is freed as its weight moves)
     arena = kernels.HugePageArena(total)
-    for w in weights:
+    for w in weights:  # (each old storage given back before the next copy: at most one weight is held twice)
         w.qdata = arena.take(w.qdata)
+        trim_heap()
     if model.int8_head is not None:
         model.int8_head = (arena.take(model.int8_head[0]), model.int8_head[1])
-    trim_heap()
+        trim_heap()
 
 
 def quantize_model(model: Transformer, mode: str) -> Transformer:
@@ -350,7 +389,8 @@ def quantize_model(model: Transformer, mode: str) -> Transformer:
     if model.output is None and model.int8_head is None:  # a tied head: an int8 copy for decoding's logits
         head: Any = quantize_weight(model.tok_embeddings.weight, "int8")
         model.int8_head = (head.qdata.contiguous(), head.scale.reshape(-1).float().contiguous())
-    int8_into_huge_pages(model)
+    if mode == "int8":  # (an int4 base's int8 head stays put: copying it costs its size at the peak of loading, and
+        int8_into_huge_pages(model)  # its step streams int4 through ATen's kernel, not from our arena)
     if backend is not None:
         from llama_adapter.backends import install
 

@@ -315,14 +315,12 @@ def _hf_weights(
             return _whole(quantize_part(key, t, cfg=cfg, mode=quantize))
 
         join = join_rows
-        # the matrices that are quantized: read a block of rows at a time (a fused projection's parts: those
-        # `quantize_part` cannot take are read whole)
-        rows_of = lambda k: (
-            k.endswith(".weight")
-            and (  # noqa: E731
-                (k == "lm_head.weight" and not cfg.tie_embeddings) or "_proj." in k
-            )
-        )
+
+        def rows_of(key: str) -> bool:  # the matrices quantized: read a block of rows at a time, by whoever does
+            # (a fused projection's parts `quantize_part` cannot take are read whole; a tied checkpoint's stored head
+            # is never read)
+            return key == "lm_head.weight" or (key.endswith(".weight") and "_proj." in key)
+
     fuse = {
         "q_proj": ("wqkv", 0),
         "k_proj": ("wqkv", 1),

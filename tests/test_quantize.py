@@ -202,6 +202,21 @@ def test_quantize_errors_come_before_loading(tmp_path: Path) -> None:
         train(cfg, records=[{"instruction": "a", "output": "b"}])
 
 
+def test_importing_torchao_for_quantize_prints_nothing() -> None:
+    """What torchao's import logs is not the user's to act on (its CUDA-only extensions failing to load on a CPU
+    machine, torch deprecating its Enum registrations): `--quantize` keeps it off the terminal, and leaves the
+    loggers' levels as they were. A fresh process, since torchao is imported once."""
+    import subprocess
+
+    code = (
+        "import logging; from llama_adapter.quantize import _IMPORT_NOISE, _torchao; _torchao('int8'); "
+        "_torchao('int4'); print([logging.getLogger(n).level for n in _IMPORT_NOISE])"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split("\n")[-2] == "[0, 0]", run.stdout + run.stderr
+    assert "Failed to load" not in run.stderr and "Enum subclass" not in run.stderr, run.stderr
+
+
 def test_cli_quantize_flag(tiny_base: Path, capsys: pytest.CaptureFixture) -> None:
     """`--quantize` on generate (shared with chat and serve) and finetune; a bad value is argparse's error."""
     from llama_adapter.cli import main

@@ -27,9 +27,12 @@ have to shard torchao's tensor subclasses).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import logging
 import re
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -80,8 +83,32 @@ def check_quantize(mode: str | None, device: str | torch.device | None = None, f
     _torchao(mode)
 
 
+# what importing torchao logs that is not ours to act on: its CUDA-only extensions that a CPU machine cannot load
+# ("Failed to load .../_C_mxfp8...so"), torch's deprecation of its Enum registrations. A user of --quantize saw both
+# before the first line of their answer.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_import() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _torchao(mode: str) -> Any:
     """The torchao config for `mode`; QuantizeError when torchao (or its CPU int4 tensor) cannot be imported."""
+    with _quiet_import():
+        return _torchao_config(mode)
+
+
+def _torchao_config(mode: str) -> Any:
     try:
         if mode == "int8":
             from torchao.quantization import Int8WeightOnlyConfig

@@ -209,29 +209,38 @@ _SAFETENSORS_DTYPES = {
 
 
 class FileRows:
-    """A matrix of a safetensors file, read a block of rows at a time (`quantize.RowSource`) or whole (`read`),
-    each read a plain one into fresh memory: quantizing it as it is read then holds one block in full precision,
-    not the matrix (`load_model(..., quantize=)`)."""
+    """A tensor of a safetensors file, read whole (`load`) or, a matrix, a block of rows at a time (`rows`:
+    `quantize.RowSource`; `read` for all its rows), each read a plain one into fresh memory: quantizing it as it is
+    read then holds one block in full precision, not the matrix (`load_model(..., quantize=)`)."""
 
     def __init__(self, path: Path, key: str, offset: int, dtype: torch.dtype, shape: list[int]) -> None:
         self.path, self.key, self.offset, self.dtype, self.shape = path, key, offset, dtype, torch.Size(shape)
 
-    def rows(self, start: int, stop: int) -> Tensor:
-        if not 0 <= start <= stop <= self.shape[0]:
-            raise IndexError(f"{self.key}: rows {start}..{stop} of {self.shape[0]}")
-        row_bytes = self.shape[1] * self.dtype.itemsize
-        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+    def _bytes(self, start: int, n: int) -> Tensor:
+        buf = torch.empty(n, dtype=torch.uint8)
         try:
             with open(self.path, "rb") as fh:
-                fh.seek(self.offset + start * row_bytes)
-                if fh.readinto(buf.numpy().data) != buf.numel():
+                fh.seek(self.offset + start)
+                if fh.readinto(buf.numpy().data) != n:
                     raise OSError(f"{self.key} is cut short")
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read safetensors ({type(e).__name__}: {e})") from None
-        return buf.view(self.dtype).view(stop - start, self.shape[1])
+        return buf
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"{self.key}: rows {start}..{stop} of {self.shape[0]}")
+        row_bytes = self.shape[1:].numel() * self.dtype.itemsize
+        block = self._bytes(start * row_bytes, (stop - start) * row_bytes)
+        return block.view(self.dtype).view(stop - start, *self.shape[1:])
 
     def read(self) -> Tensor:
+        """The matrix whole (what its consumer asks for where it is not quantized by blocks)."""
         return self.rows(0, self.shape[0])
+
+    def load(self) -> Tensor:
+        """Any tensor of the file whole, of any shape (the reader's own reads)."""
+        return self._bytes(0, self.shape.numel() * self.dtype.itemsize).view(self.dtype).view(self.shape)
 
 
 def _read_safetensors_unmapped(f: Path, rows_of: Callable[[str], bool] = lambda k: False) -> Iterator[tuple[str, Any]]:
@@ -245,25 +254,21 @@ def _read_safetensors_unmapped(f: Path, rows_of: Callable[[str], bool] = lambda 
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n))
-            for k, info in header.items():
-                if k == "__metadata__":
-                    continue
-                start, end = info["data_offsets"]
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                if len(info["shape"]) == 2 and rows_of(k):
-                    if (end - start) != info["shape"][0] * info["shape"][1] * dtype.itemsize:
-                        raise ValueError(f"{k}: {end - start} bytes for shape {info['shape']}")
-                    yield k, FileRows(f, k, 8 + n + start, dtype, info["shape"])
-                    continue
-                buf = torch.empty(end - start, dtype=torch.uint8)
-                fh.seek(8 + n + start)
-                if fh.readinto(buf.numpy().data) != end - start:
-                    raise OSError(f"{k} is cut short")
-                held = [buf.view(dtype).reshape(info["shape"])]
-                del buf
-                yield k, held.pop()  # this frame keeps no reference: the reader may free it while we wait
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    for k, info in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+            if end - start != torch.Size(shape).numel() * dtype.itemsize:
+                raise ValueError(f"{k}: {end - start} bytes for shape {shape}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
+        stored = FileRows(f, k, 8 + n + start, dtype, shape)
+        # (read here, the tensor is yielded with no reference left in this frame: the reader may free it while we wait)
+        yield k, stored if len(shape) == 2 and rows_of(k) else stored.load()
 
 
 class _CastRows:

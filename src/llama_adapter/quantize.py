@@ -104,19 +104,15 @@ def _quiet_import() -> Iterator[None]:
 
 def _torchao(mode: str) -> Any:
     """The torchao config for `mode`; QuantizeError when torchao (or its CPU int4 tensor) cannot be imported."""
-    with _quiet_import():
-        return _torchao_config(mode)
-
-
-def _torchao_config(mode: str) -> Any:
     try:
-        if mode == "int8":
-            from torchao.quantization import Int8WeightOnlyConfig
+        with _quiet_import():
+            if mode == "int8":
+                from torchao.quantization import Int8WeightOnlyConfig
 
-            return Int8WeightOnlyConfig()
-        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+                return Int8WeightOnlyConfig()
+            from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
-        return Int4OpaqueTensor
+            return Int4OpaqueTensor
     except ImportError as e:
         raise QuantizeError(
             f"--quantize {mode} needs torchao ({e}): pip install 'llama-adapter[quant]' (or: pip install torchao)"
@@ -198,7 +194,7 @@ def quantize_weight(w: Tensor | RowSource, mode: str) -> Tensor:
         return _by_rows(w, INT8_CHUNK_ROWS, lambda block: _int8_weight_only_quantize_tensor(block, config))
     group = next((g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0), None)
     if group is None or w.shape[0] % INT4_ROWS != 0:
-        return _rows(w, 0, w.shape[0]) if isinstance(w, RowSource) else w.detach()
+        return _rows(w, 0, w.shape[0])  # (a row source read whole)
     # bf16 scales whatever the base dtype: ATen's int4 kernel is vectorised for bf16 only (its fp32 path is a
     # scalar reference, ~100x slower on a 2048 x 5632 projection), so int4 products run in bf16 (`Int4Linear`).
     # Blocks of INT4_CHUNK_ROWS, a multiple of the 64 rows torchao's CPU pack lays out together: their packs, joined,
